@@ -1,0 +1,1 @@
+"""trainers: Lightning reference classifiers for shapesynth data."""

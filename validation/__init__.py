@@ -1,0 +1,1 @@
+"""validation: attribution methods, metrics, meta-evaluation and reports."""
