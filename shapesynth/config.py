@@ -1,0 +1,183 @@
+"""`SynthConfig`: every knob of the generator in one serialisable dataclass.
+
+A sample is a pure function of (config, split, i, epoch), so the config is also the recipe: it
+is written next to every generated dataset and into its card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# The paper's bands on a 256 px canvas: 80-99, 40-49 and 20-24 px.
+PAPER_SIZE_BANDS: tuple[tuple[float, float], ...] = (
+    (80 / 256, 99 / 256),
+    (40 / 256, 49 / 256),
+    (20 / 256, 24 / 256),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot produce a valid dataset (the message names the field)."""
+
+
+def _default_split_sizes() -> dict[str, int]:
+    return {"train": 4096, "val": 256, "test": 600}
+
+
+def _default_pool_sizes() -> dict[str, int]:
+    return {"train": 384, "val": 48, "test": 96}
+
+
+def _default_pool_fractions() -> dict[str, float]:
+    return {"train": 0.8, "val": 0.05, "test": 0.15}
+
+
+@dataclass
+class SynthConfig:
+    """Generator configuration.
+
+    Shapes: ``size_bands`` are (low, high) fractions of ``image_size``; a size in pixels is drawn
+    uniformly from the integers of the chosen band. Empty shapes draw an inward stroke of width
+    ``max(min_stroke_px, floor(size * stroke_fraction))`` (the paper's ``size // 5``).
+
+    Backgrounds: ``background`` names the source (``procedural``, ``folder``, ``hf``); see
+    ``docs/shapesynth.md``. The ``clutter_*`` knobs set the difficulty of the procedural source.
+    """
+
+    image_size: int = 128
+    seed: int = 0
+    split_sizes: dict[str, int] = field(default_factory=_default_split_sizes)
+
+    # shapes
+    size_bands: tuple[tuple[float, float], ...] = PAPER_SIZE_BANDS
+    stroke_fraction: float = 0.2
+    min_stroke_px: int = 1
+    margin_px: float = 1.0  # free pixels between the shape's circumcircle and the border
+    min_contrast: float = 0.25  # mean normalised RGB distance of the colour to the background under it
+    max_colour_tries: int = 64
+
+    # backgrounds (all sources)
+    background: str = "procedural"
+    bg_path: str | None = None  # folder / HF dataset path or Hub name
+    bg_split_paths: dict[str, str] | None = None  # {"train": dir, "test": dir, ...} instead of bg_path
+    bg_hf_split: str | None = None  # HF split to draw from (None: all splits, pooled by hash)
+    bg_image_column: str | None = None  # HF image column (None: the first Image feature)
+    bg_pool_sizes: dict[str, int] = field(default_factory=_default_pool_sizes)
+    bg_pool_fractions: dict[str, float] = field(default_factory=_default_pool_fractions)
+    bg_small: str = "refuse"  # backgrounds smaller than the crop: "refuse" or "upscale"
+    bg_strict: bool = False  # corrupt background files: error instead of skip-and-count
+    bg_base_scale: float = 1.25  # procedural bases are this much larger than the image (crop room)
+    bg_flip: bool = True
+    bg_jitter: float = 0.2  # brightness / contrast / saturation jitter amplitude per sample
+    bg_channel_shuffle: bool = True  # random RGB channel permutation per sample
+
+    # procedural clutter difficulty
+    clutter: float = 1.0  # element density multiplier (0: smooth colour field only)
+    clutter_contrast: float = 1.0  # 0..1: blend of the clutter toward its smooth low-frequency field
+    clutter_saturation: float = 1.0  # 0: grey clutter, 1: full colour
+    clutter_blur: float = 0.0  # Gaussian blur sigma in pixels of the finished base
+    clutter_noise: float = 0.04  # per-pixel noise amplitude (fraction of 255)
+    clutter_scale: float = 1.0  # element size multiplier
+
+    def __post_init__(self) -> None:
+        self.size_bands = tuple(tuple(float(v) for v in band) for band in self.size_bands)
+        self.split_sizes = dict(self.split_sizes)
+        self.bg_pool_sizes = dict(self.bg_pool_sizes)
+        self.bg_pool_fractions = dict(self.bg_pool_fractions)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 16:
+            raise ConfigError(f"image_size must be an int >= 16, got {self.image_size!r}")
+        for name, n in self.split_sizes.items():
+            if name not in SPLITS:
+                raise ConfigError(f"split_sizes: unknown split {name!r} (known: {SPLITS})")
+            if not isinstance(n, int) or n < 0:
+                raise ConfigError(f"split_sizes[{name!r}] must be an int >= 0, got {n!r}")
+        if not self.size_bands:
+            raise ConfigError("size_bands is empty")
+        for k in range(len(self.size_bands)):
+            lo, hi = self.band_px(k)
+            if lo > hi:
+                raise ConfigError(
+                    f"size_bands[{k}] = {self.size_bands[k]} holds no integer size at image_size "
+                    f"{self.image_size} (pixels {self.size_bands[k][0] * self.image_size:.2f}-"
+                    f"{self.size_bands[k][1] * self.image_size:.2f})"
+                )
+            if lo < 3:
+                raise ConfigError(
+                    f"size_bands[{k}] gives shapes of {lo} px at image_size {self.image_size}: "
+                    "shapes need at least 3 px"
+                )
+            if 2 * self.stroke_px(lo) >= lo:
+                raise ConfigError(
+                    f"size_bands[{k}]: a {lo} px empty shape with a {self.stroke_px(lo)} px stroke "
+                    "has no interior; lower stroke_fraction/min_stroke_px or raise the band"
+                )
+            need = 2 * (hi / math.sqrt(2) + self.margin_px)
+            if need > self.image_size:
+                raise ConfigError(
+                    f"shapes cannot fit: size_bands[{k}] allows {hi} px shapes whose rotations need "
+                    f"{need:.1f} px but image_size is {self.image_size}"
+                )
+        if not 0.0 <= self.min_contrast < 1.0:
+            raise ConfigError(f"min_contrast must be in [0, 1), got {self.min_contrast}")
+        if self.background not in ("procedural", "folder", "hf"):
+            raise ConfigError(
+                f"background must be 'procedural', 'folder' or 'hf', got {self.background!r}"
+            )
+        if self.background != "procedural" and not (self.bg_path or self.bg_split_paths):
+            raise ConfigError(f"background={self.background!r} needs bg_path or bg_split_paths")
+        if self.bg_small not in ("refuse", "upscale"):
+            raise ConfigError(f"bg_small must be 'refuse' or 'upscale', got {self.bg_small!r}")
+        for name, n in self.bg_pool_sizes.items():
+            if name not in SPLITS or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"bg_pool_sizes[{name!r}] must be an int >= 1 for a known split")
+        if self.bg_base_scale < 1.0:
+            raise ConfigError(f"bg_base_scale must be >= 1, got {self.bg_base_scale}")
+        for knob in ("clutter", "clutter_scale", "clutter_blur", "clutter_noise", "bg_jitter"):
+            if getattr(self, knob) < 0:
+                raise ConfigError(f"{knob} must be >= 0, got {getattr(self, knob)}")
+        for knob in ("clutter_contrast", "clutter_saturation"):
+            if not 0.0 <= getattr(self, knob) <= 1.0:
+                raise ConfigError(f"{knob} must be in [0, 1], got {getattr(self, knob)}")
+
+    # ------------------------------------------------------------------ derived sizes
+    def band_px(self, band: int) -> tuple[int, int]:
+        lo, hi = self.size_bands[band]
+        return math.ceil(lo * self.image_size - 1e-9), math.floor(hi * self.image_size + 1e-9)
+
+    def stroke_px(self, size: int) -> int:
+        return max(self.min_stroke_px, int(size * self.stroke_fraction))
+
+    def split_size(self, split: str) -> int:
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r} (known: {SPLITS})")
+        return int(self.split_sizes.get(split, 0))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["size_bands"] = [list(b) for b in self.size_bands]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SynthConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown SynthConfig field(s): {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    def replace(self, **changes: Any) -> SynthConfig:
+        return dataclasses.replace(self, **changes)

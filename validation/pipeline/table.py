@@ -1,0 +1,296 @@
+"""The long-format result table: schema, atomic storage, per-chunk files and deterministic merge.
+
+One row per (model, image, method, layer, mix, metric). ``mix`` is the RefineCAM aggregator;
+``identity`` means the base method, unrefined. Methods without a layer use ``layer = "-"``.
+A row whose value could not be computed keeps ``value = NaN`` and says why:
+``status`` is ``ok`` (finite value), ``nan`` (the metric itself returned NaN, e.g. a constant
+map for a localisation metric) or ``error`` (the method or metric raised; ``reason`` holds the
+exception). Nothing is dropped silently.
+
+A run directory looks like::
+
+    RUN_DIR/run_config.json            what was asked (written once, checked on resume)
+    RUN_DIR/chunks/<model>/c<start>-<stop>.results.parquet
+    RUN_DIR/chunks/<model>/c<start>-<stop>.predictions.parquet
+    RUN_DIR/chunks/<model>/c<start>-<stop>.done.json   completion marker, written last
+    RUN_DIR/results.parquet, results.csv           merged (``merge``)
+    RUN_DIR/predictions.parquet, predictions.csv, misclassified.csv
+    RUN_DIR/manifest.json              versions, config, data fingerprint, models, table hash
+
+Chunks are fixed image ranges defined by the run config, not by the process that computes
+them, so a run split over processes or machines produces exactly the same chunk files as a
+single process, and the merge (sorted by key) is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["image", "model", "method", "layer", "mix", "metric", "value", "status", "reason"]
+KEY_COLUMNS = ["model", "image", "method", "layer", "mix", "metric"]
+PREDICTION_COLUMNS = ["model", "image", "label", "pred", "prob", "correct"]
+NO_LAYER = "-"
+IDENTITY = "identity"
+STATUSES = ("ok", "nan", "error")
+
+_STR_COLS = ["model", "method", "layer", "mix", "metric", "status", "reason"]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False, engine="pyarrow", compression="zstd")
+    return buf.getvalue()
+
+
+def write_frame(df: pd.DataFrame, path: str | os.PathLike, csv: bool = False) -> None:
+    """Atomically write ``df`` as parquet at ``path`` (``.parquet``) and optionally a CSV beside it.
+
+    The CSV writes floats with 17 significant digits so that it round-trips exactly.
+    """
+    path = Path(path)
+    atomic_write_bytes(path, _parquet_bytes(df))
+    if csv:
+        text = df.to_csv(index=False, float_format="%.17g", lineterminator="\n")
+        atomic_write_text(path.with_suffix(".csv"), text)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: Mapping) -> str:
+    """Stable short hash of a JSON-able config (key order does not matter)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- schema
+def make_results_frame(records: Iterable[Mapping] | pd.DataFrame) -> pd.DataFrame:
+    """Build a result frame with the canonical columns, dtypes and status/value consistency.
+
+    Missing ``status`` is derived from the value (finite -> ok, NaN -> nan); missing ``reason``
+    is the empty string.
+    """
+    df = records.copy() if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
+    if df.empty:
+        df = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+    missing = [c for c in ("image", "model", "method", "metric", "value") if c not in df.columns]
+    if missing:
+        raise ValueError(f"result rows lack required columns {missing}; have {list(df.columns)}")
+    if "layer" not in df.columns:
+        df["layer"] = NO_LAYER
+    if "mix" not in df.columns:
+        df["mix"] = IDENTITY
+    df["value"] = pd.to_numeric(df["value"], errors="raise").astype("float64")
+    if "status" not in df.columns:
+        df["status"] = np.where(np.isfinite(df["value"].to_numpy()), "ok", "nan")
+    if "reason" not in df.columns:
+        df["reason"] = ""
+    df["image"] = df["image"].astype("int64")
+    for col in _STR_COLS:
+        df[col] = df[col].fillna("").astype(str)
+    bad = sorted(set(df["status"]) - set(STATUSES))
+    if bad:
+        raise ValueError(f"unknown status values {bad}; allowed {STATUSES}")
+    finite = np.isfinite(df["value"].to_numpy())
+    if (df["status"].eq("ok").to_numpy() & ~finite).any():
+        raise ValueError("rows with status 'ok' must have a finite value")
+    return df[COLUMNS].reset_index(drop=True)
+
+
+def make_predictions_frame(records: Iterable[Mapping] | pd.DataFrame) -> pd.DataFrame:
+    df = records.copy() if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
+    if df.empty:
+        df = pd.DataFrame({c: pd.Series(dtype=object) for c in PREDICTION_COLUMNS})
+    df["model"] = df["model"].astype(str)
+    for col in ("image", "label", "pred"):
+        df[col] = df[col].astype("int64")
+    df["prob"] = df["prob"].astype("float64")
+    df["correct"] = df["correct"].astype(bool)
+    return df[PREDICTION_COLUMNS].reset_index(drop=True)
+
+
+def sort_results(df: pd.DataFrame) -> pd.DataFrame:
+    """Canonical row order: by key, strings compared as plain strings (locale-independent)."""
+    return df.sort_values(KEY_COLUMNS, kind="mergesort").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- chunks
+def chunk_stem(run_dir: str | os.PathLike, model: str, start: int, stop: int) -> Path:
+    return Path(run_dir) / "chunks" / model / f"c{start:07d}-{stop:07d}"
+
+
+def chunk_is_done(run_dir, model: str, start: int, stop: int) -> bool:
+    return Path(f"{chunk_stem(run_dir, model, start, stop)}.done.json").exists()
+
+
+def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFrame,
+                predictions: pd.DataFrame, info: Mapping) -> None:
+    """Write one finished chunk; the ``.done.json`` marker goes last, so a chunk is either
+    complete or recomputed on resume."""
+    stem = chunk_stem(run_dir, model, start, stop)
+    write_frame(sort_results(make_results_frame(results)), f"{stem}.results.parquet")
+    write_frame(make_predictions_frame(predictions), f"{stem}.predictions.parquet")
+    write_json(f"{stem}.done.json", {"model": model, "start": start, "stop": stop, **info})
+
+
+def list_done_chunks(run_dir) -> list[tuple[str, int, int]]:
+    out = []
+    for marker in sorted((Path(run_dir) / "chunks").glob("*/c*.done.json")):
+        start, stop = marker.name[1:].split(".")[0].split("-")
+        out.append((marker.parent.name, int(start), int(stop)))
+    return out
+
+
+# ----------------------------------------------------------------------------- merge / load
+def package_versions() -> dict:
+    from importlib import metadata
+
+    names = ["shapesynth", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow",
+             "captum", "scikit-image", "matplotlib", "pytorch-lightning"]
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def expected_chunks(config: Mapping) -> list[tuple[str, int, int]]:
+    """All (model, start, stop) chunks a run config asks for."""
+    from validation.pipeline.shards import chunk_ranges
+
+    ranges = chunk_ranges(config["images"], config["chunk_size"])
+    return [(name, a, b) for name in config["model_names"] for a, b in ranges]
+
+
+def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
+    """Merge every finished chunk of ``run_dir`` into the run's tables and manifest.
+
+    Raises when chunks the run config asks for are missing, unless ``allow_partial`` (then the
+    manifest lists them). Returns the manifest.
+    """
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "run_config.json")
+    wanted = expected_chunks(config)
+    done = set(list_done_chunks(run_dir))
+    missing = [c for c in wanted if c not in done]
+    if missing and not allow_partial:
+        shown = ", ".join(f"{m}[{a}:{b}]" for m, a, b in missing[:8])
+        raise RuntimeError(
+            f"{run_dir}: {len(missing)} of {len(wanted)} chunks are not finished ({shown}"
+            f"{' ...' if len(missing) > 8 else ''}); run the missing shards or pass --allow-partial")
+    present = [c for c in wanted if c in done]
+    results, preds, timings = [], [], []
+    for model, a, b in present:
+        stem = chunk_stem(run_dir, model, a, b)
+        results.append(pd.read_parquet(f"{stem}.results.parquet"))
+        preds.append(pd.read_parquet(f"{stem}.predictions.parquet"))
+        info = read_json(f"{stem}.done.json")
+        for cfg, seconds in info.get("seconds", {}).items():
+            timings.append({"model": model, "config": cfg, "seconds": seconds,
+                            "images": info.get("n_correct", 0)})
+    res = sort_results(make_results_frame(pd.concat(results) if results else []))
+    pred = make_predictions_frame(pd.concat(preds) if preds else [])
+    pred = pred.sort_values(["model", "image"], kind="mergesort").reset_index(drop=True)
+    write_frame(res, run_dir / "results.parquet", csv=True)
+    write_frame(pred, run_dir / "predictions.parquet", csv=True)
+    mis = pred[~pred["correct"]]
+    atomic_write_text(run_dir / "misclassified.csv",
+                      mis.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
+    timing = pd.DataFrame(timings, columns=["model", "config", "seconds", "images"])
+    if len(timing):
+        timing = timing.groupby(["model", "config"], sort=True).sum().reset_index()
+    atomic_write_text(run_dir / "timing.csv", timing.to_csv(index=False, lineterminator="\n"))
+    counts = res.groupby("status").size().to_dict()
+    manifest = {
+        "config": config,
+        "config_hash": config_hash(config),
+        "versions": package_versions(),
+        "data_fingerprint": config.get("data_fingerprint"),
+        "models": config.get("model_meta", {}),
+        "chunks": {"expected": len(wanted), "merged": len(present),
+                   "missing": [list(c) for c in missing]},
+        "rows": int(len(res)),
+        "status_counts": {k: int(v) for k, v in counts.items()},
+        "images": {
+            m: {"evaluated": int(g["correct"].sum()), "misclassified": int((~g["correct"]).sum()),
+                "misclassified_images": g.loc[~g["correct"], "image"].astype(int).tolist()}
+            for m, g in pred.groupby("model", sort=True)
+        },
+        "sha256": {"results.parquet": sha256_file(run_dir / "results.parquet"),
+                   "results.csv": sha256_file(run_dir / "results.csv")},
+        "compute_seconds": float(timing["seconds"].sum()) if len(timing) else 0.0,
+    }
+    write_json(run_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_results(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The merged long table of a run directory (merging first if chunks are newer)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.parquet"
+    if not path.exists():
+        if (run_dir / "run_config.json").exists():
+            raise FileNotFoundError(
+                f"{run_dir}: not merged yet (no results.parquet); run `shapesynth-eval merge {run_dir}`")
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no results.parquet, no run_config.json)")
+    return make_results_frame(pd.read_parquet(path))
+
+
+def load_predictions(run_dir: str | os.PathLike) -> pd.DataFrame:
+    path = Path(run_dir) / "predictions.parquet"
+    if not path.exists():
+        return make_predictions_frame([])
+    return make_predictions_frame(pd.read_parquet(path))
