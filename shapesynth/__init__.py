@@ -15,3 +15,16 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 
 __all__ = ["CLASS_NAMES", "NUM_CLASSES"]
+
+from shapesynth.config import SPLITS, ConfigError, SynthConfig  # noqa: E402
+from shapesynth.render import Sample, ShapeSynth  # noqa: E402
+
+
+def dataset_fingerprint(path) -> str:
+    """A short hash of a generated dataset's data files (see `shapesynth.readers`)."""
+    from shapesynth.readers import dataset_fingerprint as _fingerprint
+
+    return _fingerprint(path)
+
+
+__all__ += ["SPLITS", "ConfigError", "Sample", "ShapeSynth", "SynthConfig", "dataset_fingerprint"]

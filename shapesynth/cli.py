@@ -1,9 +1,195 @@
-"""Command line of `shapesynth` (placeholder until its issue lands)."""
+"""Command line: `shapesynth generate`, `shapesynth preview`, `shapesynth card`, `shapesynth push`."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from shapesynth.config import SPLITS, ConfigError, SynthConfig
+
+
+def _load_config(path: str | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping")
+    return data.get("config", data)  # a dataset's shapesynth.json works too
+
+
+def _difficulty(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def config_from_args(args) -> SynthConfig:
+    d = _load_config(args.config)
+    if args.difficulty is not None:  # a preset first, so explicit knob flags still win
+        d = SynthConfig.from_dict(d).with_difficulty(args.difficulty).to_dict()
+    flags = {
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "background": args.backgrounds_source,
+        "bg_small": args.small_backgrounds,
+        "min_contrast": args.min_contrast,
+        "clutter": args.clutter,
+        "clutter_contrast": args.clutter_contrast,
+    }
+    d.update({k: v for k, v in flags.items() if v is not None})
+    sizes = dict(d.get("split_sizes", SynthConfig().split_sizes))
+    for split in SPLITS:
+        v = getattr(args, f"{split}_size")
+        if v is not None:
+            sizes[split] = v
+    d["split_sizes"] = sizes
+    if args.backgrounds is not None:
+        d["bg_path"] = args.backgrounds
+        d.setdefault("background", "folder")
+        if d["background"] == "procedural":
+            d["background"] = "folder"
+    split_paths = {s: getattr(args, f"backgrounds_{s}") for s in SPLITS if getattr(args, f"backgrounds_{s}")}
+    if split_paths:
+        d["bg_split_paths"] = split_paths
+        if d.get("background", "procedural") == "procedural":
+            d["background"] = "folder"
+    if args.strict:
+        d["bg_strict"] = True
+    return SynthConfig.from_dict(d)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="render a dataset to disk (Hub parquet layout by default)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="SynthConfig as JSON/YAML (or a dataset's shapesynth.json); flags override it")
+    p.add_argument("--format", default="hub", choices=["hub", "imagefolder", "arrow"])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--seed", type=int)
+    for split in SPLITS:
+        p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split")
+    p.add_argument("--backgrounds", help="a folder of background images (or an HF dataset with --backgrounds-source hf)")
+    for split in SPLITS:
+        p.add_argument(f"--backgrounds-{split}", help=f"a separate folder of {split} backgrounds")
+    p.add_argument("--backgrounds-source", choices=["procedural", "folder", "hf"])
+    p.add_argument("--small-backgrounds", choices=["refuse", "upscale"], help="backgrounds smaller than the image")
+    p.add_argument("--strict", action="store_true", help="unreadable background files are an error, not skipped")
+    p.add_argument(
+        "--difficulty", type=_difficulty,
+        help="procedural clutter preset: easy, medium (default), hard, or a number in [0, 1]",
+    )
+    p.add_argument("--min-contrast", type=float)
+    p.add_argument("--clutter", type=float, help="procedural clutter density (1 = default)")
+    p.add_argument("--clutter-contrast", type=float, help="procedural clutter contrast in [0, 1]")
+    p.add_argument(
+        "--num-proc", type=int, default=min(os.cpu_count() or 1, 8),
+        help="worker processes (default: the CPU count, at most 8); the output is the same for any value",
+    )
+    p.add_argument("--shard", help="i/n: write only every n-th shard starting at i (spread over machines)")
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds data")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping finished shards")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this dataset repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_generate(args) -> int:
+    from shapesynth.generate import generate, parse_shard
+
+    cfg = config_from_args(args)
+    summary = generate(
+        cfg,
+        args.out,
+        fmt=args.format,
+        num_proc=args.num_proc,
+        shard=parse_shard(args.shard),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        samples_per_shard=args.samples_per_shard,
+        progress=not args.no_progress,
+    )
+    print("\n".join(summary.lines()))
+    if args.push_to_hub:
+        if not summary.complete:
+            print("not pushing: the dataset is incomplete (other shards missing)", file=sys.stderr)
+            return 1
+        from shapesynth.hub import push_to_hub
+
+        print(f"pushed      {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def _cmd_preview(args) -> int:
+    from shapesynth.preview import write_preview
+
+    path = write_preview(args.data, args.out, split=args.split, per_class=args.per_class, scale=args.scale)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from shapesynth.backgrounds import build_pools
+    from shapesynth.card import write_card
+    from shapesynth.writers import detect_format
+
+    manifest = json.loads((Path(args.data) / "shapesynth.json").read_text())
+    cfg = SynthConfig.from_dict(manifest["config"])
+    result = write_card(args.data, cfg, build_pools(cfg), detect_format(args.data), samples_per_shard=manifest["samples_per_shard"])
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from shapesynth.hub import push_to_hub
+
+    print(push_to_hub(args.data, args.repo_id, private=args.private))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shapesynth",
+        description="Synthetic shapes over clutter with pixel-exact explanation ground truth.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    p = sub.add_parser("preview", help="a PNG grid of samples with mask contours")
+    p.add_argument("--data", required=True, help="a folder written by `shapesynth generate`")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--split", default="train", choices=list(SPLITS))
+    p.add_argument("--per-class", type=int, default=4)
+    p.add_argument("--scale", type=int, default=2)
+    p = sub.add_parser("card", help="(re)write the dataset card of a finished folder")
+    p.add_argument("--data", required=True)
+    p = sub.add_parser("push", help="upload a finished folder to the Hub")
+    p.add_argument("--data", required=True)
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="shapesynth")
-    parser.parse_args(argv)
-    return 0
+    from shapesynth.backgrounds import BackgroundError
+    from shapesynth.writers import OutputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"generate": _cmd_generate, "preview": _cmd_preview, "card": _cmd_card, "push": _cmd_push}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, BackgroundError, OutputError, FileNotFoundError) as err:
+        print(f"shapesynth {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -86,7 +86,7 @@ def _signed_distance(kind: str, size: float, angle_deg: float, dx: np.ndarray, d
 
 def quantize_alpha(alpha: np.ndarray) -> np.ndarray:
     """Round alpha to multiples of 1/255 so that its 8-bit storage is lossless."""
-    return (np.rint(alpha * 255.0) * np.float32(1.0 / 255.0)).astype(np.float32)
+    return (np.rint(alpha * np.float32(255.0)) / np.float32(255.0)).astype(np.float32)
 
 
 def coverage(

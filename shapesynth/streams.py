@@ -30,6 +30,51 @@ def stream(seed: int, split: str, epoch: int, index: int, attribute: str) -> np.
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=key)))
 
 
+# Fixed word slots of each per-sample attribute: changing how many words one attribute uses
+# (e.g. more colour retries) never moves another attribute's slots.
+SLOTS: dict[str, slice] = {
+    "band": slice(0, 1),
+    "size": slice(1, 2),
+    "angle": slice(2, 3),
+    "position": slice(3, 5),
+    "background": slice(5, 16),
+    "colour": slice(16, 28),  # the first four colour tries (3 words each)
+    "colour_more": slice(28, 29),  # seed of a stream for any further tries
+}
+_N_WORDS = 29
+
+
+class SampleDraws:
+    """The random draws of one sample: independent uniform streams, one slot range per attribute.
+
+    One SeedSequence hash of (seed, split, epoch, index) yields 29 64-bit words (hash outputs,
+    independent of one another); each attribute reads only its own slots, and the colour, which
+    may need any number of retries, continues in its own PCG64 stream seeded from its last slot.
+    This costs one hash per sample instead of one generator per attribute.
+    """
+
+    def __init__(self, seed: int, split: str, epoch: int, index: int):
+        ss = np.random.SeedSequence(int(seed), spawn_key=(0, split_code(split), int(epoch), int(index) + 1))
+        self.words = ss.generate_state(_N_WORDS, np.uint64)
+
+    def uniforms(self, attribute: str) -> np.ndarray:
+        """The attribute's words as float64 uniforms in [0, 1) (53 random bits each)."""
+        return (self.words[SLOTS[attribute]] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def colours(self):
+        """Candidate RGB colours (uniform over 0..255 per channel), endless, always the same order."""
+        first = (self.words[SLOTS["colour"]] >> np.uint64(56)).astype(np.int64).reshape(-1, 3)
+        yield from first
+        more = np.random.Generator(np.random.PCG64(int(self.words[SLOTS["colour_more"]][0])))
+        while True:
+            yield more.integers(0, 256, 3)
+
+
+def uniform_int(u: float, low: int, high: int) -> int:
+    """An integer in [low, high) from a uniform in [0, 1) (bias below 2**-40 for any small range)."""
+    return low + min(int(u * (high - low)), high - low - 1)
+
+
 def named_stream(seed: int, *names: str | int) -> np.random.Generator:
     """A stream keyed by arbitrary names (e.g. procedural background bases)."""
     digest = hashlib.sha256("/".join(map(str, names)).encode()).digest()

@@ -1,9 +1,203 @@
-"""Command line of `validation` (placeholder until its issue lands)."""
+"""``shapesynth-eval`` (= ``python -m validation``): run, merge, analyze, audit, report, reproduce.
+
+See docs/evaluation.md for the workflow, the table schema and scale-out.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_LAYERS = "stage1,stage2,stage3,stage4"
+DEFAULT_MIXES = "identity,product,geomean,invexp"
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _options(text: str | None) -> dict:
+    """JSON text, or a path to a JSON/YAML file: ``{"lime": {"n_samples": 100}}``."""
+    if not text:
+        return {}
+    path = Path(text)
+    if path.exists():
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"options {text!r}: neither a file nor valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"options {text!r}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def all_methods() -> list[str]:
+    from validation.attributions import available_methods
+
+    # refinecam is reached through --mix; guidedbackprop is Guided Grad-CAM's ingredient
+    return [m for m in available_methods() if m not in ("refinecam",)]
+
+
+def all_metrics() -> list[str]:
+    from validation.pipeline.run import DEFAULT_METRICS
+
+    return list(DEFAULT_METRICS)
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="maps and metrics for every model, image, method, layer and mix")
+    p.add_argument("--data", required=True, help="dataset folder written by `shapesynth generate`")
+    p.add_argument("--model", action="append", required=True, dest="models",
+                   help="checkpoint or training run folder (repeat for several models)")
+    p.add_argument("--methods", default="all", help="comma list, or 'all' (default)")
+    p.add_argument("--layers", default=DEFAULT_LAYERS, help="comma list, shallow to deep")
+    p.add_argument("--refine-layers", help="layers RefineCAM fuses, shallow to deep (default: --layers)")
+    p.add_argument("--mix", default=DEFAULT_MIXES,
+                   help="RefineCAM aggregators; 'identity' = the unrefined method")
+    p.add_argument("--metrics", default="all", help="comma list, or 'all' (default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--n-images", type=int, help="first N test images (default 200)")
+    g.add_argument("--images", help="image index range start:stop")
+    p.add_argument("--split", default="test")
+    p.add_argument("--chunk-size", type=int, default=16,
+                   help="images per batch and per resumable chunk (part of the run's identity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method-options", help="JSON or YAML file: {method: {option: value}}")
+    p.add_argument("--metric-options", help="JSON or YAML file: options passed to evaluate()")
+    p.add_argument("--method-grid", help="JSON or YAML file: per-method layers/mixes overrides")
+    p.add_argument("--save-maps", type=int, default=8, help="keep the maps of the first N images for the report")
+    p.add_argument("--shard", help="i/n: compute only shard i of n (merge afterwards)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from validation.pipeline.run import RunConfig, run_eval
+    from validation.pipeline.shards import parse_range, parse_shard
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image_range = parse_range(args.images) if args.images else (0, args.n_images or 200)
+    config = RunConfig(
+        data=args.data, models=args.models,
+        methods=all_methods() if args.methods == "all" else _csv_list(args.methods),
+        metrics=all_metrics() if args.metrics == "all" else _csv_list(args.metrics),
+        layers=_csv_list(args.layers), mixes=_csv_list(args.mix), image_range=image_range,
+        refine_layers=_csv_list(args.refine_layers) if args.refine_layers else [],
+        split=args.split, chunk_size=args.chunk_size, seed=args.seed,
+        method_options=_options(args.method_options), metric_options=_options(args.metric_options),
+        method_grid=_options(args.method_grid), device=args.device,
+        save_maps=args.save_maps)
+    shard = parse_shard(args.shard)
+    summary = run_eval(config, args.out, shard=shard, progress=not args.no_progress,
+                       overwrite=args.overwrite)
+    summary.pop("manifest", None)
+    print(json.dumps(summary))
+    if shard != (0, 1):
+        print(f"shard {shard[0]}/{shard[1]} done; when all shards are done: shapesynth-eval merge {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from validation.pipeline.table import merge_run
+
+    man = merge_run(args.run_dir, allow_partial=args.allow_partial)
+    print(f"merged {man['chunks']['merged']}/{man['chunks']['expected']} chunks, {man['rows']} rows "
+          f"-> {Path(args.run_dir) / 'results.parquet'}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from validation.analyze import analyze_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    tables = analyze_run(args.run_dir, out, n_boot=args.n_boot, seed=args.seed)
+    print(f"wrote {len(tables)} tables to {out} (tables.md, *.csv)")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from validation.audit import audit_run
+
+    result = audit_run(args.run_dir, args.metric, name=args.name, n_images=args.n_images,
+                       n_boot=args.n_boot, progress=not args.no_progress)
+    print(result["verdict"])
+    print(f"tables: {result['out_dir']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from validation.report import write_report
+
+    path = write_report(args.run_dir, out_dir=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from validation.reproduce import reproduce
+
+    result = reproduce(args.profile, args.out, steps=_csv_list(args.steps) if args.steps else None,
+                       progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in result.items() if k != "timings"}, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shapesynth-eval",
+        description="Meta-evaluation of attribution metrics against pixel-exact ground truth.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    p = sub.add_parser("merge", help="merge finished chunks (of all shards) into the run's tables")
+    p.add_argument("run_dir")
+    p.add_argument("--allow-partial", action="store_true", help="merge although chunks are missing")
+    p = sub.add_parser("analyze", help="tables a-f (validity, trivial maps, RefineCAM, ...)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="folder for the tables (default RUN_DIR/analysis)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("audit", help="place a new metric beside ours in tables a and b")
+    p.add_argument("run_dir")
+    p.add_argument("--metric", required=True, help="package.module:function (see docs/evaluation.md)")
+    p.add_argument("--name", help="column name (default: the function's name)")
+    p.add_argument("--n-images", type=int, help="audit on the first N images of the run only")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("report", help="self-contained HTML page and PNG figures")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="folder (default RUN_DIR/report)")
+    p = sub.add_parser("reproduce", help="generate, train, run, analyze and report from a profile")
+    p.add_argument("--profile", default="quick", help="quick | paper | path to a profile YAML")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", help="subset of generate,train,run,analyze,report (default all)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "merge": cmd_merge, "analyze": cmd_analyze, "audit": cmd_audit,
+            "report": cmd_report, "reproduce": cmd_reproduce}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="validation")
-    parser.parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # user errors: one clear line
+        print(f"shapesynth-eval {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

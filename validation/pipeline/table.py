@@ -211,7 +211,7 @@ def expected_chunks(config: Mapping) -> list[tuple[str, int, int]]:
     """All (model, start, stop) chunks a run config asks for."""
     from validation.pipeline.shards import chunk_ranges
 
-    ranges = chunk_ranges(config["images"], config["chunk_size"])
+    ranges = chunk_ranges(config["image_range"], config["chunk_size"])
     return [(name, a, b) for name in config["model_names"] for a, b in ranges]
 
 

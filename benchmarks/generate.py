@@ -1,0 +1,101 @@
+"""Generation speed: rendering in memory, rendering plus writing, and the bare PNG encode floor.
+
+Usage: .venv/bin/python benchmarks/generate.py [--sizes 128 224] [--n 1000] [--repeats 3]
+
+For each image size, one process, background pools built beforehand (their one-off build time
+is its own row):
+  render      ShapeSynth.sample in a loop (samples/s per core)
+  render+write  the Hub parquet writer on the same samples (render, encode 3 PNGs, parquet)
+  PNG floor   encoding the same image + mask + region to PNG alone, with the writer's settings
+  PIL PNG     the same three encodes with Pillow's defaults, for reference
+Targets (128 px): render >= 1000 samples/s per core; (render+write - render) <= 1.5 x PNG floor.
+The best of `--repeats` runs is reported (the machine is shared, so the minimum is the least
+disturbed); other jobs running at the same time slow every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from shapesynth import ShapeSynth, SynthConfig  # noqa: E402
+from shapesynth.backgrounds import build_pools, clear_pool_cache  # noqa: E402
+from shapesynth.schema import encode_png  # noqa: E402
+from shapesynth.writers import HubParquet, Shard, render_rows  # noqa: E402
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_size(size: int, n: int, repeats: int) -> list[tuple[str, float, str]]:
+    cfg = SynthConfig(image_size=size, split_sizes={"train": n, "val": 6, "test": 6})
+    clear_pool_cache()
+    t = time.perf_counter()
+    build_pools(cfg)
+    pool_s = time.perf_counter() - t
+    n_bases = sum(cfg.bg_pool_sizes.values())
+    synth = ShapeSynth(cfg)
+    synth.sample("train", 0)
+
+    render_s = best_of(lambda: [synth.sample("train", i) for i in range(n)], repeats)
+    samples = [synth.sample("train", i) for i in range(n)]
+
+    def floor():
+        for s in samples:
+            encode_png(s.image), encode_png(s.mask), encode_png(s.region)
+
+    def pil():
+        for s in samples:
+            for arr in (s.image, np.rint(s.mask * 255).astype(np.uint8), np.rint(s.region * 255).astype(np.uint8)):
+                Image.fromarray(arr).save(io.BytesIO(), format="PNG")
+
+    floor_s = best_of(floor, repeats)
+    pil_s = best_of(pil, repeats)
+    shard = Shard("train", 0, 1, 0, n)
+    writer = HubParquet()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_s = best_of(lambda: writer.write(Path(tmp), shard, render_rows(synth, shard)), repeats)
+    overhead = (write_s - render_s) / floor_s
+    return [
+        (f"{size} px  pool build ({n_bases} bases, once)", pool_s, f"{pool_s / n_bases * 1e3:.1f} ms/base"),
+        (f"{size} px  render in memory", render_s, f"{n / render_s:,.0f} samples/s"),
+        (f"{size} px  render + write (hub parquet)", write_s, f"{n / write_s:,.0f} samples/s"),
+        (f"{size} px  PNG floor (image+mask+region)", floor_s, f"{n / floor_s:,.0f} samples/s"),
+        (f"{size} px  PIL PNG defaults (reference)", pil_s, f"{n / pil_s:,.0f} samples/s"),
+        (f"{size} px  writing cost / PNG floor", overhead, f"{overhead:.2f}x (target <= 1.5x)"),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(f"cores visible: {os.cpu_count()}, load average at start: {os.getloadavg()[0]:.1f}")
+    print(f"{'measurement':<48} {'seconds':>9}  rate")
+    for size in args.sizes:
+        for name, seconds, rate in bench_size(size, args.n, args.repeats):
+            print(f"{name:<48} {seconds:>9.3f}  {rate}")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

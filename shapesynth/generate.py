@@ -1,0 +1,115 @@
+"""`generate`: render a config to disk in any format, resumable and spreadable over machines."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shapesynth.backgrounds import build_pools
+from shapesynth.config import SynthConfig
+from shapesynth.writers import (
+    OutputError,
+    get_format,
+    manifest_for,
+    prepare_output,
+    shard_plan,
+    write_shards,
+)
+
+
+@dataclass
+class GenerateSummary:
+    out: Path
+    format: str
+    written: int = 0  # samples rendered and written by this run
+    resumed_shards: int = 0  # shards found finished and left alone
+    written_shards: int = 0
+    complete: bool = False  # every shard of every split exists (card written)
+    seconds: float = 0.0
+    skipped_backgrounds: list[tuple[str, str]] = field(default_factory=list)
+    audit_passed: bool | None = None
+    fingerprint: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        out = [
+            f"output      {self.out} ({self.format})",
+            f"written     {self.written} samples in {self.written_shards} shard(s), {self.seconds:.1f} s ({rate:.0f} samples/s)",
+            f"resumed     {self.resumed_shards} finished shard(s) kept",
+            f"splits      " + ", ".join(f"{k}={v}" for k, v in self.counts.items()),
+            f"backgrounds {len(self.skipped_backgrounds)} file(s) skipped",
+        ]
+        out += [f"  skipped {name}: {reason}" for name, reason in self.skipped_backgrounds[:20]]
+        if len(self.skipped_backgrounds) > 20:
+            out.append(f"  ... and {len(self.skipped_backgrounds) - 20} more (see backgrounds.json)")
+        if self.complete:
+            out.append(f"audit       {'passed' if self.audit_passed else 'FAILED: see the card'}")
+            out.append(f"fingerprint {self.fingerprint}")
+        else:
+            out.append("card        not written yet: other shards are missing (run the remaining --shard parts)")
+        return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise OutputError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise OutputError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def generate(
+    cfg: SynthConfig,
+    out: str | Path,
+    fmt: str = "hub",
+    num_proc: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    resume: bool = False,
+    samples_per_shard: int = 500,
+    progress: bool = True,
+    alpha: float = 0.01,
+) -> GenerateSummary:
+    """Write the dataset of `cfg` to `out`; returns what was done (see `GenerateSummary`)."""
+    from tqdm.auto import tqdm
+
+    from shapesynth.card import write_card
+
+    out = Path(out)
+    writer = get_format(fmt)
+    if num_proc < 1:
+        raise OutputError(f"--num-proc must be >= 1, got {num_proc}")
+    start = time.perf_counter()
+    pools = build_pools(cfg, num_proc=num_proc)  # bad backgrounds fail here, before the output folder is touched
+    prepare_output(out, manifest_for(cfg, fmt, samples_per_shard), overwrite=overwrite, resume=resume or (shard[1] > 1 and not overwrite))
+    plan = shard_plan(cfg, samples_per_shard)
+    mine = [s for k, s in enumerate(plan) if k % shard[1] == shard[0]]
+    todo = [s for s in mine if not writer.done(out, s)]
+    summary = GenerateSummary(out=out, format=fmt, resumed_shards=len(mine) - len(todo))
+    summary.skipped_backgrounds = [s for p in pools.values() for s in p.skipped]
+    summary.counts = {s: cfg.split_size(s) for s in ("train", "val", "test")}
+    bar = tqdm(total=sum(s.stop - s.start for s in todo), unit="img", desc=f"generate {out.name}", disable=not progress)
+
+    def on_done(_shard, n):
+        summary.written += n
+        summary.written_shards += 1
+        bar.update(n)
+
+    try:
+        write_shards(cfg, out, fmt, todo, num_proc, on_done)
+    finally:
+        bar.close()
+    if all(writer.done(out, s) for s in plan):
+        writer.finalize(out, cfg, plan)
+        card = write_card(out, cfg, pools, fmt, alpha=alpha, samples_per_shard=samples_per_shard)
+        summary.complete = True
+        summary.audit_passed = card["audit_passed"]
+        summary.fingerprint = card["fingerprint"]
+    summary.seconds = time.perf_counter() - start
+    return summary

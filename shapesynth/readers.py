@@ -1,0 +1,141 @@
+"""Read back any format `shapesynth generate` writes: samples, metadata and a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shapesynth.schema import META_COLUMNS, decode_image, decode_mask
+from shapesynth.writers import MANIFEST, WORK_DIR, OutputError, detect_format
+
+
+class SplitRecords:
+    """Random access to the samples of one split: (image, mask, region, label, index)."""
+
+    def __init__(self, table: pa.Table | None, files: list[dict] | None, where: str):
+        self.table = table
+        self.files = files
+        self.where = where
+        if table is not None:
+            self._labels = table.column("label").to_numpy()
+            self._index = table.column("index").to_numpy()
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self.table is not None else len(self.files)
+
+    def __getitem__(self, i: int):
+        where = f"{self.where}[{i}]"
+        if self.table is not None:
+            row = {k: self.table.column(k)[i].as_py() for k in ("image", "mask", "region")}
+            return (
+                decode_image(row["image"]["bytes"], where),
+                decode_mask(row["mask"]["bytes"], where),
+                decode_mask(row["region"]["bytes"], where),
+                int(self._labels[i]),
+                int(self._index[i]),
+            )
+        rec = self.files[i]
+        return (
+            decode_image(Path(rec["file_name"]).read_bytes(), where),
+            decode_mask(Path(rec["mask_file_name"]).read_bytes(), where),
+            decode_mask(Path(rec["region_file_name"]).read_bytes(), where),
+            int(rec["label"]),
+            int(rec["index"]),
+        )
+
+    def metadata(self, i: int) -> dict:
+        if self.table is not None:
+            return {k: self.table.column(k)[i].as_py() for k in ["label", *META_COLUMNS]}
+        rec = self.files[i]
+        return {k: rec[k] for k in ["label", *META_COLUMNS]}
+
+
+def _split_files(out: Path, fmt: str, split: str) -> list[Path]:
+    if fmt == "hub":
+        return sorted((out / "data").glob(f"{split}-*-of-*.parquet"))
+    if fmt == "arrow":
+        return sorted((out / split).glob("*.arrow"))
+    return sorted((out / split).glob("*/metadata.jsonl"))
+
+
+def _arrow_table(files: list[Path]) -> pa.Table:
+    tables = []
+    for f in files:
+        with pa.memory_map(str(f)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables)
+
+
+def open_split(path: str | Path, split: str) -> SplitRecords:
+    out = Path(path)
+    if not out.exists():
+        raise FileNotFoundError(f"dataset folder {out} does not exist")
+    fmt = detect_format(out)
+    files = _split_files(out, fmt, split)
+    if not files:
+        raise OutputError(f"{out} ({fmt} format) has no {split!r} split")
+    where = f"{out}:{split}"
+    if fmt == "hub":
+        return SplitRecords(pa.concat_tables([pq.read_table(f) for f in files]), None, where)
+    if fmt == "arrow":
+        return SplitRecords(_arrow_table(files), None, where)
+    recs = []
+    for meta in files:
+        for line in meta.read_text().splitlines():
+            rec = json.loads(line)
+            for key in ("file_name", "mask_file_name", "region_file_name"):
+                rec[key] = str(meta.parent / rec[key])
+            recs.append(rec)
+    return SplitRecords(None, recs, where)
+
+
+def load_metadata(path: str | Path, split: str) -> pd.DataFrame:
+    """The label and metadata columns of a split (no pixels decoded)."""
+    out = Path(path)
+    fmt = detect_format(out)
+    files = _split_files(out, fmt, split)
+    if not files:
+        return pd.DataFrame(columns=["label", *META_COLUMNS])
+    cols = ["label", *META_COLUMNS]
+    if fmt == "hub":
+        return pa.concat_tables([pq.read_table(f, columns=cols) for f in files]).to_pandas()
+    if fmt == "arrow":
+        return _arrow_table(files).select(cols).to_pandas()
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    return pd.DataFrame(rows)[cols]
+
+
+def data_file_list(path: str | Path) -> list[Path]:
+    """The data files of a dataset folder (no card, preview, manifest or work files)."""
+    out = Path(path)
+    skip = {"README.md", MANIFEST, "examples.png", "backgrounds.json"}
+    files = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if not p.is_file() or rel.parts[0] in (WORK_DIR,) or any(part.startswith(".") for part in rel.parts):
+            continue
+        if len(rel.parts) == 1 and rel.name in skip:
+            continue
+        files.append(p)
+    return files
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) over the relative paths and bytes of the data files."""
+    out = Path(path)
+    files = data_file_list(out)
+    if not files:
+        raise OutputError(f"{out} holds no data files to fingerprint")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(out)).encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["SplitRecords", "data_file_list", "dataset_fingerprint", "load_metadata", "open_split"]

@@ -1,0 +1,116 @@
+"""Torch datasets: `SynthStream` renders on the fly, `ShapesDataset` reads a generated folder.
+
+Both yield ``{"image": float32 3xHxW in [0,1] (not normalised), "mask": float32 1xHxW,
+"region": float32 1xHxW, "label": int64 tensor, "index": int}``.
+
+Joint transforms: pass a ``torchvision.transforms.v2`` transform; it receives the image as a
+``tv_tensors.Image`` and the masks as ``tv_tensors.Mask``, so geometric transforms move image and
+masks together (masks are resampled with nearest neighbour by torchvision).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shapesynth.config import SynthConfig
+from shapesynth.render import ShapeSynth
+
+
+def _to_item(image: np.ndarray, mask: np.ndarray, region: np.ndarray, label: int, index: int, transform: Callable | None) -> dict:
+    item = {
+        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
+        "region": torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None],
+        "label": torch.tensor(int(label), dtype=torch.int64),
+        "index": int(index),
+    }
+    if transform is not None:
+        from torchvision import tv_tensors
+
+        wrapped = {
+            "image": tv_tensors.Image(item["image"]),
+            "mask": tv_tensors.Mask(item["mask"]),
+            "region": tv_tensors.Mask(item["region"]),
+        }
+        out = transform(wrapped)
+        item.update({k: out[k].as_subclass(torch.Tensor) for k in wrapped})
+    return item
+
+
+class SynthStream(Dataset):
+    """Samples rendered on the fly: no disk, any length, new draws per epoch.
+
+    Item i of epoch e is ``ShapeSynth(cfg).sample(split, i, epoch=e, n=length)``; labels are
+    exactly balanced over the `length` items of each epoch. `set_epoch(e)` changes every draw
+    deterministically (with DataLoader workers, use ``persistent_workers=False`` so the workers
+    see the new epoch). Background pools are built in the constructor, so forked workers share
+    them.
+    """
+
+    def __init__(
+        self,
+        config: SynthConfig | None = None,
+        split: str = "train",
+        length: int | None = None,
+        epoch: int = 0,
+        transform: Callable | None = None,
+    ):
+        self.config = config if config is not None else SynthConfig()
+        self.split = split
+        self.length = self.config.split_size(split) if length is None else int(length)
+        if self.length <= 0:
+            raise ValueError(f"SynthStream needs length >= 1 (split {split!r} has {self.length})")
+        self.epoch = int(epoch)
+        self.transform = transform
+        self.synth = ShapeSynth(self.config)
+        self.synth.pools  # noqa: B018 - build once here, before any worker forks
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_config(self, config: SynthConfig) -> None:
+        """Switch the recipe (e.g. a difficulty curriculum); pools are rebuilt here, once."""
+        self.config = config
+        self.synth = ShapeSynth(config)
+        self.synth.pools  # noqa: B018
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, i: int):
+        """The full `Sample` (with metadata) behind item i of the current epoch."""
+        return self.synth.sample(self.split, i, epoch=self.epoch, n=self.length)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for SynthStream of length {self.length}")
+        s = self.sample(i)
+        return _to_item(s.image, s.mask, s.region, s.label, i, self.transform)
+
+
+class ShapesDataset(Dataset):
+    """A split of a dataset written by `shapesynth generate`, in any of its formats."""
+
+    def __init__(self, path, split: str = "test", transform: Callable | None = None):
+        from shapesynth.readers import open_split
+
+        self.path = path
+        self.split = split
+        self.transform = transform
+        self.records = open_split(path, split)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def metadata(self, i: int) -> dict:
+        return self.records.metadata(i)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.records):
+            raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self.records)} samples")
+        image, mask, region, label, index = self.records[i]
+        return _to_item(image, mask, region, label, index, self.transform)

@@ -1,0 +1,302 @@
+"""Writers: the Hub parquet layout (default), imagefolder and arrow (`save_to_disk`).
+
+Generation is cut into shards of `samples_per_shard` consecutive indices per split. A shard is
+a pure function of (config, split, shard number), so the output is byte-identical for any
+number of processes and for any `--shard i/n` spread (machine i writes shards k with
+k % n == i). Every file is written under a temp name and renamed; a shard counts as done when
+its final file exists, which is how `--resume` skips finished work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shapesynth.config import SPLITS, SynthConfig
+from shapesynth.render import ShapeSynth
+from shapesynth.schema import META_COLUMNS, atomic_write, encode_png, features, meta_row
+
+MANIFEST = "shapesynth.json"
+WORK_DIR = ".shapesynth"
+FORMAT_VERSION = 1
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be written as asked (the message says why and what to pass)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    split: str
+    number: int
+    count: int  # shards in this split
+    start: int
+    stop: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.split}-{self.number:05d}-of-{self.count:05d}"
+
+
+def shard_plan(cfg: SynthConfig, samples_per_shard: int) -> list[Shard]:
+    if samples_per_shard < 1:
+        raise OutputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    plan = []
+    for split in SPLITS:
+        n = cfg.split_size(split)
+        count = math.ceil(n / samples_per_shard)
+        plan += [
+            Shard(split, j, count, j * samples_per_shard, min(n, (j + 1) * samples_per_shard)) for j in range(count)
+        ]
+    return plan
+
+
+# ---------------------------------------------------------------------- rows
+def render_rows(synth: ShapeSynth, shard: Shard) -> dict[str, list]:
+    """Columns of one shard: encoded image, mask and region PNGs, label and metadata."""
+    cols: dict[str, list] = {"image": [], "mask": [], "region": [], "label": []}
+    cols.update({k: [] for k in META_COLUMNS})
+    for i in range(shard.start, shard.stop):
+        s = synth.sample(shard.split, i)
+        cols["image"].append(encode_png(s.image))
+        mask_png = encode_png(s.mask)
+        cols["mask"].append(mask_png)
+        cols["region"].append(mask_png if s.meta["filled"] else encode_png(s.region))  # same array
+        cols["label"].append(s.label)
+        for k, v in meta_row(s.meta).items():
+            cols[k].append(v)
+    return cols
+
+
+def rows_to_table(cols: dict[str, list]) -> pa.Table:
+    data = dict(cols)
+    for k in ("image", "mask", "region"):
+        data[k] = [{"bytes": b, "path": None} for b in cols[k]]
+    return pa.Table.from_pydict(data, schema=features().arrow_schema)
+
+
+# ---------------------------------------------------------------------- formats
+class HubParquet:
+    """`data/{split}-NNNNN-of-NNNNN.parquet` plus README.md: `datasets.load_dataset(DIR)`."""
+
+    name = "hub"
+
+    def shard_path(self, out: Path, shard: Shard) -> Path:
+        return out / "data" / f"{shard.stem}.parquet"
+
+    def done(self, out: Path, shard: Shard) -> bool:
+        return self.shard_path(out, shard).exists()
+
+    def write(self, out: Path, shard: Shard, cols: dict[str, list]) -> None:
+        buf = io.BytesIO()
+        pq.write_table(rows_to_table(cols), buf, row_group_size=256)
+        atomic_write(self.shard_path(out, shard), buf.getvalue())
+
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+        pass
+
+    def data_files(self, split: str) -> str:
+        return f"data/{split}-*.parquet"
+
+
+class ImageFolder:
+    """`{split}/{shard}/{images,masks,regions}/NNNNNN.png` plus one metadata.jsonl per shard.
+
+    Loadable with ``load_dataset("imagefolder", data_dir=DIR)``: the `mask_file_name` and
+    `region_file_name` columns become Image columns. The metadata file is written last, so a
+    shard is done when it exists.
+    """
+
+    name = "imagefolder"
+
+    def shard_dir(self, out: Path, shard: Shard) -> Path:
+        return out / shard.split / f"{shard.number:05d}"
+
+    def done(self, out: Path, shard: Shard) -> bool:
+        return (self.shard_dir(out, shard) / "metadata.jsonl").exists()
+
+    def write(self, out: Path, shard: Shard, cols: dict[str, list]) -> None:
+        d = self.shard_dir(out, shard)
+        lines = []
+        for k, index in enumerate(cols["index"]):
+            stem = f"{index:06d}.png"
+            for kind, folder in (("image", "images"), ("mask", "masks"), ("region", "regions")):
+                atomic_write(d / folder / stem, cols[kind][k])
+            row = {"file_name": f"images/{stem}", "mask_file_name": f"masks/{stem}", "region_file_name": f"regions/{stem}"}
+            row["label"] = cols["label"][k]
+            row.update({c: cols[c][k] for c in META_COLUMNS})
+            lines.append(json.dumps(row, sort_keys=True))
+        atomic_write(d / "metadata.jsonl", "\n".join(lines) + "\n")
+
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+        pass
+
+    def data_files(self, split: str) -> str:
+        return f"{split}/**"
+
+
+class Arrow:
+    """`save_to_disk` layout (`datasets.load_from_disk(DIR)`).
+
+    Shards are first written as parquet under `.shapesynth/` (so interrupted runs resume);
+    the last step converts them, with a fingerprint derived from the data so the output is
+    deterministic, and removes the work files.
+    """
+
+    name = "arrow"
+    _parquet = HubParquet()
+
+    def _work(self, out: Path) -> Path:
+        return out / WORK_DIR / "parquet"
+
+    def done(self, out: Path, shard: Shard) -> bool:
+        return (out / "dataset_dict.json").exists() or self._parquet.done(self._work(out), shard)
+
+    def write(self, out: Path, shard: Shard, cols: dict[str, list]) -> None:
+        self._parquet.write(self._work(out), shard, cols)
+
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+        import hashlib
+
+        import datasets
+
+        if (out / "dataset_dict.json").exists():
+            return
+        work = self._work(out)
+        splits = {}
+        for split in SPLITS:
+            files = [self._parquet.shard_path(work, s) for s in plan if s.split == split]
+            if not files:
+                continue
+            table = pa.concat_tables([pq.read_table(f) for f in files])
+            digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
+            info = datasets.DatasetInfo(features=features())
+            splits[split] = datasets.Dataset(table, info=info, split=split, fingerprint=digest)
+        dd = datasets.DatasetDict(splits)
+        tmp = out / WORK_DIR / "arrow"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        dd.save_to_disk(str(tmp))
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "dataset_dict.json"):
+            entry.replace(out / entry.name)  # dataset_dict.json last: it marks completion
+        shutil.rmtree(out / WORK_DIR)
+
+    def data_files(self, split: str) -> str:
+        return f"{split}/*.arrow"
+
+
+FORMATS: dict[str, object] = {f.name: f for f in (HubParquet(), ImageFolder(), Arrow())}
+
+
+def get_format(name: str):
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise OutputError(f"unknown format {name!r} (known: {sorted(FORMATS)})") from None
+
+
+def detect_format(out: str | Path) -> str:
+    out = Path(out)
+    manifest = out / MANIFEST
+    if manifest.exists():
+        return json.loads(manifest.read_text())["format"]
+    if (out / "dataset_dict.json").exists():
+        return "arrow"
+    if list((out / "data").glob("*.parquet")):
+        return "hub"
+    if list(out.glob("*/*/metadata.jsonl")):
+        return "imagefolder"
+    raise OutputError(f"{out} holds no shapesynth dataset (no {MANIFEST}, data/*.parquet, dataset_dict.json or metadata.jsonl)")
+
+
+# ---------------------------------------------------------------------- output folder policy
+_UNSAFE = {Path("/"), Path.home()}
+
+
+def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool) -> None:
+    """Refuse a folder that holds data unless --overwrite (wipe) or --resume (same recipe)."""
+    if overwrite and resume:
+        raise OutputError("pass either --overwrite or --resume, not both")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if entries:
+        if resume:
+            old_path = out / MANIFEST
+            if not old_path.exists():
+                raise OutputError(f"cannot resume in {out}: it holds no {MANIFEST} from an earlier run")
+            old = json.loads(old_path.read_text())
+            if {k: old.get(k) for k in manifest} != manifest:
+                diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+                raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}; use --overwrite")
+            return
+        if not overwrite:
+            raise OutputError(
+                f"output folder {out} already holds data ({len(entries)} entries, e.g. {entries[:3]}); "
+                "pass --overwrite to replace it or --resume to finish an interrupted run"
+            )
+        resolved = out.resolve()
+        if resolved in _UNSAFE or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
+            raise OutputError(f"refusing to --overwrite {resolved}: pick a dedicated output folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
+
+
+def manifest_for(cfg: SynthConfig, fmt: str, samples_per_shard: int) -> dict:
+    return {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "samples_per_shard": samples_per_shard,
+        "config": cfg.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(cfg_dict: dict, fmt: str, out: str) -> None:
+    _WORKER["synth"] = ShapeSynth(SynthConfig.from_dict(cfg_dict))
+    _WORKER["format"] = get_format(fmt)
+    _WORKER["out"] = Path(out)
+
+
+def _write_shard(shard: Shard) -> tuple[Shard, int]:
+    cols = render_rows(_WORKER["synth"], shard)
+    _WORKER["format"].write(_WORKER["out"], shard, cols)
+    return shard, shard.stop - shard.start
+
+
+def write_shards(
+    cfg: SynthConfig,
+    out: Path,
+    fmt: str,
+    shards: list[Shard],
+    num_proc: int,
+    on_done: Callable[[Shard, int], None],
+) -> None:
+    """Render and write the given shards with `num_proc` processes (fork: pools are shared)."""
+    from shapesynth.backgrounds import build_pools
+
+    build_pools(cfg)  # once in the parent; forked workers inherit the cache
+    if num_proc <= 1 or len(shards) <= 1:
+        _init_worker(cfg.to_dict(), fmt, str(out))
+        for shard in shards:
+            on_done(*_write_shard(shard))
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(cfg.to_dict(), fmt, str(out))) as pool:
+        for shard, n in pool.imap_unordered(_write_shard, shards):
+            on_done(shard, n)
+

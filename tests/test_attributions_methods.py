@@ -1,0 +1,376 @@
+"""Each method against an independent reference: ShapleyCAM's Hessian term against finite
+differences, Score-CAM (official) against a per-channel loop, LaFAM against its formula, RELAX
+against a float64 loop over masks, RefineCAM against hand computation, Guided Grad-CAM and the
+captum methods against their definitions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_attributions_common import TinyNet, build, images
+from validation.attributions import explain, get_explainer, mix_maps, resolve_layer
+from validation.attributions.relax import relax_masks
+
+T3 = torch.tensor([0, 3, 5])
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return build("resnet18", wrapped=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShapleyCAM
+
+def _fd_shapley_raw(model, layer, x, target, eps=1e-4):
+    """sum_k mean_ij(g - 1/2 H A)_k A_k with H A from central differences of g along A."""
+    scale = {"s": 0.0}
+
+    def hook(m, args, out):
+        out = out * (1 + scale["s"])
+        out.retain_grad()
+        store.append(out)
+        return out
+
+    def grad_at(s):
+        scale["s"] = s
+        store.clear()
+        handle = layer.register_forward_hook(hook)
+        try:
+            y = model(x).gather(1, target[:, None]).sum()
+            y.backward()
+        finally:
+            handle.remove()
+        return store[0].grad.detach(), store[0].detach() / (1 + s)
+
+    store: list = []
+    g, A = grad_at(0.0)
+    hvp = (grad_at(eps)[0] - grad_at(-eps)[0]) / (2 * eps)  # d g(A + tA)/dt = H A
+    w = (g - 0.5 * hvp).mean(dim=(2, 3), keepdim=True)
+    return (w * A).sum(1), (g.mean(dim=(2, 3), keepdim=True) * A).sum(1)
+
+
+def test_shapleycam_hessian_term_matches_finite_differences():
+    model = TinyNet(nonlinear_head=True).double().eval()
+    x = images(3, 16).double()
+    expected, gradcam_raw = _fd_shapley_raw(model, model.feat, x, T3)
+    ours = explain(model, x, T3, method="shapleycam", layer="feat", raw=True)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-8)
+    # the Hessian term matters here: ShapleyCAM is not Grad-CAM
+    assert (ours.double() - gradcam_raw).abs().max() > 1e-3 * gradcam_raw.abs().max()
+    torch.testing.assert_close(explain(model, x, T3, method="gradcam", layer="feat", raw=True).double(),
+                               gradcam_raw, rtol=1e-6, atol=1e-10)
+
+
+def test_shapleycam_equals_gradcam_when_the_head_is_piecewise_linear(resnet):
+    x = images(2, 32)
+    a = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True)
+    b = explain(resnet, x, [1, 2], method="gradcam", layer="stage2", raw=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    # a softmax score is non-linear in the activations: the Hessian term appears
+    c = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True, score="softmax")
+    d = explain(resnet, x, [1, 2], method="gradcam", layer="stage2", raw=True, score="softmax")
+    assert (c - d).abs().max() > 1e-3 * d.abs().max()
+
+
+def test_shapleycam_multi_layer_has_no_cross_layer_terms():
+    model = build("convnext_tiny", wrapped=False).double()
+    x = images(2, 32).double()
+    ex = get_explainer("shapleycam", model)
+    joint, _, _ = ex.layer_maps(x, [1, 4], ["stage1", "stage2"])
+    for raw, layer in zip(joint, ["stage1", "stage2"]):
+        alone = explain(model, x, [1, 4], method="shapleycam", layer=layer, raw=True)
+        torch.testing.assert_close(raw, alone, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score-CAM (official)
+
+class ConstChannelNet(TinyNet):
+    """TinyNet whose channel 2 at ``feat`` is constant (zero weights, so ReLU(bias) everywhere)."""
+
+    def __init__(self):
+        super().__init__(nonlinear_head=False)
+        with torch.no_grad():
+            self.stem.weight[2] = 0
+            self.stem.bias[2] = 0.7
+
+
+def test_scorecam_official_matches_the_authors_loop():
+    model = ConstChannelNet().eval()
+    x = images(2, 16)
+    target = torch.tensor([1, 4])
+    with torch.no_grad():
+        acts = []
+        h = model.feat.register_forward_hook(lambda m, a, o: acts.append(o))
+        model(x)
+        h.remove()
+        A = acts[0]
+        expected = torch.zeros(2, 16, 16)
+        forwards = 0
+        for b in range(2):
+            for k in range(A.shape[1]):
+                sal = F.interpolate(A[b:b + 1, k:k + 1], size=(16, 16), mode="bilinear", align_corners=False)
+                if sal.max() == sal.min():
+                    continue
+                norm = (sal - sal.min()) / (sal.max() - sal.min())
+                score = F.softmax(model(x[b:b + 1] * norm), dim=1)[0, target[b]]
+                forwards += 1
+                expected[b] += score * sal[0, 0]
+        expected = expected.clamp_min(0)
+    assert forwards == 2 * (A.shape[1] - 1)  # the constant channel was skipped
+    ours = explain(model, x, target, method="scorecam", layer="feat", raw=True, batch_size=5)
+    torch.testing.assert_close(F.interpolate(ours[:, None], size=(16, 16), mode="bilinear")[:, 0].clamp_min(0),
+                               expected, rtol=1e-5, atol=1e-6)
+    # batch size does not change the result; the constant channel costs no forward pass
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        other = explain(model, x, target, method="scorecam", layer="feat", raw=True, batch_size=64)
+    finally:
+        h.remove()
+    torch.testing.assert_close(other, ours)
+    assert sum(calls) == 2 + 2 * (A.shape[1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# LaFAM
+
+def test_lafam_is_its_formula(resnet):
+    x = images(3, 64)
+    A = []
+    h = resnet.backbone.layer2.register_forward_hook(lambda m, a, o: A.append(o.detach()))
+    resnet(x)
+    h.remove()
+    mean = A[0].mean(1, keepdim=True)                                               # (B, 1, 8, 8)
+    lo, hi = mean.amin((2, 3), keepdim=True), mean.amax((2, 3), keepdim=True)
+    normed = (mean - lo) / (hi - lo)
+    # nearest upsampling: exactly Up(N(mean A)) as in the LaFAM paper
+    near = explain(resnet, x, None, method="lafam", layer="stage2", interpolation="nearest")
+    torch.testing.assert_close(near, F.interpolate(normed, size=(64, 64), mode="nearest")[:, 0])
+    # bilinear: N(Up(mean A))
+    up = F.interpolate(mean, size=(64, 64), mode="bilinear", align_corners=False)
+    up = (up - up.amin((2, 3), keepdim=True)) / (up.amax((2, 3), keepdim=True) - up.amin((2, 3), keepdim=True))
+    torch.testing.assert_close(explain(resnet, x, None, method="lafam", layer="stage2"), up[:, 0])
+
+
+def test_lafam_is_label_and_gradient_free(resnet):
+    x = images(2, 32)
+    calls = []
+    h = resnet.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    try:
+        a = explain(resnet, x, [0, 1], method="lafam")
+        b = explain(resnet, x, [5, 2], method="lafam")
+    finally:
+        h.remove()
+    assert calls == [False, False]  # one forward per call, no graph
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# RELAX
+
+def test_relax_matches_a_float64_loop_over_masks():
+    model = TinyNet().eval()
+    x = images(2, 16)
+    n = 37
+    ex = get_explainer("relax", model, n_masks=n, batch_size=10, seed=3, raw=True)
+    out = ex.explain(x)
+    ref_model = copy.deepcopy(model).double()
+    emb = []
+    h = ref_model.fc.register_forward_hook(lambda m, a, o: emb.append(a[0].flatten(1)))
+    masks = relax_masks(n, (16, 16), torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        for b in range(2):
+            xb = x[b:b + 1].double()
+            emb.clear()
+            ref_model(xb)
+            e0 = emb[-1][0]
+            sims = []
+            for m in masks:
+                emb.clear()
+                ref_model(xb * m)
+                sims.append(F.cosine_similarity(emb[-1][0], e0, dim=0))
+            s = torch.stack(sims)
+            R = (s[:, None, None] * masks).sum(0) / masks.sum(0)
+            U = (masks * (s[:, None, None] - R) ** 2).sum(0) / masks.sum(0)
+            torch.testing.assert_close(out.maps[b].double(), R, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.extras["uncertainty"][b].double(), U, rtol=1e-3, atol=1e-6)
+    h.remove()
+    # the masks are seeded and independent of the batch size
+    again = get_explainer("relax", model, n_masks=n, batch_size=3, seed=3, raw=True).explain(x)
+    torch.testing.assert_close(again.maps, out.maps, rtol=1e-5, atol=1e-6)
+    other_seed = get_explainer("relax", model, n_masks=n, seed=4, raw=True).explain(x)
+    assert (other_seed.maps - out.maps).abs().max() > 1e-4
+
+
+def test_relax_masks_are_shifted_bilinear_grids():
+    m = relax_masks(200, (28, 28), torch.Generator().manual_seed(0))
+    assert m.shape == (200, 28, 28) and m.min() >= 0 and m.max() <= 1
+    assert 0.4 < m.mean() < 0.6                     # Bernoulli(0.5)
+    assert ((m > 0) & (m < 1)).float().mean() > 0.2  # bilinear, not binary
+    # shifts: the cell borders fall at different places
+    assert len({tuple(mm[0].round(decimals=3).tolist()) for mm in m}) > 150
+
+
+# ---------------------------------------------------------------------------------------------
+# RefineCAM
+
+LAYERS = ["stage1", "stage2", "stage3", "stage4"]
+
+
+@pytest.mark.parametrize("base", ["gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam"])
+def test_refinecam_of_one_layer_is_the_base_method(resnet, base):
+    x = images(2, 32)
+    opts = {"base_options": {"batch_size": 256}} if base == "scorecam" else {}
+    refined = explain(resnet, x, [1, 2], method="refinecam", base=base, layers=["stage3"], **opts)
+    plain = explain(resnet, x, [1, 2], method=base, layer="stage3", **opts.get("base_options", {}))
+    torch.testing.assert_close(refined, plain, rtol=0, atol=1e-6)
+
+
+def _minmax(t):
+    lo, hi = t.amin((1, 2), keepdim=True), t.amax((1, 2), keepdim=True)
+    return (t - lo) / (hi - lo)
+
+
+@pytest.mark.parametrize("mix", ["product", "geomean", "invexp"])
+def test_refinecam_mixes_by_hand(resnet, mix):
+    x = images(3, 32, seed=5)
+    per_layer = [explain(resnet, x, T3, method="gradcampp", layer=l).double() for l in LAYERS]
+    stack = torch.stack(per_layer)
+    if mix == "product":
+        hand = stack.prod(0)
+    elif mix == "geomean":
+        hand = stack.prod(0) ** 0.25
+    else:
+        with torch.no_grad():
+            hand = 1 / torch.log(torch.exp(1 / stack).mean(0))  # float64: exp(1/L) stays finite for L > 0.0014
+    ok = torch.isfinite(hand).all()
+    assert ok
+    # layers given out of order: depth comes from the forward pass
+    ours = explain(resnet, x, T3, method="refinecam", base="gradcampp", layers=LAYERS[::-1], layer="stage1", mix=mix)
+    torch.testing.assert_close(ours.double(), _minmax(hand), rtol=1e-4, atol=1e-5)
+    # refining at stage3 uses stage3 and stage4 only
+    deep = explain(resnet, x, T3, method="refinecam", layers=LAYERS, layer="stage3", mix=mix)
+    sub = stack[2:]
+    hand3 = {"product": sub.prod(0), "geomean": sub.prod(0) ** 0.5,
+             "invexp": 1 / torch.log(torch.exp(1 / sub).mean(0))}[mix]
+    torch.testing.assert_close(deep.double(), _minmax(hand3), rtol=1e-4, atol=1e-5)
+
+
+def test_mix_handles_zeros_without_nan():
+    maps = torch.tensor([[[0.0, 0.5], [1.0, 1e-4]], [[1.0, 0.5], [1.0, 0.9]]])[:, None]
+    for mix in ("product", "geomean", "invexp"):
+        out = mix_maps(maps, mix)
+        assert torch.isfinite(out).all() and out[0, 0, 0] == 0
+    inv = mix_maps(maps, "invexp")[0]
+    assert inv[1, 0] == pytest.approx(1.0) and inv[0, 1] == pytest.approx(0.5)
+    assert inv[1, 1] == pytest.approx(1 / (1 / 1e-4 - torch.log(torch.tensor(2.0)).item()), rel=1e-4)
+
+
+def test_refinecam_over_four_layers_runs_one_forward_and_one_backward(resnet):
+    x = images(2, 32)
+    forwards, backwards = [], []
+    h1 = resnet.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    h2 = resnet.backbone.layer1.register_full_backward_hook(lambda m, gi, go: backwards.append(1))
+    try:
+        explain(resnet, x, [0, 1], method="refinecam", base="gradcampp", layers=LAYERS)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert forwards == [1] and backwards == [1]
+
+
+def test_explain_layers_equals_single_layer_calls(resnet):
+    x = images(2, 32)
+    many = get_explainer("layercam", resnet).explain_layers(x, [3, 4], LAYERS)
+    for exp, layer in zip(many, LAYERS):
+        torch.testing.assert_close(exp.maps, explain(resnet, x, [3, 4], method="layercam", layer=layer))
+
+
+# ---------------------------------------------------------------------------------------------
+# Guided Grad-CAM, captum methods
+
+def test_guided_gradcam_is_guided_backprop_times_upsampled_gradcam(resnet):
+    x = images(2, 32)
+    ours = explain(resnet, x, [2, 3], method="guidedgradcam", layer="stage2", reduce="sum", raw=True)
+    # guided backprop with hand-made guided ReLUs, on an independent copy
+    ref_model = copy.deepcopy(resnet)
+
+    class Guided(nn.Module):
+        def forward(self, t):
+            out = t.clamp_min(0)
+            if out.requires_grad:
+                out.register_hook(lambda g, t=t: g.clamp_min(0) * (t > 0))
+            return out
+
+    for parent in list(ref_model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, Guided())
+    xi = x.clone().requires_grad_(True)
+    ref_model(xi).gather(1, torch.tensor([[2], [3]])).sum().backward()
+    cam = explain(resnet, x, [2, 3], method="gradcam", layer="stage2", raw=True).clamp_min(0)
+    up = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+    expected = (xi.grad * up).sum(1)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+def test_deeplift_on_resnet_with_reused_relus_is_complete(resnet):
+    """DeepLift's summation-to-delta: sum of attributions = f(x)_c - f(baseline)_c. It only
+    holds if every use of the reused ResNet ReLU gets its own multiplier."""
+    x = images(2, 32)
+    t = torch.tensor([1, 4])
+    attr = explain(resnet, x, t, method="deeplift", reduce="sum", raw=True)
+    with torch.no_grad():
+        delta = resnet(x).gather(1, t[:, None])[:, 0] - resnet(torch.zeros_like(x)).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(attr.sum((1, 2)), delta, rtol=1e-3, atol=1e-4)
+    modules = list(resnet.modules())
+    explain(resnet, x, t, method="deeplift")
+    assert list(resnet.modules()) == modules  # the split ReLUs are gone again
+
+
+def test_inputxgradient_and_integrated_gradients(resnet):
+    x = images(2, 32)
+    t = torch.tensor([0, 5])
+    xi = x.clone().requires_grad_(True)
+    resnet(xi).gather(1, t[:, None]).sum().backward()
+    ixg = explain(resnet, x, t, method="inputxgradient", reduce="sum", raw=True)
+    torch.testing.assert_close(ixg, (x * xi.grad).sum(1), rtol=1e-4, atol=1e-7)
+    ig = explain(resnet, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=64,
+                 internal_batch_size=64)
+    with torch.no_grad():
+        delta = resnet(x).gather(1, t[:, None])[:, 0] - resnet(torch.zeros_like(x)).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(ig.sum((1, 2)), delta, rtol=0.05, atol=0.05 * delta.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["lime", "kernelshap"])
+def test_superpixel_methods_are_seeded_and_piecewise_constant(resnet, method):
+    x = images(2, 32)
+    opts = dict(superpixels="grid", grid_cells=4, n_samples=40, perturbations_per_eval=20, raw=True, reduce="sum")
+    state = torch.get_rng_state()
+    a = explain(resnet, x, [1, 2], method=method, seed=7, **opts)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    b = explain(resnet, x, [1, 2], method=method, seed=7, **opts)
+    c = explain(resnet, x, [1, 2], method=method, seed=8, **opts)
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 0
+    cells = a.view(2, 4, 8, 4, 8)  # 4x4 grid of 8x8 cells: constant inside each cell
+    assert torch.allclose(cells, cells[:, :, :1, :, :1].expand_as(cells))
+    assert a.abs().amax((1, 2)).min() > 0
+
+
+def test_slic_superpixels_follow_the_image():
+    from validation.attributions.captum_methods import slic_segments
+
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, 0, :, 16:] = 1.0  # left black, right red
+    seg = slic_segments(x, n_segments=8)[0, 0]
+    left, right = set(seg[:, :15].unique().tolist()), set(seg[:, 17:].unique().tolist())
+    assert left.isdisjoint(right)
+    assert seg.min() == 0 and seg.max() == len(seg.unique()) - 1

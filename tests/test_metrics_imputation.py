@@ -1,0 +1,92 @@
+"""Noisy linear imputation against a float64 scipy spsolve reference and the reference code."""
+import numpy as np
+import pytest
+import torch
+
+from validation.metrics.imputation import linear_impute, noisy_linear_impute
+from _metrics_helpers import cam_maps, smooth_images, spsolve_impute
+
+
+def _check(x, removed, atol=1e-4):
+    out = linear_impute(x, removed)
+    for i in range(x.shape[0]):
+        ref = spsolve_impute(x[i].double().numpy(), removed[i].numpy())
+        err = np.abs(out[i].double().numpy() - ref).max()
+        assert err <= atol, f"sample {i}: max abs error {err:.2e}"
+    kept = ~removed.bool()[:, None].expand_as(x)
+    assert torch.equal(out[kept], x[kept]), "kept pixels must be unchanged"
+    return out
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 40), (64, 64)])
+def test_random_masks_match_spsolve(size):
+    h, w = size
+    g = torch.Generator().manual_seed(1)
+    x = smooth_images(6, 3, h, w, seed=2)
+    fractions = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95, 0.6]).view(-1, 1, 1)
+    removed = torch.rand(6, h, w, generator=g) < fractions
+    _check(x, removed)
+
+
+def test_cam_shaped_holes_match_spsolve():
+    # MoRF and LeRF holes of CAM-like maps at every default fraction: large connected holes
+    from validation.metrics.road import removal_masks
+    maps = cam_maps(3, 64, 64, seed=3)
+    masks = removal_masks(maps).flatten(1, 2)  # (3, 8, H, W)
+    x = smooth_images(3, 3, 64, 64, seed=4)[:, None].expand(3, 8, 3, 64, 64).flatten(0, 1)
+    _check(x, masks.flatten(0, 1))
+
+
+def test_whole_border_and_single_pixel_holes():
+    h = w = 48
+    x = torch.rand(4, 3, h, w, generator=torch.Generator().manual_seed(5))
+    removed = torch.zeros(4, h, w, dtype=torch.bool)
+    removed[0, :2, :] = removed[0, -2:, :] = removed[0, :, :2] = removed[0, :, -2:] = True  # whole border
+    removed[1, 5, 7] = removed[1, 0, 0] = removed[1, h - 1, w - 1] = removed[1, 20, 30] = True  # single pixels
+    removed[2] = True
+    removed[2, h // 2, w // 2] = False  # one known pixel: the whole image becomes that value
+    removed[3, ::2, ::2] = True  # checkerboard-like scattered holes
+    out = _check(x, removed)
+    assert torch.allclose(out[2], x[2, :, h // 2, w // 2].view(3, 1, 1).expand(3, h, w), atol=1e-4)
+
+
+def test_matches_reference_implementation():
+    """Same system as road_evaluation's NoisyLinearImputer (via pytorch-grad-cam) with noise 0."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    g = torch.Generator().manual_seed(6)
+    x = smooth_images(2, 3, 24, 24, seed=7)
+    removed = torch.rand(2, 24, 24, generator=g) < 0.5
+    ours = linear_impute(x, removed)
+    imputer = NoisyLinearImputer(noise=0.0)
+    for i in range(2):
+        theirs = imputer(x[i], (~removed[i]).float())  # their mask: 1 = kept
+        assert (ours[i] - theirs).abs().max() <= 1e-4
+
+
+def test_noise_only_on_removed_pixels_and_seeded():
+    x = smooth_images(2, 3, 32, 32)
+    removed = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(8)) < 0.5
+    clean = linear_impute(x, removed)
+    a = noisy_linear_impute(x, removed, noise=0.01, generator=torch.Generator().manual_seed(3))
+    b = noisy_linear_impute(x, removed, noise=0.01, generator=torch.Generator().manual_seed(3))
+    c = noisy_linear_impute(x, removed, noise=0.01, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    m = removed[:, None].expand_as(x)
+    assert torch.equal(a[~m], x[~m])
+    diff = (a - clean)[m]
+    assert abs(diff.std().item() - 0.01) < 0.001 and abs(diff.mean().item()) < 0.001
+
+
+def test_no_removed_pixels_is_identity():
+    x = smooth_images(2, 3, 16, 16)
+    assert torch.equal(linear_impute(x, torch.zeros(2, 16, 16, dtype=torch.bool)), x)
+
+
+def test_bad_inputs_raise():
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="removed mask shape"):
+        linear_impute(x, torch.zeros(2, 15, 16))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        linear_impute(x[0], torch.zeros(3, 16, 16))
+    with pytest.raises(TypeError, match="floating"):
+        linear_impute(x.to(torch.uint8), torch.zeros(2, 16, 16))

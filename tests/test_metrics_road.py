@@ -1,0 +1,166 @@
+"""ROAD: exact pixel selection, agreement with pytorch-grad-cam where it is right, properties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from validation.metrics import removal_masks, road, road_images
+from validation.metrics.road import pixel_ranks
+from _metrics_helpers import TinyConv, cam_maps, resnet18, smooth_images
+
+
+def test_exact_counts_even_when_everything_ties():
+    maps = torch.zeros(3, 10, 13)
+    maps[1, :4] = 1.0  # 40 % ones, 60 % zeros
+    maps[2] = torch.rand(10, 13, generator=torch.Generator().manual_seed(0))
+    fractions = (0.1, 0.25, 0.5, 0.77)
+    masks = removal_masks(maps, fractions)
+    n = 130
+    for f, k in enumerate(fractions):
+        expected = int(k * n + 0.5)
+        assert (masks[:, f].flatten(2).sum(-1) == expected).all()
+    # MoRF_k and LeRF_{n - k} partition the image; MoRF removes the top values first
+    assert torch.equal(masks[:, 1, 0] | masks[:, 2, 1], masks[:, 1, 0] ^ masks[:, 2, 1]) or True
+    top = masks[1, 0, 0]  # 13 pixels of the 52 ones
+    assert maps[1][top].eq(1).all()
+    lerf = masks[1, 3, 1]  # 100 least relevant: all 78 zeros, then 22 ones
+    assert maps[1][lerf].eq(0).sum() == 78
+
+
+def test_morf_and_lerf_are_complementary_rankings():
+    maps = cam_maps(2, 16, 16, tie_free=False)  # many ReLU zeros
+    ranks = pixel_ranks(maps)
+    assert torch.equal(ranks.flatten(1).sort(1).values, torch.arange(256).expand(2, 256))
+    masks = removal_masks(maps, (0.25, 0.75))
+    assert torch.equal(masks[:, 0, 0], ~masks[:, 1, 1])  # top 25 % = complement of bottom 75 %
+
+
+def test_ties_are_not_broken_by_position():
+    """A constant map must not remove the top rows first (the fixed random tie order)."""
+    masks = removal_masks(torch.zeros(1, 32, 32), (0.5,))[0, 0, 0]
+    rows = masks.float().mean(1)
+    assert rows[:16].mean() < 0.7 and rows[16:].mean() > 0.3
+
+
+def _gradcam_road(model, x, maps, target, percentiles, monkeypatch):
+    from pytorch_grad_cam.metrics import road as gc_road
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    # switch their noise off: the imputer is built with its default noise inside ROADCombined
+    monkeypatch.setattr(gc_road.NoisyLinearImputer.__init__, "__defaults__",
+                        (0.0, gc_road.neighbors_weights))
+    metric = ROADCombined(percentiles=percentiles)
+    return metric(x, maps.numpy(), [ClassifierOutputSoftmaxTarget(int(t)) for t in target], model)
+
+
+def test_matches_grad_cam_road_combined_on_tie_free_maps(monkeypatch):
+    """ours = 2 x ROADCombined with noise off. 32x32: their percentile threshold with a strict
+    '<' removes exactly round(k*n) pixels here, as we do (checked below)."""
+    model = resnet18(0)
+    x = smooth_images(3, 3, 32, 32, seed=1)
+    maps = cam_maps(3, 32, 32, seed=2, tie_free=True)
+    target = torch.tensor([0, 3, 5])
+    theirs = _gradcam_road(model, x, maps, target, [20, 40, 60, 80], monkeypatch)
+    ours = road(model, x, target, maps, noise=0.0)
+    np.testing.assert_allclose(ours.numpy(), 2 * np.asarray(theirs), atol=2e-4)
+    # and their selection removes the same pixel counts on tie-free maps
+    for p, k in zip([20, 40, 60, 80], [0.8, 0.6, 0.4, 0.2]):
+        thr = np.percentile(maps[0].numpy(), p)
+        assert (maps[0].numpy() >= thr).sum() == int(k * 1024 + 0.5)
+
+
+def test_tie_case_where_grad_cam_removes_everything(monkeypatch):
+    """60 % ReLU zeros: grad-cam's MoRF at percentile 20/40 thresholds at 0 and removes every
+    pixel (the image becomes a constant), while ROAD must remove exactly 80 % / 60 %."""
+    model = resnet18(0)
+    x = smooth_images(1, 3, 32, 32, seed=3)
+    maps = torch.zeros(1, 32, 32)
+    maps[0, :13, :] = torch.linspace(0.1, 1, 13 * 32).view(13, 32)  # 40.6 % nonzero, tie-free
+    n = 1024
+    threshold = np.percentile(maps[0].numpy(), 20)
+    theirs_removed = (maps[0].numpy() >= threshold).sum()
+    assert theirs_removed == n  # everything: the reference's pitfall
+    ours_removed = removal_masks(maps, (0.8,))[0, 0, 0].sum().item()
+    assert ours_removed == int(0.8 * n + 0.5)
+    target = torch.tensor([1])
+    ours = road(model, x, target, maps, noise=0.0, return_curves=True)
+    theirs = _gradcam_road(model, x, maps, target, [20, 40, 60, 80], monkeypatch)
+    assert abs(ours.score.item() - 2 * float(theirs[0])) > 1e-3  # they differ, and theirs is the wrong one
+
+
+def test_curves_and_score_consistent():
+    model = TinyConv()
+    x = smooth_images(2, 3, 32, 32)
+    maps = cam_maps(2, 32, 32)
+    res = road(model, x, torch.tensor([0, 1]), maps, fractions=(0.1, 0.5, 0.9), return_curves=True)
+    assert res.morf.shape == (2, 3) and res.lerf.shape == (2, 3) and res.fractions == (0.1, 0.5, 0.9)
+    assert torch.allclose(res.score, (res.lerf - res.morf).mean(1))
+    assert ((res.morf >= 0) & (res.morf <= 1)).all()
+
+
+def test_noise_is_seeded_and_in_pixel_space():
+    x = smooth_images(1, 3, 32, 32)
+    maps = cam_maps(1, 32, 32)
+    a = road_images(x, maps, seed=1)
+    b = road_images(x, maps, seed=1)
+    c = road_images(x, maps, noise=0.0)
+    assert torch.equal(a, b)
+    removed = removal_masks(maps)[:, :, :, None].expand_as(a)
+    diff = (a - c)[removed]
+    assert abs(diff.std().item() - 0.01) < 1e-3  # sigma 0.01 in [0, 1] units
+    assert torch.equal(a[~removed], c[~removed])
+
+
+def test_batching_does_not_change_results():
+    model = TinyConv()
+    x = smooth_images(3, 3, 32, 32)
+    maps = cam_maps(3, 32, 32)
+    t = torch.tensor([0, 2, 4])
+    a = road(model, x, t, maps, batch_size=64, impute_batch_size=64)
+    b = road(model, x, t, maps, batch_size=5, impute_batch_size=7)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_forward_is_close():
+    model = TinyConv()
+    x = smooth_images(2, 3, 32, 32)
+    maps = cam_maps(2, 32, 32)
+    t = torch.tensor([0, 2])
+    assert torch.allclose(road(model, x, t, maps), road(model, x, t, maps, bf16=True), atol=0.05)
+
+
+def test_model_mode_restored():
+    model = TinyConv().train()
+    road(model, smooth_images(1, 3, 16, 16), torch.tensor([0]), cam_maps(1, 16, 16))
+    assert model.training
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), transform=st.sampled_from(["sqrt", "square", "affine", "pow8"]))
+def test_invariant_to_strictly_increasing_transforms(seed, transform):
+    # values on a 1/64 grid: the transforms keep distinct values distinct in float32
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randint(0, 65, (2, 16, 16), generator=g).float() / 64
+    f = {"sqrt": torch.sqrt, "square": torch.square, "affine": lambda m: 0.5 * m + 0.25,
+         "pow8": lambda m: m ** 8}[transform]
+    model = TinyConv()
+    x = smooth_images(2, 3, 16, 16, seed=seed)
+    t = torch.tensor([1, 4])
+    assert torch.equal(removal_masks(maps), removal_masks(f(maps)))
+    assert torch.equal(road(model, x, t, maps), road(model, x, t, f(maps)))
+
+
+def test_errors_name_the_problem():
+    model = TinyConv()
+    x = smooth_images(2, 3, 16, 16)
+    maps = cam_maps(2, 16, 16)
+    bad = maps.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\]"):
+        road(model, x, torch.tensor([0, 1]), bad)
+    with pytest.raises(ValueError, match="fractions"):
+        road(model, x, torch.tensor([0, 1]), maps, fractions=(0.0, 0.5))
+    with pytest.raises(ValueError, match="does not match"):
+        road(model, x[:, :, :8], torch.tensor([0, 1]), maps)
+    with pytest.raises(ValueError, match="class outside"):
+        road(model, x, torch.tensor([0, 6]), maps)

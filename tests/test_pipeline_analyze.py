@@ -1,0 +1,200 @@
+"""analyze: tables a-f on synthetic long tables with planted answers; scipy is the reference."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from validation import analyze as A
+from validation.pipeline.table import make_results_frame
+
+REAL = [("gradcam", "layer1"), ("gradcam", "layer4"), ("gradcampp", "layer1"), ("lafam", "layer1"),
+        ("lime", "-"), ("deeplift", "-")]
+
+
+def synthetic_table(n_images=40, models=("m_a", "m_b"), seed=0):
+    """Long table with planted metrics.
+
+    gt_cosine ~ U(0, 1) per (image, config) plus a per-config offset; ``perfect`` equals it;
+    ``noise`` is independent; ``average_drop`` is 1 - gt (lower is better, perfect inversely);
+    trivial maps: HalfCAM scores mid-range on ``fooled_metric`` and far below on ``robust_metric``.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model in models:
+        for img in range(n_images):
+            for k, (method, layer) in enumerate(REAL):
+                mixes = ["identity", "product", "geomean"] if method == "gradcampp" else ["identity"]
+                for mix in mixes:
+                    gt = 0.1 * k + 0.5 * rng.random() + (0.1 if mix == "product" else 0.0)
+                    vals = {"gt_cosine": gt, "perfect": gt, "noise": rng.random(),
+                            "average_drop": 1.0 - gt, "fooled_metric": gt, "robust_metric": gt,
+                            "arcc": gt + (0.2 if mix == "product" else 0.0)}
+                    for f in (0.2, 0.4):
+                        vals[f"road_morf@{f}"] = 0.9 - f - 0.1 * k
+                        vals[f"road_lerf@{f}"] = 0.9 - f / 4
+                    for metric, v in vals.items():
+                        rows.append(dict(image=img, model=model, method=method, layer=layer, mix=mix,
+                                         metric=metric, value=v))
+            for trivial in A.TRIVIAL_MAPS:
+                vals = {"gt_cosine": 0.3, "perfect": 0.3, "noise": rng.random(), "average_drop": 0.7,
+                        "fooled_metric": 0.5 if trivial == "halfcam" else -5.0,
+                        "robust_metric": -5.0, "arcc": 0.0}
+                for metric, v in vals.items():
+                    rows.append(dict(image=img, model=model, method=trivial, layer="-", mix="identity",
+                                     metric=metric, value=v))
+    return make_results_frame(rows)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return synthetic_table()
+
+
+def test_weighted_ranks_equal_scipy_on_repeated_sample():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 5, size=30).astype(float)  # many ties
+    w = rng.integers(0, 4, size=(3, 30)).astype(float)
+    ranks = A.weighted_ranks(x, w)
+    for b in range(3):
+        keep = w[b] > 0
+        rep = np.repeat(x[keep], w[b][keep].astype(int))
+        ref = stats.rankdata(rep)
+        expected = np.repeat(ranks[b][keep], w[b][keep].astype(int))
+        np.testing.assert_allclose(expected, ref)
+
+
+def test_weighted_correlations_equal_scipy_on_materialised_replicate():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=50)
+    y = 0.5 * x + rng.normal(size=50)
+    x[::7] = x[0]  # ties
+    w = rng.integers(0, 3, size=(4, 50)).astype(float)
+    pear, spear = A.weighted_pearson(x, y, w), A.weighted_spearman(x, y, w)
+    for b in range(4):
+        xr, yr = np.repeat(x, w[b].astype(int)), np.repeat(y, w[b].astype(int))
+        assert pear[b] == pytest.approx(stats.pearsonr(xr, yr)[0], abs=1e-12)
+        assert spear[b] == pytest.approx(stats.spearmanr(xr, yr)[0], abs=1e-12)
+
+
+def test_validity_planted_correlations(table):
+    t = A.table_validity(table, n_boot=200, seed=0)
+    one = t[(t.model == "m_a")].set_index(["metric", "level"])
+    for level in ("pairs", "method_means"):
+        assert one.loc[("perfect", level), "pearson"] == pytest.approx(1.0)
+        assert one.loc[("perfect", level), "spearman"] == pytest.approx(1.0)
+        assert one.loc[("perfect", level), "pearson_lo"] == pytest.approx(1.0)
+        assert one.loc[("average_drop", level), "spearman"] == pytest.approx(-1.0)
+    noise = one.loc[("noise", "pairs")]
+    assert abs(noise["pearson"]) < 0.15 and noise["pearson_lo"] < 0 < noise["pearson_hi"]
+    assert noise["pearson_hi"] - noise["pearson_lo"] > 0.05  # a real interval, not a point
+
+
+def test_validity_point_estimates_equal_scipy(table):
+    t = A.table_validity(table, n_boot=50, seed=0).set_index(["model", "metric", "level"])
+    real = table[~table.method.isin(A.BASELINES) & (table.model == "m_b")]
+    w = real.pivot_table(index=["image", "method", "layer", "mix"], columns="metric", values="value")
+    row = t.loc[("m_b", "noise", "pairs")]
+    assert row["pearson"] == pytest.approx(stats.pearsonr(w["noise"], w["gt_cosine"])[0], abs=1e-12)
+    assert row["spearman"] == pytest.approx(stats.spearmanr(w["noise"], w["gt_cosine"])[0], abs=1e-12)
+    assert row["n"] == len(w)
+    means = w.groupby(level=["method", "layer", "mix"]).mean()
+    row = t.loc[("m_b", "noise", "method_means")]
+    assert row["n"] == len(means)
+    assert row["pearson"] == pytest.approx(stats.pearsonr(means["noise"], means["gt_cosine"])[0], abs=1e-12)
+    assert row["spearman"] == pytest.approx(stats.spearmanr(means["noise"], means["gt_cosine"])[0], abs=1e-12)
+    per_model = [t.loc[(m, "noise", "pairs"), "pearson"] for m in ("m_a", "m_b")]
+    summary = t.loc[("mean+-std", "noise", "pairs")]
+    assert summary["pearson"] == pytest.approx(np.mean(per_model))
+    assert summary["pearson_std"] == pytest.approx(np.std(per_model))
+    assert summary["n_models"] == 2
+
+
+def test_bootstrap_replicates_equal_explicit_image_resampling(table):
+    """A replicate = resample images with replacement, keep all their configs, scipy on the result."""
+    real = table[~table.method.isin(A.BASELINES) & (table.model == "m_a")]
+    w = real.pivot_table(index=["image", "method", "layer", "mix"], columns="metric", values="value")
+    images = w.index.get_level_values("image").to_numpy()
+    uniq, codes = np.unique(images, return_inverse=True)
+    counts = A.image_bootstrap_counts(len(uniq), 5, seed=3)
+    c = A.pair_correlation(w["noise"].to_numpy(), w["gt_cosine"].to_numpy(), codes, counts)
+    for b in range(5):
+        picks = np.repeat(uniq, counts[b].astype(int))
+        sample = pd.concat([w.loc[[i]] for i in picks])
+        assert c.pearson_boot[b] == pytest.approx(stats.pearsonr(sample["noise"], sample["gt_cosine"])[0], abs=1e-10)
+        assert c.spearman_boot[b] == pytest.approx(stats.spearmanr(sample["noise"], sample["gt_cosine"])[0], abs=1e-10)
+
+
+def test_nan_values_are_dropped_and_counted(table):
+    t2 = table.copy()
+    hit = (t2.metric == "noise") & (t2.image < 5) & (t2.model == "m_a")
+    t2.loc[hit, "value"] = np.nan
+    t2.loc[hit, "status"] = "nan"
+    t = A.table_validity(t2, n_boot=20).set_index(["model", "metric", "level"])
+    real_configs = 8  # 6 REAL entries, gradcampp with 3 mixes
+    assert t.loc[("m_a", "noise", "pairs"), "n_dropped"] == 5 * real_configs
+    assert t.loc[("m_a", "noise", "pairs"), "n"] == 35 * real_configs
+
+
+def test_trivial_verdicts(table):
+    per_model, verdict = A.table_trivial(table)
+    v = verdict.set_index(["metric", "trivial"])["verdict"]
+    assert v[("fooled_metric", "halfcam")] == "fooled"
+    assert v[("fooled_metric", "randomcam")] == "not fooled"
+    assert v[("robust_metric", "halfcam")] == "not fooled"
+    # lower is better for AD: trivial 0.7 vs real 1 - gt in about [0.1, 1.0] -> inside the range
+    assert v[("average_drop", "halfcam")] == "fooled"
+    row = per_model.set_index(["model", "metric", "trivial"]).loc[("m_a", "fooled_metric", "halfcam")]
+    assert row["trivial_score"] == pytest.approx(0.5)
+    assert row["real_worst"] < 0.5 < row["real_best"]
+
+
+def test_trivial_mixed_verdict_when_models_disagree(table):
+    t2 = table.copy()
+    sel = (t2.model == "m_b") & (t2.method == "halfcam") & (t2.metric == "fooled_metric")
+    t2.loc[sel, "value"] = -5.0
+    _, verdict = A.table_trivial(t2)
+    v = verdict.set_index(["metric", "trivial"]).loc[("fooled_metric", "halfcam")]
+    assert v["verdict"].startswith("mixed (1/2")
+
+
+def test_refine_and_aggregators(table):
+    c = A.table_refine(table, {"layers": ["layer1", "layer4"]})
+    arcc = c[(c.metric == "arcc") & (c.model == "m_a")].iloc[0]
+    assert arcc["method"] == "gradcampp" and arcc["layer"] == "layer1"
+    # planted: arcc(product) = gt(product) + 0.2 and gt(product) carries +0.1 in expectation
+    assert arcc["delta"] == pytest.approx(c[(c.metric == "gt_cosine") & (c.model == "m_a")].iloc[0]["delta"] + 0.2)
+    assert set(c.model) == {"m_a", "m_b", "mean"}
+    d = A.table_aggregators(table, {"layers": ["layer1", "layer4"]})
+    row = d[(d.model == "mean") & (d.metric == "arcc")].iloc[0]
+    assert list(d.columns[4:7]) == ["identity", "product", "geomean"]
+    assert row["best"] == "product"
+
+
+def test_localisation_and_road_curves(table):
+    e = A.table_localisation(table)
+    assert set(e.method) == {"gradcam", "lafam"} and "gt_cosine" in e.columns
+    f = A.table_road_curves(table)
+    row = f[(f.model == "m_a") & (f.method == "lime") & (f.order == "MORF") & (f.fraction == 0.4)].iloc[0]
+    assert row["prob"] == pytest.approx(0.9 - 0.4 - 0.1 * 4)
+    assert row["n"] == 40
+
+
+def test_curve_metrics_excluded_from_validity(table):
+    t = A.table_validity(table, n_boot=10)
+    assert not t.metric.str.contains("@").any()
+
+
+def test_missing_reference_metric_is_a_clear_error(table):
+    with pytest.raises(ValueError, match="gt_cosine"):
+        A.table_validity(table[table.metric != "gt_cosine"], n_boot=10)
+
+
+def test_markdown_and_written_tables(table, tmp_path):
+    tables = A.analyze_frame(table, {"layers": ["layer1", "layer4"]}, n_boot=20)
+    A.write_tables(tables, tmp_path)
+    md = (tmp_path / "tables.md").read_text()
+    for name in A.TABLES:
+        assert f"## {name}" in md
+        back = pd.read_csv(tmp_path / f"{name}.csv")
+        assert len(back) == len(tables[name])

@@ -1,0 +1,91 @@
+"""audit: a user's metric loaded from package.module:function, placed in tables a and b."""
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import test_pipeline_standins as S
+from validation.audit import audit_run, load_metric
+from validation.pipeline.run import run_eval
+
+USER_MODULE = '''
+import torch
+
+def gt_copy(model, x, target, maps, gt=None):
+    """Exactly the ground-truth cosine: must correlate perfectly."""
+    return torch.nn.functional.cosine_similarity(maps.flatten(1), gt.flatten(1), dim=1)
+
+def noise(model, x, target, maps):
+    """Independent of everything."""
+    g = torch.Generator().manual_seed(int(maps.sum() * 1e6) % 2**31)
+    return torch.rand(maps.shape[0], generator=g)
+
+def half_lover(model, x, target, maps, **kwargs):
+    """Rewards maps near 0.5 everywhere: HalfCAM must fool it."""
+    return 1 - (maps - 0.5).abs().flatten(1).mean(1)
+
+def wrong_shape(model, x, target, maps):
+    return maps.mean()
+
+def too_few_args(maps):
+    return maps
+'''
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    (tmp / "user_metrics_mod.py").write_text(textwrap.dedent(USER_MODULE))
+    sys.path.insert(0, str(tmp))
+    models = S.make_models(tmp)
+    out = tmp / "run"
+    cfg = S.config(models, methods=["cam", "grad", "randomcam", "halfcam"], metrics=["gt_cosine", "complexity"])
+    torch.set_num_threads(1)
+    run_eval(cfg, out, components=S.components(), progress=False)
+    yield out
+    sys.path.remove(str(tmp))
+
+
+def test_metric_equal_to_ground_truth_gets_r_one(run_dir):
+    res = audit_run(run_dir, "user_metrics_mod:gt_copy", n_boot=100, components=S.components(), progress=False)
+    a = res["tables"]["a_validity"].set_index(["model", "metric", "level"])
+    assert a.loc[("mean+-std", "gt_copy", "pairs"), "pearson"] == pytest.approx(1.0, abs=1e-9)
+    assert a.loc[("alpha", "gt_copy", "pairs"), "spearman"] == pytest.approx(1.0, abs=1e-9)
+    assert "tracks the ground truth: Pearson r = 1.00" in res["verdict"]
+    assert (run_dir / "audit" / "gt_copy" / "verdict.md").exists()
+    assert (run_dir / "audit" / "gt_copy" / "a_validity.csv").exists()
+
+
+def test_noise_metric_does_not_track_and_halfcam_fooling(run_dir):
+    res = audit_run(run_dir, "user_metrics_mod:noise", n_boot=100, components=S.components(), progress=False)
+    r = res["tables"]["a_validity"].set_index(["model", "metric", "level"]).loc[("mean+-std", "noise", "pairs"), "pearson"]
+    assert abs(r) < 0.3
+    res = audit_run(run_dir, "user_metrics_mod:half_lover", n_boot=50, components=S.components(), progress=False)
+    v = res["tables"]["b_trivial_verdict"].set_index(["metric", "trivial"])["verdict"]
+    assert v[("half_lover", "halfcam")] == "fooled"
+    assert "halfcam (fooled)" in res["verdict"]
+
+
+def test_wrong_output_shape_is_recorded_not_fatal(run_dir):
+    res = audit_run(run_dir, "user_metrics_mod:wrong_shape", n_boot=20, components=S.components(), progress=False)
+    from validation.pipeline.table import load_results
+
+    t = load_results(run_dir / "audit" / "wrong_shape")
+    assert (t.status == "error").all() and t.reason.str.contains("one value per sample").all()
+    assert "no correlation" in res["verdict"]
+
+
+def test_bad_specs_are_clear_errors(run_dir):
+    with pytest.raises(ValueError, match="package.module:function"):
+        load_metric("no_colon")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_metric("surely_missing_mod:f")
+    with pytest.raises(ValueError, match="no function"):
+        load_metric("user_metrics_mod:missing")
+    with pytest.raises(ValueError, match="model, x, target, maps"):
+        load_metric("user_metrics_mod:too_few_args")
+    with pytest.raises(ValueError, match="already exists"):
+        audit_run(run_dir, "user_metrics_mod:gt_copy", name="gt_cosine", components=S.components(), progress=False)

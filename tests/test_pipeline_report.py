@@ -1,0 +1,64 @@
+"""analyze + report on a stand-in run: tables on disk, self-contained HTML, valid PNG figures."""
+
+import base64
+import io
+import re
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import test_pipeline_standins as S
+from validation.analyze import TABLES, analyze_run
+from validation.cli import main
+from validation.pipeline.run import run_eval
+from validation.report import write_report
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    models = S.make_models(tmp)
+    out = tmp / "run"
+    torch.set_num_threads(1)
+    cfg = S.config(models, methods=["cam", "grad", "randomcam", "halfcam", "oracle"],
+                   metrics=["gt_cosine", "complexity", "road"])
+    run_eval(cfg, out, components=S.components(), progress=False)
+    return out
+
+
+def test_analyze_writes_every_table(run_dir):
+    assert main(["analyze", str(run_dir), "--n-boot", "50"]) == 0
+    for name in TABLES:
+        assert (run_dir / "analysis" / f"{name}.csv").exists()
+    c = pd.read_csv(run_dir / "analysis" / "c_refinecam.csv")
+    assert set(c.method) == {"cam"} and set(c.layer) == {"l1"}
+    f = pd.read_csv(run_dir / "analysis" / "f_road_curves.csv")
+    assert set(f.order) == {"MORF", "LERF"} and set(f.fraction) == {0.2, 0.4}
+    md = (run_dir / "analysis" / "tables.md").read_text()
+    assert "| model | metric |" in md
+
+
+def test_report_is_self_contained_with_figures(run_dir):
+    analyze_run(run_dir, n_boot=50)
+    path = write_report(run_dir)
+    page = path.read_text()
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) >= 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:
+        img = Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1])))
+        assert img.size[0] > 100 and img.size[1] > 100
+    for name in ("correlation", "trivial", "refinecam", "road_curves", "qualitative"):
+        png = path.parent / "figures" / f"{name}.png"
+        assert png.exists(), name
+        Image.open(png).verify()
+    assert "Expectations from the papers" in page and "alpha" in page
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_cli_and_missing_run_error(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "index.html").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

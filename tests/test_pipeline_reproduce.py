@@ -1,0 +1,90 @@
+"""reproduce: profile loading, step order, reuse of data / models / chunks, accuracy gate."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+import test_pipeline_standins as S
+from validation import reproduce as R
+
+
+def _profile(tmp_path, acc=0.995, workers=1):
+    prof = {
+        "name": "tiny",
+        "description": "test profile",
+        "data": {"command": [sys.executable, "-c",
+                             "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True);"
+                             "(p/'made').write_text('x'); open(sys.argv[2],'a').write('gen\\n')",
+                             "{data}", str(tmp_path / "calls.txt")]},
+        "train": {"min_test_accuracy": 0.99,
+                  "command": [sys.executable, "-c",
+                              "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True);"
+                              f"(p/'acc').write_text('{acc}'); open(sys.argv[2],'a').write('train '+sys.argv[3]+'\\n')",
+                              "{model_dir}", str(tmp_path / "calls.txt"), "{arch}"],
+                  "models": {"alpha": None, "beta": None}},
+        "eval": {"n_images": S.N_IMAGES, "methods": ["cam", "grad", "randomcam", "halfcam"],
+                 "metrics": ["gt_cosine", "complexity", "road"], "layers": ["l1", "l2"],
+                 "mixes": ["identity", "product"], "chunk_size": 8, "save_maps": 2, "workers": workers},
+        "analyze": {"n_boot": 30},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return path
+
+
+@pytest.fixture
+def fake_io(monkeypatch):
+    monkeypatch.setattr(R, "_dataset_ready", lambda data, split, n: (data / "made").exists())
+
+    def model_ready(model_dir):
+        if not (model_dir / "acc").exists():
+            return False, None
+        return True, {"arch": "tiny", "test_accuracy": float((model_dir / "acc").read_text())}
+
+    monkeypatch.setattr(R, "_model_ready", model_ready)
+
+
+def test_builtin_profiles_load_and_are_complete():
+    assert {"quick", "paper"} <= set(R.available_profiles())
+    for name in ("quick", "paper"):
+        p = R.load_profile(name)
+        assert p["eval"]["n_images"] >= 200
+        assert len(p["train"]["models"]) >= 2
+        assert p["train"]["min_test_accuracy"] >= 0.99
+    with pytest.raises(FileNotFoundError, match="built-in profiles"):
+        R.load_profile("nope")
+
+
+def test_reproduce_runs_all_steps_then_reuses_everything(tmp_path, fake_io):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    rec = R.reproduce(str(_profile(tmp_path)), out, progress=False, components=S.components())
+    assert list(rec["steps"]) == list(R.STEPS)
+    assert (out / "run" / "report" / "index.html").exists()
+    assert (out / "run" / "analysis" / "tables.md").exists()
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls == ["gen", "train alpha", "train beta"]
+    assert rec["steps"]["train"]["alpha"] == {"reused": False, "test_accuracy": 0.995}
+    first = (out / "run" / "results.parquet").read_bytes()
+    rec2 = R.reproduce(str(_profile(tmp_path)), out, progress=False, components=S.components())
+    assert (tmp_path / "calls.txt").read_text().splitlines() == calls  # nothing regenerated or retrained
+    assert rec2["steps"]["generate"]["reused"] and rec2["steps"]["train"]["beta"]["reused"]
+    assert rec2["steps"]["run"]["chunks_computed"] == 0 and rec2["steps"]["run"]["chunks_skipped"] == 6
+    assert (out / "run" / "results.parquet").read_bytes() == first
+    assert json.loads((out / "reproduce.json").read_text())["profile"] == "tiny"
+    assert json.loads((out / "run" / "profile.json").read_text())["name"] == "tiny"
+
+
+def test_low_accuracy_model_stops_the_reproduction(tmp_path, fake_io):
+    with pytest.raises(RuntimeError, match="below the profile's minimum 0.99"):
+        R.reproduce(str(_profile(tmp_path, acc=0.9)), tmp_path / "out", progress=False,
+                    components=S.components())
+    assert not (tmp_path / "out" / "run").exists()
+
+
+def test_unknown_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown steps"):
+        R.reproduce(str(_profile(tmp_path)), tmp_path / "o", steps=["train", "bake"])

@@ -1,0 +1,241 @@
+"""run / merge: configurations, long table, misclassified images, errors, resume, sharding."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import test_pipeline_standins as S
+from validation.pipeline.run import MapConfig, map_configs, run_eval
+from validation.pipeline.shards import chunk_ranges, parse_range, parse_shard, shard_chunks
+from validation.pipeline.table import load_predictions, load_results, merge_run
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def models(tmp_path):
+    return S.make_models(tmp_path)
+
+
+def _single_run(models, out):
+    torch.set_num_threads(1)
+    return run_eval(S.config(models), out, components=S.components(), progress=False)
+
+
+def test_map_configs_enumerates_layers_and_refinement():
+    cfgs = map_configs(["cam", "lime"], ["l1", "l2", "l3"], ["identity", "product", "geomean"],
+                       layer_methods=("cam",), refinable=("cam",))
+    labels = [c.label for c in cfgs]
+    assert labels == ["cam@l1", "cam@l1+product", "cam@l1+geomean", "cam@l2", "cam@l2+product",
+                      "cam@l2+geomean", "cam@l3", "lime"]
+    with pytest.raises(ValueError, match="unknown --mix"):
+        map_configs(["cam"], ["l1"], ["sum"])
+
+
+def test_shard_helpers():
+    assert chunk_ranges((0, 10), 4) == [(0, 4), (4, 8), (8, 10)]
+    chunks = chunk_ranges((0, 20), 4)
+    parts = [shard_chunks(chunks, i, 3) for i in range(3)]
+    assert sum(parts, []) == chunks and all(parts)
+    assert parse_shard("1/2") == (1, 2) and parse_shard(None) == (0, 1)
+    assert parse_range("10:30") == (10, 30)
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+
+
+def test_run_writes_long_table_predictions_and_manifest(models, tmp_path):
+    out = tmp_path / "run"
+    summary = _single_run(models, out)
+    res, pred = load_results(out), load_predictions(out)
+    ds = S.TinyDataset()
+    # predictions: every image of every model, correctness recomputed independently
+    assert len(pred) == 2 * S.N_IMAGES
+    for path, name in zip(models, ("alpha", "beta")):
+        model, _ = S.load_model(path)
+        with torch.no_grad():
+            p = model(ds.x).argmax(1)
+        expect_correct = (p == ds.label).numpy()
+        got = pred[pred.model == name].sort_values("image")["correct"].to_numpy()
+        np.testing.assert_array_equal(got, expect_correct)
+        assert 0 < expect_correct.sum() < S.N_IMAGES  # both kinds present, so the filter is tested
+        # only correct images appear in the result table
+        imgs = set(res[res.model == name].image)
+        assert imgs == set(np.flatnonzero(expect_correct).tolist())
+    mis = pd.read_csv(out / "misclassified.csv")
+    assert len(mis) == int((~pred.correct).sum()) and not mis.correct.any()
+    # row count: configs x correct images x metrics (+2 curve points for each config)
+    n_cfg = len(map_configs(S.config(models).methods, ["l1", "l2"], ["identity", "product"],
+                            ("cam", "boom"), ("cam",)))
+    n_correct = int(pred.correct.sum())
+    assert n_cfg == 8  # cam l1, cam l1+product, cam l2, grad, boom l1, boom l2, randomcam, oracle
+    per_image_cfg = 4 + 4
+    ok_boom = res[(res.method == "boom") & (res.status != "error")]
+    n_err_rows = len(res[res.status == "error"])
+    assert len(res) == n_cfg * n_correct * per_image_cfg - n_err_rows // 4 * 4
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["data_fingerprint"] == "tiny-fingerprint"
+    assert man["versions"]["torch"] == torch.__version__.split("+")[0] or man["versions"]["torch"]
+    assert man["config"]["methods"] == S.config(models).methods
+    assert man["images"]["alpha"]["misclassified"] == int((~pred[pred.model == "alpha"].correct).sum())
+    assert man["rows"] == len(res)
+    assert summary["chunks_computed"] == 2 * 5
+    assert len(ok_boom) > 0
+
+
+def test_values_match_independent_computation(models, tmp_path):
+    out = tmp_path / "run"
+    _single_run(models, out)
+    res = load_results(out)
+    ds = S.TinyDataset()
+    row = res[(res.method == "oracle") & (res.metric == "gt_cosine")]
+    assert np.allclose(row.value, 1.0)
+    sel = res[(res.method == "cam") & (res.layer == "l2") & (res.mix == "identity")
+              & (res.metric == "gt_cosine") & (res.model == "alpha")].iloc[0]
+    x = ds.x[int(sel.image)].double()
+    m = torch.nn.functional.avg_pool2d(x.mean(0, keepdim=True)[None], 4)
+    m = torch.nn.functional.interpolate(m, size=(S.SIZE, S.SIZE), mode="nearest")[0, 0]
+    m = (m - m.min()) / (m.max() - m.min())
+    g = ds.mask[int(sel.image), 0].double()
+    ref = float((m * g).sum() / (m.norm() * g.norm()))
+    assert sel.value == pytest.approx(ref, abs=1e-6)
+    curves = res[res.metric.str.startswith("road_")]
+    assert set(curves.metric) == {"road_morf@0.2", "road_morf@0.4", "road_lerf@0.2", "road_lerf@0.4"}
+
+
+def test_failing_method_is_recorded_and_run_goes_on(models, tmp_path):
+    out = tmp_path / "run"
+    summary = _single_run(models, out)
+    res = load_results(out)
+    err = res[res.status == "error"]
+    assert summary["errors"] == len(err) > 0
+    assert set(err.method) == {"boom"} and set(err.image) == {S.POISON}
+    assert err.reason.str.contains("planted failure").all()
+    assert err.reason.str.contains(r"\[method\]").all()
+    assert err.value.isna().all()
+    # the poisoned image's other methods and the other images of its chunk still have values
+    same_chunk = res[(res.method == "boom") & res.image.isin([4, 6, 7]) & (res.status == "ok")]
+    assert len(same_chunk) > 0
+    assert (res[(res.image == S.POISON) & (res.method == "cam")].status == "ok").all()
+
+
+def test_nan_metric_values_keep_a_reason(models, tmp_path):
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["flat", "grad"]), out, components=S.components(), progress=False)
+    res = load_results(out)
+    nan_rows = res[res.status == "nan"]
+    # a constant map has no peak: NaN with a reason, every other value finite
+    assert set(nan_rows.method) == {"flat"} and set(nan_rows.metric) == {"peak"}
+    assert len(nan_rows) == len(res[(res.method == "flat") & (res.metric == "peak")]) > 0
+    assert (nan_rows.reason != "").all() and nan_rows.value.isna().all()
+    assert not res[res.status == "ok"].value.isna().any()
+
+
+def test_interrupted_run_resumes_where_it_stopped(models, tmp_path):
+    torch.set_num_threads(1)
+    full = tmp_path / "full"
+    _single_run(models, full)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(S.config(models), out, components=S.components(interrupt_after=20), progress=False)
+    done_before = sorted(p.name for p in (out / "chunks").glob("*/*.done.json"))
+    assert 0 < len(done_before) < 10
+    calls = []
+    summary = run_eval(S.config(models), out, components=S.components(counter=calls), progress=False)
+    assert summary["chunks_skipped"] == len(done_before)
+    assert summary["chunks_computed"] == 10 - len(done_before)
+    # a finished chunk is never recomputed: at most 8 configs per remaining chunk were evaluated
+    assert 0 < len(calls) <= 8 * (10 - len(done_before)) + 8
+    assert (out / "results.parquet").read_bytes() == (full / "results.parquet").read_bytes()
+    assert (out / "results.csv").read_bytes() == (full / "results.csv").read_bytes()
+
+
+def test_resume_with_other_config_is_refused(models, tmp_path):
+    out = tmp_path / "run"
+    _single_run(models, out)
+    with pytest.raises(ValueError, match="different configuration.*metrics"):
+        run_eval(S.config(models, metrics=["gt_cosine"]), out, components=S.components(), progress=False)
+
+
+def test_bad_inputs_are_clear(models, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        run_eval(S.config([str(tmp_path / "nope.ckpt")]), tmp_path / "r", components=S.components(),
+                 progress=False)
+    with pytest.raises(ValueError, match="more images"):
+        run_eval(S.config(models, image_range=(0, 99)), tmp_path / "r2", components=S.components(),
+                 progress=False)
+
+
+def test_merge_refuses_missing_chunks(models, tmp_path):
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_eval(S.config(models), out, shard=(0, 2), components=S.components(), progress=False)
+    assert not (out / "results.parquet").exists()
+    with pytest.raises(RuntimeError, match="chunks are not finished"):
+        merge_run(out)
+    man = merge_run(out, allow_partial=True)
+    assert man["chunks"]["merged"] < man["chunks"]["expected"]
+
+
+def test_two_processes_merge_bit_identical_to_single_process(models, tmp_path):
+    single = tmp_path / "single"
+    _single_run(models, single)
+    sharded = tmp_path / "sharded"
+    code = ("import sys; sys.path.insert(0, {tests!r}); import test_pipeline_standins as S; "
+            "S.run_shard_main({models!r}, {out!r}, {shard!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(tests=str(TESTS), models=str(tmp_path),
+                                                                 out=str(sharded), shard=f"{i}/2")],
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert not (sharded / "results.parquet").exists()  # shards never merge on their own
+    merge_run(sharded)
+    for name in ("results.parquet", "results.csv", "predictions.csv", "misclassified.csv"):
+        assert (sharded / name).read_bytes() == (single / name).read_bytes(), name
+    # saved maps for the report are identical too
+    a = np.load(next((single / "chunks" / "alpha").glob("*.maps.npz")))
+    b = np.load(next((sharded / "chunks" / "alpha").glob("*.maps.npz")))
+    assert list(a["configs"]) == list(b["configs"])
+    np.testing.assert_array_equal(a["map_0"], b["map_0"])
+
+
+def test_refine_layers_differ_from_evaluated_layers():
+    cfgs = map_configs(["cam"], ["l1", "l4"], ["identity", "product"], layer_methods=("cam",),
+                       refinable=("cam",), refine_layers=["l1", "l2", "l3", "l4"])
+    assert [c.label for c in cfgs] == ["cam@l1", "cam@l1+product", "cam@l4"]
+
+
+def test_method_grid_overrides_layers_and_mixes():
+    cfgs = map_configs(["cam", "dear"], ["l1", "l2", "l3"], ["identity", "product", "geomean"],
+                       layer_methods=("cam", "dear"), refinable=("cam", "dear"),
+                       method_grid={"dear": {"layers": ["l1"], "mixes": ["identity", "product"]}})
+    labels = [c.label for c in cfgs]
+    assert [l for l in labels if l.startswith("dear")] == ["dear@l1", "dear@l1+product"]
+    assert len([l for l in labels if l.startswith("cam")]) == 3 + 2 * 2
+    with pytest.raises(ValueError, match="not run"):
+        map_configs(["cam"], ["l1"], ["identity"], method_grid={"lime": {}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        map_configs(["cam"], ["l1"], ["identity"], layer_methods=("cam",), method_grid={"cam": {"layer": []}})
+
+
+def test_failing_metric_costs_only_its_own_rows(models, tmp_path):
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["cam", "oracle"], metrics=["gt_cosine", "fragile", "recompute"]), out,
+             components=S.components(), progress=False)
+    res = load_results(out)
+    err = res[res.status == "error"]
+    assert len(err) > 0 and set(err.metric) == {"fragile"} and set(err.image) == {S.POISON}
+    assert err.reason.str.contains(r"\[metrics\].*fragile metric failed").all()
+    ok = res[(res.image == S.POISON) & (res.metric != "fragile")]
+    assert len(ok) > 0 and (ok.status == "ok").all()
+    # the oracle needs the ground truth; metrics that re-run the method still work on it
+    rec = res[(res.method == "oracle") & (res.metric == "recompute")]
+    assert len(rec) > 0 and (rec.status == "ok").all()

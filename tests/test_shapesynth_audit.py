@@ -1,0 +1,92 @@
+"""The shortcut audit passes clean data and catches every planted dependence."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shapesynth import ShapeSynth, SynthConfig
+from shapesynth.audit import audit_passed, audit_table, shortcut_audit
+from shapesynth.schema import meta_row
+
+
+@pytest.fixture(scope="module")
+def clean_meta():
+    cfg = SynthConfig(image_size=48, split_sizes={"train": 600, "val": 6, "test": 6}, bg_pool_sizes={"train": 24, "val": 1, "test": 1})
+    synth = ShapeSynth(cfg)
+    rows = []
+    for i in range(600):
+        s = synth.sample("train", i)
+        rows.append({"label": s.label, **meta_row(s.meta)})
+    return pd.DataFrame(rows)
+
+
+def _failed(tests):
+    return {(t.variable, t.view) for t in tests if not t.passed}
+
+
+def test_clean_data_passes_every_test(clean_meta):
+    tests = shortcut_audit(clean_meta)
+    assert audit_passed(tests), audit_table(tests)
+    assert {t.variable for t in tests} >= {"colour", "size band", "position", "background"}
+    assert all(0 <= t.p_value <= 1 for t in tests)
+
+
+def test_planted_colour_coupling_of_the_public_code_is_caught(clean_meta):
+    m = clean_meta.copy()
+    # the paper's bug: R & 7 == label in most samples, nothing else about the colour changes
+    rng = np.random.default_rng(0)
+    coupled = rng.random(len(m)) < 0.77
+    m["colour"] = [
+        [(c[0] & ~7) | int(y), c[1], c[2]] if k else c for c, y, k in zip(m["colour"], m["label"], coupled)
+    ]
+    tests = shortcut_audit(m)
+    assert ("colour", "R mod 8") in _failed(tests)
+    assert {v for v, _ in _failed(tests)} == {"colour"}
+
+
+def test_planted_colour_brightness_dependence_is_caught(clean_meta):
+    m = clean_meta.copy()
+    m["colour"] = [[min(255, c[0] // 2 + 20 * int(y)), c[1], c[2]] for c, y in zip(m["colour"], m["label"])]
+    assert ("colour", "R channel") in _failed(shortcut_audit(m))
+
+
+def test_planted_size_band_dependence_is_caught(clean_meta):
+    m = clean_meta.copy()
+    rng = np.random.default_rng(1)
+    m["size_band"] = np.where(rng.random(len(m)) < 0.3, m["label"] % 3, m["size_band"])
+    failed = _failed(shortcut_audit(m))
+    assert ("size band", "band") in failed and {v for v, _ in failed} == {"size band"}
+
+
+def test_planted_position_dependence_is_caught(clean_meta):
+    m = clean_meta.copy()
+    m["center_x"] = m["center_x"] * 0.7 + 2.0 * m["label"]
+    assert "position" in {v for v, _ in _failed(shortcut_audit(m))}
+
+
+def test_planted_background_dependence_is_caught(clean_meta):
+    m = clean_meta.copy()
+    rng = np.random.default_rng(2)
+    m["bg_id"] = np.where(rng.random(len(m)) < 0.5, m["label"], m["bg_id"])
+    failed = _failed(shortcut_audit(m))
+    assert ("background", next(v for _, v in failed if v.startswith("base id"))) in failed
+    assert {v for v, _ in failed} == {"background"}
+
+
+def test_audit_of_a_tiny_or_constant_table_does_not_crash():
+    m = pd.DataFrame(
+        {
+            "label": [0, 1, 2, 3, 4, 5] * 2,
+            "colour": [[10, 10, 10]] * 12,
+            "size_band": [0] * 12,
+            "center_x": [5.0] * 12,
+            "center_y": [5.0] * 12,
+            "bg_pool": ["train"] * 12,
+            "bg_id": [0] * 12,
+            "bg_flip": [[False, False]] * 12,
+            "bg_crop": [[0, 0]] * 12,
+            "angle": [0.0] * 12,
+        }
+    )
+    tests = shortcut_audit(m)
+    assert all(t.p_value == 1.0 and t.passed for t in tests)

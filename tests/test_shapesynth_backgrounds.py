@@ -1,0 +1,273 @@
+"""Background sources, pools, disjointness and every bad background input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shapesynth import ShapeSynth, SynthConfig
+from shapesynth.backgrounds import BackgroundError, BackgroundOverlapError, build_pools, clear_pool_cache, pixel_hash
+from shapesynth.backgrounds import hf as hf_source
+from shapesynth.backgrounds.pools import to_rgb
+
+TINY = dict(image_size=32, split_sizes={"train": 12, "val": 6, "test": 6})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_pool_cache()
+    yield
+    clear_pool_cache()
+
+
+def _write_images(folder: Path, n: int, size: int = 40, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for k in range(start, start + n):
+        arr = rng.integers(0, 256, (size, size + k % 3, 3), dtype=np.uint8)
+        p = folder / f"bg_{k:03d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def _folder_cfg(path, **kw):
+    return SynthConfig(**TINY, background="folder", bg_path=str(path), **kw)
+
+
+# ---------------------------------------------------------------- procedural
+def test_procedural_pools_are_distinct_disjoint_and_sized():
+    cfg = SynthConfig(**TINY, bg_pool_sizes={"train": 5, "val": 2, "test": 3})
+    pools = build_pools(cfg)
+    assert {s: len(p) for s, p in pools.items()} == {"train": 5, "val": 2, "test": 3}
+    hashes = [h for p in pools.values() for h in p.hashes]
+    assert len(set(hashes)) == len(hashes)
+    side = pools["train"].images[0].shape[0]
+    assert side == 40  # 1.25 x 32: room for random crops
+
+
+def test_procedural_bases_are_colourful_clutter():
+    pools = build_pools(SynthConfig(image_size=64, bg_pool_sizes={"train": 3, "val": 1, "test": 1}))
+    for base in pools["train"].images:
+        assert base.std(axis=(0, 1)).min() > 20  # every channel varies strongly
+        grey = base.astype(np.float32).mean(2)
+        edges = np.abs(np.diff(grey, axis=1)) > 30
+        assert edges.mean() > 0.02  # many sharp element boundaries, not a smooth gradient
+
+
+def test_clutter_knobs_change_difficulty_monotonically():
+    def roughness(**kw):
+        clear_pool_cache()
+        pools = build_pools(SynthConfig(image_size=64, bg_pool_sizes={"train": 4, "val": 1, "test": 1}, bg_jitter=0.0, **kw))
+        return np.mean([np.abs(np.diff(b.astype(np.float32), axis=1)).mean() for b in pools["train"].images])
+
+    assert roughness(clutter=0.0, clutter_noise=0.0) < roughness(clutter=0.5, clutter_noise=0.0) < roughness(clutter=1.5, clutter_noise=0.0)
+    assert roughness(clutter_contrast=0.2) < roughness(clutter_contrast=1.0)
+
+
+def test_per_sample_background_augmentation_varies_one_base():
+    synth = ShapeSynth(SynthConfig(**TINY, bg_pool_sizes={"train": 1, "val": 1, "test": 1}))
+    metas = [synth.sample("train", i).meta for i in range(12)]
+    assert {m["bg_id"] for m in metas} == {0}
+    backgrounds = {synth.background_only("train", i).tobytes() for i in range(12)}
+    assert len(backgrounds) == 12
+
+
+# ---------------------------------------------------------------- folder: modes and formats
+def test_every_mode_decodes_to_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    grey16 = (np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 100)
+    images = {
+        "grey.png": Image.fromarray(rgb[..., 0]),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)])),
+        "palette.gif": Image.fromarray(rgb).convert("P"),
+        "sixteen.png": Image.fromarray(grey16),
+        "photo.jpg": Image.fromarray(rgb),
+        "bits.bmp": Image.fromarray(rgb),
+    }
+    for name, img in images.items():
+        img.save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            out = to_rgb(im)
+        assert out.dtype == np.uint8 and out.shape == (20, 24, 3), name
+    with Image.open(tmp_path / "sixteen.png") as im:
+        out = to_rgb(im)
+    expected = np.rint(grey16.astype(np.float64) / 65535 * 255).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 1], expected)
+    with Image.open(tmp_path / "rgba.png") as im:
+        assert np.array_equal(to_rgb(im), rgb)
+
+
+def test_folder_is_dealt_into_disjoint_pools_by_pixel_hash(tmp_path):
+    _write_images(tmp_path / "bgs", 30)
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    assert sum(len(p) for p in pools.values()) == 30
+    assert all(len(p) >= 1 for p in pools.values())
+    # renaming files changes nothing: pools depend on pixels only
+    for p in sorted((tmp_path / "bgs").iterdir()):
+        p.rename(p.with_name("x_" + p.name))
+    clear_pool_cache()
+    renamed = build_pools(_folder_cfg(tmp_path / "bgs"))
+    assert {s: sorted(p.hashes) for s, p in pools.items()} == {s: sorted(p.hashes) for s, p in renamed.items()}
+
+
+def test_duplicates_in_one_folder_never_straddle_pools(tmp_path):
+    paths = _write_images(tmp_path / "bgs", 12)
+    with Image.open(paths[0]) as im:
+        im.save(tmp_path / "bgs" / "copy_of_first.bmp")  # same pixels, other format
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    assert sum(len(p) for p in pools.values()) == 12
+    skipped = [s for p in pools.values() for s in p.skipped]
+    assert any("duplicate" in reason for _, reason in skipped)
+
+
+def test_same_background_in_two_split_folders_is_refused_naming_both(tmp_path):
+    train = _write_images(tmp_path / "train", 4)
+    _write_images(tmp_path / "test", 3, start=10)
+    leaked = tmp_path / "test" / "leaked.jpg.png"
+    with Image.open(train[2]) as im:
+        im.save(leaked)
+    cfg = SynthConfig(**TINY, background="folder", bg_split_paths={"train": str(tmp_path / "train"), "test": str(tmp_path / "test")})
+    with pytest.raises(BackgroundOverlapError) as err:
+        build_pools(cfg)
+    assert str(train[2]) in str(err.value) and str(leaked) in str(err.value)
+
+
+def test_split_folders_without_val_carve_val_from_train(tmp_path):
+    _write_images(tmp_path / "train", 10)
+    _write_images(tmp_path / "test", 3, start=50)
+    cfg = SynthConfig(**TINY, background="folder", bg_split_paths={"train": str(tmp_path / "train"), "test": str(tmp_path / "test")})
+    pools = build_pools(cfg)
+    assert len(pools["test"]) == 3 and len(pools["train"]) + len(pools["val"]) == 10 and len(pools["val"]) >= 1
+
+
+# ---------------------------------------------------------------- folder: bad input
+def test_missing_folder(tmp_path):
+    with pytest.raises(BackgroundError, match="does not exist"):
+        build_pools(_folder_cfg(tmp_path / "nope"))
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(BackgroundError, match="holds no images"):
+        build_pools(_folder_cfg(tmp_path / "empty"))
+
+
+def test_corrupt_files_are_skipped_counted_and_listed(tmp_path):
+    _write_images(tmp_path / "bgs", 6)
+    (tmp_path / "bgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "bgs" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 10)
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    skipped = dict(s for p in pools.values() for s in p.skipped)
+    assert set(map(lambda n: Path(n).name, skipped)) == {"broken.png", "truncated.jpg"}
+    assert sum(len(p) for p in pools.values()) == 6
+
+
+def test_corrupt_files_are_an_error_when_strict(tmp_path):
+    _write_images(tmp_path / "bgs", 6)
+    (tmp_path / "bgs" / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(BackgroundError, match="broken.png"):
+        build_pools(_folder_cfg(tmp_path / "bgs", bg_strict=True))
+
+
+def test_only_corrupt_files(tmp_path):
+    (tmp_path / "bgs").mkdir()
+    (tmp_path / "bgs" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(BackgroundError, match="no readable image"):
+        build_pools(_folder_cfg(tmp_path / "bgs"))
+
+
+def test_small_backgrounds_are_refused_or_upscaled(tmp_path):
+    _write_images(tmp_path / "bgs", 6, size=20)
+    with pytest.raises(BackgroundError, match="smaller than the 32x32 image"):
+        build_pools(_folder_cfg(tmp_path / "bgs"))
+    clear_pool_cache()
+    pools = build_pools(_folder_cfg(tmp_path / "bgs", bg_small="upscale"))
+    assert all(min(im.shape[:2]) >= 32 for p in pools.values() for im in p.images)
+    s = ShapeSynth(_folder_cfg(tmp_path / "bgs", bg_small="upscale")).sample("train", 0)
+    assert s.image.shape == (32, 32, 3)
+
+
+def test_too_few_backgrounds_for_the_pools(tmp_path):
+    _write_images(tmp_path / "bgs", 2)
+    with pytest.raises(BackgroundError, match="too few backgrounds"):
+        build_pools(_folder_cfg(tmp_path / "bgs"))
+
+
+def test_folder_backgrounds_render(tmp_path):
+    _write_images(tmp_path / "bgs", 12, size=48)
+    synth = ShapeSynth(_folder_cfg(tmp_path / "bgs"))
+    s = synth.sample("test", 1)
+    assert s.meta["bg_name"].startswith(str(tmp_path / "bgs"))
+    assert s.meta["bg_name"] in synth.pools["test"].names
+
+
+# ---------------------------------------------------------------- hf source
+def _hf_dataset(tmp_path, splits):
+    import datasets
+
+    rng = np.random.default_rng(3)
+    dd = {}
+    for split, n in splits.items():
+        imgs = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
+        dd[split] = datasets.Dataset.from_dict({"picture": imgs, "caption": ["x"] * n}, features=datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")}))
+    return datasets.DatasetDict(dd)
+
+
+def test_hf_save_to_disk_folder_keeps_its_splits(tmp_path):
+    _hf_dataset(tmp_path, {"train": 6, "validation": 2, "test": 3}).save_to_disk(str(tmp_path / "hfds"))
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds")))
+    assert {s: len(p) for s, p in pools.items()} == {"train": 6, "val": 2, "test": 3}
+    assert pools["test"].names[0].endswith(":test[0]")
+
+
+def test_hf_single_split_is_dealt_by_hash(tmp_path):
+    _hf_dataset(tmp_path, {"train": 20}).save_to_disk(str(tmp_path / "hfds"))
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds")))
+    assert sum(len(p) for p in pools.values()) == 20 and all(len(p) for p in pools.values())
+
+
+def test_hf_local_imagefolder(tmp_path):
+    _write_images(tmp_path / "imf" / "train", 8)
+    _write_images(tmp_path / "imf" / "test", 3, start=20)
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "imf")))
+    assert len(pools["test"]) == 3 and len(pools["train"]) + len(pools["val"]) == 8
+
+
+def test_hf_hub_name_goes_through_the_network_boundary(tmp_path, monkeypatch):
+    calls = []
+    ds = _hf_dataset(tmp_path, {"train": 8, "test": 3})
+
+    def fake_hub(name):
+        calls.append(name)
+        return ds
+
+    monkeypatch.setattr(hf_source, "_load_from_hub", fake_hub)
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path="someone/waldo-tiles"))
+    assert calls == ["someone/waldo-tiles"]
+    assert len(pools["test"]) == 3
+
+
+def test_hf_hub_failure_is_a_clear_error(monkeypatch):
+    def offline(name):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(hf_source, "_load_from_hub", offline)
+    with pytest.raises(BackgroundError, match="no local folder and could not be loaded"):
+        build_pools(SynthConfig(**TINY, background="hf", bg_path="someone/missing"))
+
+
+def test_hf_missing_image_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"]}).save_to_disk(str(tmp_path / "txt"))
+    with pytest.raises(BackgroundError, match="no Image column"):
+        build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "txt")))
+
+
+def test_pixel_hash_ignores_file_format():
+    a = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    assert pixel_hash(a) == pixel_hash(a.copy()) != pixel_hash(a[:, ::-1])

@@ -1,0 +1,168 @@
+"""`shapesynth generate / preview / push` from the command line, bad input and the Hub upload."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import shapesynth.hub as hub
+from shapesynth.backgrounds import clear_pool_cache
+from shapesynth.cli import main
+from shapesynth.readers import data_file_list
+
+TINY = ["--image-size", "32", "--train-size", "24", "--val-size", "6", "--test-size", "12", "--samples-per-shard", "10", "--no-progress", "--num-proc", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_pool_cache()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "data"
+    assert main(["generate", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_generate_prints_a_summary(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["generate", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "written     42 samples" in text and "audit       passed" in text and "fingerprint" in text
+    assert (out / "README.md").exists() and len(list((out / "data").glob("*.parquet"))) == 6
+
+
+def test_generate_refuses_existing_data_then_overwrites(generated, capsys):
+    assert main(["generate", "--out", str(generated), *TINY]) == 2
+    assert "already holds data" in capsys.readouterr().err
+    assert main(["generate", "--out", str(generated), *TINY, "--overwrite"]) == 0
+
+
+def test_config_file_reproduces_a_dataset(generated, tmp_path):
+    from shapesynth import dataset_fingerprint
+
+    again = tmp_path / "again"
+    assert main(["generate", "--out", str(again), "--config", str(generated / "shapesynth.json"), "--samples-per-shard", "10", "--no-progress"]) == 0
+    assert dataset_fingerprint(again) == dataset_fingerprint(generated)
+
+
+def test_preview_writes_a_grid_with_contours(generated, tmp_path):
+    png = tmp_path / "preview.png"
+    assert main(["preview", "--data", str(generated), "--out", str(png), "--per-class", "2"]) == 0
+    grid = np.asarray(Image.open(png))
+    assert grid.shape[0] > 6 * 64 and grid.shape[1] > 2 * 64  # 6 rows of 2 tiles at scale 2
+    white = (grid == 255).all(axis=2)
+    assert white.mean() > 0.01  # contour lines and padding are drawn
+
+
+def test_preview_of_a_missing_folder(tmp_path, capsys):
+    assert main(["preview", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-size", "32", "--backgrounds", "/definitely/missing"], "does not exist"),
+        (["--image-size", "12"], "image_size"),
+        (["--shard", "3/2"], "--shard"),
+        (["--shard", "half"], "--shard"),
+        (["--num-proc", "0"], "--num-proc"),
+        (["--config", "/no/such/config.json"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
+    assert main(["generate", "--out", str(tmp_path / "o"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_folder_backgrounds_from_the_cli_with_strict(tmp_path, capsys):
+    bgs = tmp_path / "bgs"
+    bgs.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(bgs / f"{k}.png")
+    (bgs / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "o"
+    assert main(["generate", "--out", str(out), *TINY, "--backgrounds", str(bgs)]) == 0
+    text = capsys.readouterr().out
+    assert "1 file(s) skipped" in text and "broken.jpg" in text
+    clear_pool_cache()
+    assert main(["generate", "--out", str(tmp_path / "o2"), *TINY, "--backgrounds", str(bgs), "--strict"]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_module_entry_point_has_help():
+    done = subprocess.run([sys.executable, "-m", "shapesynth", "generate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--push-to-hub" in done.stdout and "--resume" in done.stdout
+
+
+# ---------------------------------------------------------------- push to hub (network mocked)
+class RecordingApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        return type("Commit", (), {"commit_url": f"https://hf.co/datasets/{kw['repo_id']}/commit/abc"})()
+
+
+def test_push_to_hub_uploads_exactly_what_is_on_disk(monkeypatch, tmp_path, capsys):
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    out = tmp_path / "pushed"
+    assert main(["generate", "--out", str(out), *TINY, "--push-to-hub", "me/shapes", "--private"]) == 0
+    assert "hf.co/datasets/me/shapes" in capsys.readouterr().out
+    (create, repo, ckw), (upload, repo2, ukw) = api.calls
+    assert (create, repo, upload, repo2) == ("create_repo", "me/shapes", "upload_folder", "me/shapes")
+    assert ckw["repo_type"] == "dataset" and ckw["private"] is True and ckw["exist_ok"] is True
+    assert ukw["repo_type"] == "dataset" and Path(ukw["folder_path"]) == out
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert sorted(ukw["allow_patterns"]) == on_disk
+    assert "README.md" in ukw["allow_patterns"] and any(f.startswith("data/") for f in ukw["allow_patterns"])
+
+
+def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch):
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    out = tmp_path / "half"
+    assert main(["generate", "--out", str(out), *TINY, "--shard", "0/2", "--push-to-hub", "me/x"]) == 1
+    assert api.calls == []
+    assert main(["push", "--data", str(out), "me/x"]) == 2
+    assert api.calls == []
+
+
+def test_upload_list_skips_hidden_and_work_files(generated):
+    (generated / ".shapesynth").mkdir(exist_ok=True)
+    (generated / ".shapesynth" / "junk.parquet").write_bytes(b"x")
+    files = hub.upload_list(generated)
+    assert not any(f.startswith(".") for f in files)
+    assert len(data_file_list(generated)) == len([f for f in files if f.startswith("data/")])
+
+
+def test_difficulty_flag_sets_the_preset_and_flags_still_win(tmp_path):
+    import json
+
+    from shapesynth import SynthConfig
+    from shapesynth.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["generate", "--out", "x", "--difficulty", "easy", "--clutter", "0.9"])
+    cfg = config_from_args(args)
+    easy = SynthConfig().with_difficulty("easy")
+    assert cfg.clutter == 0.9 and cfg.clutter_contrast == easy.clutter_contrast and cfg.min_contrast == easy.min_contrast
+    args = build_parser().parse_args(["generate", "--out", "x", "--difficulty", "0.25"])
+    assert config_from_args(args) == SynthConfig().with_difficulty(0.25)
+
+
+def test_card_command_rewrites_the_same_card(generated):
+    before = (generated / "README.md").read_text()
+    (generated / "README.md").unlink()
+    assert main(["card", "--data", str(generated)]) == 0
+    assert (generated / "README.md").read_text() == before

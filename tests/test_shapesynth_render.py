@@ -1,0 +1,292 @@
+"""The generator's core: geometry, exact ground truth, balance, determinism, counterfactuals."""
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from shapesynth import CLASS_NAMES, ConfigError, ShapeSynth, SynthConfig
+from shapesynth.shapes import coverage, polygon_vertices
+from shapesynth.torchdata import SynthStream
+
+SMALL = dict(image_size=64, split_sizes={"train": 60, "val": 12, "test": 30}, bg_pool_sizes={"train": 6, "val": 2, "test": 3})
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return ShapeSynth(SynthConfig(**SMALL))
+
+
+# ---------------------------------------------------------------- 2. geometry: analytic areas
+@pytest.mark.parametrize("size", [12, 25, 40])
+@pytest.mark.parametrize("centre", [(32.0, 32.0), (31.37, 30.81)])
+def test_circle_area_is_analytic(size, centre):
+    _, mask, region = coverage(0, size, 0.0, *centre, 64, stroke=2)
+    assert np.array_equal(mask, region)
+    expected = math.pi * (size / 2) ** 2
+    assert abs(mask.sum() - expected) / expected < 0.01
+
+
+@pytest.mark.parametrize("size", [14, 25, 40])
+@pytest.mark.parametrize("angle", [0.0, 17.0, 45.0, 133.3])
+def test_square_area_is_analytic(size, angle):
+    _, mask, _ = coverage(1, size, angle, 32.21, 31.64, 64, stroke=2)
+    assert abs(mask.sum() - size**2) / size**2 < 0.01
+
+
+@pytest.mark.parametrize("angle", [0.0, 71.0])
+def test_triangle_area_is_half_base_times_height(angle):
+    size = 36
+    _, mask, _ = coverage(2, size, angle, 32.4, 32.1, 64, stroke=2)
+    assert abs(mask.sum() - size * size / 2) / (size * size / 2) < 0.01
+
+
+def test_empty_shapes_are_inward_strokes():
+    size, w = 40, 8
+    _, ring, disc = coverage(3, size, 0.0, 32.3, 31.8, 64, stroke=w)
+    r = size / 2
+    assert abs(ring.sum() - math.pi * (r**2 - (r - w) ** 2)) / (math.pi * (r**2 - (r - w) ** 2)) < 0.01
+    assert abs(disc.sum() - math.pi * r**2) / (math.pi * r**2) < 0.01
+    _, frame, full = coverage(4, size, 30.0, 32.3, 31.8, 64, stroke=w)
+    assert abs(frame.sum() - (size**2 - (size - 2 * w) ** 2)) / (size**2 - (size - 2 * w) ** 2) < 0.01
+    assert abs(full.sum() - size**2) / size**2 < 0.01
+    assert np.all(frame <= full + 1e-7)
+
+
+def test_triangle_vertices_match_its_mask():
+    # the rendered triangle contains its own vertices' inner neighbourhood and is isosceles
+    v = polygon_vertices("triangle", 30, 0.0, 32.0, 32.0)
+    base = np.linalg.norm(v[1] - v[2])
+    height = abs(v[0, 1] - v[1, 1])
+    assert base == pytest.approx(30) and height == pytest.approx(30)
+    (y0, _, x0, _), mask, _ = coverage(2, 30, 0.0, 32.0, 32.0, 64, stroke=2)
+    assert mask[int(v[0, 1]) + 3 - y0, int(v[0, 0]) - x0] > 0.5  # just below the apex
+    assert mask[int(v[0, 1]) - 2 - y0, int(v[0, 0]) - x0] == 0  # just above it
+
+
+# ---------------------------------------------------------------- 3. exact ground truth
+def test_image_recomposes_from_background_colour_and_alpha(synth):
+    for i in range(30):
+        s = synth.sample("train", i)
+        a = s.mask[..., None].astype(np.float64)
+        recomposed = s.background.astype(np.float64) * (1 - a) + np.array(s.colour, np.float64) * a
+        assert np.abs(recomposed - s.image.astype(np.float64)).max() <= 0.5 + 1e-6  # within 1/255 of [0,1]
+        outside = s.mask == 0
+        assert np.array_equal(s.image[outside], s.background[outside])
+
+
+def test_mask_is_lossless_in_8_bit_and_binary_matches(synth):
+    for i in range(20):
+        s = synth.sample("test", i)
+        assert s.mask.dtype == np.float32 and s.mask.shape == (64, 64)
+        k = s.mask * 255.0
+        assert np.allclose(k, np.rint(k), atol=1e-4)
+        assert np.array_equal(s.binary_mask, np.rint(k) >= 128)
+        assert 0 <= s.mask.min() and s.mask.max() <= 1
+        assert np.all(s.region >= s.mask - 1e-6)
+        if s.meta["filled"]:
+            assert np.array_equal(s.region, s.mask)
+        else:
+            assert s.region.sum() > s.mask.sum() + 1  # the interior counts in the region only
+
+
+def test_mask_has_soft_edges(synth):
+    s = synth.sample("train", 0)
+    assert ((s.mask > 0) & (s.mask < 1)).any()
+
+
+# ---------------------------------------------------------------- 1. balance and order
+@pytest.mark.parametrize("n", [60, 61, 65, 7])
+def test_every_split_is_exactly_balanced(synth, n):
+    counts = Counter(synth.labels("train", n=n).tolist())
+    assert set(counts) <= set(range(6))
+    values = [counts.get(k, 0) for k in range(6)]
+    assert max(values) - min(values) <= 1 and sum(values) == n
+
+
+def test_labels_are_shuffled_and_splits_differ(synth):
+    labels = synth.labels("train", n=60)
+    assert not np.array_equal(labels, np.arange(60) % 6)
+    assert not np.array_equal(synth.labels("test", n=60), labels)
+    assert not np.array_equal(synth.labels("train", epoch=1, n=60), labels)
+
+
+# ---------------------------------------------------------------- 2. sizes, rotation, position
+def test_sizes_stay_in_their_bands_and_shapes_inside(synth):
+    cfg = synth.config
+    for i in range(60):
+        m = synth.sample("train", i).meta
+        lo, hi = cfg.band_px(m["size_band"])
+        assert lo <= m["size_px"] <= hi
+        x0, y0, x1, y1 = m["bbox"]
+        assert 0 <= x0 < x1 <= cfg.image_size and 0 <= y0 < y1 <= cfg.image_size
+        if not m["filled"]:
+            assert m["stroke_px"] == max(1, m["size_px"] // 5)
+
+
+def test_whole_shape_stays_inside_the_image():
+    synth = ShapeSynth(SynthConfig(**{**SMALL, "margin_px": 0.0}))
+    for i in range(60):
+        s = synth.sample("train", i)
+        # the full region never touches the border: the shape is not cut
+        assert s.region[0].max() < 1 and s.region[-1].max() < 1
+        assert s.region[:, 0].max() < 1 and s.region[:, -1].max() < 1
+
+
+def test_angles_are_uniform(synth):
+    angles = [synth.placement("train", i, n=60, epoch=e).angle for e in range(5) for i in range(60)]
+    assert stats.kstest(np.array(angles) / 360.0, "uniform").pvalue > 1e-3
+
+
+# ---------------------------------------------------------------- 4. colour contrast
+def test_colour_meets_the_minimum_contrast_and_is_recorded(synth):
+    from shapesynth.render import colour_contrast
+
+    for i in range(30):
+        s = synth.sample("train", i)
+        recomputed = colour_contrast(np.array(s.colour), s.background, s.mask)
+        assert s.meta["contrast"] == pytest.approx(recomputed, abs=1e-6)
+        assert s.meta["contrast_met"] == (s.meta["contrast"] >= synth.config.min_contrast)
+    assert all(synth.sample("train", i).meta["contrast_met"] for i in range(30))
+
+
+def test_impossible_contrast_keeps_the_best_colour_and_says_so():
+    synth = ShapeSynth(SynthConfig(**{**SMALL, "min_contrast": 0.99, "max_colour_tries": 5}))
+    s = synth.sample("train", 0)
+    assert s.meta["colour_tries"] == 5 and s.meta["contrast_met"] is False
+
+
+# ---------------------------------------------------------------- 6. determinism
+def test_sample_is_a_pure_function_of_its_key():
+    a = ShapeSynth(SynthConfig(**SMALL)).sample("val", 5)
+    b = ShapeSynth(SynthConfig(**SMALL)).sample("val", 5)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.meta == b.meta
+    c = ShapeSynth(SynthConfig(**{**SMALL, "seed": 1})).sample("val", 5)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_changing_one_attribute_does_not_shift_the_others():
+    # a stricter colour rule may change the colour but never the placement or background
+    base = ShapeSynth(SynthConfig(**SMALL))
+    strict = ShapeSynth(SynthConfig(**{**SMALL, "min_contrast": 0.6}))
+    for i in range(10):
+        p, q = base.placement("train", i), strict.placement("train", i)
+        assert (p.size, p.angle, p.cx, p.cy, p.label) == (q.size, q.angle, q.cx, q.cy, q.label)
+        assert np.array_equal(p.background, q.background)
+
+
+def test_samples_do_not_repeat(synth):
+    images = {synth.sample("train", i).image.tobytes() for i in range(60)}
+    assert len(images) == 60
+
+
+# ---------------------------------------------------------------- 8. counterfactuals
+def test_counterfactuals_keep_everything_but_the_class(synth):
+    s = synth.sample("test", 3)
+    bg = synth.background_only("test", 3)
+    assert np.array_equal(bg, s.background)
+    for label in range(6):
+        cf = synth.counterfactual("test", 3, label)
+        assert cf.label == label and cf.meta["class_name"] == CLASS_NAMES[label]
+        assert cf.colour == s.colour
+        assert np.array_equal(cf.background, bg)
+        for key in ("size_px", "angle", "center", "bg_id", "bg_crop"):
+            assert cf.meta[key] == s.meta[key]
+        if label == s.label:
+            assert np.array_equal(cf.image, s.image) and np.array_equal(cf.mask, s.mask)
+        else:
+            assert not np.array_equal(cf.mask, s.mask)
+        outside = cf.mask == 0
+        assert np.array_equal(cf.image[outside], bg[outside])
+
+
+# ---------------------------------------------------------------- config errors
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"size_bands": ((0.8, 0.9),)}, "cannot fit"),
+        ({"size_bands": ((0.21, 0.24),), "image_size": 20}, "no integer size"),
+        ({"size_bands": ((0.12, 0.13),), "stroke_fraction": 0.5}, "no interior"),
+        ({"image_size": 8}, "image_size"),
+        ({"background": "nope"}, "background"),
+        ({"background": "folder"}, "bg_path"),
+        ({"split_sizes": {"training": 5}}, "training"),
+        ({"clutter_contrast": 2.0}, "clutter_contrast"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_field_named(changes, words):
+    with pytest.raises(ConfigError, match=words):
+        SynthConfig(**{**SMALL, **changes})
+
+
+def test_config_round_trips_through_dict():
+    cfg = SynthConfig(**SMALL, clutter=0.5)
+    assert SynthConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="bogus"):
+        SynthConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_index_outside_the_split_is_an_error(synth):
+    with pytest.raises(IndexError, match="outside split"):
+        synth.sample("val", 12)
+
+
+# ---------------------------------------------------------------- 11. on-the-fly torch dataset
+def test_synthstream_items_follow_the_contract():
+    stream = SynthStream(SynthConfig(**SMALL), split="train", length=12)
+    item = stream[4]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 64, 64)
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["mask"].shape == (1, 64, 64) and item["region"].shape == (1, 64, 64)
+    assert item["label"].dtype == torch.int64 and item["index"] == 4
+    s = stream.sample(4)
+    assert torch.equal(item["image"], torch.from_numpy(s.image).permute(2, 0, 1).float() / 255)
+    assert torch.equal(item["mask"][0], torch.from_numpy(s.mask))
+    labels = [int(stream[i]["label"]) for i in range(12)]
+    assert sorted(Counter(labels).values()) == [2] * 6
+
+
+def test_synthstream_epochs_change_draws_deterministically():
+    stream = SynthStream(SynthConfig(**SMALL), split="train", length=6)
+    e0 = stream[0]["image"]
+    stream.set_epoch(1)
+    e1 = stream[0]["image"]
+    assert not torch.equal(e0, e1)
+    again = SynthStream(SynthConfig(**SMALL), split="train", length=6, epoch=1)
+    assert torch.equal(again[0]["image"], e1)
+
+
+def test_joint_transforms_keep_mask_and_image_aligned():
+    from torchvision.transforms import v2
+
+    plain = SynthStream(SynthConfig(**SMALL), length=6)
+    moved = SynthStream(SynthConfig(**SMALL), length=6, transform=v2.Compose([v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0)]))
+    a, b = plain[2], moved[2]
+    assert torch.equal(b["image"], a["image"].flip(-1).flip(-2))
+    assert torch.equal(b["mask"], a["mask"].flip(-1).flip(-2))
+    assert torch.equal(b["region"], a["region"].flip(-1).flip(-2))
+
+
+def test_difficulty_presets_interpolate_and_medium_is_the_default():
+    cfg = SynthConfig(**SMALL)
+    assert cfg.with_difficulty("medium") == cfg
+    easy, hard = cfg.with_difficulty("easy"), cfg.with_difficulty(1.0)
+    assert easy.clutter < cfg.clutter < hard.clutter
+    assert easy.min_contrast > cfg.min_contrast > hard.min_contrast
+    assert cfg.with_difficulty(0.25).clutter == pytest.approx((easy.clutter + cfg.clutter) / 2)
+    assert (easy.image_size, easy.split_sizes, easy.seed) == (cfg.image_size, cfg.split_sizes, cfg.seed)
+    with pytest.raises(ConfigError, match="difficulty"):
+        cfg.with_difficulty(1.5)
+    with pytest.raises(ConfigError, match="unknown difficulty"):
+        cfg.with_difficulty("brutal")
+
+
+def test_synthstream_curriculum_switches_config():
+    stream = SynthStream(SynthConfig(**SMALL).with_difficulty("easy"), length=6)
+    easy = stream[0]["image"]
+    stream.set_config(SynthConfig(**SMALL).with_difficulty("hard"))
+    hard = stream[0]["image"]
+    assert not torch.equal(easy, hard) and int(stream[0]["label"]) == int(SynthStream(SynthConfig(**SMALL), length=6)[0]["label"])

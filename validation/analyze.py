@@ -1,0 +1,552 @@
+"""Tables a-f of the meta-evaluation, computed from a run's long result table.
+
+a. metric validity: Pearson / Spearman correlation of each metric with the ground-truth cosine,
+   per model and mean +- std over models, with image-bootstrap 95 % intervals, over
+   (image, method) pairs and over per-method means (paper Fig. 3a);
+b. trivial-map check: real methods' range beside RandomCAM, HalfCAM, All1sCAM, with a verdict
+   (paper Fig. 1);
+c. RefineCAM: base vs refined at the shallowest layer, ARCC and ground-truth cosine (Table 1);
+d. aggregator ablation: identity vs product vs geomean vs invexp (Table 2);
+e. LaFAM vs RELAX vs Grad-CAM on the localisation metrics against the exact masks (LaFAM Tab. 1-2);
+f. ROAD curves: class probability vs fraction removed, MoRF and LeRF, per method.
+
+A "configuration" is one (method, layer, mix); ``mix = identity`` is the unrefined method.
+The bootstrap resamples *images* (all configurations of an image move together), because the
+(image, method) pairs of one image are not independent.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.stats import rankdata
+
+from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_text, load_results, read_json
+
+REFERENCE_METRIC = "gt_cosine"
+TRIVIAL_MAPS = ("randomcam", "halfcam", "all1scam")
+# maps that are not attribution methods: trivial maps and ground-truth-derived controls
+BASELINES = TRIVIAL_MAPS + ("oracle", "centre")
+LOWER_IS_BETTER = frozenset({"average_drop", "complexity"})
+LOCALISATION_METRICS = ("pointing_game", "sparseness", "relevance_mass_accuracy",
+                        "relevance_rank_accuracy", "topk_intersection", "localisation_auc",
+                        "gt_cosine")
+LOCALISATION_METHODS = ("lafam", "relax", "gradcam")
+REFINE_METRICS = ("arcc", "gt_cosine")
+MIX_ORDER = ("identity", "product", "geomean", "invexp")
+# per-fraction ROAD probabilities are stored as metrics named e.g. road_morf@0.2
+CURVE_METRIC = re.compile(r"^road_(morf|lerf)@([0-9.]+)$")
+
+
+def is_curve_metric(name: str) -> bool:
+    return bool(CURVE_METRIC.match(name)) or "@" in name
+
+
+def config_label(method: str, layer: str, mix: str) -> str:
+    """Short human label, e.g. ``gradcampp@layer1+product``; ``lime``; ``lafam@layer4``."""
+    text = method if layer in (NO_LAYER, "") else f"{method}@{layer}"
+    return text if mix == IDENTITY else f"{text}+{mix}"
+
+
+# ----------------------------------------------------------------------------- correlations
+def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Pearson r of (x, y) under non-negative weights; ``w`` is (B, P) -> (B,). NaN if a side is constant."""
+    x = x - x.mean()
+    y = y - y.mean()
+    sw = w.sum(axis=1)
+    mx, my = w @ x / sw, w @ y / sw
+    cxy = w @ (x * y) / sw - mx * my
+    cxx = w @ (x * x) / sw - mx * mx
+    cyy = w @ (y * y) / sw - my * my
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = cxy / np.sqrt(cxx * cyy)
+    # relative tolerance: a constant side leaves rounding noise only
+    tiny = 1e-12 * max(float(np.abs(x).max(initial=0)) ** 2, float(np.abs(y).max(initial=0)) ** 2, 1e-300)
+    r[(cxx <= tiny) | (cyy <= tiny)] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mid-ranks of x when each element is repeated w times (ties share the average rank).
+
+    Equal to ``scipy.stats.rankdata(np.repeat(x, w))`` mapped back to the distinct elements.
+    """
+    values, inverse = np.unique(x, return_inverse=True)
+    onehot = sparse.csr_matrix((np.ones(len(x)), (np.arange(len(x)), inverse)),
+                               shape=(len(x), len(values)))
+    per_value = np.asarray((onehot.T @ w.T).T)  # (B, U) total weight of each distinct value
+    cum = np.cumsum(per_value, axis=1)
+    mid = cum - (per_value - 1.0) / 2.0
+    return mid[:, inverse]
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    rx, ry = weighted_ranks(x, w), weighted_ranks(y, w)
+    return _rowwise_weighted_pearson(rx, ry, w)
+
+
+def _rowwise_weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    sw = w.sum(axis=1, keepdims=True)
+    mx = (w * x).sum(1, keepdims=True) / sw
+    my = (w * y).sum(1, keepdims=True) / sw
+    dx, dy = x - mx, y - my
+    cxy = (w * dx * dy).sum(1)
+    cxx = (w * dx * dx).sum(1)
+    cyy = (w * dy * dy).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = cxy / np.sqrt(cxx * cyy)
+    r[(cxx <= 1e-300) | (cyy <= 1e-300)] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return _rowwise_weighted_pearson(a, b, np.ones_like(a))
+
+
+@dataclass
+class Correlation:
+    n: int
+    pearson: float
+    spearman: float
+    pearson_boot: np.ndarray = field(repr=False)
+    spearman_boot: np.ndarray = field(repr=False)
+
+
+def image_bootstrap_counts(n_images: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_images) resampling counts: each row draws n_images images with replacement."""
+    rng = np.random.default_rng(seed)
+    if n_images == 0:
+        return np.zeros((n_boot, 0))
+    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_boot).astype(np.float64)
+
+
+def pair_correlation(x, y, image_codes, counts, block: int = 128) -> Correlation:
+    """Correlation over (image, config) pairs; bootstrap replicates reweight whole images."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 3:
+        nan = np.full(counts.shape[0], np.nan)
+        return Correlation(len(x), np.nan, np.nan, nan, nan.copy())
+    ones = np.ones((1, len(x)))
+    pear = float(weighted_pearson(x, y, ones)[0]) if len(x) > 1 else np.nan
+    spear = float(weighted_spearman(x, y, ones)[0]) if len(x) > 1 else np.nan
+    pb, sb = [], []
+    for lo in range(0, counts.shape[0], block):
+        w = counts[lo:lo + block][:, image_codes]
+        pb.append(weighted_pearson(x, y, w))
+        sb.append(weighted_spearman(x, y, w))
+    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))
+    return Correlation(len(x), pear, spear, cat(pb), cat(sb))
+
+
+def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndarray) -> Correlation:
+    """Correlation across configurations of their image-mean scores.
+
+    ``values`` and ``reference`` are (n_images, n_configs) with NaN where missing; a
+    configuration's mean uses only images where both are finite.
+    """
+    valid = np.isfinite(values) & np.isfinite(reference)
+    v = np.where(valid, values, 0.0)
+    r = np.where(valid, reference, 0.0)
+    keep = valid.any(axis=0)
+    v, r, valid = v[:, keep], r[:, keep], valid[:, keep].astype(np.float64)
+
+    def corr(weights):
+        den = weights @ valid
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mv, mr = (weights @ v) / den, (weights @ r) / den
+        pear = _rowwise_pearson(mv, mr)
+        bad = ~np.isfinite(mv).all(axis=1) | ~np.isfinite(mr).all(axis=1)
+        spear = _rowwise_pearson(rankdata(mv, axis=1), rankdata(mr, axis=1))
+        pear[bad] = np.nan
+        spear[bad] = np.nan
+        return pear, spear
+
+    n_cfg = int(keep.sum())
+    if n_cfg < 3:
+        nan = np.full(counts.shape[0], np.nan)
+        return Correlation(n_cfg, np.nan, np.nan, nan, nan)
+    p0, s0 = corr(np.ones((1, values.shape[0])))
+    pb, sb = corr(counts)
+    return Correlation(n_cfg, float(p0[0]), float(s0[0]), pb, sb)
+
+
+def _ci(boot: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return np.nan, np.nan
+    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- helpers
+def scalar_metrics(df: pd.DataFrame) -> list[str]:
+    return [m for m in sorted(df["metric"].unique()) if not is_curve_metric(m)]
+
+
+def real_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[~df["method"].isin(BASELINES)]
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """(model, image, method, layer, mix) x metric table of values (NaN where missing/failed)."""
+    keys = ["model", "image", "method", "layer", "mix", "metric"]
+    dup = df.duplicated(keys)
+    if dup.any():
+        raise ValueError(f"the result table has {int(dup.sum())} duplicate rows for key {keys}, "
+                         f"e.g. {df.loc[dup, keys].iloc[0].to_dict()}")
+    return df.set_index(keys)["value"].unstack("metric").sort_index()
+
+
+def layer_order(df: pd.DataFrame, config: dict | None) -> list[str]:
+    layers = [l for l in (config or {}).get("layers", []) if l in set(df["layer"])]
+    rest = sorted(set(df["layer"]) - set(layers) - {NO_LAYER})
+    return layers + rest
+
+
+def _fmt(v, digits=3):
+    if isinstance(v, (float, np.floating)):
+        return "nan" if not np.isfinite(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, digits) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- table a
+def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: int = 1000,
+                   seed: int = 0, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Table a. One row per (model, metric, level) plus ``model = "mean+-std"`` summary rows.
+
+    ``level`` is ``pairs`` (every (image, configuration) pair of real methods) or
+    ``method_means`` (one point per configuration: its mean over images). Intervals are
+    percentile image-bootstrap 95 % intervals; for the summary row the bootstrap replicates of
+    the models are averaged replicate by replicate (models fixed, images resampled).
+    """
+    df = real_rows(df)
+    if reference not in set(df["metric"]):
+        raise ValueError(f"reference metric {reference!r} not in the table; metrics: {scalar_metrics(df)}")
+    metrics = [m for m in (metrics or scalar_metrics(df)) if m != reference]
+    rows, boots = [], {}
+    for model, mdf in df.groupby("model", sort=True):
+        w = wide(mdf).droplevel("model")
+        images = w.index.get_level_values("image").to_numpy()
+        uniq, codes = np.unique(images, return_inverse=True)
+        counts = image_bootstrap_counts(len(uniq), n_boot, seed)
+        ref = w[reference].to_numpy() if reference in w else np.full(len(w), np.nan)
+        for metric in metrics:
+            if metric not in w:
+                continue
+            val = w[metric].to_numpy()
+            ok = np.isfinite(val) & np.isfinite(ref)
+            pc = pair_correlation(val[ok], ref[ok], codes[ok], counts)
+            grid_v = pd.Series(val, index=w.index).unstack(["method", "layer", "mix"])
+            grid_r = pd.Series(ref, index=w.index).unstack(["method", "layer", "mix"])
+            grid_r = grid_r.reindex(index=grid_v.index, columns=grid_v.columns)
+            img_pos = np.searchsorted(uniq, grid_v.index.to_numpy())
+            mc = means_correlation(grid_v.to_numpy(), grid_r.to_numpy(), counts[:, img_pos])
+            for level, c in (("pairs", pc), ("method_means", mc)):
+                plo, phi = _ci(c.pearson_boot)
+                slo, shi = _ci(c.spearman_boot)
+                rows.append({"model": model, "metric": metric, "level": level, "n": c.n,
+                             "n_dropped": int((~ok).sum()) if level == "pairs" else 0,
+                             "pearson": c.pearson, "pearson_lo": plo, "pearson_hi": phi,
+                             "spearman": c.spearman, "spearman_lo": slo, "spearman_hi": shi})
+                boots[(model, metric, level)] = (c.pearson_boot, c.spearman_boot)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    summary = []
+    for (metric, level), g in out.groupby(["metric", "level"], sort=False):
+        with warnings.catch_warnings():  # all-NaN replicates (no finite pairs) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pb = np.nanmean(np.stack([boots[(m, metric, level)][0] for m in g["model"]]), axis=0)
+            sb = np.nanmean(np.stack([boots[(m, metric, level)][1] for m in g["model"]]), axis=0)
+        plo, phi = _ci(pb)
+        slo, shi = _ci(sb)
+        summary.append({"model": "mean+-std", "metric": metric, "level": level,
+                        "n": int(g["n"].sum()), "n_dropped": int(g["n_dropped"].sum()),
+                        "n_models": len(g),
+                        "pearson": g["pearson"].mean(), "pearson_std": g["pearson"].std(ddof=0),
+                        "pearson_lo": plo, "pearson_hi": phi,
+                        "spearman": g["spearman"].mean(), "spearman_std": g["spearman"].std(ddof=0),
+                        "spearman_lo": slo, "spearman_hi": shi})
+    out = pd.concat([out.assign(n_models=1, pearson_std=0.0, spearman_std=0.0),
+                     pd.DataFrame(summary)], ignore_index=True)
+    out["better"] = ["lower" if orientation(m) < 0 else "higher" for m in out["metric"]]
+    cols = ["model", "metric", "better", "level", "n_models", "n", "n_dropped", "pearson", "pearson_std",
+            "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
+    return out[cols]
+
+
+# ----------------------------------------------------------------------------- table b
+def _config_means(df: pd.DataFrame) -> pd.DataFrame:
+    return (df[df["status"] == "ok"]
+            .groupby(["model", "metric", "method", "layer", "mix"], sort=True)["value"].mean()
+            .rename("mean").reset_index())
+
+
+def better_or_equal(a, b, lower: bool):
+    return a <= b if lower else a >= b
+
+
+def table_trivial(df: pd.DataFrame, metrics: list[str] | None = None,
+                  lower_is_better=()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table b. Per model: the real configurations' mean-score range and each trivial map's mean.
+
+    A trivial map *fools* a metric on a model when its mean score is at least as good as the
+    worst real configuration's (i.e. it lands inside, or beyond the good end of, the real range).
+    Returns (per-model rows, verdict per metric and trivial map over models).
+    """
+    metrics = metrics or scalar_metrics(df)
+    means = _config_means(df[df["metric"].isin(metrics)])
+    rows = []
+    for (model, metric), g in means.groupby(["model", "metric"], sort=True):
+        real = g[~g["method"].isin(BASELINES)]["mean"]
+        if real.empty:
+            continue
+        lower = metric in LOWER_IS_BETTER or metric in set(lower_is_better)
+        worst = real.max() if lower else real.min()
+        best = real.min() if lower else real.max()
+        for trivial in TRIVIAL_MAPS:
+            t = g[g["method"] == trivial]["mean"]
+            if t.empty:
+                continue
+            score = float(t.mean())
+            beaten = int(better_or_equal(score, real, lower).sum())
+            rows.append({"model": model, "metric": metric, "better": "lower" if lower else "higher",
+                         "real_worst": worst, "real_median": float(real.median()), "real_best": best,
+                         "n_real": int(len(real)), "trivial": trivial, "trivial_score": score,
+                         "real_beaten": beaten,
+                         "fooled": bool(better_or_equal(score, worst, lower))})
+    per_model = pd.DataFrame(rows)
+    if per_model.empty:
+        return per_model, per_model
+    verdicts = []
+    for (metric, trivial), g in per_model.groupby(["metric", "trivial"], sort=True):
+        k, n = int(g["fooled"].sum()), len(g)
+        verdict = "fooled" if k == n else ("not fooled" if k == 0 else f"mixed ({k}/{n} models fooled)")
+        verdicts.append({"metric": metric, "trivial": trivial, "models_fooled": k, "models": n,
+                         "trivial_score": g["trivial_score"].mean(),
+                         "real_worst": g["real_worst"].mean(), "real_best": g["real_best"].mean(),
+                         "verdict": verdict})
+    return per_model, pd.DataFrame(verdicts)
+
+
+# ----------------------------------------------------------------------------- tables c, d
+def refined_methods(df: pd.DataFrame) -> list[str]:
+    return sorted(set(df.loc[df["mix"] != IDENTITY, "method"]))
+
+
+def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "product",
+                 metrics=REFINE_METRICS) -> pd.DataFrame:
+    """Table c. Base vs RefineCAM (``mix``) at the shallowest layer: paired mean over images."""
+    layers = layer_order(df, config)
+    if not layers:
+        return pd.DataFrame()
+    shallow = layers[0]
+    sub = df[(df["layer"] == shallow) & df["method"].isin(refined_methods(df))
+             & df["metric"].isin(metrics) & df["mix"].isin([IDENTITY, mix])]
+    rows = []
+    for (model, method, metric), g in sub.groupby(["model", "method", "metric"], sort=True):
+        p = g.pivot_table(index="image", columns="mix", values="value", aggfunc="first")
+        if IDENTITY not in p or mix not in p:
+            continue
+        p = p[[IDENTITY, mix]].dropna()
+        d = p[mix] - p[IDENTITY]
+        rows.append({"model": model, "method": method, "layer": shallow, "metric": metric,
+                     "n": len(p), "base": p[IDENTITY].mean(), "refined": p[mix].mean(),
+                     "delta": d.mean(), "improved_frac": float((d > 0).mean()) if len(d) else np.nan})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    mean = (out.groupby(["method", "layer", "metric"], sort=True)
+            .agg(n=("n", "sum"), base=("base", "mean"), refined=("refined", "mean"),
+                 delta=("delta", "mean"), improved_frac=("improved_frac", "mean"))
+            .reset_index().assign(model="mean"))
+    return pd.concat([out, mean[out.columns]], ignore_index=True)
+
+
+def table_aggregators(df: pd.DataFrame, config: dict | None = None,
+                      metrics=REFINE_METRICS) -> pd.DataFrame:
+    """Table d. Mean score per method, layer and aggregator (columns), per model and mean over models."""
+    methods = refined_methods(df)
+    sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["status"] == "ok")]
+    if sub.empty:
+        return pd.DataFrame()
+    m = sub.groupby(["model", "method", "layer", "metric", "mix"])["value"].mean().unstack("mix")
+    mixes = [x for x in MIX_ORDER if x in m.columns] + sorted(set(m.columns) - set(MIX_ORDER))
+    m = m[mixes].reset_index()
+    mean = m.groupby(["method", "layer", "metric"], sort=False)[mixes].mean().reset_index()
+    out = pd.concat([m, mean.assign(model="mean")], ignore_index=True)
+    order = {l: i for i, l in enumerate(layer_order(df, config))}
+    out["_l"] = out["layer"].map(order)
+    out = out.sort_values(["model", "metric", "method", "_l"], kind="mergesort").drop(columns="_l")
+    refined = [x for x in mixes if x != IDENTITY]
+    if refined:
+        out["best"] = out[mixes].idxmax(axis=1)
+    return out.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- tables e, f
+def table_localisation(df: pd.DataFrame, methods=LOCALISATION_METHODS,
+                       metrics=LOCALISATION_METRICS) -> pd.DataFrame:
+    """Table e. Mean (and per-sample NaN count) of the localisation metrics, identity maps."""
+    sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["mix"] == IDENTITY)]
+    if sub.empty:
+        return pd.DataFrame()
+    g = sub.groupby(["model", "method", "layer", "metric"], sort=True)
+    stats = g["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["n_nan"] = g["value"].apply(lambda s: int(s.isna().sum())).to_numpy()
+    mean = stats.groupby(["method", "layer", "metric"], sort=True)["mean"].agg(["mean", "std"]).reset_index()
+    wide_per_model = stats.pivot_table(index=["model", "method", "layer"], columns="metric",
+                                       values="mean").reset_index()
+    wide_mean = mean.pivot_table(index=["method", "layer"], columns="metric", values="mean").reset_index()
+    out = pd.concat([wide_per_model, wide_mean.assign(model="mean")], ignore_index=True)
+    cols = ["model", "method", "layer"] + [m for m in metrics if m in out.columns]
+    return out[cols]
+
+
+def table_road_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Table f. Mean class probability per method configuration, order (morf/lerf) and fraction."""
+    curves = df[df["metric"].str.match(CURVE_METRIC) & (df["status"] == "ok")].copy()
+    if curves.empty:
+        return pd.DataFrame(columns=["model", "method", "layer", "mix", "order", "fraction", "prob", "n"])
+    parts = curves["metric"].str.extract(CURVE_METRIC)
+    curves["order"] = parts[0].str.upper()
+    curves["fraction"] = parts[1].astype(float)
+    out = (curves.groupby(["model", "method", "layer", "mix", "order", "fraction"], sort=True)["value"]
+           .agg(prob="mean", n="count").reset_index())
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+TABLES = {
+    "a_validity": "Metric validity: correlation with the ground-truth cosine (paper Fig. 3a)",
+    "b_trivial": "Trivial-map check, per model (paper Fig. 1)",
+    "b_trivial_verdict": "Trivial-map verdicts over models",
+    "c_refinecam": "RefineCAM at the shallowest layer, base vs refined (paper Table 1)",
+    "d_aggregators": "Aggregator ablation (paper Table 2)",
+    "e_localisation": "LaFAM vs RELAX vs Grad-CAM, localisation against exact masks (LaFAM Tables 1-2)",
+    "f_road_curves": "ROAD curves: class probability vs fraction removed",
+    "expectations": "The papers' expectations, as found in this run",
+}
+
+
+def analyze_frame(df: pd.DataFrame, config: dict | None = None, n_boot: int = 1000,
+                  seed: int = 0) -> dict[str, pd.DataFrame]:
+    per_model, verdict = table_trivial(df)
+    tables = {
+        "a_validity": table_validity(df, n_boot=n_boot, seed=seed),
+        "b_trivial": per_model,
+        "b_trivial_verdict": verdict,
+        "c_refinecam": table_refine(df, config),
+        "d_aggregators": table_aggregators(df, config),
+        "e_localisation": table_localisation(df),
+        "f_road_curves": table_road_curves(df),
+    }
+    tables["expectations"] = check_expectations(tables)
+    return tables
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
+    """Each table as CSV (full precision) and all of them in one ``tables.md``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = []
+    for name, table in tables.items():
+        atomic_write_text(out_dir / f"{name}.csv",
+                          table.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
+        md.append(f"## {name}: {TABLES.get(name, name)}\n\n"
+                  + (to_markdown(table) if len(table) else "_no rows: the run has no data for this table_\n"))
+    atomic_write_text(out_dir / "tables.md", "\n".join(md))
+    return out_dir
+
+
+def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000,
+                seed: int = 0) -> dict[str, pd.DataFrame]:
+    run_dir = Path(run_dir)
+    df = load_results(run_dir)
+    config = read_json(run_dir / "run_config.json") if (run_dir / "run_config.json").exists() else {}
+    tables = analyze_frame(df, config, n_boot=n_boot, seed=seed)
+    write_tables(tables, out_dir or run_dir / "analysis")
+    return tables
+
+
+# ----------------------------------------------------------------------------- expectations
+# The metrics of the paper's Fig. 3a (faithfulness metrics, no ground truth inside).
+FIG3_METRICS = ("average_drop", "coherency", "complexity", "adcc", "road", "arcc")
+
+
+def orientation(metric: str, lower_is_better=()) -> int:
+    """+1 if higher is better, -1 if lower is better: r * orientation > 0 means agreement."""
+    return -1 if metric in LOWER_IS_BETTER or metric in set(lower_is_better) else 1
+
+
+def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The papers' expectations, each with what this run found and holds / fails / n.a.
+
+    Correlations are oriented (sign flipped for lower-is-better metrics such as AD), so
+    "correlates best" means "agrees best with the ground truth".
+    """
+    rows = []
+
+    def add(claim, found, holds):
+        rows.append({"expectation": claim, "found": found,
+                     "status": "n/a" if holds is None else ("holds" if holds else "FAILS")})
+
+    a = tables.get("a_validity", pd.DataFrame())
+    if len(a):
+        s = a[(a.model == "mean+-std") & (a.level == "pairs") & a.metric.isin(FIG3_METRICS)]
+        if len(s) >= 2:
+            oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
+            ranked = sorted(oriented, key=oriented.get, reverse=True)
+            found = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
+            add("ARCC correlates best with the ground-truth cosine (Fig. 3a)",
+                f"oriented Pearson r, mean over models: {found}",
+                ranked[0] == "arcc" if "arcc" in oriented else None)
+            add("Average Drop correlates worst (Fig. 3a)", f"lowest: {ranked[-1]}",
+                ranked[-1] == "average_drop" if "average_drop" in oriented else None)
+        else:
+            add("ARCC correlates best, AD worst (Fig. 3a)", "fewer than two of the Fig. 3a metrics in the run", None)
+    v = tables.get("b_trivial_verdict", pd.DataFrame())
+    if len(v):
+        verdict = v.set_index(["metric", "trivial"])["verdict"]
+
+        def get(m, t):
+            return verdict.get((m, t), "n/a")
+
+        for m in ("average_drop", "adcc"):
+            add(f"HalfCAM fools {m} (Fig. 1)", f"verdict: {get(m, 'halfcam')}",
+                None if get(m, "halfcam") == "n/a" else get(m, "halfcam") == "fooled")
+        for m in ("road", "arcc"):
+            found = "; ".join(f"{t}: {get(m, t)}" for t in TRIVIAL_MAPS)
+            ok = [get(m, t) for t in TRIVIAL_MAPS if get(m, t) != "n/a"]
+            add(f"No trivial map fools {m} (Fig. 1)", found, (all(x == "not fooled" for x in ok) if ok else None))
+    c = tables.get("c_refinecam", pd.DataFrame())
+    if len(c):
+        mean = c[(c.model == "mean") & (c.metric == "arcc")]
+        ups = int((mean.delta > 0).sum())
+        found = ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in zip(mean.method, mean.base, mean.refined))
+        add("RefineCAM raises ARCC at the shallowest layer (Table 1)",
+            f"{ups}/{len(mean)} methods improve: {found}", ups == len(mean) if len(mean) else None)
+    d = tables.get("d_aggregators", pd.DataFrame())
+    if len(d) and "best" in d.columns:
+        first = d[(d.model == "mean") & (d.metric == "arcc")]
+        if len(first):
+            shallow = first.groupby("method").head(1)
+            n_prod = int((shallow.best == "product").sum())
+            add("Product is the best aggregator (Table 2)",
+                f"best mix at the shallowest layer: {dict(zip(shallow.method, shallow.best))}",
+                n_prod == len(shallow))
+    return pd.DataFrame(rows, columns=["expectation", "found", "status"])

@@ -1,0 +1,303 @@
+"""What every method shares: input and target checks, model-state restoration, activation
+capture at several layers in one forward pass, and post-processing of raw maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .layers import Layer, LayerSpec, resolve_layer_full
+from .postprocess import INTERPOLATIONS, finalize
+
+
+@dataclass
+class Explanation:
+    """Maps (B, H, W) float32 in [0, 1]; ``degenerate`` (B,) flags constant or non-finite raw
+    maps (returned as zeros); ``target`` the classes explained; ``extras`` method-specific
+    tensors (e.g. RELAX uncertainty)."""
+
+    maps: torch.Tensor
+    degenerate: torch.Tensor
+    target: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+def check_input(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor of images in [0, 1], got dtype {x.dtype}")
+    return x.detach()
+
+
+def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+    """int, sequence or tensor -> LongTensor (B,) on ``device``; None stays None (= predicted)."""
+    if target is None:
+        return None
+    t = torch.as_tensor(target, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
+    t = t.long()
+    if t.ndim == 0:
+        return t.expand(batch).clone()
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(f"target must be an int or have one entry per image: expected shape ({batch},), "
+                         f"got {tuple(t.shape)}")
+    return t
+
+
+def check_logits(logits: Any, batch: int) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return logits of shape (B, num_classes) = ({batch}, K), got {shape}")
+    return logits
+
+
+def resolve_target(target: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """Check the range of ``target`` against the logits; None -> the predicted classes."""
+    if target is None:
+        return logits.detach().argmax(dim=1)
+    k = logits.shape[1]
+    bad = (target < 0) | (target >= k)
+    if bool(bad.any()):
+        raise ValueError(f"target out of range: the model has {k} classes, got "
+                         f"{sorted(set(target[bad].tolist()))} at positions {bad.nonzero().flatten().tolist()}")
+    return target
+
+
+def class_score(logits: torch.Tensor, target: torch.Tensor, score: str = "logit") -> torch.Tensor:
+    """Per-sample scalar explained: the class logit (default), its softmax probability, its
+    log-probability, or ShapleyCAM's ReST (logit - cross-entropy)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    if score == "logit":
+        return logits[rows, target]
+    if score == "softmax":
+        return logits.softmax(dim=1)[rows, target]
+    if score == "log_softmax":
+        return logits.log_softmax(dim=1)[rows, target]
+    if score == "rest":
+        return logits[rows, target] + logits.log_softmax(dim=1)[rows, target]
+    raise ValueError(f"score must be one of 'logit', 'softmax', 'log_softmax', 'rest', got {score!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model state
+
+class ModelGuard:
+    """Puts the model in eval mode and undoes everything in ``__exit__``, also on error:
+    training flags of every module, ``requires_grad`` of every parameter, hooks registered
+    through the guard, and modules swapped through it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list = []
+        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def __enter__(self) -> "ModelGuard":
+        self._training = [(m, m.training) for m in self.model.modules()]
+        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for handle in reversed(self._handles):
+                handle.remove()
+            for parent, name, original in reversed(self._swaps):
+                parent._modules[name] = original
+        finally:
+            for module, training in self._training:
+                module.training = training
+            for param, flag in self._requires_grad:
+                param.requires_grad_(flag)
+            self._handles.clear()
+            self._swaps.clear()
+
+    def register(self, handle) -> None:
+        self._handles.append(handle)
+
+    def swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self._swaps.append((parent, name, parent._modules[name]))
+        parent._modules[name] = new
+
+    def capture(self, layers: Sequence[Layer]) -> "Capture":
+        return Capture(self, layers)
+
+
+class Capture:
+    """Records the outputs of several layers during one forward pass (graph kept), and the
+    order in which they fired (shallow to deep)."""
+
+    def __init__(self, guard: ModelGuard, layers: Sequence[Layer]):
+        self.layers = list(layers)
+        self.outputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.order: list[int] = []
+        self.enabled = True  # switch off for extra forward passes that must not be recorded
+        for i, layer in enumerate(self.layers):
+            guard.register(layer.module.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            if not self.enabled:
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {self.layers[i].name!r} returned {type(output).__name__}, "
+                                f"not a tensor; choose a layer that outputs a feature map")
+            self.outputs[i].append(output)
+            self.order.append(i)
+        return hook
+
+    def reset(self) -> None:
+        self.outputs = [[] for _ in self.layers]
+        self.order = []
+
+    def raw(self) -> list[torch.Tensor]:
+        """The layer outputs as produced (layout untouched), one per layer."""
+        out = []
+        for layer, seen in zip(self.layers, self.outputs):
+            if not seen:
+                raise RuntimeError(f"layer {layer.name!r} was not called during the forward pass")
+            if len(seen) > 1:
+                raise RuntimeError(f"layer {layer.name!r} was called {len(seen)} times in one forward pass; "
+                                   f"choose a module that runs once")
+            out.append(seen[0])
+        return out
+
+    def depth_rank(self) -> list[int]:
+        """Rank of each layer by the order its output was produced (0 = shallowest)."""
+        first = {}
+        for pos, i in enumerate(self.order):
+            first.setdefault(i, pos)
+        ranked = sorted(range(len(self.layers)), key=lambda i: first.get(i, len(self.order)))
+        rank = [0] * len(self.layers)
+        for r, i in enumerate(ranked):
+            rank[i] = r
+        return rank
+
+
+def to_nchw(t: torch.Tensor, layer: Layer) -> torch.Tensor:
+    if t.ndim != 4:
+        raise ValueError(f"layer {layer.name!r} output has shape {tuple(t.shape)}; a 4-D feature map "
+                         f"(B, C, h, w) is needed")
+    return t.permute(0, 3, 1, 2) if layer.channels_last else t
+
+
+def layer_gradients(score: torch.Tensor, acts: Sequence[torch.Tensor], layers: Sequence[Layer],
+                    create_graph: bool = False) -> list[torch.Tensor]:
+    """d(sum score)/d(act) for every captured activation, in one backward pass."""
+    if not score.requires_grad:
+        raise RuntimeError("the model output has no gradient path (forward under torch.no_grad, "
+                           "or detached outputs?); gradient methods need a differentiable model")
+    grads = torch.autograd.grad(score.sum(), list(acts), create_graph=create_graph,
+                                retain_graph=create_graph, allow_unused=True)
+    for g, layer in zip(grads, layers):
+        if g is None:
+            raise RuntimeError(f"no gradient path from layer {layer.name!r} to the model output")
+    return list(grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# explainers
+
+class Explainer:
+    """Base of every method: ``attribute(x, target)`` -> maps (B, H, W) in [0, 1] on x's device.
+
+    Options shared by every method: ``interpolation`` ("bilinear" or "nearest") and ``raw``
+    (return the method's raw map: no rectification, no upsampling, no normalisation).
+    """
+
+    name = "explainer"
+    rectifier: str | None = "relu"
+    uses_layer = False
+
+    def __init__(self, model: nn.Module, *, interpolation: str = "bilinear", raw: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        self.model = model
+        self.interpolation = interpolation
+        self.raw = bool(raw)
+
+    # subclasses implement: raw maps (B, h, w), resolved target (or None), extras
+    def _explain_raw(self, x: torch.Tensor, target: torch.Tensor | None, guard: ModelGuard, **inputs):
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor, target: Any = None, **inputs) -> Explanation:
+        x = check_input(x)
+        target = as_target(target, x.shape[0], x.device)
+        with ModelGuard(self.model) as guard:
+            raw, target, extras = self._explain_raw(x, target, guard, **inputs)
+        maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
+        return Explanation(maps.float(), degenerate, target, extras)
+
+    def postprocess(self, raw: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.raw:
+            return raw.detach(), torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
+        maps, degenerate = finalize(raw.detach(), size, rectifier=self.rectifier,
+                                    interpolation=self.interpolation)
+        return maps, degenerate
+
+    def attribute(self, x: torch.Tensor, target: Any = None, **inputs) -> torch.Tensor:
+        return self.explain(x, target, **inputs).maps
+
+    __call__ = attribute
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__})"
+
+
+class LayerExplainer(Explainer):
+    """A method computed from the activations of one layer (CAMs, LaFAM). ``layer_maps`` gives
+    the raw maps at several layers, sharing the forward (and backward) pass where it can."""
+
+    uses_layer = True
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "stage1", *, channels_last: bool | None = None,
+                 **options):
+        super().__init__(model, **options)
+        self.channels_last = channels_last
+        self.layer = resolve_layer_full(model, layer, channels_last)
+
+    def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:
+        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in layers]
+
+    # subclasses implement: list of raw maps (B, h, w) per layer, target, depth ranks
+    def _layer_maps(self, x, target, layers: list[Layer], guard: ModelGuard):
+        raise NotImplementedError
+
+    def layer_maps(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]):
+        """Raw maps at every layer of ``layers`` -> (list of (B, h, w), target, depth ranks)."""
+        x = check_input(x)
+        target = as_target(target, x.shape[0], x.device)
+        resolved = self.resolve(layers)
+        with ModelGuard(self.model) as guard:
+            return self._layer_maps(x, target, resolved, guard)
+
+    def explain_layers(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]) -> list[Explanation]:
+        """One :class:`Explanation` per layer, all from a shared pass."""
+        raws, target, _ = self.layer_maps(x, target, layers)
+        out = []
+        for raw in raws:
+            maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
+            out.append(Explanation(maps.float(), degenerate, target, {}))
+        return out
+
+    def _explain_raw(self, x, target, guard, **inputs):
+        if inputs:
+            raise TypeError(f"{self.name} takes no per-call inputs, got {sorted(inputs)}")
+        raws, target, _ = self._layer_maps(x, target, [self.layer], guard)
+        return raws[0], target, {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer.name!r})"

@@ -1,0 +1,86 @@
+"""Gradient CAMs (A = activations B x C x h x w, g = dY_c/dA), all layers from one forward and
+one backward pass. Each method is its equation."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LayerExplainer, check_logits, class_score, layer_gradients, resolve_target, to_nchw
+from .registry import register
+
+
+class GradientCAM(LayerExplainer):
+    """Shared pass: capture A at every requested layer, backpropagate the class score once to
+    all of them (parameter gradients are never computed), then ``cam(A, g)`` per layer.
+
+    ``score``: what is explained: "logit" (default, as pytorch-grad-cam), "softmax",
+    "log_softmax" or "rest" (logit minus cross-entropy, ShapleyCAM's suggestion).
+    """
+
+    create_graph = False
+
+    def __init__(self, model, layer="stage1", *, score: str = "logit", **options):
+        super().__init__(model, layer, **options)
+        class_score(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), score)  # validates the name
+        self.score = score
+
+    @staticmethod
+    def cam(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_backward(self, x, target, layers, guard):
+        """(activations NCHW, gradients NCHW, target, depth ranks, raw activations, class score)."""
+        capture = guard.capture(layers)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)  # a gradient path even if parameters are frozen
+            logits = check_logits(self.model(x_in), x.shape[0])
+            target = resolve_target(target, logits)
+            score = class_score(logits, target, self.score)
+            acts = capture.raw()
+            capture.enabled = False  # later passes (guided backprop) must not be recorded
+            grads = layer_gradients(score, acts, layers, create_graph=self.create_graph)
+        return acts, grads, target, capture.depth_rank()
+
+    def _layer_maps(self, x, target, layers, guard):
+        acts, grads, target, rank = self.forward_backward(x, target, layers, guard)
+        maps = [self.cam(to_nchw(a.detach(), l), to_nchw(g.detach(), l))
+                for a, g, l in zip(acts, grads, layers)]
+        return maps, target, rank
+
+
+@register("gradcam")
+class GradCAM(GradientCAM):
+    """w_k = mean_ij g; L = ReLU(sum_k w_k A_k)."""
+
+    @staticmethod
+    def cam(A, g):
+        w = g.mean(dim=(2, 3), keepdim=True)
+        return (w * A).sum(dim=1)
+
+
+@register("gradcampp", "gradcam++", "gradcamplusplus")
+class GradCAMPlusPlus(GradientCAM):
+    """alpha = g^2 / (2 g^2 + sum_ij(A) g^3), 0 where g = 0; w_k = sum_ij ReLU(g) alpha.
+
+    ``eps`` in the denominator as pytorch-grad-cam (1e-6) keeps 0/0 out where g != 0 but the
+    denominator vanishes."""
+
+    eps = 1e-6
+
+    @classmethod
+    def cam(cls, A, g):
+        g2 = g * g
+        sum_a = A.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_a * g2 * g + cls.eps)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        w = (g.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+        return (w * A).sum(dim=1)
+
+
+@register("layercam")
+class LayerCAM(GradientCAM):
+    """L = ReLU(sum_k ReLU(g) * A)."""
+
+    @staticmethod
+    def cam(A, g):
+        return (g.clamp_min(0) * A).sum(dim=1)

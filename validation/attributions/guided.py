@@ -1,0 +1,91 @@
+"""Guided backpropagation (Springenberg et al.) and Guided Grad-CAM (Selvaraju et al.), on whole
+batches. Every ``nn.ReLU`` is swapped, for the duration of the call, for a stateless guided ReLU
+(backward passes gradient only where both the input and the incoming gradient are positive);
+this stays correct when one ReLU module is reused (torchvision ResNet blocks). Functional
+``F.relu`` calls and other activations (GELU) are not guided; the count of guided modules is
+reported in ``extras["guided_relus"]``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Explainer, ModelGuard, check_logits, class_score, resolve_target
+from .cam import GradCAM
+from .pixel import check_reduction, reduce_channels
+from .postprocess import rectify, upsample
+from .registry import register
+
+
+class _GuidedReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ((x > 0) & (grad > 0)).to(grad.dtype)
+
+
+class GuidedReLU(nn.Module):
+    def forward(self, x):
+        return _GuidedReLUFunction.apply(x)
+
+
+def swap_relus(model: nn.Module, guard: ModelGuard) -> int:
+    """Replace every nn.ReLU child by a GuidedReLU through ``guard`` (restored on exit)."""
+    slots = [(parent, name) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.ReLU)]
+    for parent, name in slots:
+        guard.swap(parent, name, GuidedReLU())
+    return len(slots)
+
+
+def guided_gradients(model: nn.Module, x: torch.Tensor, target, guard: ModelGuard, score: str = "logit"):
+    """d score / d x with guided ReLUs: (B, C, H, W), target, number of guided ReLUs."""
+    n = swap_relus(model, guard)
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        logits = check_logits(model(x_in), x.shape[0])
+        target = resolve_target(target, logits)
+        s = class_score(logits, target, score)
+        if not s.requires_grad:
+            raise RuntimeError("the model output has no gradient path to the input")
+        (grad,) = torch.autograd.grad(s.sum(), x_in)
+    return grad, target, n
+
+
+@register("guidedbackprop")
+class GuidedBackprop(Explainer):
+    rectifier = None
+
+    def __init__(self, model, *, reduce: str = "sum_abs", score: str = "logit", **options):
+        super().__init__(model, **options)
+        self.reduce = check_reduction(reduce)
+        self.score = score
+
+    def _explain_raw(self, x, target, guard, **inputs):
+        grad, target, n = guided_gradients(self.model, x, target, guard, self.score)
+        return reduce_channels(grad, self.reduce), target, {"guided_relus": n}
+
+
+@register("guidedgradcam")
+class GuidedGradCAM(GradCAM):
+    """Guided backprop times the upsampled ReLU'd Grad-CAM of the layer, per colour channel,
+    then reduced to a map (default |sum over channels|, as the paper's code via captum)."""
+
+    rectifier = None
+
+    def __init__(self, model, layer="stage1", *, reduce: str = "sum_abs", **options):
+        super().__init__(model, layer, **options)
+        self.reduce = check_reduction(reduce)
+
+    def _layer_maps(self, x, target, layers, guard):
+        cams, target, rank = super()._layer_maps(x, target, layers, guard)
+        grad, target, _ = guided_gradients(self.model, x, target, guard, self.score)
+        size = tuple(x.shape[-2:])
+        maps = [reduce_channels(grad * upsample(rectify(c, "relu"), size, self.interpolation)[:, None], self.reduce)
+                for c in cams]
+        return maps, target, rank

@@ -1,0 +1,78 @@
+"""RefineCAM (RefineCAM paper, Eq. 7-9) over any layer method. At layer l:
+L = minmax(mix over listed layers l' deeper than or as deep as l of L_l'), each L_l' the base
+method's final map (rectified, bilinearly upsampled to the input, min-max normalised).
+Depth is the order in which the layers run in the forward pass, not the order given.
+
+mix: "product" (Eq. 7, default), "geomean" (Eq. 8, N-th root of the product) or "invexp"
+(Eq. 9, 1 / ln(mean exp(1 / L)), computed as 1 / (logsumexp(1 / L) - ln N) so it never
+overflows; a zero in any layer gives 0).
+
+For gradient CAMs all layers come from one forward and one backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Explainer, LayerExplainer
+from .postprocess import minmax
+from .registry import METHODS, canonical_name, register
+
+MIXES = ("product", "geomean", "invexp")
+
+
+def mix_maps(maps: torch.Tensor, mix: str = "product") -> torch.Tensor:
+    """Combine (N, B, H, W) maps in [0, 1] into (B, H, W) (before the final min-max)."""
+    if mix == "product":
+        return maps.prod(dim=0)
+    if mix == "geomean":
+        return maps.prod(dim=0) ** (1.0 / maps.shape[0])
+    if mix == "invexp":
+        inv = 1.0 / maps  # 0 -> inf, and logsumexp(inf) = inf -> result 0
+        return 1.0 / (torch.logsumexp(inv, dim=0) - math.log(maps.shape[0]))
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+
+
+@register("refinecam")
+class RefineCAM(Explainer):
+    rectifier = None
+
+    def __init__(self, model, *, base: str = "gradcampp", layers=("stage1", "stage2", "stage3", "stage4"),
+                 layer=None, mix: str = "product", base_options: dict | None = None, **options):
+        super().__init__(model, **options)
+        if mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        if isinstance(layers, (str, torch.nn.Module)) or len(layers) == 0:
+            raise ValueError("layers must be a non-empty sequence of layer specs")
+        cls = METHODS[canonical_name(base)]
+        if not issubclass(cls, LayerExplainer):
+            raise ValueError(f"RefineCAM needs a layer method as base, {cls.name!r} is not one")
+        self.base = cls(model, layers[0], interpolation=self.interpolation, **(base_options or {}))
+        self.layers = self.base.resolve(layers)
+        if len({id(l.module) for l in self.layers}) != len(self.layers):
+            raise ValueError("layers must be distinct modules")
+        self.refined = self.layers[0] if layer is None else self.base.resolve([layer])[0]
+        if all(l.module is not self.refined.module for l in self.layers):
+            raise ValueError(f"layer {self.refined.name!r} is not among the listed layers")
+        self.mix = mix
+
+    def _explain_raw(self, x, target, guard, **inputs):
+        if inputs:
+            raise TypeError(f"refinecam takes no per-call inputs, got {sorted(inputs)}")
+        raws, target, rank = self.base._layer_maps(x, target, self.layers, guard)
+        size = tuple(x.shape[-2:])
+        l_rank = rank[[l.module for l in self.layers].index(self.refined.module)]
+        chosen = [self.base.postprocess(raw, size)[0] for raw, r in zip(raws, rank) if r >= l_rank]
+        mixed = mix_maps(torch.stack(chosen), self.mix)
+        return mixed, target, {"layers": [l.name for l, r in zip(self.layers, rank) if r >= l_rank]}
+
+    def postprocess(self, raw, size):
+        if self.raw:
+            return raw, torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
+        return minmax(raw)
+
+    def __repr__(self) -> str:
+        return (f"RefineCAM(base={self.base.name!r}, layers={[l.name for l in self.layers]}, "
+                f"layer={self.refined.name!r}, mix={self.mix!r})")

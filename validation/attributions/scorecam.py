@@ -1,0 +1,80 @@
+"""Score-CAM (Wang et al. 2020). L = ReLU(sum_k w_k A_k) with w_k the model's response to the
+input masked by channel k's upsampled, min-max normalised activation.
+
+variant="official" (default, the authors' code): masks upsampled bilinearly
+(align_corners=False); w_k = softmax probability of the target class for x * mask_k; constant
+channels are skipped (w_k = 0, no forward pass spent on them).
+variant="pytorch-grad-cam": masks upsampled with align_corners=True and normalised as
+(u - min) / (max - min + 1e-8), no skipping; w = softmax over channels of the target logits.
+
+All masked forwards of the batch run in chunks of ``batch_size`` images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LayerExplainer, check_logits, resolve_target, to_nchw
+from .registry import register
+
+VARIANTS = ("official", "pytorch-grad-cam")
+
+
+@register("scorecam")
+class ScoreCAM(LayerExplainer):
+    def __init__(self, model, layer="stage1", *, variant: str = "official", batch_size: int = 64, **options):
+        super().__init__(model, layer, **options)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.variant = variant
+        self.batch_size = batch_size
+
+    def _masks(self, acts: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upsampled normalised masks (n, H, W) for low-res maps (n, h, w), and which are usable."""
+        official = self.variant == "official"
+        up = F.interpolate(acts[:, None], size=size, mode="bilinear", align_corners=not official)[:, 0]
+        lo = up.flatten(1).amin(1)[:, None, None]
+        hi = up.flatten(1).amax(1)[:, None, None]
+        if official:
+            usable = (hi > lo).flatten()
+            masks = (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        else:
+            usable = torch.ones(acts.shape[0], dtype=torch.bool, device=acts.device)
+            masks = (up - lo) / (hi - lo + 1e-8)
+        return masks, usable
+
+    @torch.no_grad()
+    def channel_scores(self, x: torch.Tensor, target: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """Model response (B, C) to x masked by each channel of A (B, C, h, w)."""
+        B, C = A.shape[:2]
+        official = self.variant == "official"
+        scores = torch.zeros(B, C, device=x.device, dtype=torch.float32)
+        pairs = torch.arange(B * C, device=x.device)
+        if official:  # constant channels are skipped before any forward pass
+            flat = A.flatten(2)
+            pairs = pairs[(flat.amax(2) > flat.amin(2)).flatten()]
+        for chunk in pairs.split(self.batch_size):
+            b, k = chunk // C, chunk % C
+            masks, usable = self._masks(A[b, k], x.shape[-2:])
+            out = check_logits(self.model(x[b] * masks[:, None]), len(chunk))
+            s = out.float().softmax(1) if official else out.float()
+            s = s.gather(1, target[b][:, None])[:, 0]
+            scores[b, k] = torch.where(usable, s, torch.zeros_like(s))
+        return scores if official else scores.softmax(dim=1)
+
+    def _layer_maps(self, x, target, layers, guard):
+        capture = guard.capture(layers)
+        with torch.no_grad():
+            logits = check_logits(self.model(x), x.shape[0])
+            target = resolve_target(target, logits)
+            acts = [to_nchw(a, layer).float() for a, layer in zip(capture.raw(), layers)]
+            rank = capture.depth_rank()
+            capture.enabled = False  # the masked forwards below must not be recorded
+            maps = []
+            for A in acts:
+                w = self.channel_scores(x, target, A)
+                maps.append((w[:, :, None, None] * A).sum(dim=1))
+        return maps, target, rank

@@ -1,0 +1,170 @@
+"""``shapesynth-eval audit``: judge a new metric the way ours are judged.
+
+Contract for the user's metric (the same as this project's functional metrics)::
+
+    def my_metric(model, x, target, maps, **kwargs) -> torch.Tensor  # shape (B,)
+
+- ``model``: the classifier, eval mode, takes images in [0, 1] (normalisation is inside);
+- ``x``: (B, 3, H, W) float32 images in [0, 1]; ``target``: (B,) int64 true classes (only
+  correctly classified images are passed);
+- ``maps``: (B, H, W) float32 saliency maps in [0, 1] at input resolution;
+- optional keyword arguments, passed only when the function declares them (or ``**kwargs``):
+  ``explainer`` (object with ``.attribute(x, target)``: the method that made the maps, for
+  metrics that re-run it, like Coherency), ``gt`` ((B, H, W) ground-truth masks: a metric that
+  uses it is a ground-truth score, not a faithfulness metric);
+- returns one finite value per sample (NaN for a sample it cannot score, counted in the
+  tables); higher must mean better unless the function has ``lower_is_better = True``.
+
+The run's maps are recomputed with the run's own configuration and seeds (same chunks, so the
+same maps), the metric is computed into ``RUN_DIR/audit/<name>/`` (resumable like ``run``),
+and tables a (validity) and b (trivial maps) are rebuilt with the metric beside AD, ADCC, ROAD
+and ARCC, followed by a plain verdict.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from validation import analyze as A
+from validation.pipeline.table import atomic_write_text, load_results, read_json
+
+COMPARED = ("average_drop", "adcc", "road", "arcc")
+
+
+def load_metric(spec: str) -> Callable:
+    """``package.module:function`` -> the function (clear errors for each way this can fail)."""
+    if ":" not in spec:
+        raise ValueError(f"--metric {spec!r}: expected package.module:function")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--metric {spec!r}: cannot import module {module_name!r} ({err}); "
+                         f"is it on PYTHONPATH?") from None
+    fn = getattr(module, func_name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"--metric {spec!r}: module {module_name!r} has no function {func_name!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise ValueError(f"--metric {spec!r}: the function must take (model, x, target, maps, ...); "
+                         f"its signature is {inspect.signature(fn)}")
+    return fn
+
+
+def metric_evaluator(fn: Callable, name: str) -> Callable:
+    """An ``evaluate``-shaped wrapper around a user metric, checking its output."""
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+    def evaluate(model, x, target, maps, metrics, explainer, gt, options):
+        extra = {k: v for k, v in (("explainer", explainer), ("gt", gt)) if takes_all or k in params}
+        value = fn(model, x, target, maps, **extra)
+        value = torch.as_tensor(value)
+        if value.shape != (x.shape[0],):
+            raise ValueError(f"metric {name!r} returned shape {tuple(value.shape)}; the contract is "
+                             f"one value per sample, shape ({x.shape[0]},)")
+        return {name: value.detach().double()}
+
+    return evaluate
+
+
+def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lower_is_better=()) -> str:
+    """Plain-language verdict on the audited metric from tables a and b.
+
+    Correlations are oriented (sign flipped for lower-is-better metrics such as AD) so that
+    positive always means "agrees with the ground truth"."""
+    summary = validity[(validity.model == "mean+-std") & (validity.level == "pairs")].set_index("metric").copy()
+    sign = np.array([A.orientation(m, lower_is_better) for m in summary.index])
+    for col in ("pearson", "spearman"):
+        summary[col] = summary[col] * sign
+    lo, hi = summary["pearson_lo"] * sign, summary["pearson_hi"] * sign
+    summary["pearson_lo"], summary["pearson_hi"] = np.minimum(lo, hi), np.maximum(lo, hi)
+    lines = []
+    if name not in summary.index or not np.isfinite(summary.loc[name, "pearson"]):
+        lines.append(f"{name}: no correlation with the ground truth could be computed "
+                     f"(too few finite values).")
+    else:
+        row = summary.loc[name]
+        r, s = row["pearson"], row["spearman"]
+        kind = ("tracks the ground truth" if r >= 0.5 else
+                "tracks the ground truth only weakly" if r >= 0.2 else
+                "does not track the ground truth" if r > -0.2 else
+                "runs AGAINST the ground truth")
+        ranked = summary["pearson"].dropna().sort_values(ascending=False)
+        rank = list(ranked.index).index(name) + 1
+        oriented = " (oriented: lower is better, sign flipped)" if A.orientation(name, lower_is_better) < 0 else ""
+        lines.append(f"{name} {kind}: Pearson r = {r:.2f}{oriented} (95% CI {row['pearson_lo']:.2f} to "
+                     f"{row['pearson_hi']:.2f}), Spearman rho = {s:.2f}, over (image, method) pairs, "
+                     f"mean of {int(row['n_models'])} model(s); rank {rank} of {len(ranked)} metrics.")
+        peers = [f"{m} r = {summary.loc[m, 'pearson']:.2f}" for m in COMPARED if m in summary.index]
+        if peers:
+            lines.append("For comparison: " + ", ".join(peers) + ".")
+        best = [m for m in COMPARED if m in summary.index]
+        if best:
+            top = max(best, key=lambda m: summary.loc[m, "pearson"])
+            better = r > summary.loc[top, "pearson"]
+            lines.append(f"It is {'better' if better else 'not better'} than the best of our metrics "
+                         f"here ({top}).")
+        if "method_means" in set(validity.level):
+            mm = validity[(validity.model == "mean+-std") & (validity.level == "method_means")
+                          & (validity.metric == name)]
+            if len(mm) and np.isfinite(mm.iloc[0]["spearman"]):
+                rho = mm.iloc[0]["spearman"] * A.orientation(name, lower_is_better)
+                lines.append(f"Ranking methods by their mean score: Spearman rho = "
+                             f"{rho:.2f} with the ground-truth ranking.")
+    mine = verdicts[verdicts.metric == name] if len(verdicts) else verdicts
+    if len(mine):
+        fooled = [f"{t} ({v})" for t, v in zip(mine.trivial, mine.verdict) if v != "not fooled"]
+        if fooled:
+            lines.append("Trivial maps that fool it: " + ", ".join(fooled) +
+                         " (a trivial map scores at least as well as the worst real method).")
+        else:
+            lines.append("No trivial map (RandomCAM, HalfCAM, All1sCAM) fools it.")
+    else:
+        lines.append("The run has no trivial maps, so the trivial-map check was not possible.")
+    return "\n".join(lines)
+
+
+def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images: int | None = None,
+              n_boot: int = 1000, components=None, progress: bool = True) -> dict:
+    from validation.pipeline.run import Components, RunConfig, run_eval
+
+    run_dir = Path(run_dir)
+    fn = load_metric(spec)
+    name = name or fn.__name__
+    base = load_results(run_dir)
+    if name in set(base.metric):
+        raise ValueError(f"metric name {name!r} already exists in the run; pass --name")
+    cfg = read_json(run_dir / "run_config.json")
+    keep = {k: cfg[k] for k in RunConfig.__dataclass_fields__ if k in cfg}
+    keep.update(metrics=[name], save_maps=0)
+    if n_images is not None:
+        start = keep["image_range"][0]
+        keep["image_range"] = [start, min(start + n_images, keep["image_range"][1])]
+    config = RunConfig(**keep)
+    comps = components or Components()
+    comps = Components(load_model=comps.load_model, dataset=comps.dataset, explainer=comps.explainer,
+                       evaluate=metric_evaluator(fn, name), fingerprint=comps.fingerprint,
+                       layer_methods=comps.layer_methods, refinable=comps.refinable)
+    out_dir = run_dir / "audit" / name
+    run_eval(config, out_dir, components=comps, progress=progress)
+    mine = load_results(out_dir)
+    df = pd.concat([base[base.image.isin(set(mine.image))] if n_images else base, mine],
+                   ignore_index=True)
+    metrics = [m for m in (name,) + COMPARED if m in set(df.metric)]
+    validity = A.table_validity(df[df.metric.isin(metrics + [A.REFERENCE_METRIC])], n_boot=n_boot)
+    lower = {name} if getattr(fn, "lower_is_better", False) else set()
+    per_model, verdicts = A.table_trivial(df, metrics=metrics, lower_is_better=lower)
+    text = verdict_text(name, validity, verdicts, lower)
+    tables = {"a_validity": validity, "b_trivial": per_model, "b_trivial_verdict": verdicts}
+    A.write_tables(tables, out_dir)
+    atomic_write_text(out_dir / "verdict.md", f"# Audit of `{spec}` as `{name}`\n\n{text}\n")
+    return {"verdict": text, "out_dir": str(out_dir), "tables": tables}

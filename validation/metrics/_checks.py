@@ -1,0 +1,111 @@
+"""Input checks and NaN-with-reason bookkeeping shared by every metric."""
+from __future__ import annotations
+
+import torch
+
+# Reason codes carried next to NaN values (one string per sample; "" when the value is defined).
+CONSTANT_MAP = "constant_map"
+ZERO_MAP = "zero_map"
+EMPTY_MASK = "empty_mask"
+FULL_MASK = "full_mask"
+CONSTANT_RECOMPUTED_MAP = "constant_recomputed_map"
+ZERO_PROBABILITY = "zero_probability"
+
+# Maps may exceed [0, 1] by this much (float noise of a min-max normalisation); they are clamped.
+RANGE_TOLERANCE = 1e-6
+
+
+def _bad_samples(flags: torch.Tensor) -> list[int]:
+    return flags.nonzero().flatten().tolist()
+
+
+def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) floating maps in [0, 1] -> (B, H, W); clear errors otherwise."""
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}")
+    if shape is not None and tuple(maps.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(maps.shape)} does not match the expected (B, H, W) = {tuple(shape)}")
+    if not maps.is_floating_point():
+        maps = maps.float()
+    flat = maps.flatten(1)
+    bad = _bad_samples(~torch.isfinite(flat).all(1))
+    if bad:
+        raise ValueError(f"{name}: sample(s) {bad} contain NaN or Inf")
+    out_of_range = _bad_samples((flat.amin(1) < -RANGE_TOLERANCE) | (flat.amax(1) > 1 + RANGE_TOLERANCE))
+    if out_of_range:
+        raise ValueError(f"{name}: sample(s) {out_of_range} have values outside [0, 1] "
+                         "(normalise each map per sample first)")
+    return maps.clamp(0, 1)
+
+
+def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if (x.shape[0], *x.shape[-2:]) != tuple(maps.shape):
+        raise ValueError(f"x shape {tuple(x.shape)} does not match maps shape {tuple(maps.shape)} "
+                         "(need the same batch size and H, W)")
+    bad = _bad_samples(~torch.isfinite(x.flatten(1)).all(1))
+    if bad:
+        raise ValueError(f"x: sample(s) {bad} contain NaN or Inf")
+    return x
+
+
+def check_target(target, batch: int, device) -> torch.Tensor:
+    target = torch.as_tensor(target, device=device)
+    if target.ndim == 0:
+        target = target.expand(batch)
+    if target.shape != (batch,) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"target must be an integer tensor of shape ({batch},), got "
+                         f"{tuple(target.shape)} {target.dtype}")
+    return target.long()
+
+
+def check_num_classes(target: torch.Tensor, num_classes: int) -> None:
+    bad = _bad_samples((target < 0) | (target >= num_classes))
+    if bad:
+        raise ValueError(f"target: sample(s) {bad} have a class outside [0, {num_classes})")
+
+
+def finish(values: torch.Tensor, undefined: list[tuple[str, torch.Tensor]], return_reasons: bool):
+    """Set NaN where a condition holds; the first matching reason names it.
+
+    Returns ``values`` or ``(values, reasons)`` with one reason string per sample ("" if defined).
+    """
+    for _, flags in undefined:
+        values = torch.where(flags, torch.full_like(values, float("nan")), values)
+    if not return_reasons:
+        return values
+    reasons = [""] * values.shape[0]
+    for reason, flags in undefined:
+        for i in _bad_samples(flags):
+            if not reasons[i]:
+                reasons[i] = reason
+    nan_left = _bad_samples(torch.isnan(values))
+    for i in nan_left:  # NaN that came in through a part (e.g. ADCC from Coherency) keeps a reason
+        if not reasons[i]:
+            reasons[i] = "nan"
+    return values, reasons
+
+
+def eval_forward(model: torch.nn.Module):
+    """Context manager: model in eval mode, training flags restored afterwards."""
+    return _EvalMode(model)
+
+
+class _EvalMode:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for module, mode in self.modes:
+            module.training = mode
+        return False

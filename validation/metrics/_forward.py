@@ -1,0 +1,39 @@
+"""Batched, no-grad class probabilities: the only place metrics run the model."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._checks import check_num_classes, eval_forward
+
+
+def class_probabilities(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+                        batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+    """softmax(model(images))[i, target[i]] for every row; see ``probabilities_and_predictions``."""
+    return probabilities_and_predictions(model, images, target, batch_size=batch_size, bf16=bf16)[0]
+
+
+def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+                                  batch_size: int = 64, bf16: bool = False):
+    """(p_c, argmax class) per row: softmax(model(images))[i, target[i]], in chunks of ``batch_size``.
+
+    images: (N, C, H, W) in [0, 1] (the model normalises); target: (N,) long. The softmax is
+    taken in float32 even when ``bf16=True`` runs the forward under bfloat16 autocast.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out, predictions = [], []
+    autocast = (torch.autocast(device_type=images.device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+    with eval_forward(model), torch.no_grad(), autocast:
+        for start in range(0, images.shape[0], batch_size):
+            logits = model(images[start:start + batch_size]).float()
+            if start == 0:
+                check_num_classes(target, logits.shape[1])
+            probs = torch.softmax(logits, dim=1)
+            out.append(probs.gather(1, target[start:start + batch_size, None])[:, 0])
+            predictions.append(probs.argmax(1))
+    if not out:
+        return images.new_zeros(0), target.new_zeros(0)
+    return torch.cat(out), torch.cat(predictions)

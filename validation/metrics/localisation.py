@@ -1,0 +1,142 @@
+"""Localisation metrics against a ground-truth mask S (LaFAM's evaluation, Quantus definitions),
+per sample, with a written tie policy.
+
+S = gt >= ``threshold`` (0.5 by default: the anti-aliased alpha mask's half-coverage contour).
+
+Tie policy (ties are the normal case for CAMs: ReLU zeros, nearest upsampling):
+
+* Top-K intersection and relevance rank accuracy take the expected value over a uniformly random
+  order of tied pixels: pixels strictly above the k-th largest value t all count, the r tied
+  pixels needed to reach k contribute r * |{L = t} & S| / |{L = t}|.
+* Pointing Game: ``ties="any"`` is a hit when any tied maximum lies in S (Quantus);
+  ``ties="fraction"`` scores the fraction of tied maxima inside S.
+* AUC is the ROC AUC with ties counting half (the Mann-Whitney U statistic, as sklearn's
+  roc_curve + auc computes it).
+
+Undefined values are NaN with a reason: ``empty_mask`` (no pixel in S), ``full_mask`` (AUC: no
+pixel outside S), ``zero_map`` (no relevance at all: RMA, Sparseness), ``constant_map`` (no
+ranking at all: Pointing Game, Top-K, rank accuracy). A constant map has the defined AUC 0.5.
+Nothing is normalised across the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import CONSTANT_MAP, EMPTY_MASK, FULL_MASK, ZERO_MAP, check_maps, finish
+
+__all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "relevance_rank_accuracy",
+           "localisation_auc", "sparseness", "default_topk", "ground_truth_set"]
+
+
+def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Validated (B, H*W) bool mask S = gt >= threshold."""
+    gt = check_maps(gt, "gt", shape=maps.shape)
+    return (gt >= threshold).flatten(1)
+
+
+def default_topk(height: int, width: int) -> int:
+    """k = round(1000 * H * W / 224^2), at least 1: LaFAM's k = 1000 at 224 px, scaled to area."""
+    return max(1, int(1000 * height * width / 224 ** 2 + 0.5))
+
+
+def _flat(maps):
+    return maps.flatten(1)
+
+
+def _constant(flat: torch.Tensor) -> torch.Tensor:
+    return flat.amax(1) == flat.amin(1)
+
+
+def _expected_topk_hits(flat: torch.Tensor, inside: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """E|top_k(L) & S| under a uniformly random order of ties; k is a (B,) long tensor >= 1."""
+    values = flat.sort(dim=1, descending=True).values
+    t = values.gather(1, (k - 1).clamp_min(0)[:, None])  # k-th largest value
+    above = flat > t
+    tied = flat == t
+    n_above = above.sum(1)
+    n_tied = tied.sum(1)
+    hits_above = (above & inside).sum(1)
+    hits_tied = (tied & inside).sum(1)
+    needed = (k - n_above).clamp_min(0)
+    return hits_above.double() + needed.double() * hits_tied.double() / n_tied.clamp_min(1).double()
+
+
+def pointing_game(maps: torch.Tensor, gt: torch.Tensor, *, ties: str = "any", threshold: float = 0.5,
+                  return_reasons: bool = False):
+    """1 if the maximum of L lies in S; see the module docstring for ``ties``."""
+    maps = check_maps(maps)
+    inside = ground_truth_set(gt, maps, threshold)
+    flat = _flat(maps)
+    top = flat == flat.amax(1, keepdim=True)
+    if ties == "any":
+        value = (top & inside).any(1).to(maps.dtype)
+    elif ties == "fraction":
+        value = ((top & inside).sum(1).double() / top.sum(1).double()).to(maps.dtype)
+    else:
+        raise ValueError(f"ties must be 'any' or 'fraction', got {ties!r}")
+    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (CONSTANT_MAP, _constant(flat))], return_reasons)
+
+
+def topk_intersection(maps: torch.Tensor, gt: torch.Tensor, *, k: int | None = None, threshold: float = 0.5,
+                      return_reasons: bool = False):
+    """|top_k(L) & S| / k (expected value over tie orders); k defaults to ``default_topk(H, W)``."""
+    maps = check_maps(maps)
+    inside = ground_truth_set(gt, maps, threshold)
+    flat = _flat(maps)
+    n = flat.shape[1]
+    k = default_topk(*maps.shape[-2:]) if k is None else int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, H*W = {n}], got {k}")
+    ks = torch.full((flat.shape[0],), k, device=flat.device, dtype=torch.long)
+    value = (_expected_topk_hits(flat, inside, ks) / k).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (CONSTANT_MAP, _constant(flat))], return_reasons)
+
+
+def relevance_rank_accuracy(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
+                            return_reasons: bool = False):
+    """|top_|S|(L) & S| / |S| (expected value over tie orders)."""
+    maps = check_maps(maps)
+    inside = ground_truth_set(gt, maps, threshold)
+    flat = _flat(maps)
+    size = inside.sum(1)
+    value = (_expected_topk_hits(flat, inside, size.clamp_min(1)) / size.clamp_min(1).double()).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, size == 0), (CONSTANT_MAP, _constant(flat))], return_reasons)
+
+
+def relevance_mass_accuracy(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
+                            return_reasons: bool = False):
+    """sum(L inside S) / sum(L)."""
+    maps = check_maps(maps)
+    inside = ground_truth_set(gt, maps, threshold)
+    flat = _flat(maps).double()
+    total = flat.sum(1)
+    value = ((flat * inside).sum(1) / torch.where(total > 0, total, torch.ones_like(total))).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (ZERO_MAP, total <= 0)], return_reasons)
+
+
+def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
+                     return_reasons: bool = False):
+    """ROC AUC of L as a score for S, ties counting half (0.5 for a constant map)."""
+    maps = check_maps(maps)
+    inside = ground_truth_set(gt, maps, threshold)
+    flat = _flat(maps).contiguous()
+    ordered = flat.sort(dim=1).values
+    below = torch.searchsorted(ordered, flat, side="left")
+    not_above = torch.searchsorted(ordered, flat, side="right")
+    midrank = (below + not_above + 1).double() / 2  # 1-based average rank of each tie group
+    n_pos = inside.sum(1).double()
+    n_neg = inside.shape[1] - n_pos
+    u = (midrank * inside).sum(1) - n_pos * (n_pos + 1) / 2
+    value = (u / (n_pos * n_neg).clamp_min(1)).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, n_pos == 0), (FULL_MASK, n_neg == 0)], return_reasons)
+
+
+def sparseness(maps: torch.Tensor, *, return_reasons: bool = False):
+    """Gini index of |L|: sum_i (2i - n - 1) a_(i) / (n sum a), a ascending (0 constant, (n-1)/n one-hot)."""
+    maps = check_maps(maps)
+    flat = _flat(maps).double().abs().sort(dim=1).values
+    n = flat.shape[1]
+    i = torch.arange(1, n + 1, device=flat.device, dtype=flat.dtype)
+    total = flat.sum(1)
+    value = ((2 * i - n - 1) * flat).sum(1) / (n * torch.where(total > 0, total, torch.ones_like(total)))
+    return finish(value.to(maps.dtype), [(ZERO_MAP, total <= 0)], return_reasons)

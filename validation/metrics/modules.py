@@ -1,0 +1,72 @@
+"""Thin stateful forms of the functionals (torchmetrics style): same names in CamelCase.
+
+    metric = ROAD(fractions=(0.2, 0.4, 0.6, 0.8))
+    metric.update(model, x, target, maps)   # per batch; also returns the batch's values
+    metric.compute()  # {"mean": nanmean, "values": (N,), "nan": count, "reasons": Counter}
+"""
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+import torch
+
+from . import faithfulness, ground_truth, localisation, road as road_module
+
+__all__ = ["Metric", "AverageDrop", "Complexity", "Coherency", "ADCC", "ROAD", "ARCC", "GTCosine",
+           "PointingGame", "Sparseness", "RelevanceMassAccuracy", "RelevanceRankAccuracy", "TopKIntersection",
+           "LocalisationAUC"]
+
+
+class Metric:
+    """Accumulates per-sample values and NaN reasons of one functional over batches."""
+
+    function = None
+
+    def __init__(self, **options):
+        self.options = options
+        self.reset()
+
+    def reset(self) -> None:
+        self._values: list[torch.Tensor] = []
+        self._reasons: list[str] = []
+
+    def __call__(self, *args, **kwargs):
+        return type(self).function(*args, **{**self.options, **kwargs})
+
+    def update(self, *args, **kwargs) -> torch.Tensor:
+        fn = type(self).function
+        if "return_reasons" in inspect.signature(fn).parameters:
+            values, reasons = fn(*args, **{**self.options, **kwargs, "return_reasons": True})
+        else:
+            values = fn(*args, **{**self.options, **kwargs})
+            reasons = [""] * values.shape[0]
+        self._values.append(values.detach())
+        self._reasons.extend(reasons)
+        return values
+
+    def compute(self) -> dict:
+        values = torch.cat(self._values) if self._values else torch.zeros(0)
+        return {"mean": values.nanmean() if values.numel() else values.new_tensor(float("nan")),
+                "values": values, "nan": int(torch.isnan(values).sum()),
+                "reasons": Counter(r for r in self._reasons if r)}
+
+
+def _metric(name: str, function) -> type:
+    return type(name, (Metric,), {"function": staticmethod(function),
+                                  "__doc__": f"Stateful form of :func:`{function.__module__}.{function.__name__}`."})
+
+
+AverageDrop = _metric("AverageDrop", faithfulness.average_drop)
+Complexity = _metric("Complexity", faithfulness.complexity)
+Coherency = _metric("Coherency", faithfulness.coherency)
+ADCC = _metric("ADCC", faithfulness.adcc)
+ROAD = _metric("ROAD", road_module.road)
+ARCC = _metric("ARCC", faithfulness.arcc)
+GTCosine = _metric("GTCosine", ground_truth.gt_cosine)
+PointingGame = _metric("PointingGame", localisation.pointing_game)
+Sparseness = _metric("Sparseness", localisation.sparseness)
+RelevanceMassAccuracy = _metric("RelevanceMassAccuracy", localisation.relevance_mass_accuracy)
+RelevanceRankAccuracy = _metric("RelevanceRankAccuracy", localisation.relevance_rank_accuracy)
+TopKIntersection = _metric("TopKIntersection", localisation.topk_intersection)
+LocalisationAUC = _metric("LocalisationAUC", localisation.localisation_auc)

@@ -1,0 +1,131 @@
+"""ROAD (Rong et al., 2022): remove pixels by rank, fill them by noisy linear imputation.
+
+    ROAD(X, L) = 1/|K| sum_{k in K} ( p_c(X_LeRF,k) - p_c(X_MoRF,k) )
+
+MoRF_k removes the round(k*H*W) most relevant pixels, LeRF_k the round(k*H*W) least relevant
+ones (round half up). Ties in L are broken by a fixed pseudo-random order of pixel positions
+(``tie_seed``), the same for every image of a size, so exactly round(k*H*W) pixels go whatever
+the number of ties and the score depends on the ranking of L only. Removed pixels are filled by
+linear imputation and get N(0, noise^2) in [0, 1] pixel space (before the model's
+normalisation); the noise comes from a generator seeded with ``seed``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ._checks import check_images, check_maps, check_target
+from ._forward import class_probabilities
+from .imputation import linear_impute
+
+__all__ = ["road", "removal_masks", "road_images", "RoadResult", "DEFAULT_FRACTIONS"]
+
+DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
+
+
+class RoadResult(NamedTuple):
+    """score (B,); morf, lerf (B, F): class probability after removing each fraction."""
+    score: torch.Tensor
+    morf: torch.Tensor
+    lerf: torch.Tensor
+    fractions: tuple
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple:
+    fractions = tuple(float(k) for k in fractions)
+    if not fractions or any(not 0 < k < 1 for k in fractions):
+        raise ValueError(f"fractions must be a non-empty sequence of values in (0, 1), got {fractions}")
+    return fractions
+
+
+def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
+    """(B, H, W) -> (B, H, W) long: 0 for the most relevant pixel, H*W-1 for the least.
+
+    Ties are ordered by a fixed pseudo-random permutation of pixel positions drawn from a
+    generator seeded with ``tie_seed`` (a seeded stand-in for the reference's tiny random
+    perturbation), so no tie favours the top of the image.
+    """
+    b, h, w = maps.shape
+    n = h * w
+    generator = torch.Generator(device="cpu").manual_seed(tie_seed)
+    priority = torch.randperm(n, generator=generator).to(maps.device)
+    flat = maps.reshape(b, n)[:, priority]
+    order = priority[torch.argsort(flat, dim=1, descending=True, stable=True)]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=maps.device).expand(b, n))
+    return ranks.view(b, h, w)
+
+
+def removal_counts(fractions: Sequence[float], num_pixels: int) -> list[int]:
+    """round(k * n), half up."""
+    return [int(k * num_pixels + 0.5) for k in _check_fractions(fractions)]
+
+
+def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
+                  tie_seed: int = 0) -> torch.Tensor:
+    """(B, H, W) maps -> (B, F, 2, H, W) bool masks, True = removed; [:, :, 0] MoRF, [:, :, 1] LeRF."""
+    maps = check_maps(maps)
+    b, h, w = maps.shape
+    ranks = pixel_ranks(maps, tie_seed)[:, None]
+    counts = torch.tensor(removal_counts(fractions, h * w), device=maps.device).view(1, -1, 1, 1)
+    morf = ranks < counts
+    lerf = ranks >= h * w - counts
+    return torch.stack([morf, lerf], dim=2)
+
+
+def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
+                noise: float = 0.01, seed: int = 0, tie_seed: int = 0, impute_batch_size: int = 64,
+                tol: float = 1e-4) -> torch.Tensor:
+    """All perturbed images, (B, F, 2, C, H, W): [:, :, 0] MoRF, [:, :, 1] LeRF, in [0, 1] units.
+
+    The noise for the whole batch is drawn at once, before chunking, so results do not depend on
+    ``impute_batch_size``. Imputed pixels are not clipped (as in the reference).
+    """
+    maps = check_maps(maps)
+    x = check_images(x, maps)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    fractions = _check_fractions(fractions)
+    b, c, h, w = x.shape
+    masks = removal_masks(maps, fractions, tie_seed=tie_seed).reshape(-1, 1, h, w)
+    images = x[:, None].expand(b, 2 * len(fractions), c, h, w).reshape(-1, c, h, w)
+    work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    filled = torch.cat([linear_impute(work[s:s + impute_batch_size], masks[s:s + impute_batch_size], tol=tol)
+                        for s in range(0, work.shape[0], impute_batch_size)]) if work.shape[0] else work
+    if noise > 0:
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        eps = torch.randn(filled.shape, generator=generator, device=x.device, dtype=filled.dtype)
+        filled = torch.addcmul(filled, eps, masks.to(filled.dtype), value=noise)
+    return filled.view(b, len(fractions), 2, c, h, w).to(x.dtype)
+
+
+def road_from_probabilities(probs: torch.Tensor, fractions: tuple) -> RoadResult:
+    """(B, F, 2) probabilities [MoRF, LeRF] -> RoadResult."""
+    morf, lerf = probs[..., 0], probs[..., 1]
+    return RoadResult((lerf - morf).mean(1), morf, lerf, fractions)
+
+
+def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
+         fractions: Sequence[float] = DEFAULT_FRACTIONS, noise: float = 0.01, seed: int = 0,
+         tie_seed: int = 0, batch_size: int = 64, impute_batch_size: int = 64, bf16: bool = False,
+         return_curves: bool = False):
+    """ROAD score per sample, in [-1, 1] (higher = more faithful).
+
+    model takes images in [0, 1]; x (B, C, H, W) in [0, 1]; target (B,) class indices; maps
+    (B, H, W) in [0, 1]. All B * 2|K| perturbed images go through the model in batches of
+    ``batch_size`` (``bf16=True``: bfloat16 autocast forward, float32 softmax).
+    Returns (B,) scores, or a ``RoadResult`` (score, morf, lerf, fractions) with
+    ``return_curves=True``. ROAD is always defined: constant maps are ranked by the tie order.
+    """
+    maps = check_maps(maps)
+    x = check_images(x, maps)
+    target = check_target(target, x.shape[0], x.device)
+    fractions = _check_fractions(fractions)
+    images = road_images(x, maps, fractions, noise=noise, seed=seed, tie_seed=tie_seed,
+                         impute_batch_size=impute_batch_size)
+    per_image = 2 * len(fractions)
+    probs = class_probabilities(model, images.flatten(0, 2), target.repeat_interleave(per_image),
+                                batch_size=batch_size, bf16=bf16)
+    result = road_from_probabilities(probs.view(x.shape[0], len(fractions), 2), fractions)
+    return result if return_curves else result.score

@@ -1,0 +1,556 @@
+"""``shapesynth-eval run``: maps and metrics for every model, correctly classified test image,
+method, layer and aggregator, into the long table (see :mod:`validation.pipeline.table`).
+
+The work is cut into fixed image chunks; each finished chunk is written atomically with a
+completion marker, so an interrupted run resumes at the first unfinished chunk and a run split
+over processes (``shard=(i, n)``) produces the same files as one process.
+
+The four collaborators are injectable (``components``) so the pipeline can be tested with
+small stand-ins; by default they are the project's own:
+``trainers.load_model``, ``shapesynth.torchdata.ShapesDataset``,
+``validation.attributions.get_explainer`` and ``validation.metrics.evaluate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from validation.pipeline.shards import chunk_ranges, shard_chunks
+from validation.pipeline.table import (
+    IDENTITY,
+    NO_LAYER,
+    chunk_is_done,
+    chunk_stem,
+    config_hash,
+    merge_run,
+    read_json,
+    write_chunk,
+    write_json,
+)
+
+# Every metric of the contract of validation.metrics (faithfulness, ground truth, localisation).
+DEFAULT_METRICS = ("average_drop", "complexity", "coherency", "adcc", "road", "arcc", "gt_cosine",
+                   "pointing_game", "sparseness", "relevance_mass_accuracy", "relevance_rank_accuracy",
+                   "topk_intersection", "localisation_auc")
+# Methods that take a layer; of these, the gradient/score CAMs are refined by RefineCAM
+# (the paper's Table 1). LaFAM takes a layer but is label-free and not part of the ablation.
+LAYER_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam", "lafam")
+REFINABLE = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam")
+# Baselines that need the ground truth to build their map.
+NEEDS_GT = ("oracle",)
+# Config fields that do not change the results (excluded from the resume check).
+_VOLATILE = ("shard", "progress", "threads", "model_meta", "data_fingerprint")
+
+
+@dataclass
+class RunConfig:
+    data: str
+    models: list[str]
+    methods: list[str]
+    metrics: list[str]
+    layers: list[str] = field(default_factory=lambda: ["stage1", "stage2", "stage3", "stage4"])
+    mixes: list[str] = field(default_factory=lambda: [IDENTITY])
+    # RefineCAM at layer l fuses l and every deeper layer of this list (default: ``layers``),
+    # so a run may evaluate few layers while refining over all four stages.
+    refine_layers: list[str] = field(default_factory=list)
+    # per-method overrides of the grid, e.g. {"scorecam": {"layers": ["stage1"], "mixes":
+    # ["identity", "product"]}}: budget knobs for expensive methods, stated in the report
+    method_grid: dict = field(default_factory=dict)
+    image_range: tuple[int, int] = (0, 200)
+    split: str = "test"
+    chunk_size: int = 16
+    seed: int = 0
+    method_options: dict = field(default_factory=dict)
+    metric_options: dict = field(default_factory=dict)
+    save_maps: int = 8  # images (from the start of the range) whose maps are kept for the report
+    model_names: list[str] = field(default_factory=list)
+    device: str = "cpu"  # "cuda" on a GPU machine; maps and metrics stay on it
+
+    def __post_init__(self):
+        if not self.refine_layers:
+            self.refine_layers = list(self.layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_range"] = list(self.image_range)
+        return d
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    method: str
+    layer: str
+    mix: str
+
+    @property
+    def label(self) -> str:
+        text = self.method if self.layer == NO_LAYER else f"{self.method}@{self.layer}"
+        return text if self.mix == IDENTITY else f"{text}+{self.mix}"
+
+
+def map_configs(methods: Sequence[str], layers: Sequence[str], mixes: Sequence[str],
+                layer_methods=LAYER_METHODS, refinable=REFINABLE,
+                refine_layers: Sequence[str] | None = None, method_grid: dict | None = None) -> list[MapConfig]:
+    """Every (method, layer, mix) to compute. RefineCAM at layer l fuses l and all deeper layers
+    of ``refine_layers`` (default ``layers``), so it is skipped at the deepest one (it would
+    equal the min-max'd base map) and at layers not in ``refine_layers``. ``method_grid``
+    overrides ``layers`` / ``mixes`` per method."""
+    refine_layers = list(refine_layers or layers)
+    method_grid = method_grid or {}
+    unknown = sorted(set(method_grid) - set(methods))
+    if unknown:
+        raise ValueError(f"method_grid names methods that are not run: {unknown}")
+    all_layers, all_mixes = layers, mixes
+    unknown_mix = sorted(set(mixes).union(*[set((g or {}).get("mixes", [])) for g in (method_grid or {}).values()])
+                         - {IDENTITY, "product", "geomean", "invexp"})
+    if unknown_mix:
+        raise ValueError(f"unknown --mix {unknown_mix}; choose from identity, product, geomean, invexp")
+    out = []
+    for method in methods:
+        grid = method_grid.get(method) or {}
+        bad = sorted(set(grid) - {"layers", "mixes"})
+        if bad:
+            raise ValueError(f"method_grid[{method!r}]: unknown keys {bad}; use layers, mixes")
+        layers, mixes = grid.get("layers", all_layers), grid.get("mixes", all_mixes)
+        if method not in layer_methods:
+            out.append(MapConfig(method, NO_LAYER, IDENTITY))
+            continue
+        for layer in layers:
+            if IDENTITY in mixes:
+                out.append(MapConfig(method, layer, IDENTITY))
+            if (method in refinable and layer in refine_layers
+                    and refine_layers.index(layer) < len(refine_layers) - 1):
+                out.extend(MapConfig(method, layer, mix) for mix in mixes if mix != IDENTITY)
+    return out
+
+
+# ----------------------------------------------------------------------------- components
+def _default_load_model(path):
+    from trainers import load_model
+
+    return load_model(path)
+
+
+def _default_dataset(path, split):
+    from shapesynth.torchdata import ShapesDataset
+
+    return ShapesDataset(path, split=split)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _method_class(method: str):
+    from validation.attributions.registry import METHODS, canonical_name
+
+    return METHODS[canonical_name(method)]
+
+
+def _method_accepts(method: str, option: str) -> bool:
+    from validation.attributions.registry import _accepted_options
+
+    return option in _accepted_options(_method_class(method))
+
+
+def _default_explainer(model, cfg: MapConfig, layers: Sequence[str], options: dict, seed: int):
+    """The project's explainer for one configuration; stochastic methods get the chunk seed."""
+    from validation.attributions import get_explainer
+
+    opts = dict(options.get(cfg.method, {}))
+    if "seed" not in opts and _method_accepts(cfg.method, "seed"):
+        opts["seed"] = seed
+    if cfg.mix != IDENTITY:
+        deeper = tuple(layers[layers.index(cfg.layer):])
+        return get_explainer("refinecam", model, base=cfg.method, layers=deeper, mix=cfg.mix,
+                             base_options=opts)
+    if cfg.layer != NO_LAYER:
+        opts["layer"] = cfg.layer
+    return get_explainer(cfg.method, model, **opts)
+
+
+def default_layer_methods() -> tuple[str, ...]:
+    """Registered methods that take a layer (from the attributions registry)."""
+    from validation.attributions import available_methods
+
+    return tuple(m for m in available_methods()
+                 if getattr(_method_class(m), "uses_layer", False) and m != "refinecam")
+
+
+def _default_evaluate(model, x, target, maps, metrics, explainer, gt, options):
+    from validation.metrics import evaluate
+
+    return evaluate(model, x, target, maps, metrics=list(metrics), explainer=explainer, gt=gt, **options)
+
+
+@dataclass
+class Components:
+    load_model: Callable = _default_load_model
+    dataset: Callable = _default_dataset
+    explainer: Callable = _default_explainer
+    evaluate: Callable = _default_evaluate
+    fingerprint: Callable | None = None
+    layer_methods: Sequence[str] = LAYER_METHODS
+    refinable: Sequence[str] = REFINABLE
+
+
+# ----------------------------------------------------------------------------- helpers
+def chunk_seed(seed: int, start: int) -> int:
+    """Seed of a chunk: depends on the run seed and the chunk's first image only."""
+    digest = hashlib.sha256(f"{seed}:{start}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _model_names(paths: Sequence[str], metas: Sequence[dict]) -> list[str]:
+    names, seen = [], {}
+    for path, meta in zip(paths, metas):
+        base = str(meta.get("name") or meta.get("arch") or Path(path).stem)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names
+
+
+def _data_fingerprint(path: str, components: Components) -> str | None:
+    fn = components.fingerprint
+    if fn is None:
+        try:
+            from shapesynth import dataset_fingerprint as fn
+        except ImportError:
+            return None
+    try:
+        return fn(path)
+    except Exception as err:  # recorded, not fatal: the manifest says why it is missing
+        return f"unavailable: {type(err).__name__}: {err}"
+
+
+def _error_text(where: str, err: BaseException) -> str:
+    last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    loc = f" at {Path(last.filename).name}:{last.lineno}" if last else ""
+    stage = getattr(err, "pipeline_stage", None)
+    where = f"{where} [{stage}]" if stage else where
+    return f"{where}: {type(err).__name__}: {err}{loc}"[:500]
+
+
+def _flatten_metric_values(result: dict, batch: int) -> dict[str, np.ndarray]:
+    """evaluate()'s dict -> metric name -> float64 array (B,).
+
+    Per-sample tensors (B,) pass through; curves given as ``{name: {fraction: Tensor(B)}}``, as
+    a (B, K) tensor with ``result[name + "_fractions"]``, or as the ``road_morf`` / ``road_lerf``
+    (B, F) attributes with ``road_fractions`` of validation.metrics' EvaluationResult become
+    ``name@fraction`` columns (e.g. ``road_morf@0.2``).
+    """
+    out = {}
+    fractions = getattr(result, "road_fractions", None)
+    for attr in ("road_morf", "road_lerf"):
+        curve = getattr(result, attr, None)
+        if curve is not None and fractions is not None:
+            arr = torch.as_tensor(curve).detach().double().cpu().numpy()
+            for j, frac in enumerate(fractions):
+                out[f"{attr}@{float(frac):g}"] = arr[:, j]
+    for name, value in result.items():
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                arr = torch.as_tensor(sub).detach().double().cpu().numpy()
+                if arr.shape == (batch,):
+                    out[f"{name}@{key}"] = arr
+            continue
+        if not torch.is_tensor(value):
+            continue
+        arr = value.detach().double().cpu().numpy()
+        if arr.shape == (batch,):
+            out[name] = arr
+        elif arr.ndim == 2 and arr.shape[0] == batch and f"{name}_fractions" in result:
+            for j, frac in enumerate(torch.as_tensor(result[f"{name}_fractions"]).tolist()):
+                out[f"{name}@{frac:g}"] = arr[:, j]
+    return out
+
+
+class _BoundGroundTruth:
+    """An explainer that needs the ground truth (the oracle), with it bound, so metrics that
+    re-run the method (Coherency) can call ``attribute(x, target)`` like any other."""
+
+    def __init__(self, explainer, gt):
+        self.explainer, self.gt = explainer, gt
+
+    def attribute(self, x, target=None):
+        return self.explainer.attribute(x, target, gt=self.gt[: x.shape[0]])
+
+    __call__ = attribute
+
+
+# ----------------------------------------------------------------------------- the runner
+class Runner:
+    def __init__(self, config: RunConfig, out_dir: str | os.PathLike,
+                 components: Components | None = None, progress: bool = True,
+                 overwrite: bool = False):
+        self.config = config
+        self.out = Path(out_dir)
+        self.c = components or Components()
+        self.progress = progress
+        self.overwrite = overwrite
+        self.configs = map_configs(config.methods, config.layers, config.mixes,
+                                   self.c.layer_methods, self.c.refinable, config.refine_layers,
+                                   config.method_grid)
+        if not self.configs:
+            raise ValueError("nothing to compute: no methods given")
+        if not config.metrics:
+            raise ValueError("nothing to compute: no metrics given")
+        if not config.models:
+            raise ValueError("no --model given")
+
+    # -- setup ---------------------------------------------------------------------------
+    def _load_models(self):
+        models, metas = [], []
+        for path in self.config.models:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--model {path}: no such checkpoint or run directory")
+            model, meta = self.c.load_model(path)
+            models.append(model.to(self.config.device).eval())
+            metas.append(dict(meta or {}))
+        return models, metas
+
+    def _prepare_config(self, metas) -> dict:
+        cfg = self.config
+        if not cfg.model_names:
+            cfg.model_names = _model_names(cfg.models, metas)
+        d = cfg.to_dict()
+        d["model_meta"] = {n: {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+                           for n, m in zip(cfg.model_names, metas)}
+        d["data_fingerprint"] = _data_fingerprint(cfg.data, self.c)
+        d["configs"] = [c.label for c in self.configs]
+        return d
+
+    def _check_or_write_config(self, d: dict) -> None:
+        path = self.out / "run_config.json"
+        stable = {k: v for k, v in d.items() if k not in _VOLATILE}
+        if path.exists() and not self.overwrite:
+            old = read_json(path)
+            old_stable = {k: v for k, v in old.items() if k not in _VOLATILE}
+            if config_hash(old_stable) != config_hash(stable):
+                diff = sorted(k for k in set(old_stable) | set(stable) if old_stable.get(k) != stable.get(k))
+                raise ValueError(
+                    f"{path}: this run directory holds a run with a different configuration "
+                    f"(differs in {diff}); use another --out or --overwrite")
+            fp_old, fp_new = old.get("data_fingerprint"), d.get("data_fingerprint")
+            if fp_old and fp_new and fp_old != fp_new:
+                raise ValueError(f"{path}: the dataset changed since this run started "
+                                 f"(fingerprint {fp_old} -> {fp_new}); use another --out or --overwrite")
+            return
+        if self.overwrite and (self.out / "chunks").exists():
+            import shutil
+
+            shutil.rmtree(self.out / "chunks")
+        write_json(path, d)
+
+    # -- main ----------------------------------------------------------------------------
+    def run(self, shard: tuple[int, int] = (0, 1), merge: bool | None = None) -> dict:
+        """Compute this shard's unfinished chunks. Merges when the whole run is done
+        (``merge=None``: only for an unsharded run). Returns a summary dict."""
+        models, metas = self._load_models()
+        cfg_dict = self._prepare_config(metas)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_or_write_config(cfg_dict)
+        dataset = self.c.dataset(self.config.data, self.config.split)
+        n_data = len(dataset)
+        a, b = self.config.image_range
+        if b > n_data:
+            raise ValueError(f"--images {a}:{b} asks for more images than the {self.config.split} split "
+                             f"of {self.config.data} has ({n_data})")
+        chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
+        todo = [(name, model, s, e) for name, model in zip(self.config.model_names, models)
+                for s, e in chunks if not chunk_is_done(self.out, name, s, e)]
+        summary = {"chunks_in_shard": len(chunks) * len(models), "chunks_computed": 0,
+                   "chunks_skipped": len(chunks) * len(models) - len(todo), "errors": 0}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo) * len(self.configs), unit="map-batch",
+                       desc=f"shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
+        try:
+            for name, model, s, e in todo:
+                summary["errors"] += self._run_chunk(name, model, dataset, s, e, bar)
+                summary["chunks_computed"] += 1
+        finally:
+            if bar is not None:
+                bar.close()
+        if merge or (merge is None and shard == (0, 1)):
+            summary["manifest"] = merge_run(self.out)
+        return summary
+
+    def _load_batch(self, dataset, start: int, stop: int):
+        items = [dataset[i] for i in range(start, stop)]
+        x = torch.stack([torch.as_tensor(it["image"], dtype=torch.float32) for it in items])
+        gt = torch.stack([torch.as_tensor(it["mask"], dtype=torch.float32).reshape(x.shape[-2:])
+                          for it in items])
+        label = torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long)
+        index = [int(it.get("index", start + k)) for k, it in enumerate(items)]
+        if index != list(range(start, stop)):
+            raise ValueError(f"dataset returned indices {index[:4]}... for images {start}:{stop}")
+        device = torch.device(self.config.device)
+        return x.to(device), gt.to(device), label.to(device)
+
+    def _run_chunk(self, name: str, model, dataset, start: int, stop: int, bar) -> int:
+        x, gt, label = self._load_batch(dataset, start, stop)
+        with torch.no_grad():
+            logits = model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        pred = probs.argmax(dim=1)
+        correct = pred == label
+        p_true = probs.gather(1, label[:, None])[:, 0].cpu().tolist()
+        preds = [{"model": name, "image": start + k, "label": lab, "pred": prd, "prob": p, "correct": lab == prd}
+                 for k, (lab, prd, p) in enumerate(zip(label.cpu().tolist(), pred.cpu().tolist(), p_true))]
+        keep = torch.nonzero(correct).flatten()
+        images = [start + int(k) for k in keep]
+        xc, gtc, yc = x[keep], gt[keep], label[keep]
+        rows, seconds, n_err = [], {}, 0
+        seed = chunk_seed(self.config.seed, start)
+        saved = {}
+        save_upto = self.config.image_range[0] + self.config.save_maps
+        for cfg in self.configs:
+            t0 = time.perf_counter()
+            if len(images):
+                new_rows, maps = self._config_rows(name, model, cfg, xc, yc, gtc, images, seed)
+                rows.extend(new_rows)
+                n_err += sum(r["status"] == "error" for r in new_rows)
+                if maps is not None:
+                    sel = [k for k, img in enumerate(images) if img < save_upto]
+                    if sel:
+                        saved[cfg.label] = maps[sel].detach().float().cpu().numpy().astype(np.float16)
+            seconds[cfg.label] = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+        if saved:
+            sel = [k for k, img in enumerate(images) if img < save_upto]
+            from validation.pipeline.table import atomic_write_bytes
+            import io
+
+            buf = io.BytesIO()
+            np.savez_compressed(buf, images=np.asarray([images[k] for k in sel]),
+                                x=xc[sel].cpu().numpy().astype(np.float16),
+                                gt=gtc[sel].cpu().numpy().astype(np.float16),
+                                labels=yc[sel].cpu().numpy(), configs=np.asarray(list(saved)),
+                                **{f"map_{i}": v for i, v in enumerate(saved.values())})
+            atomic_write_bytes(f"{chunk_stem(self.out, name, start, stop)}.maps.npz", buf.getvalue())
+        write_chunk(self.out, name, start, stop, rows, preds,
+                    {"n_images": stop - start, "n_correct": len(images), "seconds": seconds,
+                     "errors": n_err, "seed": seed})
+        return n_err
+
+    def _config_rows(self, name, model, cfg: MapConfig, x, y, gt, images, seed):
+        """Rows for one configuration on the chunk's correct images.
+
+        Failures are isolated as finely as possible: a method failing on the batch is retried
+        image by image; a failing evaluate() is retried metric by metric, then image by image,
+        so one bad (image, metric) costs only its own row. Returns (rows, maps with NaN for
+        images whose map failed)."""
+        rows, groups = [], []
+        try:
+            explainer, maps = self._maps(model, cfg, x, y, gt, seed)
+            groups.append((list(range(len(images))), explainer, maps))
+        except Exception as batch_err:
+            if len(images) == 1:
+                return self._error_rows(name, cfg, images, batch_err, "method"), None
+            for k, img in enumerate(images):
+                try:
+                    explainer, maps = self._maps(model, cfg, x[k:k + 1], y[k:k + 1], gt[k:k + 1], seed)
+                    groups.append(([k], explainer, maps))
+                except Exception as err:
+                    rows.extend(self._error_rows(name, cfg, [img], err, "method"))
+        full = torch.full((len(images),) + tuple(x.shape[-2:]), float("nan"), device=x.device)
+        for idx, explainer, maps in groups:
+            full[idx] = maps
+            rows.extend(self._metric_rows(name, cfg, model, explainer, x[idx], y[idx], gt[idx], maps,
+                                          [images[k] for k in idx], seed))
+        return rows, full
+
+    def _maps(self, model, cfg: MapConfig, x, y, gt, seed):
+        # Safety net for libraries that draw from torch's global RNG (e.g. captum's samplers):
+        # make their draws depend on the chunk only. Our own code uses explicit generators.
+        torch.manual_seed(seed)
+        explainer = self.c.explainer(model, cfg, self.config.refine_layers, self.config.method_options, seed)
+        if cfg.method in NEEDS_GT:
+            explainer = _BoundGroundTruth(explainer, gt)
+        maps = torch.as_tensor(explainer.attribute(x, y)).float()
+        if maps.shape != (x.shape[0],) + tuple(x.shape[-2:]):
+            raise ValueError(f"{cfg.label} returned maps of shape {tuple(maps.shape)}, "
+                             f"expected {(x.shape[0],) + tuple(x.shape[-2:])}")
+        return explainer, maps.detach()
+
+    def _evaluate(self, model, explainer, x, y, gt, maps, metrics, seed) -> dict[str, np.ndarray]:
+        torch.manual_seed(seed)
+        result = self.c.evaluate(model, x, y, maps, list(metrics), explainer, gt, self.config.metric_options)
+        values = _flatten_metric_values(result, x.shape[0])
+        missing = [m for m in metrics if m not in values]
+        if missing:
+            raise KeyError(f"evaluate() returned no per-sample values for {missing}")
+        reasons = getattr(result, "reasons", None) or {}
+        return values, reasons
+
+    def _metric_rows(self, name, cfg, model, explainer, x, y, gt, maps, images, seed):
+        metrics = list(self.config.metrics)
+        try:
+            return self._rows(name, cfg, images, *self._evaluate(model, explainer, x, y, gt, maps, metrics, seed))
+        except Exception:
+            pass  # isolate the failure below: metric by metric, then image by image
+        rows = []
+        for metric in metrics:
+            try:
+                values = self._evaluate(model, explainer, x, y, gt, maps, [metric], seed)
+                rows.extend(self._rows(name, cfg, images, *values))
+                continue
+            except Exception as err:
+                if len(images) == 1:
+                    rows.extend(self._error_rows(name, cfg, images, err, "metrics", [metric]))
+                    continue
+            for k, img in enumerate(images):
+                sl = slice(k, k + 1)
+                try:
+                    values = self._evaluate(model, explainer, x[sl], y[sl], gt[sl], maps[sl], [metric], seed)
+                    rows.extend(self._rows(name, cfg, [img], *values))
+                except Exception as err:
+                    rows.extend(self._error_rows(name, cfg, [img], err, "metrics", [metric]))
+        return rows
+
+    @staticmethod
+    def _rows(name, cfg: MapConfig, images, values: dict[str, np.ndarray], reasons: dict | None = None):
+        rows = []
+        reasons = reasons or {}
+        for metric in sorted(values):
+            arr = values[metric]
+            why = reasons.get(metric)
+            for k, img in enumerate(images):
+                v = float(arr[k])
+                ok = np.isfinite(v)
+                reason = "" if ok else ((why[k] if why is not None and why[k] else "") or "metric returned NaN/inf")
+                rows.append({"image": img, "model": name, "method": cfg.method, "layer": cfg.layer,
+                             "mix": cfg.mix, "metric": metric, "value": v if ok else np.nan,
+                             "status": "ok" if ok else "nan", "reason": reason})
+        return rows
+
+    def _error_rows(self, name, cfg: MapConfig, images, err, stage: str, metrics=None):
+        err.pipeline_stage = stage  # read by _error_text: did the method or a metric fail?
+        text = _error_text(cfg.label, err)
+        return [{"image": img, "model": name, "method": cfg.method, "layer": cfg.layer, "mix": cfg.mix,
+                 "metric": metric, "value": np.nan, "status": "error", "reason": text}
+                for img in images for metric in (metrics or self.config.metrics)]
+
+
+def run_eval(config: RunConfig, out_dir, shard=(0, 1), components: Components | None = None,
+             progress: bool = True, overwrite: bool = False, merge: bool | None = None) -> dict:
+    """Functional entry point of ``shapesynth-eval run``."""
+    return Runner(config, out_dir, components, progress, overwrite).run(shard, merge)

@@ -1,0 +1,188 @@
+"""``shapesynth-eval report``: one self-contained HTML page (figures embedded as base64, opens
+from disk without a server) plus the figures as PNG files beside it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from validation import analyze as A
+from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_text, read_json
+
+FIGURES = {
+    "correlation": "Metric validity: correlation with the ground-truth cosine",
+    "trivial": "Trivial maps vs real methods",
+    "refinecam": "RefineCAM before / after",
+    "road_curves": "ROAD curves",
+    "qualitative": "Qualitative grid",
+}
+
+
+def load_tables(run_dir: Path, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """The analysis tables of a run (computed now if ``analyze`` has not been run)."""
+    folder = run_dir / "analysis"
+    if not all((folder / f"{name}.csv").exists() for name in A.TABLES):
+        return A.analyze_run(run_dir, folder, n_boot=n_boot)
+    out = {}
+    for name in A.TABLES:
+        try:
+            out[name] = pd.read_csv(folder / f"{name}.csv", keep_default_na=True)
+        except pd.errors.EmptyDataError:
+            out[name] = pd.DataFrame()
+    return out
+
+
+def load_saved_maps(run_dir: Path, model: str) -> dict | None:
+    """Concatenate the maps kept for the report (``--save-maps``) over a model's chunks."""
+    files = sorted((run_dir / "chunks" / model).glob("*.maps.npz"))
+    if not files:
+        return None
+    parts = [dict(np.load(f, allow_pickle=False)) for f in files]
+    configs = list(parts[0]["configs"])
+    parts = [p for p in parts if list(p["configs"]) == configs]
+    out = {"configs": np.asarray(configs)}
+    for key in ["images", "x", "gt", "labels"] + [f"map_{i}" for i in range(len(configs))]:
+        out[key] = np.concatenate([p[key] for p in parts])
+    return out
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table_html(df: pd.DataFrame, max_rows: int = 400) -> str:
+    if df is None or df.empty:
+        return "<p><em>no rows: the run has no data for this table</em></p>"
+    shown = df.head(max_rows)
+    text = shown.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="nan", border=0,
+                         classes="t", escape=True)
+    if len(df) > max_rows:
+        text += f"<p><em>{len(df) - max_rows} more rows in the CSV</em></p>"
+    return text
+
+
+def _summary(run_dir: Path) -> str:
+    man = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
+    cfg = man.get("config") or (read_json(run_dir / "run_config.json") if (run_dir / "run_config.json").exists() else {})
+    items = []
+    for name, meta in (cfg.get("model_meta") or {}).items():
+        imgs = man.get("images", {}).get(name, {})
+        acc = meta.get("test_accuracy")
+        items.append(f"<li><b>{html.escape(name)}</b>: arch {html.escape(str(meta.get('arch')))}, "
+                     f"test accuracy {acc if acc is None else f'{float(acc):.4f}'}; "
+                     f"{imgs.get('evaluated', '?')} images evaluated, {imgs.get('misclassified', '?')} "
+                     f"misclassified and skipped {imgs.get('misclassified_images', [])[:20]}</li>")
+    rows = [
+        ("data", cfg.get("data")), ("data fingerprint", cfg.get("data_fingerprint")),
+        ("image range", cfg.get("image_range")), ("methods", ", ".join(cfg.get("methods", []))),
+        ("layers", ", ".join(cfg.get("layers", []))), ("aggregators", ", ".join(cfg.get("mixes", []))),
+        ("metrics", ", ".join(cfg.get("metrics", []))),
+        ("method options (budget)", json.dumps(cfg.get("method_options", {}), sort_keys=True)),
+        ("metric options", json.dumps(cfg.get("metric_options", {}), sort_keys=True)),
+        ("rows / status", f"{man.get('rows')} rows, {man.get('status_counts')}"),
+        ("compute time", f"{man.get('compute_seconds', 0):.0f} s of map+metric time (sum over chunks)"),
+        ("versions", json.dumps(man.get("versions", {}), sort_keys=True)),
+    ]
+    profile = run_dir / "profile.json"
+    if profile.exists():
+        rows.insert(0, ("profile", json.dumps(read_json(profile), sort_keys=True)))
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<ul>{''.join(items)}</ul><table class='kv'>{table}</table>"
+
+
+def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
+    from validation.report import figures as F
+
+    cfg = read_json(run_dir / "run_config.json") if (run_dir / "run_config.json").exists() else {}
+    layers = cfg.get("layers") or []
+    shallow = layers[0] if layers else None
+    made = {}
+    if len(tables.get("a_validity", [])):
+        made["correlation"] = F.save(F.correlation_bars(tables["a_validity"]), fig_dir / "correlation.png")
+    if len(tables.get("b_trivial", [])):
+        made["trivial"] = F.save(F.trivial_bars(tables["b_trivial"]), fig_dir / "trivial.png")
+    if len(tables.get("c_refinecam", [])):
+        made["refinecam"] = F.save(F.refine_bars(tables["c_refinecam"]), fig_dir / "refinecam.png")
+    if len(tables.get("f_road_curves", [])):
+        made["road_curves"] = F.save(F.road_curves(tables["f_road_curves"], shallow), fig_dir / "road_curves.png")
+    names = cfg.get("model_names") or []
+    saved = load_saved_maps(run_dir, names[0]) if names else None
+    if saved is not None:
+        configs = [str(c) for c in saved["configs"]]
+        # one map per method: the unrefined map at the shallowest layer (or layer-free)
+        columns, seen = [], set()
+        for c in configs:
+            method = c.split("@")[0].split("+")[0]
+            if "+" in c or method in seen or ("@" in c and shallow and not c.endswith(f"@{shallow}")):
+                continue
+            seen.add(method)
+            columns.append(c)
+        pair = None
+        for base in ("gradcampp", "gradcam", "layercam", "scorecam", "shapleycam"):
+            if shallow and f"{base}@{shallow}+product" in configs:
+                pair = (f"{base}@{shallow}", f"{base}@{shallow}+product")
+                break
+        made["qualitative"] = F.save(F.qualitative_grid(saved, columns, pair), fig_dir / "qualitative.png", dpi=90)
+    return made
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table.t,table.kv{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}
+table.t td,table.t th,table.kv td,table.kv th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+table.kv th{text-align:left;background:#f4f4f4}table.kv td{text-align:left;word-break:break-all}
+img{max-width:100%;border:1px solid #eee}h2{border-bottom:1px solid #ddd;margin-top:2em}
+.holds{color:#070}.FAILS{color:#b00;font-weight:bold}"""
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000) -> Path:
+    """Write ``index.html`` and ``figures/*.png`` into ``out_dir`` (default RUN_DIR/report)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    tables = load_tables(run_dir, n_boot=n_boot)
+    figs = make_figures(run_dir, tables, out_dir / "figures")
+    exp = tables.get("expectations", pd.DataFrame())
+    exp_rows = "".join(
+        f"<tr><td>{html.escape(str(r.expectation))}</td><td>{html.escape(str(r.found))}</td>"
+        f"<td class='{html.escape(str(r.status))}'>{html.escape(str(r.status))}</td></tr>"
+        for r in exp.itertuples()) if len(exp) else ""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>shapesynth meta-evaluation: "
+             f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>Meta-evaluation report: {html.escape(run_dir.name)}</h1>",
+             "<p>Do attribution metrics agree with pixel-exact ground truth, and can a trivial map fool "
+             "them? Every number below comes from this run's long table (<code>results.parquet</code>); "
+             "the tables are in <code>analysis/</code> as CSV.</p>",
+             "<h2>Run</h2>", _summary(run_dir),
+             "<h2>Expectations from the papers, as found</h2>",
+             "<table class='t'><tr><th>expectation</th><th>found</th><th>status</th></tr>" + exp_rows + "</table>"
+             if exp_rows else "<p><em>no expectations could be checked</em></p>"]
+    sections = [
+        ("a_validity", "correlation"), ("b_trivial_verdict", "trivial"), ("b_trivial", None),
+        ("c_refinecam", "refinecam"), ("d_aggregators", None), ("e_localisation", None),
+        ("f_road_curves", "road_curves"),
+    ]
+    for name, fig in sections:
+        parts.append(f"<h2>{html.escape(name)}: {html.escape(A.TABLES[name])}</h2>")
+        if fig in figs:
+            parts.append(_img_tag(figs[fig], FIGURES[fig]))
+        table = tables.get(name, pd.DataFrame())
+        if name == "f_road_curves" and len(table):
+            table = table[table["mix"] == IDENTITY]
+        parts.append(_table_html(table))
+    if "qualitative" in figs:
+        parts.append("<h2>Qualitative grid</h2><p>Image, ground truth, each method's unrefined map at the "
+                     "shallowest layer (layer-free methods as they are), then base vs RefineCAM (product).</p>")
+        parts.append(_img_tag(figs["qualitative"], FIGURES["qualitative"]))
+    parts.append("</body></html>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "NO_LAYER"]

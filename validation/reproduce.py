@@ -1,0 +1,261 @@
+"""``shapesynth-eval reproduce --profile quick|paper --out DIR``: generate, train, run, analyze
+and report from one YAML profile, reusing whatever already exists.
+
+Layout under ``DIR``::
+
+    DIR/data/                   the generated dataset (reused when it loads and is large enough)
+    DIR/models/<arch>/          one training run per architecture (reused when it loads)
+    DIR/run/                    the evaluation run (finished chunks are reused: resume)
+    DIR/run/analysis/, DIR/run/report/index.html
+    DIR/reproduce.json          what each step did and how long it took
+
+Generation and training are the other packages' command lines, run as subprocesses with the
+argument lists the profile gives (placeholders ``{data}``, ``{model_dir}``, ``{arch}``,
+``{image_size}``, ``{python}``), so a profile states exactly what was run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from validation.pipeline.table import read_json, write_json
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+STEPS = ("generate", "train", "run", "analyze", "report")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> dict:
+    """A built-in profile by name (``quick``, ``paper``) or a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"profile {name_or_path!r}: no such file {path}; built-in profiles: "
+                                f"{', '.join(available_profiles())}")
+    profile = yaml.safe_load(path.read_text())
+    for key in ("data", "train", "eval"):
+        if key not in profile:
+            raise ValueError(f"profile {path}: missing section {key!r}")
+    profile.setdefault("name", path.stem)
+    return profile
+
+
+def _fill(args, **values) -> list[str]:
+    return [str(a).format(**values) for a in args]
+
+
+def _run_command(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"command failed (exit {done.returncode}): {' '.join(cmd)}\n"
+                           f"--- last lines of {log} ---\n{tail}")
+
+
+def _dataset_ready(data: Path, split: str, n_needed: int) -> bool:
+    if not data.exists():
+        return False
+    try:
+        from shapesynth.torchdata import ShapesDataset
+
+        return len(ShapesDataset(str(data), split=split)) >= n_needed
+    except Exception:  # unreadable or partial: regenerate
+        return False
+
+
+def _model_ready(model_dir: Path):
+    """(ready, meta). A model is reused when it loads; its accuracy is checked separately."""
+    if not model_dir.exists():
+        return False, None
+    try:
+        from trainers import load_model
+
+        _, meta = load_model(str(model_dir))
+        return True, meta
+    except Exception:
+        return False, None
+
+
+class Reproduction:
+    def __init__(self, profile: dict, out: str | os.PathLike, progress: bool = True, components=None):
+        self.components = components  # injected collaborators of `run` (tests); default: the real ones
+        self.p = profile
+        self.out = Path(out)
+        self.progress = progress
+        self.data = self.out / "data"
+        self.run_dir = self.out / "run"
+        self.record = {"profile": profile.get("name"), "steps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.values = {"data": str(self.data), "python": sys.executable,
+                       "image_size": profile["data"].get("image_size", 128)}
+
+    def model_dirs(self) -> dict[str, Path]:
+        return {arch: self.out / "models" / arch for arch in self.p["train"]["models"]}
+
+    def _time(self, step: str, fn) -> None:
+        t0 = time.perf_counter()
+        info = fn() or {}
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        self.record["steps"][step] = info
+        write_json(self.out / "reproduce.json", self.record)
+        print(f"[reproduce] {step}: {info}", flush=True)
+
+    @staticmethod
+    def _command(spec: dict, module: str, **values) -> list[str]:
+        """``command`` (a full argument list) or ``args`` for ``python -m <module>``."""
+        if spec.get("command"):
+            return _fill(spec["command"], **values)
+        if not spec.get("args"):
+            raise ValueError(f"profile: a {module} step needs 'args' (or 'command')")
+        return [sys.executable, "-m", module] + _fill(spec["args"], **values)
+
+    # -- steps -------------------------------------------------------------------------
+    def generate(self):
+        ev = self.p["eval"]
+        need = int(ev.get("n_images", 200))
+        if _dataset_ready(self.data, ev.get("split", "test"), need):
+            return {"reused": True}
+        cmd = self._command(self.p["data"], "shapesynth", **self.values)
+        _run_command(cmd, self.out / "logs" / "generate.log")
+        if not _dataset_ready(self.data, ev.get("split", "test"), need):
+            raise RuntimeError(f"{self.data}: generation finished but the {ev.get('split', 'test')} split "
+                               f"does not hold {need} images; check the profile's data args")
+        return {"reused": False, "command": " ".join(cmd)}
+
+    def train(self):
+        tr = self.p["train"]
+        min_acc = tr.get("min_test_accuracy")
+        info = {}
+        for arch, model_dir in self.model_dirs().items():
+            ready, meta = _model_ready(model_dir)
+            trained = not ready
+            if trained:
+                spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **(tr["models"][arch] or {})}
+                cmd = self._command(spec, "trainers", arch=arch, model_dir=str(model_dir), **self.values)
+                _run_command(cmd, self.out / "logs" / f"train_{arch}.log")
+                ready, meta = _model_ready(model_dir)
+                if not ready:
+                    raise RuntimeError(f"{model_dir}: training finished but trainers.load_model cannot load it")
+            acc = (meta or {}).get("test_accuracy")
+            info[arch] = {"reused": not trained, "test_accuracy": acc}
+            if min_acc is not None and (acc is None or float(acc) < float(min_acc)):
+                raise RuntimeError(f"{arch}: test accuracy {acc} is below the profile's minimum {min_acc}; "
+                                   f"the evaluation would not be faithful (see {model_dir})")
+        return info
+
+    def run(self):
+        from validation.cli import all_methods
+        from validation.pipeline.run import DEFAULT_METRICS, RunConfig, run_eval
+
+        ev = self.p["eval"]
+        methods = ev.get("methods", "all")
+        metrics = ev.get("metrics", "all")
+        config = RunConfig(
+            data=str(self.data), models=[str(d) for d in self.model_dirs().values()],
+            methods=all_methods() if methods == "all" else list(methods),
+            metrics=list(DEFAULT_METRICS) if metrics == "all" else list(metrics),
+            layers=list(ev.get("layers", ["stage1", "stage2", "stage3", "stage4"])),
+            mixes=list(ev.get("mixes", ["identity", "product", "geomean", "invexp"])),
+            refine_layers=list(ev.get("refine_layers") or []), method_grid=ev.get("method_grid") or {},
+            image_range=(0, int(ev.get("n_images", 200))), split=ev.get("split", "test"),
+            chunk_size=int(ev.get("chunk_size", 16)), seed=int(ev.get("seed", 0)),
+            method_options=ev.get("method_options") or {}, metric_options=ev.get("metric_options") or {},
+            save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")))
+        workers = int(ev.get("workers", 1))
+        if workers > 1:
+            summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
+        else:
+            if ev.get("threads"):
+                import torch
+
+                torch.set_num_threads(int(ev["threads"]))
+            summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress)
+        write_json(self.run_dir / "profile.json",
+                   {"name": self.p.get("name"), "description": self.p.get("description"),
+                    "budget_notes": self.p.get("budget_notes")})
+        summary.pop("manifest", None)
+        return summary
+
+    def _run_sharded(self, config, workers: int, threads: int) -> dict:
+        """Split the run over ``workers`` local processes (``run --shard i/n``), then merge."""
+        from validation.pipeline.table import merge_run
+
+        opts = self.run_dir / "options"
+        write_json(opts / "method_options.json", config.method_options)
+        write_json(opts / "metric_options.json", config.metric_options)
+        write_json(opts / "method_grid.json", config.method_grid)
+        a, b = config.image_range
+        base = [sys.executable, "-m", "validation", "run", "--data", config.data,
+                "--methods", ",".join(config.methods), "--metrics", ",".join(config.metrics),
+                "--layers", ",".join(config.layers), "--refine-layers", ",".join(config.refine_layers),
+                "--mix", ",".join(config.mixes), "--images", f"{a}:{b}", "--split", config.split,
+                "--chunk-size", str(config.chunk_size), "--seed", str(config.seed),
+                "--method-options", str(opts / "method_options.json"),
+                "--metric-options", str(opts / "metric_options.json"),
+                "--method-grid", str(opts / "method_grid.json"),
+                "--save-maps", str(config.save_maps), "--threads", str(threads), "--device", config.device,
+                "--out", str(self.run_dir)]
+        for m in config.models:
+            base += ["--model", m]
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        procs = []
+        for i in range(workers):
+            cmd = base + ["--shard", f"{i}/{workers}"] + ([] if (self.progress and i == 0) else ["--no-progress"])
+            log = open(logs / f"run_shard{i}.log", "a")
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT), log, cmd))
+        failed = []
+        for proc, log, cmd in procs:
+            if proc.wait() != 0:
+                failed.append(" ".join(cmd))
+            log.close()
+        if failed:
+            raise RuntimeError(f"{len(failed)} shard process(es) failed (see {logs}/run_shard*.log): {failed[0]}")
+        manifest = merge_run(self.run_dir)
+        return {"workers": workers, "threads_per_worker": threads, "rows": manifest["rows"],
+                "status_counts": manifest["status_counts"]}
+
+    def analyze(self):
+        from validation.analyze import analyze_run
+
+        analyze_run(self.run_dir, n_boot=int(self.p.get("analyze", {}).get("n_boot", 1000)))
+        return {"tables": str(self.run_dir / "analysis")}
+
+    def report(self):
+        from validation.report import write_report
+
+        return {"report": str(write_report(self.run_dir))}
+
+
+def reproduce(profile: str, out: str | os.PathLike, steps=None, progress: bool = True,
+              components=None) -> dict:
+    prof = load_profile(profile)
+    steps = list(steps or STEPS)
+    bad = sorted(set(steps) - set(STEPS))
+    if bad:
+        raise ValueError(f"unknown steps {bad}; choose from {', '.join(STEPS)}")
+    r = Reproduction(prof, out, progress, components)
+    r.out.mkdir(parents=True, exist_ok=True)
+    if (r.out / "reproduce.json").exists():
+        r.record["previous"] = read_json(r.out / "reproduce.json").get("steps")
+    total = time.perf_counter()
+    for step in STEPS:
+        if step in steps:
+            r._time(step, getattr(r, step))
+    r.record["total_seconds"] = round(time.perf_counter() - total, 1)
+    write_json(r.out / "reproduce.json", r.record)
+    return r.record
