@@ -131,7 +131,7 @@ def write_card(
     atomic_write(out / "backgrounds.json", json.dumps(listing, indent=1, sort_keys=True) + "\n")
     audit_text, audit_ok = _audit(metas, alpha)
     preview_split = next(s for s in ("train", "test", "val") if s in metas and len(metas[s]))
-    write_preview(out, out / "examples.png", split=preview_split)
+    write_preview(out, out / "examples.png", split=preview_split, per_class=3, scale=2 if cfg.image_size < 96 else 1)
     writer = get_format(fmt)
     configs_yaml = "\n".join(f"  - split: {s}\n    path: {writer.data_files(s)}" for s in metas)
     load = {

@@ -36,6 +36,27 @@ def _difficulty(text: str) -> float | str:
         return text
 
 
+def _size_bands(text: str) -> tuple[tuple[float, float], ...]:
+    """'0.31-0.39,0.16-0.19' -> ((0.31, 0.39), (0.16, 0.19)): fractions of the image side."""
+    try:
+        bands = tuple(tuple(float(v) for v in part.split("-")) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size bands look like 0.31-0.39,0.16-0.19 (got {text!r})") from None
+    if any(len(b) != 2 for b in bands):
+        raise argparse.ArgumentTypeError(f"each size band is low-high (got {text!r})")
+    return bands
+
+
+def _pool_sizes(text: str) -> dict[str, int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(SPLITS):
+        raise argparse.ArgumentTypeError(f"pool sizes are three integers train,val,test (got {text!r})")
+    return dict(zip(SPLITS, sizes))
+
+
 def config_from_args(args) -> SynthConfig:
     d = _load_config(args.config)
     if args.difficulty is not None:  # a preset first, so explicit knob flags still win
@@ -48,6 +69,9 @@ def config_from_args(args) -> SynthConfig:
         "min_contrast": args.min_contrast,
         "clutter": args.clutter,
         "clutter_contrast": args.clutter_contrast,
+        "size_bands": args.size_bands,
+        "stroke_fraction": args.stroke_fraction,
+        "bg_pool_sizes": args.pool_sizes,
     }
     d.update({k: v for k, v in flags.items() if v is not None})
     sizes = dict(d.get("split_sizes", SynthConfig().split_sizes))
@@ -80,6 +104,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int)
     for split in SPLITS:
         p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split")
+    p.add_argument(
+        "--size-bands", type=_size_bands,
+        help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19,0.08-0.094 (the default)",
+    )
+    p.add_argument("--stroke-fraction", type=float, help="stroke width of empty shapes / size (default 0.2)")
+    p.add_argument("--pool-sizes", type=_pool_sizes, help="procedural background bases per split: train,val,test (default 256,32,64)")
     p.add_argument("--backgrounds", help="a folder of background images (or an HF dataset with --backgrounds-source hf)")
     for split in SPLITS:
         p.add_argument(f"--backgrounds-{split}", help=f"a separate folder of {split} backgrounds")

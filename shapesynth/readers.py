@@ -94,6 +94,16 @@ def open_split(path: str | Path, split: str) -> SplitRecords:
     return SplitRecords(None, recs, where)
 
 
+def load_config(path: str | Path):
+    """The `SynthConfig` a dataset folder was generated with (from its ``shapesynth.json``)."""
+    from shapesynth.config import SynthConfig
+
+    manifest = Path(path) / MANIFEST
+    if not manifest.exists():
+        raise OutputError(f"{path} has no {MANIFEST}: the recipe of this dataset is unknown")
+    return SynthConfig.from_dict(json.loads(manifest.read_text())["config"])
+
+
 def load_metadata(path: str | Path, split: str) -> pd.DataFrame:
     """The label and metadata columns of a split (no pixels decoded)."""
     out = Path(path)

@@ -69,7 +69,11 @@ def colour_contrast(colour: np.ndarray, background: np.ndarray, alpha: np.ndarra
 
 
 class ShapeSynth:
-    """The generator. Background pools are built once per instance, lazily, and cached."""
+    """The generator.
+
+    Background pools are built on first use and memoised per pool-relevant config (see
+    `shapesynth.backgrounds.build_pools`), so instances with the same recipe share them.
+    """
 
     def __init__(self, config: SynthConfig | None = None, pools: dict[str, BackgroundPool] | None = None):
         self.config = config if config is not None else SynthConfig()
@@ -117,22 +121,11 @@ class ShapeSynth:
         (y0, y1, x0, x1), alpha, region = coverage(label, p.size, p.angle, p.cx, p.cy, cfg.image_size, stroke)
         bg_box = p.background[y0:y1, x0:x1]
 
-        tries = 0
         if colour is None:
-            best, best_contrast = None, -1.0
-            for tries, candidate in enumerate(p.draws.colours(), start=1):
-                if tries > cfg.max_colour_tries:
-                    tries -= 1
-                    break
-                contrast = colour_contrast(candidate, bg_box, alpha)
-                if contrast > best_contrast:
-                    best, best_contrast = candidate, contrast
-                if contrast >= cfg.min_contrast:
-                    break
-            colour_arr = best
+            colour_arr, contrast, tries = self._pick_colour(p.draws, bg_box, alpha)
         else:
-            colour_arr = np.asarray(colour, dtype=np.int64)
-        contrast = colour_contrast(colour_arr, bg_box, alpha)
+            colour_arr, tries = np.asarray(colour, dtype=np.int64), 0
+            contrast = colour_contrast(colour_arr, bg_box, alpha)
 
         image = p.background.copy()
         a = alpha[..., None]
@@ -144,8 +137,8 @@ class ShapeSynth:
         full_region = np.zeros((s, s), np.float32)
         full_region[y0:y1, x0:x1] = region
 
-        ys, xs = np.nonzero(alpha)
-        bbox = [int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1]
+        rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+        bbox = [int(cols[0]) + x0, int(rows[0]) + y0, int(cols[-1]) + x0 + 1, int(rows[-1]) + y0 + 1]
         kind, filled = class_geometry(label)
         meta = {
             "split": p.split,
@@ -179,6 +172,33 @@ class ShapeSynth:
             background=p.background,
             colour=tuple(int(v) for v in colour_arr),
         )
+
+    def _pick_colour(self, draws: SampleDraws, bg_box: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """The first candidate colour that meets min_contrast (else the best of max tries).
+
+        Candidates are scored in small batches over the covered pixels only; the result is the
+        same as trying them one by one.
+        """
+        cfg = self.config
+        covered = alpha > 0
+        weights = alpha[covered] / np.float32(alpha[covered].sum() * _MAX_CONTRAST)
+        under = bg_box[covered].astype(np.float32)  # (m, 3)
+        candidates = draws.colours()
+        best, best_contrast, tried = None, -1.0, 0
+        while tried < cfg.max_colour_tries:
+            k = min(4 if tried == 0 else 16, cfg.max_colour_tries - tried)
+            batch = np.stack([next(candidates) for _ in range(k)])
+            diff = under[None] - batch[:, None, :].astype(np.float32)  # (k, m, 3)
+            contrasts = (np.sqrt((diff * diff).sum(axis=2)) * weights).sum(axis=1)
+            met = np.flatnonzero(contrasts >= cfg.min_contrast)
+            if met.size:
+                j = int(met[0])
+                return batch[j], float(contrasts[j]), tried + j + 1
+            j = int(np.argmax(contrasts))
+            if contrasts[j] > best_contrast:
+                best, best_contrast = batch[j], float(contrasts[j])
+            tried += k
+        return best, best_contrast, tried
 
     def sample(self, split: str, i: int, epoch: int = 0, n: int | None = None) -> Sample:
         """Sample i of a split (of n samples; default the configured split size)."""

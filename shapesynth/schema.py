@@ -18,7 +18,7 @@ PNG_PARAMS = [
     cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FAST_FILTERS,
 ]
 
-# metadata columns: name -> (kind, from meta); lists are fixed length
+# metadata columns: name -> arrow value type; "type[n]" is a fixed-length list
 META_COLUMNS: dict[str, str] = {
     "index": "int64",
     "class_name": "string",

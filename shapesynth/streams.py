@@ -1,9 +1,11 @@
 """Independent, seeded random streams.
 
-Every random attribute of a sample has its own stream keyed by (seed, split, epoch, index,
-attribute), so changing how one attribute is drawn (or how often the colour is resampled) can
-never shift another, and sample i is a pure function of its key whatever the process or shard
-that renders it. Nothing here touches global random state.
+Every random attribute of a sample draws from its own stream keyed by (seed, split, epoch,
+index, attribute) (`SampleDraws`), so changing how one attribute is drawn (or how often the
+colour is resampled) can never shift another, and sample i is a pure function of its key
+whatever the process or shard that renders it. Per-split draws (the label order) and
+procedural background bases have streams of their own. Nothing here touches global random
+state.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import hashlib
 import numpy as np
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
-ATTRIBUTES = ("labels", "band", "size", "angle", "position", "colour", "background", "pool")
-_ATTR_CODES = {name: k + 1 for k, name in enumerate(ATTRIBUTES)}
+# per-split streams; code 0 of the spawn key is taken by the per-sample draws
+_SPLIT_STREAM_CODES = {"labels": 1}
 
 
 def split_code(split: str) -> int:
@@ -24,9 +26,9 @@ def split_code(split: str) -> int:
         raise ValueError(f"unknown split {split!r} (known: {tuple(_SPLIT_CODES)})") from None
 
 
-def stream(seed: int, split: str, epoch: int, index: int, attribute: str) -> np.random.Generator:
-    """The generator of one attribute of one sample (index -1 for per-split draws)."""
-    key = (_ATTR_CODES[attribute], split_code(split), int(epoch), int(index) + 1)
+def split_stream(seed: int, split: str, epoch: int, purpose: str) -> np.random.Generator:
+    """The generator of one per-split draw (e.g. the label order of an epoch)."""
+    key = (_SPLIT_STREAM_CODES[purpose], split_code(split), int(epoch), 0)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=key)))
 
 
@@ -88,7 +90,7 @@ def balanced_labels(seed: int, split: str, epoch: int, n: int, num_classes: int)
     When n is not a multiple of the class count, which classes get the extra sample is also
     drawn at random, so no class is systematically favoured.
     """
-    rng = stream(seed, split, epoch, -1, "labels")
+    rng = split_stream(seed, split, epoch, "labels")
     base = np.arange(n, dtype=np.int64) % num_classes
     remainder = n % num_classes
     if remainder:

@@ -109,6 +109,26 @@ class ShapesDataset(Dataset):
     def metadata(self, i: int) -> dict:
         return self.records.metadata(i)
 
+    @property
+    def synth(self) -> ShapeSynth:
+        """The generator of this dataset, rebuilt from its recipe (``shapesynth.json``)."""
+        if getattr(self, "_synth", None) is None:
+            from shapesynth.readers import load_config
+
+            self._synth = ShapeSynth(load_config(self.path))
+        return self._synth
+
+    def counterfactual(self, i: int, label: int | None = None) -> dict:
+        """Item i re-rendered as class `label` (same background, placement and colour), or, with
+        label None, its background alone (mask and region all zero)."""
+        index = int(self.records.metadata(i)["index"])
+        if label is None:
+            bg = self.synth.background_only(self.split, index)
+            zeros = np.zeros(bg.shape[:2], np.float32)
+            return _to_item(bg, zeros, zeros, -1, index, self.transform)
+        s = self.synth.counterfactual(self.split, index, label)
+        return _to_item(s.image, s.mask, s.region, s.label, index, self.transform)
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self.records):
             raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self.records)} samples")

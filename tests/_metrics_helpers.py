@@ -61,12 +61,12 @@ class Normalised(torch.nn.Module):
 
     def __init__(self, net):
         super().__init__()
-        self.net = net
+        self.backbone = net
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x):
-        return self.net((x - self.mean) / self.std)
+        return self.backbone((x - self.mean) / self.std)
 
 
 def resnet18(seed=0, num_classes=6):

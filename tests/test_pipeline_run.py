@@ -239,3 +239,14 @@ def test_failing_metric_costs_only_its_own_rows(models, tmp_path):
     # the oracle needs the ground truth; metrics that re-run the method still work on it
     rec = res[(res.method == "oracle") & (res.metric == "recompute")]
     assert len(rec) > 0 and (rec.status == "ok").all()
+
+
+def test_method_grid_max_images_limits_one_method(models, tmp_path):
+    out = tmp_path / "run"
+    cfg = S.config(models, methods=["cam", "grad"], method_grid={"grad": {"max_images": 6}})
+    run_eval(cfg, out, components=S.components(), progress=False)
+    res = load_results(out)
+    assert res[res.method == "grad"].image.max() < 6
+    assert res[res.method == "cam"].image.max() >= 6
+    saved = np.load(next((out / "chunks" / "alpha").glob("*.maps.npz")))
+    assert len(saved["images"]) > 0

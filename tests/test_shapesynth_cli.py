@@ -72,6 +72,7 @@ def test_preview_of_a_missing_folder(tmp_path, capsys):
         (["--shard", "3/2"], "--shard"),
         (["--shard", "half"], "--shard"),
         (["--num-proc", "0"], "--num-proc"),
+        (["--image-size", "32", "--size-bands", "0.8-0.9"], "cannot fit"),
         (["--config", "/no/such/config.json"], "does not exist"),
     ],
 )
@@ -166,3 +167,18 @@ def test_card_command_rewrites_the_same_card(generated):
     (generated / "README.md").unlink()
     assert main(["card", "--data", str(generated)]) == 0
     assert (generated / "README.md").read_text() == before
+
+
+def test_shape_and_pool_flags_reach_the_config():
+    from shapesynth.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["generate", "--out", "x", "--image-size", "64", "--size-bands", "0.3-0.35,0.15-0.2", "--stroke-fraction", "0.25", "--pool-sizes", "10,2,3"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.size_bands == ((0.3, 0.35), (0.15, 0.2)) and cfg.stroke_fraction == 0.25
+    assert cfg.bg_pool_sizes == {"train": 10, "val": 2, "test": 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--out", "x", "--size-bands", "big"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--out", "x", "--pool-sizes", "1,2"])

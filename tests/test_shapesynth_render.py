@@ -290,3 +290,21 @@ def test_synthstream_curriculum_switches_config():
     stream.set_config(SynthConfig(**SMALL).with_difficulty("hard"))
     hard = stream[0]["image"]
     assert not torch.equal(easy, hard) and int(stream[0]["label"]) == int(SynthStream(SynthConfig(**SMALL), length=6)[0]["label"])
+
+
+def test_colours_are_uniform_when_no_contrast_is_required():
+    synth = ShapeSynth(SynthConfig(**{**SMALL, "min_contrast": 0.0, "split_sizes": {"train": 600, "val": 6, "test": 6}}))
+    colours = np.array([synth.sample("train", i).colour for i in range(600)])
+    for channel in range(3):
+        counts = np.bincount(colours[:, channel] // 32, minlength=8)
+        assert stats.chisquare(counts).pvalue > 1e-3
+    assert stats.pearsonr(colours[:, 0], colours[:, 1]).pvalue > 1e-3
+
+
+def test_synthstream_through_dataloader_workers_matches_direct_rendering():
+    from torch.utils.data import DataLoader
+
+    stream = SynthStream(SynthConfig(**SMALL), split="val", length=8)
+    direct = torch.stack([stream[i]["image"] for i in range(8)])
+    loaded = torch.cat([b["image"] for b in DataLoader(stream, batch_size=3, num_workers=2)])
+    assert torch.equal(direct, loaded)

@@ -279,3 +279,17 @@ def test_card_has_yaml_counts_pools_grid_and_audit(hub_dir):
     assert dataset_fingerprint(hub_dir) in text
     cfg = json.loads((hub_dir / "shapesynth.json").read_text())["config"]
     assert SynthConfig.from_dict(cfg) == CFG
+
+
+def test_counterfactuals_of_a_dataset_on_disk(hub_dir):
+    ds = ShapesDataset(hub_dir, split="test")
+    item = ds[3]
+    same = ds.counterfactual(3, int(item["label"]))
+    assert torch.equal(same["image"], item["image"]) and torch.equal(same["mask"], item["mask"])
+    other = (int(item["label"]) + 1) % 6
+    cf = ds.counterfactual(3, other)
+    assert int(cf["label"]) == other and not torch.equal(cf["mask"], item["mask"])
+    bg = ds.counterfactual(3)
+    outside = item["mask"][0] == 0
+    assert torch.equal(bg["image"][:, outside], item["image"][:, outside])
+    assert bg["mask"].sum() == 0

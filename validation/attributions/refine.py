@@ -53,9 +53,10 @@ class RefineCAM(Explainer):
         self.layers = self.base.resolve(layers)
         if len({id(l.module) for l in self.layers}) != len(self.layers):
             raise ValueError("layers must be distinct modules")
-        self.refined = self.layers[0] if layer is None else self.base.resolve([layer])[0]
-        if all(l.module is not self.refined.module for l in self.layers):
-            raise ValueError(f"layer {self.refined.name!r} is not among the listed layers")
+        self.refined = None if layer is None else self.base.resolve([layer])[0]  # None: the shallowest
+        if self.refined is not None and all(l.module is not self.refined.module for l in self.layers):
+            raise ValueError(f"layer {self.refined.name!r} is not among the listed layers "
+                             f"{[l.name for l in self.layers]}")
         self.mix = mix
 
     def _explain_raw(self, x, target, guard, **inputs):
@@ -63,7 +64,8 @@ class RefineCAM(Explainer):
             raise TypeError(f"refinecam takes no per-call inputs, got {sorted(inputs)}")
         raws, target, rank = self.base._layer_maps(x, target, self.layers, guard)
         size = tuple(x.shape[-2:])
-        l_rank = rank[[l.module for l in self.layers].index(self.refined.module)]
+        modules = [l.module for l in self.layers]
+        l_rank = 0 if self.refined is None else rank[modules.index(self.refined.module)]
         chosen = [self.base.postprocess(raw, size)[0] for raw, r in zip(raws, rank) if r >= l_rank]
         mixed = mix_maps(torch.stack(chosen), self.mix)
         return mixed, target, {"layers": [l.name for l, r in zip(self.layers, rank) if r >= l_rank]}
@@ -75,4 +77,4 @@ class RefineCAM(Explainer):
 
     def __repr__(self) -> str:
         return (f"RefineCAM(base={self.base.name!r}, layers={[l.name for l in self.layers]}, "
-                f"layer={self.refined.name!r}, mix={self.mix!r})")
+                f"layer={self.refined.name if self.refined else 'shallowest'!r}, mix={self.mix!r})")

@@ -63,12 +63,16 @@ def get_explainer(method: str, model: nn.Module, **options: Any) -> Explainer:
 
 
 def explain(model: nn.Module, x: torch.Tensor, target: Any = None, method: str = "gradcam",
-            layer: Any = "stage1", **options: Any) -> torch.Tensor:
+            layer: Any = None, **options: Any) -> torch.Tensor:
     """Maps (B, H, W) float32 in [0, 1] on x's device. ``target``: int, sequence or LongTensor (B,);
-    None explains the predicted class. ``layer`` is used by layer methods only. Per-call inputs
-    (``gt=`` for the oracle) are passed through to ``attribute``."""
+    None explains the predicted class. ``layer``: for layer methods (default "stage1"); for
+    RefineCAM the layer refined (default: the shallowest listed); ignored by other methods.
+    Per-call inputs (``gt=`` for the oracle) are passed through to ``attribute``."""
     per_call = {k: options.pop(k) for k in ("gt",) if k in options}
     cls = METHODS[canonical_name(method)]
-    if cls.uses_layer and "layer" in _accepted_options(cls):
-        options["layer"] = layer
+    if "layer" in _accepted_options(cls):
+        if layer is not None:
+            options["layer"] = layer
+        elif cls.uses_layer:
+            options["layer"] = "stage1"
     return get_explainer(method, model, **options).attribute(x, target, **per_call)

@@ -32,14 +32,17 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.T
     if not maps.is_floating_point():
         maps = maps.float()
     flat = maps.flatten(1)
-    bad = _bad_samples(~torch.isfinite(flat).all(1))
+    lo, hi = flat.amin(1), flat.amax(1)  # NaN and Inf propagate into the extremes
+    bad = _bad_samples(~(torch.isfinite(lo) & torch.isfinite(hi)))
     if bad:
         raise ValueError(f"{name}: sample(s) {bad} contain NaN or Inf")
-    out_of_range = _bad_samples((flat.amin(1) < -RANGE_TOLERANCE) | (flat.amax(1) > 1 + RANGE_TOLERANCE))
+    out_of_range = _bad_samples((lo < -RANGE_TOLERANCE) | (hi > 1 + RANGE_TOLERANCE))
     if out_of_range:
         raise ValueError(f"{name}: sample(s) {out_of_range} have values outside [0, 1] "
                          "(normalise each map per sample first)")
-    return maps.clamp(0, 1)
+    if bool((lo < 0).any() or (hi > 1).any()):
+        maps = maps.clamp(0, 1)
+    return maps
 
 
 def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

@@ -95,16 +95,16 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
         want_ad = any(m in metrics for m in ("average_drop", "adcc"))
         want_road = any(m in metrics for m in ("road", "arcc"))
         fractions = _check_fractions(fractions)
-        batches = [x]
+        batches, targets = [x], [target]
         if want_ad:
             batches.append(x * maps[:, None].to(x.dtype))
+            targets.append(target)
         if want_road:
             images = road_images(x, maps, fractions, noise=noise, seed=seed, tie_seed=tie_seed,
                                  impute_batch_size=impute_batch_size)
-            batches.append(images.flatten(0, 2))
-        per = [t.shape[0] // b for t in batches]
-        targets = torch.cat([target.repeat(p) if i < 2 else target.repeat_interleave(p)
-                             for i, p in enumerate(per)])
+            batches.append(images.flatten(0, 2))  # sample-major: B x (F x 2) images
+            targets.append(target.repeat_interleave(2 * len(fractions)))
+        targets = torch.cat(targets)
         probs, predictions = probabilities_and_predictions(model, torch.cat(batches), targets,
                                                            batch_size=batch_size, bf16=bf16)
         base = probs[:b]

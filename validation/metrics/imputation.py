@@ -17,6 +17,8 @@ preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on th
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -140,9 +142,12 @@ class _FineOperator:
         kernel = _neighbour_kernel(removed.dtype, removed.device)
         self._weight = kernel.expand(channels, 1, 3, 3).contiguous(memory_format=torch.channels_last)
 
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """K * x: the weighted sum of the 8 neighbours (zero outside the image)."""
+        return F.conv2d(x, self._weight, padding=1, groups=x.shape[1])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        conv = F.conv2d(x, self._weight, padding=1, groups=x.shape[1])
-        return torch.addcmul(self.diag * x, self.mask, conv, value=-1)
+        return torch.addcmul(self.diag * x, self.mask, self.conv(x), value=-1)
 
     def residual(self, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """rhs - A x computed (almost) exactly in float32.
@@ -196,9 +201,10 @@ class _Multigrid:
     """Symmetric V-cycle: Jacobi smoothing, bilinear P, R = P^T, Galerkin coarse operators and an
     exact (pseudo-inverse) solve on the coarsest grid."""
 
-    def __init__(self, fine: _FineOperator, coef: torch.Tensor, sweeps: int = 1, omega: float = 1.0,
+    def __init__(self, fine: _FineOperator, coef: torch.Tensor, sweeps: int = 2, omega: float = 1.0,
                  coarse_omega: float = 1.5, coarsest: int = 5):
         self.sweeps = sweeps
+        self.fine_jacobi = omega == 1.0
         self.kernel = _bilinear_kernel(coef.dtype, coef.device)
         galerkin = _galerkin_kernel(coef.dtype, coef.device)
         self.ops = [fine]
@@ -223,11 +229,13 @@ class _Multigrid:
                           stride=2, padding=1, groups=c)
         return coarse.contiguous()
 
-    @staticmethod
-    def _prolong(e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        h, w = e.shape[-2:]
-        fine = F.interpolate(e, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
-        fine = fine[..., :like.shape[-2], :like.shape[-1]]
+    def _prolong(self, e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Bilinear interpolation from coarse point I at fine 2I, as the adjoint of _restrict
+        (a depthwise transposed conv in channels_last: ~10x faster than upsample_bilinear2d)."""
+        c, (h, w) = e.shape[1], e.shape[-2:]
+        weight = self.kernel.expand(c, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+        fine = F.conv_transpose2d(e.contiguous(memory_format=torch.channels_last), weight, stride=2, padding=1,
+                                  groups=c)[..., :like.shape[-2], :like.shape[-1]]
         if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
             return fine.contiguous(memory_format=torch.channels_last)
         return fine.contiguous()
@@ -237,6 +245,8 @@ class _Multigrid:
         if depth == len(self.ops) - 1 and self.coarse_inverse is not None:
             n, c, h, w = r.shape
             return (r.reshape(n, c, h * w) @ self.coarse_inverse).view(n, c, h, w)
+        if depth == 0 and self.fine_jacobi:
+            return self._fine_cycle(r)
         inv_diag = self.inv_diag[depth]
         x = inv_diag * r
         for _ in range(self.sweeps - 1):
@@ -249,6 +259,20 @@ class _Multigrid:
             x = x + inv_diag * (r - op(x))
         return x
 
+    def _fine_cycle(self, r: torch.Tensor) -> torch.Tensor:
+        """The fine level with undamped Jacobi, fused: with x = r / d the residual is m * (K * x),
+        and a sweep is x <- r / d + (m / d) * (K * x)."""
+        op, inv_diag = self.ops[0], self.inv_diag[0]
+        scaled = inv_diag * r
+        x = scaled
+        for _ in range(self.sweeps - 1):
+            x = torch.addcmul(scaled, inv_diag, op.conv(x))
+        coarse_r = self._restrict(r - op(x) if self.sweeps > 1 else op.mask * op.conv(x))
+        x = torch.addcmul(x, op.mask, self._prolong(self(coarse_r, 1), x))
+        for _ in range(self.sweeps):
+            x = torch.addcmul(scaled, inv_diag, op.conv(x))
+        return x
+
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=(-2, -1), keepdim=True)
@@ -259,25 +283,47 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _solve(op: _FineOperator, coef, rhs, x0, tol: float, max_iter: int, stats=None) -> torch.Tensor:
-    """Multigrid-preconditioned CG on the exact residual; tol: max abs scaled residual."""
+    """Multigrid-preconditioned CG with residual replacement; tol: max abs (scaled) residual.
+
+    The cheap recursive residual drives the iteration; whenever it meets ``tol`` it is replaced
+    by the exactly computed residual, and the solve stops only when that one meets ``tol``.
+    """
     precondition = _Multigrid(op, coef)
     x = x0
     r = op.residual(rhs, x)
     z = precondition(r)
     p = z
     rz = _dot(r, z)
-    iterations = 0
+    iterations, residual, exact = 0, r.abs().amax().item(), True
     for iterations in range(1, max_iter + 1):
+        if residual <= tol:
+            if exact:
+                break
+            r = op.residual(rhs, x)
+            residual, exact = r.abs().amax().item(), True
+            if residual <= tol:
+                break
+            z = precondition(r)
+            rz_new = _dot(r, z)
+            p = torch.addcmul(z, _safe_div(rz_new, rz), p)
+            rz = rz_new
         ap = op(p)
         alpha = _safe_div(rz, _dot(p, ap))
         x = torch.addcmul(x, alpha, p)
-        r = op.residual(rhs, x)
-        if r.abs().amax() <= tol:
-            break
+        r = torch.addcmul(r, alpha, ap, value=-1)
+        residual, exact = r.abs().amax().item(), False
+        if residual <= tol:
+            continue
         z = precondition(r)
         rz_new = _dot(r, z)
         p = torch.addcmul(z, _safe_div(rz_new, rz), p)
         rz = rz_new
+    if not exact:
+        r = op.residual(rhs, x)
+        residual = r.abs().amax().item()
+    if residual > tol:
+        warnings.warn(f"linear imputation stopped after {max_iter} iterations with max residual "
+                      f"{residual:.2e} > tol {tol:.0e}; the result may be inaccurate", RuntimeWarning, stacklevel=3)
     if stats is not None:
         stats["iterations"] = iterations
     return x

@@ -20,6 +20,7 @@ Nothing is normalised across the batch.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._checks import CONSTANT_MAP, EMPTY_MASK, FULL_MASK, ZERO_MAP, check_maps, finish
@@ -29,9 +30,14 @@ __all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "rel
 
 
 def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Validated (B, H*W) bool mask S = gt >= threshold."""
+    """Validated (B, H*W) float32 0/1 mask S = gt >= threshold (float: reductions on it are fast)."""
     gt = check_maps(gt, "gt", shape=maps.shape)
-    return (gt >= threshold).flatten(1)
+    return (gt >= threshold).flatten(1).float()
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[i, j] * b[i, j] per row, as a batched matrix product (much faster than bool sums)."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def default_topk(height: int, width: int) -> int:
@@ -43,22 +49,31 @@ def _flat(maps):
     return maps.flatten(1)
 
 
+def sort_rows(flat: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending. On CPU numpy's vectorised sort (a zero-copy view, no transfer)
+    is ~12x faster than torch.sort here (0.06 s vs 0.74 s for 256 x 128^2); elsewhere torch.sort."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+        return torch.from_numpy(np.sort(flat.detach().contiguous().numpy(), axis=1))
+    return flat.sort(dim=1).values
+
+
 def _constant(flat: torch.Tensor) -> torch.Tensor:
     return flat.amax(1) == flat.amin(1)
 
 
-def _expected_topk_hits(flat: torch.Tensor, inside: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """E|top_k(L) & S| under a uniformly random order of ties; k is a (B,) long tensor >= 1."""
-    values = flat.sort(dim=1, descending=True).values
-    t = values.gather(1, (k - 1).clamp_min(0)[:, None])  # k-th largest value
-    above = flat > t
-    tied = flat == t
-    n_above = above.sum(1)
-    n_tied = tied.sum(1)
-    hits_above = (above & inside).sum(1)
-    hits_tied = (tied & inside).sum(1)
-    needed = (k - n_above).clamp_min(0)
-    return hits_above.double() + needed.double() * hits_tied.double() / n_tied.clamp_min(1).double()
+def _expected_topk_hits(flat: torch.Tensor, inside: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """E|top_k(L) & S| under a uniformly random order of ties; k is an int or (B,) tensor >= 1."""
+    if isinstance(k, int):
+        t = flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)  # k-th largest value
+    else:
+        ascending = sort_rows(flat)
+        t = ascending.gather(1, (flat.shape[1] - k.long().clamp_min(1))[:, None])
+    above = (flat > t).float()
+    tied = (flat == t).float()
+    n_above, n_tied = above.sum(1).double(), tied.sum(1).double()
+    hits_above, hits_tied = _rowdot(above, inside).double(), _rowdot(tied, inside).double()
+    needed = (torch.as_tensor(k, device=flat.device).double() - n_above).clamp_min(0)
+    return hits_above + needed * hits_tied / n_tied.clamp_min(1)
 
 
 def pointing_game(maps: torch.Tensor, gt: torch.Tensor, *, ties: str = "any", threshold: float = 0.5,
@@ -67,14 +82,12 @@ def pointing_game(maps: torch.Tensor, gt: torch.Tensor, *, ties: str = "any", th
     maps = check_maps(maps)
     inside = ground_truth_set(gt, maps, threshold)
     flat = _flat(maps)
-    top = flat == flat.amax(1, keepdim=True)
-    if ties == "any":
-        value = (top & inside).any(1).to(maps.dtype)
-    elif ties == "fraction":
-        value = ((top & inside).sum(1).double() / top.sum(1).double()).to(maps.dtype)
-    else:
+    if ties not in ("any", "fraction"):
         raise ValueError(f"ties must be 'any' or 'fraction', got {ties!r}")
-    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (CONSTANT_MAP, _constant(flat))], return_reasons)
+    top = (flat == flat.amax(1, keepdim=True)).float()
+    hits = _rowdot(top, inside)
+    value = (hits > 0).to(maps.dtype) if ties == "any" else (hits.double() / top.sum(1).double()).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, inside.sum(1) == 0), (CONSTANT_MAP, _constant(flat))], return_reasons)
 
 
 def topk_intersection(maps: torch.Tensor, gt: torch.Tensor, *, k: int | None = None, threshold: float = 0.5,
@@ -87,9 +100,8 @@ def topk_intersection(maps: torch.Tensor, gt: torch.Tensor, *, k: int | None = N
     k = default_topk(*maps.shape[-2:]) if k is None else int(k)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, H*W = {n}], got {k}")
-    ks = torch.full((flat.shape[0],), k, device=flat.device, dtype=torch.long)
-    value = (_expected_topk_hits(flat, inside, ks) / k).to(maps.dtype)
-    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (CONSTANT_MAP, _constant(flat))], return_reasons)
+    value = (_expected_topk_hits(flat, inside, k) / k).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, inside.sum(1) == 0), (CONSTANT_MAP, _constant(flat))], return_reasons)
 
 
 def relevance_rank_accuracy(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
@@ -108,10 +120,11 @@ def relevance_mass_accuracy(maps: torch.Tensor, gt: torch.Tensor, *, threshold: 
     """sum(L inside S) / sum(L)."""
     maps = check_maps(maps)
     inside = ground_truth_set(gt, maps, threshold)
-    flat = _flat(maps).double()
-    total = flat.sum(1)
-    value = ((flat * inside).sum(1) / torch.where(total > 0, total, torch.ones_like(total))).to(maps.dtype)
-    return finish(value, [(EMPTY_MASK, ~inside.any(1)), (ZERO_MAP, total <= 0)], return_reasons)
+    flat = _flat(maps)
+    total = flat.sum(1, dtype=torch.float64)
+    within = _rowdot(flat, inside).double()
+    value = (within / torch.where(total > 0, total, torch.ones_like(total))).to(maps.dtype)
+    return finish(value, [(EMPTY_MASK, inside.sum(1) == 0), (ZERO_MAP, total <= 0)], return_reasons)
 
 
 def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
@@ -119,14 +132,20 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
     """ROC AUC of L as a score for S, ties counting half (0.5 for a constant map)."""
     maps = check_maps(maps)
     inside = ground_truth_set(gt, maps, threshold)
-    flat = _flat(maps).contiguous()
-    ordered = flat.sort(dim=1).values
-    below = torch.searchsorted(ordered, flat, side="left")
-    not_above = torch.searchsorted(ordered, flat, side="right")
-    midrank = (below + not_above + 1).double() / 2  # 1-based average rank of each tie group
+    # Mann-Whitney U with ties counting half, without tie-group bookkeeping: sort (value, label)
+    # keys twice, once with negatives first inside a tie, once with positives first. Summed sorted
+    # positions of the positives then give sum #{neg <= v} and sum #{neg < v} (+ npos(npos-1)/2).
+    # Float32 bit patterns of values in [0, 1] order like the values and stay below 2^30, so
+    # key = 2 * bits + label fits int32 (+ 0.0 turns -0.0 into +0.0).
+    bits = (_flat(maps).float() + 0.0).contiguous().view(torch.int32) * 2
+    label = inside.int()
+    n = bits.shape[1]
     n_pos = inside.sum(1).double()
-    n_neg = inside.shape[1] - n_pos
-    u = (midrank * inside).sum(1) - n_pos * (n_pos + 1) / 2
+    n_neg = n - n_pos
+    in_first = (sort_rows(bits + label) & 1).double()  # negatives first in ties
+    in_last = 1 - (sort_rows(bits + 1 - label) & 1).double()  # positives first in ties
+    rank_sum = (in_first + in_last) @ torch.arange(n, device=bits.device, dtype=torch.float64)
+    u = rank_sum / 2 - n_pos * (n_pos - 1) / 2
     value = (u / (n_pos * n_neg).clamp_min(1)).to(maps.dtype)
     return finish(value, [(EMPTY_MASK, n_pos == 0), (FULL_MASK, n_neg == 0)], return_reasons)
 
@@ -134,7 +153,7 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
 def sparseness(maps: torch.Tensor, *, return_reasons: bool = False):
     """Gini index of |L|: sum_i (2i - n - 1) a_(i) / (n sum a), a ascending (0 constant, (n-1)/n one-hot)."""
     maps = check_maps(maps)
-    flat = _flat(maps).double().abs().sort(dim=1).values
+    flat = sort_rows(_flat(maps).abs()).double()
     n = flat.shape[1]
     i = torch.arange(1, n + 1, device=flat.device, dtype=flat.dtype)
     total = flat.sum(1)

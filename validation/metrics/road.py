@@ -76,7 +76,7 @@ def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACT
 
 def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
                 noise: float = 0.01, seed: int = 0, tie_seed: int = 0, impute_batch_size: int = 64,
-                tol: float = 1e-4) -> torch.Tensor:
+                tol: float = 1e-5) -> torch.Tensor:
     """All perturbed images, (B, F, 2, C, H, W): [:, :, 0] MoRF, [:, :, 1] LeRF, in [0, 1] units.
 
     The noise for the whole batch is drawn at once, before chunking, so results do not depend on

@@ -64,7 +64,8 @@ class RunConfig:
     # so a run may evaluate few layers while refining over all four stages.
     refine_layers: list[str] = field(default_factory=list)
     # per-method overrides of the grid, e.g. {"scorecam": {"layers": ["stage1"], "mixes":
-    # ["identity", "product"]}}: budget knobs for expensive methods, stated in the report
+    # ["identity", "product"], "max_images": 64}}: budget knobs for expensive methods (max_images:
+    # only the first N images of the range), stated in the report
     method_grid: dict = field(default_factory=dict)
     image_range: tuple[int, int] = (0, 200)
     split: str = "test"
@@ -118,9 +119,9 @@ def map_configs(methods: Sequence[str], layers: Sequence[str], mixes: Sequence[s
     out = []
     for method in methods:
         grid = method_grid.get(method) or {}
-        bad = sorted(set(grid) - {"layers", "mixes"})
+        bad = sorted(set(grid) - {"layers", "mixes", "max_images"})
         if bad:
-            raise ValueError(f"method_grid[{method!r}]: unknown keys {bad}; use layers, mixes")
+            raise ValueError(f"method_grid[{method!r}]: unknown keys {bad}; use layers, mixes, max_images")
         layers, mixes = grid.get("layers", all_layers), grid.get("mixes", all_mixes)
         if method not in layer_methods:
             out.append(MapConfig(method, NO_LAYER, IDENTITY))
@@ -423,14 +424,21 @@ class Runner:
         save_upto = self.config.image_range[0] + self.config.save_maps
         for cfg in self.configs:
             t0 = time.perf_counter()
-            if len(images):
-                new_rows, maps = self._config_rows(name, model, cfg, xc, yc, gtc, images, seed)
+            limit = self._image_limit(cfg)
+            sub = [k for k, img in enumerate(images) if img < limit]
+            if sub:
+                new_rows, maps = self._config_rows(name, model, cfg, xc[sub], yc[sub], gtc[sub],
+                                                   [images[k] for k in sub], seed)
                 rows.extend(new_rows)
                 n_err += sum(r["status"] == "error" for r in new_rows)
-                if maps is not None:
-                    sel = [k for k, img in enumerate(images) if img < save_upto]
-                    if sel:
-                        saved[cfg.label] = maps[sel].detach().float().cpu().numpy().astype(np.float16)
+                sel = [k for k, img in enumerate(images) if img < save_upto]
+                if maps is not None and sel:
+                    full = np.full((len(sel),) + tuple(xc.shape[-2:]), np.nan, np.float16)
+                    pos = {k: j for j, k in enumerate(sub)}
+                    for j, k in enumerate(sel):
+                        if k in pos:
+                            full[j] = maps[pos[k]].detach().float().cpu().numpy()
+                    saved[cfg.label] = full
             seconds[cfg.label] = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
@@ -450,6 +458,11 @@ class Runner:
                     {"n_images": stop - start, "n_correct": len(images), "seconds": seconds,
                      "errors": n_err, "seed": seed})
         return n_err
+
+    def _image_limit(self, cfg: MapConfig) -> float:
+        """Images at or past this index are not computed for ``cfg`` (method_grid max_images)."""
+        cap = (self.config.method_grid.get(cfg.method) or {}).get("max_images")
+        return float("inf") if cap is None else self.config.image_range[0] + int(cap)
 
     def _config_rows(self, name, model, cfg: MapConfig, x, y, gt, images, seed):
         """Rows for one configuration on the chunk's correct images.

@@ -174,6 +174,15 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
         if name == "f_road_curves" and len(table):
             table = table[table["mix"] == IDENTITY]
         parts.append(_table_html(table))
+    timing = run_dir / "timing.csv"
+    if timing.exists():
+        t = pd.read_csv(timing)
+        if len(t):
+            t["s_per_image"] = t["seconds"] / t["images"].clip(lower=1)
+            piv = t.pivot_table(index="config", columns="model", values="s_per_image").reset_index()
+            parts.append("<h2>Cost per configuration</h2><p>Seconds per image for the map and all its "
+                         "metrics (wall time inside the run, summed over chunks; other jobs may have shared "
+                         "the machine).</p>" + _table_html(piv))
     if "qualitative" in figs:
         parts.append("<h2>Qualitative grid</h2><p>Image, ground truth, each method's unrefined map at the "
                      "shallowest layer (layer-free methods as they are), then base vs RefineCAM (product).</p>")

@@ -1,0 +1,213 @@
+"""Attribution speed and memory: ours beside pytorch-grad-cam (the peer) in one run.
+
+ResNet18 (seeded random weights, 6 classes, normalisation inside), 128 px, batch 32, CAMs at
+stage1 (the paper's shallowest layer) unless --layer says otherwise. For each method: median
+wall time over --reps runs after one warm-up, maps/s, and peak extra memory of the run (CPU:
+peak RSS above the level before the run, via /proc/self/clear_refs; CUDA: max allocated).
+
+Score-CAM needs one forward pass per channel and image (64 x 32 at stage1), RELAX one per mask
+and image: by default they run on --slow-images images (maps/s stays comparable) and RELAX with
+--relax-masks masks. Use --full for the whole batch.
+
+    python benchmarks/attributions.py                 # short default run
+    python benchmarks/attributions.py --reps 5 --full --methods gradcam scorecam
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from validation.attributions import get_explainer, resolve_layer  # noqa: E402
+
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+class Wrapped(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone((x - self.mean) / self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak extra memory (MiB) of a block: CUDA max allocated, or peak RSS on Linux CPUs."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak-RSS counter (VmHWM)
+                self.ok = True
+            except OSError:
+                self.ok = False
+            self.base = _proc_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        else:
+            self.peak = (_proc_kib("VmHWM") * 1024 - self.base) / 2 ** 20 if self.ok else float("nan")
+
+
+def measure(fn, reps: int, device) -> tuple[float, float]:
+    """(median seconds, peak MiB) of fn() after one warm-up call."""
+    fn()
+    times, peaks = [], []
+    for _ in range(reps):
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            fn()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.peak)
+    return statistics.median(times), max(peaks)
+
+
+# ---------------------------------------------------------------------------------------------
+# the peer
+
+def peer_runner(method, model, x, target, layer, args):
+    """A callable running pytorch-grad-cam's version of ``method``, or None if it has none."""
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    module = resolve_layer(model, layer)
+    simple = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
+              "scorecam": pgc.ScoreCAM, "shapleycam": pgc.ShapleyCAM}
+    if method in simple:
+        cam = simple[method](model, [module])
+        if method == "scorecam":
+            cam.batch_size = args.scorecam_batch
+        return lambda: cam(x, targets)
+    if method == "refinecam":
+        cam = pgc.RefineCAM(model, [resolve_layer(model, s) for s in STAGES], base_method=pgc.GradCAMPlusPlus)
+        return lambda: cam(x, targets)
+    if method == "guidedgradcam":
+        import copy
+        gb_model = pgc.GuidedBackpropReLUModel(copy.deepcopy(model), device=x.device)
+        cam = pgc.GradCAM(model, [module])
+
+        def run():
+            maps = cam(x, targets)
+            # the peer's guided backprop takes one image at a time
+            gbs = [gb_model(x[i:i + 1], target_category=int(t)) for i, t in enumerate(target)]
+            return [m[..., None] * g for m, g in zip(maps, gbs)]
+        return run
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+def options_for(method, args):
+    return {"scorecam": {"batch_size": args.scorecam_batch, "layer": args.layer},
+            "relax": {"n_masks": args.relax_masks, "batch_size": 128},
+            "refinecam": {"base": "gradcampp", "layers": STAGES},
+            "integratedgradients": {"n_steps": args.ig_steps, "internal_batch_size": 128},
+            "lime": {"n_samples": args.lime_samples, "perturbations_per_eval": 64},
+            "kernelshap": {"n_samples": args.lime_samples, "perturbations_per_eval": 64},
+            }.get(method, {"layer": args.layer} if method in LAYER_METHODS else {})
+
+
+LAYER_METHODS = {"gradcam", "gradcampp", "layercam", "shapleycam", "guidedgradcam", "lafam", "scorecam"}
+SLOW = {"scorecam", "relax", "lime", "kernelshap", "integratedgradients"}
+DEFAULT = ["gradcam", "gradcampp", "layercam", "shapleycam", "refinecam", "scorecam", "guidedgradcam", "lafam",
+           "relax", "deeplift", "inputxgradient", "integratedgradients", "randomcam"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=DEFAULT)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--layer", default="stage1")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--slow-images", type=int, default=4, help="images for Score-CAM/RELAX/LIME/IG (default 4)")
+    p.add_argument("--full", action="store_true", help="run slow methods on the whole batch too")
+    p.add_argument("--scorecam-batch", type=int, default=64)
+    p.add_argument("--relax-masks", type=int, default=256)
+    p.add_argument("--ig-steps", type=int, default=50)
+    p.add_argument("--lime-samples", type=int, default=200)
+    p.add_argument("--no-peer", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the peer's Score-CAM prints progress bars
+
+    device = torch.device(args.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Wrapped(torchvision.models.resnet18(num_classes=6)).eval().to(device)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device)
+    t_all = torch.randint(0, 6, (args.batch,), generator=gen).to(device)
+
+    print(f"# ResNet18 {args.size}px batch {args.batch} layer {args.layer} device {device} "
+          f"threads {torch.get_num_threads()} torch {torch.__version__} reps {args.reps}")
+    header = f"| method | images | ours maps/s | ours peak MiB | peer maps/s | peer peak MiB | speed-up |"
+    print(header)
+    print("|" + "---|" * 7)
+    results = {}
+    for method in args.methods:
+        n = args.batch if (args.full or method not in SLOW) else min(args.slow_images, args.batch)
+        x, t = x_all[:n], t_all[:n]
+        ex = get_explainer(method, model, **options_for(method, args))
+        ours_s, ours_mem = measure(lambda: ex.attribute(x, t), args.reps, device)
+        peer = None if args.no_peer else peer_runner(method, model, x, t, args.layer, args)
+        if peer is not None:
+            peer_s, peer_mem = measure(peer, args.reps, device)
+            peer_txt = f"{n / peer_s:.1f} | {peer_mem:.0f} | {peer_s / ours_s:.2f}x"
+        else:
+            peer_txt = "- | - | -"
+        results[method] = ours_s / n
+        print(f"| {method} | {n} | {n / ours_s:.1f} | {ours_mem:.0f} | {peer_txt} |", flush=True)
+    if "refinecam" in results and "gradcampp" in results:
+        print(f"\nRefineCAM (4 layers) / Grad-CAM++ (1 layer) time: {results['refinecam'] / results['gradcampp']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

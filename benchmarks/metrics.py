@@ -1,0 +1,195 @@
+"""Speed and accuracy of validation.metrics beside the peers, in one run.
+
+    .venv/bin/python benchmarks/metrics.py            # default: ~2 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/metrics.py --images 16 --gradcam-images 4 --maps 256
+
+Prints three tables:
+1. noisy linear imputation per image and fraction: ours (whole batch, all 8 masks at once)
+   beside scipy's spsolve on the same masks (system built vectorised, only the solve timed) and
+   beside the reference implementation (pytorch-grad-cam's NoisyLinearImputer: Python build +
+   spsolve), with our max abs error against spsolve;
+2. ROAD per image on ResNet18 at 128 px: ours fp32 and bf16 beside pytorch-grad-cam's
+   ROADCombined (fp32, percentiles 20/40/60/80) and the floor of 8 fp32 forward passes;
+3. six localisation metrics on N maps beside Quantus.
+Timings are the minimum over --repeats runs (the cores are shared: the minimum is the least
+disturbed run). Peers are imported here only (they are oracles, never runtime dependencies).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _metrics_helpers import resnet18, spsolve_impute  # noqa: E402  (shared reference code)
+
+from validation.metrics import (localisation_auc, pointing_game, relevance_mass_accuracy,  # noqa: E402
+                                relevance_rank_accuracy, removal_masks, road, sparseness, topk_intersection)
+from validation.metrics.imputation import linear_impute  # noqa: E402
+
+
+def best_of(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def images_and_maps(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.avg_pool2d(torch.rand(n, 3, size, size, generator=g), 5, 1, 2, count_include_pad=False)
+    low = torch.rand(n, 1, 7, 7, generator=g)
+    maps = torch.relu(F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0] - 0.4)
+    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1)  # CAM-like, 40-60 % ReLU zeros
+    return x, maps
+
+
+def spsolve_only(image, removed):
+    """Time only scipy's spsolve on a prebuilt CSC system (the fastest use of the reference)."""
+    import scipy.sparse.linalg as sla
+    from _metrics_helpers import WEIGHTS
+    import scipy.sparse as sp
+    c, h, w = image.shape
+    fr = removed.ravel().astype(bool)
+    idx = np.flatnonzero(fr)
+    var = -np.ones(h * w, dtype=np.int64)
+    var[idx] = np.arange(len(idx))
+    ys, xs = np.divmod(idx, w)
+    rows, cols, vals, diag = [], [], [], np.zeros(len(idx))
+    b = np.zeros((len(idx), c))
+    flat = image.reshape(c, -1)
+    for (dy, dx), wt in WEIGHTS.items():
+        yy, xx = ys + dy, xs + dx
+        ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        diag[ok] += wt
+        q = yy[ok] * w + xx[ok]
+        unk = fr[q]
+        r = np.flatnonzero(ok)
+        rows.append(r[unk]); cols.append(var[q[unk]]); vals.append(np.full(unk.sum(), -wt))
+        np.add.at(b, r[~unk], wt * flat[:, q[~unk]].T)
+    rows.append(np.arange(len(idx))); cols.append(np.arange(len(idx))); vals.append(diag)
+    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(idx),) * 2)
+    start = time.perf_counter()
+    sla.spsolve(a, b)
+    return time.perf_counter() - start
+
+
+def bench_imputation(args):
+    x, maps = images_and_maps(args.images, args.size)
+    masks = removal_masks(maps).flatten(1, 2)  # (B, 8, H, W)
+    xs = x[:, None].expand(-1, 8, -1, -1, -1).flatten(0, 1)
+    ms = masks.flatten(0, 1)
+    n = ms.shape[0]
+    ours = best_of(lambda: linear_impute(xs, ms), args.repeats) / n
+    out = linear_impute(xs, ms)
+    err = max(np.abs(out[i].double().numpy() - spsolve_impute(xs[i].double().numpy(), ms[i].numpy())).max()
+              for i in range(n))
+    sub = list(range(0, n, max(1, n // 8)))
+    sps = min(np.mean([spsolve_only(xs[i].double().numpy(), ms[i].numpy()) for i in sub])
+              for _ in range(args.repeats))
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    imputer = NoisyLinearImputer(noise=0.0)
+    ref = min(np.mean([_timed(lambda i=i: imputer(xs[i], (~ms[i]).float())) for i in sub[:4]])
+              for _ in range(args.repeats))
+    print(f"\n## Noisy linear imputation, {args.size} px, {args.images} images x 8 masks (CAM-like maps)")
+    print("| method | ms per image and fraction | speed-up vs spsolve | max abs error vs spsolve |")
+    print("|---|---:|---:|---:|")
+    print(f"| ours (MG-preconditioned CG, batch of {n}) | {1000 * ours:.2f} | {sps / ours:.1f}x | {err:.1e} |")
+    print(f"| scipy spsolve (prebuilt CSC, solve only) | {1000 * sps:.2f} | 1.0x | 0 |")
+    print(f"| reference NoisyLinearImputer (build + spsolve) | {1000 * ref:.2f} | {sps / ref:.2f}x | - |")
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_road(args):
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    model = resnet18(0)
+    x, maps = images_and_maps(args.images, args.size, seed=1)
+    target = torch.arange(args.images) % 6
+    ours = best_of(lambda: road(model, x, target, maps), args.repeats) / args.images
+    ours_bf16 = best_of(lambda: road(model, x, target, maps, bf16=True), args.repeats) / args.images
+    batch = x[:, None].expand(-1, 8, -1, -1, -1).flatten(0, 1).contiguous()
+
+    def floor():
+        with torch.no_grad():
+            for s in range(0, batch.shape[0], 64):
+                model(batch[s:s + 64])
+    floor_t = best_of(floor, args.repeats) / args.images
+    k = args.gradcam_images
+    metric = ROADCombined(percentiles=[20, 40, 60, 80])
+    targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in target[:k]]
+    theirs = best_of(lambda: metric(x[:k], maps[:k].numpy(), targets, model), 1) / k
+    print(f"\n## ROAD per image, ResNet18 at {args.size} px, fractions 0.2/0.4/0.6/0.8, MoRF + LeRF")
+    print("| method | s per image | vs ROADCombined | vs floor |")
+    print("|---|---:|---:|---:|")
+    print(f"| ours fp32 ({args.images} images in one call) | {ours:.4f} | {theirs / ours:.1f}x faster | {ours / floor_t:.2f}x |")
+    print(f"| ours bf16 forward | {ours_bf16:.4f} | {theirs / ours_bf16:.1f}x faster | {ours_bf16 / floor_t:.2f}x |")
+    print(f"| floor: 8 fp32 forwards per image | {floor_t:.4f} | - | 1.00x |")
+    print(f"| pytorch-grad-cam ROADCombined fp32 ({k} images) | {theirs:.4f} | 1.0x | {theirs / floor_t:.1f}x |")
+
+
+def bench_localisation(args):
+    import quantus
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(args.maps, args.size, args.size, generator=g)
+    gt = torch.zeros_like(maps)
+    gt[:, 30:80, 40:90] = 1.0
+    k = 327
+    ours_fns = [pointing_game, lambda m, s: topk_intersection(m, s, k=k), relevance_mass_accuracy,
+                relevance_rank_accuracy, localisation_auc, lambda m, s: sparseness(m)]
+    ours = best_of(lambda: [f(maps, gt) for f in ours_fns], args.repeats)
+    a = maps[:, None].numpy()
+    s = gt[:, None].numpy()
+    xb = np.repeat(a, 3, axis=1)
+    yb = np.zeros(args.maps, dtype=int)
+    common = dict(disable_warnings=True, display_progressbar=False, normalise=False, abs=False)
+    peers = [quantus.PointingGame(**common), quantus.TopKIntersection(k=k, **common),
+             quantus.RelevanceMassAccuracy(**common), quantus.RelevanceRankAccuracy(**common),
+             quantus.AUC(**common), quantus.Sparseness(**common)]
+
+    def run_quantus():
+        for m in peers:
+            m(model=None, x_batch=xb, y_batch=yb, a_batch=a.copy(), s_batch=s, batch_size=args.maps)
+    theirs = best_of(run_quantus, 1)
+    print(f"\n## Localisation metrics (Pointing Game, Top-K, RMA, RRA, AUC, Sparseness), {args.maps} maps at {args.size} px")
+    print("| method | s total | speed-up |")
+    print("|---|---:|---:|")
+    print(f"| ours | {ours:.3f} | {theirs / ours:.0f}x |")
+    print(f"| Quantus 0.6 | {theirs:.3f} | 1x |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=8, help="images for imputation and our ROAD")
+    parser.add_argument("--gradcam-images", type=int, default=2, help="images for ROADCombined (slow)")
+    parser.add_argument("--maps", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", choices=["imputation", "road", "localisation"], default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}")
+    for name, fn in [("imputation", bench_imputation), ("road", bench_road), ("localisation", bench_localisation)]:
+        if args.only in (None, name):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()

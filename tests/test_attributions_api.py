@@ -1,0 +1,293 @@
+"""The API contract: registry, output format and post-processing, model-state restoration
+(also when a method raises), bad input, baselines, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_attributions_common import TinyNet, build, images
+from validation.attributions import (
+    Explanation, available_methods, explain, finalize, get_explainer, minmax,
+)
+
+ALL = ["gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam", "guidedbackprop", "lafam",
+       "relax", "lime", "kernelshap", "deeplift", "inputxgradient", "integratedgradients", "randomcam", "halfcam",
+       "all1scam", "oracle", "centre", "refinecam"]
+FAST = {"scorecam": {"batch_size": 128}, "relax": {"n_masks": 16},
+        "lime": {"n_samples": 12, "superpixels": "grid"}, "kernelshap": {"n_samples": 12, "superpixels": "grid"},
+        "integratedgradients": {"n_steps": 4}, "refinecam": {"base": "gradcam"}}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return build("resnet18", wrapped=True)
+
+
+def test_registry_lists_every_method():
+    assert set(ALL) <= set(available_methods())
+    assert type(get_explainer("gradcam++", build("resnet18"))).__name__ == "GradCAMPlusPlus"
+    assert type(get_explainer("Grad-CAM", build("resnet18"))).__name__ == "GradCAM"
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_returns_unit_maps_on_the_input_device(resnet, method):
+    x = images(2, 32)
+    extra = {"gt": torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))} if method == "oracle" else {}
+    ex = get_explainer(method, resnet, **FAST.get(method, {}))
+    out = ex.explain(x, torch.tensor([1, 2]), **extra)
+    assert isinstance(out, Explanation)
+    maps = out.maps
+    assert maps.shape == (2, 32, 32) and maps.dtype == torch.float32 and maps.device == x.device
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert out.degenerate.shape == (2,) and out.degenerate.dtype == torch.bool
+    torch.testing.assert_close(ex.attribute(x, [1, 2], **extra), maps)  # deterministic, seeded
+    torch.testing.assert_close(ex(x, [1, 2], **extra), maps)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "layercam", "scorecam", "guidedgradcam", "lafam",
+                                    "deeplift", "inputxgradient"])
+def test_a_batch_equals_its_images_one_at_a_time(resnet, method):
+    x = images(3, 32, seed=4)
+    t = torch.tensor([5, 0, 2])
+    batch = explain(resnet, x, t, method=method, layer="stage2", **FAST.get(method, {}))
+    for i in range(3):
+        one = explain(resnet, x[i:i + 1], t[i:i + 1], method=method, layer="stage2", **FAST.get(method, {}))
+        torch.testing.assert_close(batch[i:i + 1], one, rtol=1e-4, atol=2e-5)
+
+
+def test_target_none_explains_the_prediction(resnet):
+    x = images(3, 32)
+    pred = resnet(x).argmax(1)
+    torch.testing.assert_close(explain(resnet, x, None), explain(resnet, x, pred))
+    assert torch.equal(get_explainer("gradcam", resnet).explain(x).target, pred)
+    torch.testing.assert_close(explain(resnet, x, 4), explain(resnet, x, [4, 4, 4]))
+
+
+# ---------------------------------------------------------------------------------------------
+# post-processing
+
+def test_postprocess_relu_minmax_and_upsampling():
+    raw = torch.tensor([[[-2.0, 1.0], [3.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]], [[-1.0, -1.0], [-2.0, -3.0]]])
+    maps, flags = finalize(raw, (4, 4))
+    assert flags.tolist() == [False, True, True]  # constant; and all negative -> constant 0 after ReLU
+    assert torch.equal(maps[1:], torch.zeros(2, 4, 4))
+    relu_up = F.interpolate(raw[:1, None].clamp_min(0), size=(4, 4), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(maps[0], (relu_up - relu_up.min()) / (relu_up.max() - relu_up.min()))
+    near, _ = finalize(raw[:1], (4, 4), interpolation="nearest")
+    torch.testing.assert_close(near[0], torch.tensor([0.0, 0.2, 0.6, 1.0]).view(2, 2).repeat_interleave(2, 0)
+                               .repeat_interleave(2, 1))
+    absolute, _ = finalize(raw[:1], None, rectifier="abs")
+    torch.testing.assert_close(absolute[0], torch.tensor([[0.25, 0.0], [0.5, 1.0]]))
+    signed, _ = finalize(raw[:1], None, rectifier=None)
+    torch.testing.assert_close(signed[0], torch.tensor([[0.0, 3 / 7], [5 / 7, 1.0]]))
+
+
+def test_minmax_never_returns_nan():
+    raw = torch.tensor([[[float("nan"), 1.0]], [[float("inf"), 0.0]], [[1e-30, 1e-30]], [[1e-30, 2e-30]]])
+    maps, flags = minmax(raw)
+    assert torch.isfinite(maps).all()
+    assert flags.tolist() == [True, True, True, False]
+    torch.testing.assert_close(maps[3], torch.tensor([[0.0, 1.0]]))
+
+
+def test_constant_map_is_flagged_zero(resnet):
+    """A head with zero weights has zero gradients: the CAM is constant, returned as zeros + flag."""
+    model = build("resnet18")
+    with torch.no_grad():
+        model.backbone.fc.weight.zero_()
+    out = get_explainer("gradcam", model).explain(images(2, 32), [0, 1])
+    assert out.degenerate.all() and torch.equal(out.maps, torch.zeros(2, 32, 32))
+
+
+def test_raw_maps_on_request(resnet):
+    x = images(2, 64)
+    raw = explain(resnet, x, [0, 1], method="gradcam", layer="stage3", raw=True)
+    acts = []
+    h = resnet.backbone.layer3.register_forward_hook(lambda m, a, o: acts.append(o))
+    out = resnet(x)
+    h.remove()
+    (g,) = torch.autograd.grad(out[0, 0] + out[1, 1], acts[0])
+    hand = (g.mean((2, 3), keepdim=True) * acts[0]).sum(1).detach()
+    assert raw.shape == (2, 4, 4)  # no ReLU, no upsampling, no min-max
+    torch.testing.assert_close(raw, hand, rtol=1e-5, atol=1e-6 * hand.abs().max().item())
+    maps = explain(resnet, x, [0, 1], method="gradcam", layer="stage3")
+    expected, _ = finalize(raw, (64, 64))
+    torch.testing.assert_close(maps, expected)
+
+
+def test_swin_channels_last_stage_gives_a_spatial_map():
+    model = build("swin_t", wrapped=True)
+    x = images(1, 64)
+    raw = explain(model, x, [2], method="gradcam", layer="stage2", raw=True)
+    assert raw.shape == (1, 8, 8)  # features.3 emits (B, 8, 8, 192): permuted to (B, 192, 8, 8)
+    acts = []
+    h = model.backbone.features[3].register_forward_hook(lambda m, a, o: acts.append(o))
+    xi = x.clone()
+    out = model(xi)
+    h.remove()
+    (g,) = torch.autograd.grad(out[0, 2], acts[0])
+    A, G = acts[0].permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+    expected = (G.mean((2, 3), keepdim=True) * A).sum(1)
+    torch.testing.assert_close(raw, expected.detach(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# model state
+
+def _state(model):
+    return ([(n, m.training, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
+              len(m._backward_hooks)) for n, m in model.named_modules()],
+            [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()])
+
+
+def _dirty(model):
+    model.train()
+    model.backbone.layer2.eval()
+    model.backbone.conv1.weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("method", ["gradcam", "shapleycam", "scorecam", "guidedgradcam", "guidedbackprop",
+                                    "lafam", "relax", "deeplift", "integratedgradients", "lime", "refinecam"])
+def test_model_leaves_as_it_came(method):
+    model = _dirty(build("resnet18"))
+    before = _state(model)
+    explain(model, images(2, 32), [1, 2], method=method, **FAST.get(method, {}))
+    assert _state(model) == before
+
+
+class Exploding(nn.Module):
+    """Raises on the n-th forward pass (to interrupt a method half-way)."""
+
+    def __init__(self, inner, fail_at):
+        super().__init__()
+        self.backbone = inner.backbone
+        self.inner = inner
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("method,fail_at", [("gradcam", 1), ("guidedgradcam", 2), ("deeplift", 2),
+                                            ("deeplift", 3), ("scorecam", 2), ("relax", 2)])
+def test_model_state_restored_when_a_method_raises(method, fail_at):
+    model = Exploding(_dirty(build("resnet18")), fail_at)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        explain(model, images(2, 32), [1, 2], method=method, **FAST.get(method, {}))
+    assert _state(model) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_targets(resnet):
+    x = images(2, 32)
+    with pytest.raises(ValueError, match=r"one entry per image: expected shape \(2,\)"):
+        explain(resnet, x, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"target out of range: the model has 6 classes, got \[6\]"):
+        explain(resnet, x, [1, 6])
+    with pytest.raises(ValueError, match="out of range"):
+        explain(resnet, x, [-1, 0], method="scorecam")
+    with pytest.raises(ValueError, match="out of range"):
+        explain(resnet, x, [0, 9], method="deeplift")
+    with pytest.raises(TypeError, match="integer class indices"):
+        explain(resnet, x, torch.tensor([0.0, 1.0]))
+
+
+def test_bad_images_layers_methods_and_options(resnet):
+    with pytest.raises(ValueError, match=r"4-D \(B, C, H, W\), got shape \(3, 32, 32\)"):
+        explain(resnet, torch.rand(3, 32, 32), 0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        explain(resnet, [[0.0]], 0)
+    with pytest.raises(TypeError, match="floating"):
+        explain(resnet, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match=r"unknown layer 'stage7'.*stage1 -> backbone.layer1"):
+        explain(resnet, images(1, 32), 0, layer="stage7")
+    with pytest.raises(ValueError, match="unknown method 'gradcam3'; available: .*layercam"):
+        explain(resnet, images(1, 32), 0, method="gradcam3")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['n_mask'\]"):
+        get_explainer("relax", resnet, n_mask=3)
+    with pytest.raises(ValueError, match="interpolation"):
+        get_explainer("gradcam", resnet, interpolation="cubic")
+    with pytest.raises(ValueError, match="mix"):
+        get_explainer("refinecam", resnet, mix="sum")
+    with pytest.raises(ValueError, match="variant"):
+        get_explainer("scorecam", resnet, variant="fast")
+    with pytest.raises(ValueError, match="not among the listed layers"):
+        get_explainer("refinecam", resnet, layers=["stage2", "stage3"], layer="stage1")
+    with pytest.raises(ValueError, match="needs a layer method as base"):
+        get_explainer("refinecam", resnet, base="lime")
+    with pytest.raises(ValueError, match=r"oracle needs the ground truth"):
+        explain(resnet, images(1, 32), 0, method="oracle")
+    with pytest.raises(ValueError, match=r"gt must have shape \(1, 32, 32\)"):
+        explain(resnet, images(1, 32), 0, method="oracle", gt=torch.ones(1, 16, 16))
+
+
+class Detached(TinyNet):
+    def forward(self, x):
+        return super().forward(x).detach()
+
+
+class Skips(TinyNet):
+    """``stem`` runs, but only for show: the output does not depend on it."""
+
+    def forward(self, x):
+        self.stem(x)
+        return self.fc(x.mean((2, 3)).repeat(1, 3)[:, : self.fc.in_features])
+
+
+def test_models_without_gradient_path():
+    x = images(1, 16)
+    with pytest.raises(RuntimeError, match="no gradient path"):
+        explain(Detached(), x, 0, layer="feat")
+    with pytest.raises(RuntimeError, match="no gradient path from layer 'stem'"):
+        explain(Skips(), x, 0, layer="stem")
+    with pytest.raises(RuntimeError, match="was not called during the forward pass"):
+        explain(Skips(), x, 0, layer="head_conv")
+    with pytest.raises(RuntimeError, match="no gradient path"):
+        explain(Detached(), x, 0, method="guidedbackprop")
+
+
+def test_a_layer_called_twice_is_refused():
+    model = build("resnet18", wrapped=False)
+    with pytest.raises(RuntimeError, match="called 2 times"):
+        explain(model, images(1, 32), 0, layer="layer1.0.relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+
+def test_trivial_maps_as_the_paper_defines_them(resnet):
+    x = images(3, 16)
+    half = explain(resnet, x, 0, method="halfcam")
+    ones = explain(resnet, x, 0, method="all1scam")
+    rand = explain(resnet, x, 0, method="randomcam", seed=1)
+    for h in half:
+        assert (h == 0).sum() == 1 and (h == 1).sum() == 1 and (h == 0.5).sum() == 16 * 16 - 2
+    for o in ones:
+        assert (o == 0).sum() == 1 and (o == 1).sum() == 16 * 16 - 1
+    assert not torch.equal(half[0], half[1])  # special pixels drawn per image
+    assert rand.min() >= 0 and rand.max() <= 1 and abs(rand.mean().item() - 0.5) < 0.05
+    torch.testing.assert_close(rand, explain(resnet, x, 0, method="randomcam", seed=1))
+    assert not torch.equal(rand, explain(resnet, x, 0, method="randomcam", seed=2))
+
+
+def test_oracle_and_centre_prior(resnet):
+    x = images(2, 15)
+    gt = torch.zeros(2, 1, 15, 15)
+    gt[0, 0, 3:6, 4:9] = 1.0
+    gt[1, 0, 7, 7] = 0.5
+    torch.testing.assert_close(explain(resnet, x, 0, method="oracle", gt=gt), gt[:, 0])
+    centre = explain(resnet, x, 0, method="centre", sigma=0.2)
+    assert centre[0, 7, 7] == 1.0 and torch.equal(centre[0], centre[0].flip(0)) and torch.equal(centre[0], centre[0].T)
+    yy, xx = torch.meshgrid(torch.arange(15.0) - 7, torch.arange(15.0) - 7, indexing="ij")
+    g = torch.exp(-(yy ** 2 + xx ** 2) / (2 * 3.0 ** 2))
+    torch.testing.assert_close(centre[1], (g - g.min()) / (g.max() - g.min()))

@@ -1,0 +1,249 @@
+"""Average Drop, Complexity, Coherency, ADCC, ARCC and evaluate(): hand checks and properties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from validation.metrics import (adcc, arcc, average_drop, coherency, complexity, evaluate, harmonic_mean, road,
+                                AverageDrop, ROAD)
+from _metrics_helpers import TinyConv, cam_maps, smooth_images
+
+
+class Linear(torch.nn.Module):
+    """logits = W . mean-pooled channels: hand-checkable softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x.mean((2, 3)) @ self.w.T
+
+
+def gradient_explainer(model):
+    """A plain |gradient| map, min-max normalised: our own explainer for Coherency tests."""
+    def explain(x, target):
+        x = x.clone().requires_grad_(True)
+        out = model(x).gather(1, target[:, None]).sum()
+        (g,) = torch.autograd.grad(out, x)
+        m = g.abs().sum(1)
+        lo, hi = m.flatten(1).amin(1).view(-1, 1, 1), m.flatten(1).amax(1).view(-1, 1, 1)
+        return (m - lo) / (hi - lo).clamp_min(1e-12)
+    return explain
+
+
+def channel_mean_explainer(x, target):
+    """LaFAM-like label-free map on the input itself: min-max of the channel mean."""
+    m = x.mean(1)
+    lo, hi = m.flatten(1).amin(1).view(-1, 1, 1), m.flatten(1).amax(1).view(-1, 1, 1)
+    return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def test_average_drop_hand_computed_divides_by_y():
+    model = Linear()
+    x = torch.zeros(1, 3, 4, 4)
+    x[:, 0] = 1.0  # logits (2, 0, 0)
+    maps = torch.full((1, 4, 4), 0.5)  # X * L: logits (1, 0, 0)
+    y = np.exp(2) / (np.exp(2) + 2)
+    o = np.exp(1) / (np.exp(1) + 2)
+    ad = average_drop(model, x, torch.tensor([0]), maps)
+    assert ad.item() == pytest.approx((y - o) / y, abs=1e-6)
+    # an increase in confidence counts as zero drop
+    assert average_drop(model, x, torch.tensor([1]), maps).item() == 0.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_average_drop_zero_for_all_ones_and_in_unit_interval(seed):
+    model = TinyConv(seed=seed % 7)
+    x = smooth_images(2, 3, 16, 16, seed=seed)
+    t = torch.tensor([seed % 6, (seed + 1) % 6])
+    assert torch.equal(average_drop(model, x, t, torch.ones(2, 16, 16)), torch.zeros(2))
+    ad = average_drop(model, x, t, torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(seed)))
+    assert ((ad >= 0) & (ad <= 1)).all()
+
+
+def test_complexity_limits():
+    assert torch.equal(complexity(torch.zeros(2, 8, 8)), torch.zeros(2))
+    assert torch.equal(complexity(torch.ones(2, 8, 8)), torch.ones(2))
+    m = torch.zeros(1, 4, 4)
+    m[0, 0, :2] = 1
+    assert complexity(m).item() == pytest.approx(2 / 16)
+
+
+def test_coherency_matches_numpy_pearson_and_uses_x_times_l():
+    model = TinyConv()
+    x = smooth_images(3, 3, 16, 16)
+    maps = cam_maps(3, 16, 16)
+    seen = {}
+    explainer = gradient_explainer(model)
+
+    def spy(xin, target):
+        seen["x"] = xin
+        return explainer(xin, target)
+
+    t = torch.tensor([0, 1, 2])
+    value = coherency(x, t, maps, spy)
+    assert torch.allclose(seen["x"], x * maps[:, None])
+    recomputed = explainer(x * maps[:, None], t)
+    for i in range(3):
+        r = np.corrcoef(maps[i].flatten().numpy(), recomputed[i].flatten().numpy())[0, 1]
+        assert value[i].item() == pytest.approx((r + 1) / 2, abs=1e-5)
+
+
+def test_coherency_accepts_explainer_objects():
+    class Explainer:
+        def attribute(self, x, target):
+            return channel_mean_explainer(x, target)
+
+    x = smooth_images(2, 3, 16, 16)
+    maps = cam_maps(2, 16, 16)
+    t = torch.tensor([0, 1])
+    assert torch.equal(coherency(x, t, maps, Explainer()), coherency(x, t, maps, channel_mean_explainer))
+
+
+def test_coherency_with_the_toolkits_explainers():
+    """The whole method, RefineCAM included, is recomputed on X * L through get_explainer."""
+    from validation.attributions import get_explainer
+    from _metrics_helpers import resnet18
+    model = resnet18(0)
+    x = smooth_images(2, 3, 32, 32)
+    t = torch.tensor([0, 3])
+    for explainer in (get_explainer("gradcam", model, layer="stage3"),
+                      get_explainer("refinecam", model, base="gradcam", layers=("stage3", "stage4"))):
+        maps = explainer.attribute(x, t)
+        value, reasons = coherency(x, t, maps, explainer, return_reasons=True)
+        direct = explainer.attribute(x * maps[:, None], t)
+        for i in range(2):
+            if reasons[i]:
+                assert torch.isnan(value[i])
+                continue
+            r = np.corrcoef(maps[i].flatten().numpy(), direct[i].flatten().numpy())[0, 1]
+            assert value[i].item() == pytest.approx((r + 1) / 2, abs=1e-4)
+
+
+def test_coherency_nan_reasons():
+    x = smooth_images(2, 3, 16, 16)
+    maps = cam_maps(2, 16, 16)
+    maps[0] = 0.3  # constant map
+    value, reasons = coherency(x, torch.tensor([0, 1]), maps, lambda xx, t: torch.zeros(2, 16, 16),
+                               return_reasons=True)
+    assert torch.isnan(value).all()
+    assert reasons == ["constant_map", "constant_recomputed_map"]
+
+
+def test_harmonic_mean_definition_clipping_and_zero():
+    a, b, c = torch.tensor([0.5, 0.0, 1.2, 0.3]), torch.tensor([0.25, 0.9, 1.0, -0.1]), torch.tensor([1.0, 0.5, 1.0, 0.4])
+    h = harmonic_mean(a, b, c)
+    assert h[0].item() == pytest.approx(3 / (2 + 4 + 1))
+    assert h[1].item() == 0.0  # a part is 0
+    assert h[2].item() == pytest.approx(1.0)  # 1.2 clipped to 1
+    assert h[3].item() == 0.0  # -0.1 clipped to 0
+    assert torch.isnan(harmonic_mean(torch.tensor([float("nan")]), torch.tensor([0.5]), torch.tensor([0.5])))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_adcc_arcc_in_unit_interval_and_match_their_parts(seed):
+    model = TinyConv(seed=seed % 5)
+    x = smooth_images(2, 3, 16, 16, seed=seed)
+    maps = cam_maps(2, 16, 16, seed=seed)
+    t = torch.tensor([seed % 6, (seed + 3) % 6])
+    explainer = gradient_explainer(model)
+    a = adcc(model, x, t, maps, explainer)
+    r = arcc(model, x, t, maps, explainer, noise=0.0)
+    assert ((a >= 0) & (a <= 1)).all() and ((r >= 0) & (r <= 1)).all()
+    chn = coherency(x, t, maps, explainer)
+    cmx = complexity(maps)
+    ad = average_drop(model, x, t, maps)
+    rd = road(model, x, t, maps, noise=0.0)
+    assert torch.allclose(a, harmonic_mean(chn, 1 - cmx, 1 - ad))
+    assert torch.allclose(r, harmonic_mean(chn, 1 - cmx, rd.clamp(0, 1)))
+
+
+def test_all_ones_map_gives_zero_adcc_and_arcc():
+    model = TinyConv()
+    x = smooth_images(2, 3, 16, 16)
+    maps = torch.ones(2, 16, 16)
+    maps[:, 0, 0] = 0.0  # All1sCAM: complexity ~1 but not constant
+    maps[1, 0, 1:3] = 0.0
+    ex = gradient_explainer(model)
+    t = torch.tensor([0, 1])
+    ones = torch.ones(2, 16, 16)
+    value, reasons = adcc(model, x, t, ones, ex, return_reasons=True)
+    assert torch.isnan(value).all() and all(r.startswith("coherency:constant_map") for r in reasons)
+    assert (arcc(model, x, t, maps, ex) < 0.05).all()
+
+
+def test_evaluate_matches_functionals_and_shares_forwards():
+    model = Linear()
+    torch.manual_seed(0)
+    x = smooth_images(3, 3, 16, 16)
+    maps = cam_maps(3, 16, 16)
+    gt = (maps > 0.5).float()
+    t = torch.tensor([0, 1, 2])
+    ex = channel_mean_explainer
+    model.calls = 0
+    res = evaluate(model, x, t, maps, metrics=("average_drop", "complexity", "coherency", "adcc", "road", "arcc",
+                                               "gt_cosine", "sparseness", "localisation_auc"),
+                   explainer=ex, gt=gt, batch_size=1000)
+    assert model.calls == 1  # unperturbed + X*L + 8 ROAD images per sample in one batched forward
+    assert torch.allclose(res["average_drop"], average_drop(model, x, t, maps))
+    assert torch.allclose(res["road"], road(model, x, t, maps), atol=1e-6)
+    assert torch.allclose(res["adcc"], adcc(model, x, t, maps, ex), atol=1e-6)
+    assert torch.allclose(res["arcc"], arcc(model, x, t, maps, ex), atol=1e-6)
+    assert res.road_morf.shape == (3, 4) and res.prediction.shape == (3,)
+    assert set(res.reasons) == set(res)
+    rows = res.records(sample_ids=["a", "b", "c"])
+    assert len(rows) == 9 * 3 and rows[0]["sample"] == "a"
+
+
+def test_evaluate_road_alone_and_localisation_only():
+    model = TinyConv()
+    x = smooth_images(3, 3, 16, 16)
+    maps = cam_maps(3, 16, 16)
+    t = torch.tensor([5, 0, 3])
+    res = evaluate(model, x, t, maps, metrics=("road",), batch_size=4)
+    assert torch.allclose(res["road"], road(model, x, t, maps), atol=1e-6)
+    gt = (maps > 0.3).float()
+    loc = evaluate(None, None, None, maps, metrics=("pointing_game", "sparseness"), gt=gt)
+    assert loc.probability is None and set(loc) == {"pointing_game", "sparseness"}
+
+
+def test_evaluate_reports_missing_inputs():
+    x = smooth_images(1, 3, 8, 8)
+    maps = cam_maps(1, 8, 8)
+    with pytest.raises(ValueError, match="need an explainer"):
+        evaluate(TinyConv(), x, torch.tensor([0]), maps, metrics=("coherency",))
+    with pytest.raises(ValueError, match="need gt"):
+        evaluate(None, x, torch.tensor([0]), maps, metrics=("pointing_game",))
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(None, x, torch.tensor([0]), maps, metrics=("nope",))
+
+
+def test_class_forms_accumulate():
+    model = TinyConv()
+    metric = AverageDrop()
+    for seed in range(2):
+        metric.update(model, smooth_images(2, 3, 16, 16, seed=seed), torch.tensor([0, 1]), cam_maps(2, 16, 16, seed))
+    out = metric.compute()
+    assert out["values"].shape == (4,) and out["nan"] == 0
+    assert torch.isclose(out["mean"], out["values"].mean())
+    r = ROAD(noise=0.0)
+    x, maps = smooth_images(1, 3, 16, 16), cam_maps(1, 16, 16)
+    assert torch.equal(r(model, x, torch.tensor([2]), maps), road(model, x, torch.tensor([2]), maps, noise=0.0))
+
+
+def test_input_errors_name_the_sample():
+    model = TinyConv()
+    x = smooth_images(3, 3, 16, 16)
+    maps = cam_maps(3, 16, 16)
+    maps[2, 3, 3] = 1.5
+    with pytest.raises(ValueError, match=r"sample\(s\) \[2\].*outside \[0, 1\]"):
+        average_drop(model, x, torch.tensor([0, 1, 2]), maps)
+    with pytest.raises(ValueError, match="shape"):
+        complexity(torch.rand(3, 2, 16, 16))
+    with pytest.raises(ValueError, match="target"):
+        average_drop(model, x, torch.tensor([0, 1]), cam_maps(3, 16, 16))

@@ -1,0 +1,180 @@
+"""Localisation metrics: Quantus on tie-free maps, sklearn for AUC with ties, hand-made tie cases."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from validation.metrics import (default_topk, gt_cosine, localisation_auc, pointing_game, relevance_mass_accuracy,
+                                relevance_rank_accuracy, sparseness, topk_intersection)
+
+
+def _tie_free(b=6, h=16, w=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(b, h, w, generator=g)
+    gt = torch.zeros(b, h, w)
+    for i in range(b):
+        y, x = torch.randint(0, h - 6, (2,), generator=g).tolist()
+        gt[i, y:y + 3 + i % 4, x:x + 4] = 1.0
+    return maps, gt
+
+
+def _quantus(metric, maps, gt, **kw):
+    import quantus
+    m = getattr(quantus, metric)(disable_warnings=True, display_progressbar=False, normalise=False, abs=False, **kw)
+    a = maps[:, None].numpy().astype(np.float64)
+    s = gt[:, None].numpy()
+    x = np.repeat(a, 3, axis=1)
+    y = np.zeros(len(a), dtype=int)
+    return np.asarray(m(model=None, x_batch=x, y_batch=y, a_batch=a, s_batch=s), dtype=np.float64)
+
+
+@pytest.mark.parametrize("name, ours, kw", [
+    ("PointingGame", pointing_game, {}),
+    ("TopKIntersection", lambda m, g: topk_intersection(m, g, k=20), {"k": 20}),
+    ("RelevanceMassAccuracy", relevance_mass_accuracy, {}),
+    ("RelevanceRankAccuracy", relevance_rank_accuracy, {}),
+    ("AUC", localisation_auc, {}),
+])
+def test_match_quantus_on_tie_free_maps(name, ours, kw):
+    maps, gt = _tie_free()
+    theirs = _quantus(name, maps, gt, **kw)
+    np.testing.assert_allclose(ours(maps, gt).double().numpy(), theirs, atol=1e-5)
+
+
+def test_sparseness_matches_quantus():
+    import quantus
+    maps, _ = _tie_free()
+    a = maps[:, None].numpy().astype(np.float64)
+    metric = quantus.Sparseness(disable_warnings=True, display_progressbar=False, normalise=False, abs=False)
+    theirs = np.asarray(metric(model=None, x_batch=np.repeat(a, 3, 1), y_batch=np.zeros(6, int), a_batch=a.copy()))
+    np.testing.assert_allclose(sparseness(maps).double().numpy(), theirs, atol=1e-5)  # they add 1e-7
+
+
+def test_auc_with_ties_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randint(0, 4, (5, 12, 12), generator=g).float() / 3  # heavy ties
+    gt = (torch.rand(5, 12, 12, generator=g) < 0.3).float()
+    ours = localisation_auc(maps, gt)
+    for i in range(5):
+        assert ours[i].item() == pytest.approx(roc_auc_score(gt[i].flatten().numpy(), maps[i].flatten().numpy()),
+                                               abs=1e-6)
+
+
+def test_topk_and_rank_accuracy_expected_value_over_ties():
+    # 4x4 map: two pixels at 1.0 (one in S), four tied at 0.5 (one in S), the rest 0
+    maps = torch.zeros(1, 4, 4)
+    gt = torch.zeros(1, 4, 4)
+    maps[0, 0, 0] = maps[0, 0, 1] = 1.0
+    maps[0, 1, :] = 0.5
+    gt[0, 0, 0] = 1
+    gt[0, 1, 0] = 1
+    gt[0, 3, 3] = 1
+    # k = 4: both 1.0 pixels (1 hit) + 2 of the 4 tied (expected 2 * 1/4 hits) -> 1.5 / 4
+    assert topk_intersection(maps, gt, k=4).item() == pytest.approx(1.5 / 4)
+    # |S| = 3: two 1.0 pixels (1 hit) + 1 of 4 tied (1/4) -> 1.25 / 3
+    assert relevance_rank_accuracy(maps, gt).item() == pytest.approx(1.25 / 3)
+
+
+def test_expected_value_equals_average_over_all_tie_orders():
+    """Brute force: the mean of the Quantus-style score over many random tie orders."""
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randint(0, 3, (1, 5, 5), generator=g).float() / 2
+    gt = (torch.rand(1, 5, 5, generator=g) < 0.4).float()
+    flat, s = maps.flatten().numpy(), gt.flatten().numpy().astype(bool)
+    rng = np.random.default_rng(0)
+    k = 7
+    scores = []
+    for _ in range(20000):
+        jitter = rng.random(flat.size) * 1e-3
+        top = np.argsort(-(flat + jitter))[:k]
+        scores.append(s[top].mean())
+    assert topk_intersection(maps, gt, k=k).item() == pytest.approx(np.mean(scores), abs=0.005)
+
+
+def test_pointing_game_tie_policies():
+    maps = torch.zeros(1, 4, 4)
+    gt = torch.zeros(1, 4, 4)
+    maps[0, 0, :4] = 1.0  # four tied maxima, one inside S
+    gt[0, 0, 0] = 1
+    assert pointing_game(maps, gt).item() == 1.0
+    assert pointing_game(maps, gt, ties="fraction").item() == 0.25
+    with pytest.raises(ValueError, match="ties"):
+        pointing_game(maps, gt, ties="first")
+
+
+def test_nan_with_reasons():
+    maps = torch.rand(4, 6, 6, generator=torch.Generator().manual_seed(3))
+    gt = torch.zeros(4, 6, 6)
+    gt[:, :2, :2] = 1
+    maps[1] = 0.0  # zero map (also constant)
+    maps[2] = 0.7  # constant map
+    gt[3] = 0.0  # empty mask
+    v, r = pointing_game(maps, gt, return_reasons=True)
+    assert r == ["", "constant_map", "constant_map", "empty_mask"] and torch.isnan(v[1:]).all()
+    v, r = topk_intersection(maps, gt, k=3, return_reasons=True)
+    assert r == ["", "constant_map", "constant_map", "empty_mask"]
+    v, r = relevance_mass_accuracy(maps, gt, return_reasons=True)
+    assert r == ["", "zero_map", "", "empty_mask"] and v[2].item() == pytest.approx(4 / 36)
+    v, r = localisation_auc(maps, gt, return_reasons=True)
+    assert r == ["", "", "", "empty_mask"] and v[1].item() == 0.5 and v[2].item() == 0.5
+    v, r = sparseness(maps, return_reasons=True)
+    assert r == ["", "zero_map", "", ""] and v[2].item() == pytest.approx(0.0, abs=1e-6)
+    v, r = gt_cosine(maps, gt, return_reasons=True)
+    assert r == ["", "zero_map", "", "empty_mask"]
+    full = torch.ones(1, 6, 6)
+    v, r = localisation_auc(maps[:1], full, return_reasons=True)
+    assert r == ["full_mask"] and torch.isnan(v).all()
+
+
+def test_gt_cosine_hand_computed():
+    maps = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    gt = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert gt_cosine(maps, gt).item() == pytest.approx(1.0 / (np.sqrt(1.25) * np.sqrt(2)))
+
+
+def test_default_topk_scales_with_area():
+    assert default_topk(224, 224) == 1000
+    assert default_topk(128, 128) == 327
+    assert default_topk(32, 32) == 20
+
+
+def test_gt_must_match_maps():
+    with pytest.raises(ValueError, match="gt shape"):
+        pointing_game(torch.rand(2, 8, 8), torch.ones(2, 8, 7))
+
+
+@settings(max_examples=20, deadline=None)
+@given(h=st.integers(2, 12), w=st.integers(2, 12), pos=st.integers(0, 10_000))
+def test_gini_of_one_hot_and_constant(h, w, pos):
+    n = h * w
+    one_hot = torch.zeros(1, h, w)
+    one_hot.view(-1)[pos % n] = 1.0
+    assert sparseness(one_hot).item() == pytest.approx((n - 1) / n, abs=1e-6)
+    assert sparseness(torch.full((1, h, w), 0.3)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(value=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_auc_of_constant_map_is_half(value, seed):
+    gt = (torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(seed)) < 0.5).float()
+    gt[0, 0, 0], gt[0, 0, 1] = 1.0, 0.0
+    assert localisation_auc(torch.full((1, 8, 8), value), gt).item() == 0.5
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_scores_in_unit_interval_and_per_sample(seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randint(0, 5, (3, 8, 8), generator=g).float() / 4
+    gt = (torch.rand(3, 8, 8, generator=g) < 0.3).float()
+    gt[:, 0, 0] = 1
+    for fn in (pointing_game, topk_intersection, relevance_rank_accuracy, relevance_mass_accuracy,
+               localisation_auc, gt_cosine):
+        v = fn(maps, gt)
+        finite = v[~torch.isnan(v)]
+        assert ((finite >= 0) & (finite <= 1 + 1e-6)).all(), fn.__name__
+        # per-sample: scaling one map does not change another sample's value
+        scaled = maps.clone()
+        scaled[0] = scaled[0] * 0.5
+        assert torch.equal(fn(scaled, gt)[1:].nan_to_num(-1), v[1:].nan_to_num(-1)), fn.__name__
