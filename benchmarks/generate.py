@@ -9,8 +9,9 @@ is its own row):
   PNG floor   encoding the same image + mask + region to PNG alone, with the writer's settings
   PIL PNG     the same three encodes with Pillow's defaults, for reference
 Targets (128 px): render >= 1000 samples/s per core; (render+write - render) <= 1.5 x PNG floor.
-The best of `--repeats` runs is reported (the machine is shared, so the minimum is the least
-disturbed); other jobs running at the same time slow every row.
+The measurements run round robin `--repeats` times and the best of each is reported (the
+machine is shared, so the minimum is the least disturbed); other jobs running at the same time
+slow every row.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ def bench_size(size: int, n: int, repeats: int) -> list[tuple[str, float, str]]:
     synth = ShapeSynth(cfg)
     synth.sample("train", 0)
 
-    render_s = best_of(lambda: [synth.sample("train", i) for i in range(n)], repeats)
     samples = [synth.sample("train", i) for i in range(n)]
+
+    def render():
+        for i in range(n):
+            synth.sample("train", i)
 
     def floor():
         for s in samples:
@@ -69,12 +73,12 @@ def bench_size(size: int, n: int, repeats: int) -> list[tuple[str, float, str]]:
             for arr in (s.image, np.rint(s.mask * 255).astype(np.uint8), np.rint(s.region * 255).astype(np.uint8)):
                 Image.fromarray(arr).save(io.BytesIO(), format="PNG")
 
-    floor_s = best_of(floor, repeats)
-    pil_s = best_of(pil, repeats)
     shard = Shard("train", 0, 1, 0, n)
     writer = HubParquet()
     with tempfile.TemporaryDirectory() as tmp:
-        write_s = best_of(lambda: writer.write(Path(tmp), shard, render_rows(synth, shard)), repeats)
+        # round robin, so every measurement sees the same mix of load from other jobs
+        rounds = [[best_of(fn, 1) for fn in (render, lambda: writer.write(Path(tmp), shard, render_rows(synth, shard)), floor, pil)] for _ in range(repeats)]
+    render_s, write_s, floor_s, pil_s = (tuple(min(r[k][j] for r in rounds) for j in range(2)) for k in range(4))
     overhead = [(write_s[k] - render_s[k]) / floor_s[k] for k in range(2)]
 
     def rate(t):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _metrics_helpers import resnet18, spsolve_impute  # noqa: E402  (shared reference code)
+from test_metrics_helpers import resnet18, spsolve_impute  # noqa: E402  (shared reference code)
 
 from validation.metrics import (localisation_auc, pointing_game, relevance_mass_accuracy,  # noqa: E402
                                 relevance_rank_accuracy, removal_masks, road, sparseness, topk_intersection)
@@ -56,7 +56,7 @@ def images_and_maps(n, size, seed=0):
 def spsolve_only(image, removed):
     """Time only scipy's spsolve on a prebuilt CSC system (the fastest use of the reference)."""
     import scipy.sparse.linalg as sla
-    from _metrics_helpers import WEIGHTS
+    from test_metrics_helpers import WEIGHTS
     import scipy.sparse as sp
     c, h, w = image.shape
     fr = removed.ravel().astype(bool)

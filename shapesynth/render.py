@@ -176,20 +176,21 @@ class ShapeSynth:
     def _pick_colour(self, draws: SampleDraws, bg_box: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float, int]:
         """The first candidate colour that meets min_contrast (else the best of max tries).
 
-        Candidates are scored in small batches over the covered pixels only; the result is the
-        same as trying them one by one.
+        Candidates are scored in growing batches (1, 3, 12, ...) over the shape's bounding box
+        (alpha-weighted); the result is the same as trying them one by one.
         """
         cfg = self.config
-        covered = alpha > 0
-        weights = alpha[covered] / np.float32(alpha[covered].sum() * _MAX_CONTRAST)
-        under = bg_box[covered].astype(np.float32)  # (m, 3)
+        weights = (alpha / np.float32(alpha.sum() * _MAX_CONTRAST)).reshape(-1)
+        under = bg_box.astype(np.float32)  # (h, w, 3); pixels outside the shape weigh 0
         candidates = draws.colours()
         best, best_contrast, tried = None, -1.0, 0
         while tried < cfg.max_colour_tries:
-            k = min(4 if tried == 0 else 16, cfg.max_colour_tries - tried)
+            k = min(1 if tried == 0 else 3 if tried == 1 else 12, cfg.max_colour_tries - tried)  # most pass at once
             batch = np.stack([next(candidates) for _ in range(k)])
-            diff = under[None] - batch[:, None, :].astype(np.float32)  # (k, m, 3)
-            contrasts = (np.sqrt((diff * diff).sum(axis=2)) * weights).sum(axis=1)
+            diff = under[None] - batch[:, None, None, :].astype(np.float32)  # (k, h, w, 3)
+            diff *= diff
+            dist = np.sqrt(diff[..., 0] + diff[..., 1] + diff[..., 2]).reshape(k, -1)
+            contrasts = dist @ weights
             met = np.flatnonzero(contrasts >= cfg.min_contrast)
             if met.size:
                 j = int(met[0])

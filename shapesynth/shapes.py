@@ -1,13 +1,15 @@
 """Shape geometry and anti-aliased coverage.
 
-Each shape is a signed distance field ``sd`` (negative inside) evaluated at pixel centres;
-coverage is the 1-pixel box ramp ``clip(0.5 - sd, 0, 1)``. For axis-aligned edges this is the
-exact pixel coverage and for any edge it integrates to the exact area, so the sum of the alpha
-of a circle or square is its analytic area up to sub-pixel error. Polygons use the max of their
-edge half-plane distances, which keeps corners sharp. Empty shapes are the difference of the
-outer coverage and the coverage of the shape shrunk by the stroke width (an inward stroke).
+Each shape is a signed distance field ``sd`` (negative inside; polygons use the max of their
+edge half-plane distances, which keeps corners sharp). Pixels whose centre is farther than
+sqrt(1/2) + 1/8 px from the boundary are fully in or out; the boundary pixels are supersampled
+4 x 4, each sub-sample with a box ramp ``clip(0.5 - 4 sd, 0, 1)`` of a quarter pixel. The
+result is the pixel's area coverage to within a few thousandths of a pixel per corner, so the
+alpha of a circle or square sums to its analytic area (tests: within 1 %). Empty shapes are
+the difference of the outer coverage and the coverage of the shape shrunk by the stroke width
+(an inward stroke).
 
-Only the shape's bounding box is evaluated.
+Only the shape's bounding box is evaluated, and only its boundary pixels are supersampled.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ def _signed_distance(kind: str, size: float, angle_deg: float, dx: np.ndarray, d
     raise ValueError(f"unknown shape kind {kind!r} (known: {KINDS})")
 
 
+_SUPERSAMPLE = 4  # sub-samples per axis on boundary pixels
+_SUB_OFFSETS = ((np.arange(_SUPERSAMPLE, dtype=np.float32) + 0.5) / _SUPERSAMPLE - 0.5).astype(np.float32)
+_EDGE = np.float32(math.sqrt(0.5) + 0.5 / _SUPERSAMPLE + 1e-3)
+
+
 def quantize_alpha(alpha: np.ndarray) -> np.ndarray:
     """Round alpha to multiples of 1/255 so that its 8-bit storage is lossless."""
     return (np.rint(alpha * np.float32(255.0)) / np.float32(255.0)).astype(np.float32)
@@ -107,14 +114,26 @@ def coverage(
     r = circumradius(size) + 1.0
     x0, x1 = max(0, int(math.floor(cx - r))), min(image_size, int(math.ceil(cx + r)))
     y0, y1 = max(0, int(math.floor(cy - r))), min(image_size, int(math.ceil(cy + r)))
-    dx = (np.arange(x0, x1, dtype=np.float32) + np.float32(0.5 - cx))[None, :]
-    dy = (np.arange(y0, y1, dtype=np.float32) + np.float32(0.5 - cy))[:, None]
-    sd = _signed_distance(kind, size, angle_deg, dx, dy)
-    region = quantize_alpha(np.clip(np.float32(0.5) - sd, 0.0, 1.0))
-    if filled:
-        mask = region
-    else:
-        inner = quantize_alpha(np.clip(np.float32(0.5 - stroke) - sd, 0.0, 1.0))
-        mask = region - inner  # both on the k/255 grid, so the difference is too
-        mask = quantize_alpha(mask)
+    dx = np.arange(x0, x1, dtype=np.float32) + np.float32(0.5 - cx)
+    dy = np.arange(y0, y1, dtype=np.float32) + np.float32(0.5 - cy)
+    sd = _signed_distance(kind, size, angle_deg, dx[None, :], dy[:, None])
+    offsets = [0.0] if filled else [0.0, float(stroke)]  # outer boundary, inner boundary
+    # pixels away from every boundary are fully in or out (sd is 1-Lipschitz, so a pixel the
+    # boundary or a sub-sample ramp touches has |sd + offset| <= EDGE at its centre)
+    edge = np.zeros(sd.shape, bool)
+    for off in offsets:
+        edge |= np.abs(sd + np.float32(off)) <= _EDGE
+    ys, xs = np.nonzero(edge)
+    sub = _SUB_OFFSETS
+    sd_sub = _signed_distance(
+        kind, size, angle_deg, dx[xs][:, None, None] + sub[None, None, :], dy[ys][:, None, None] + sub[None, :, None]
+    )
+    covs = []
+    for off in offsets:
+        cov = (sd + np.float32(off) < 0).astype(np.float32)
+        ramp = np.clip(np.float32(0.5) - (sd_sub + np.float32(off)) * np.float32(_SUPERSAMPLE), 0.0, 1.0)
+        cov[ys, xs] = ramp.mean(axis=(1, 2))
+        covs.append(quantize_alpha(cov))
+    region = covs[0]
+    mask = region if filled else quantize_alpha(region - covs[1])  # both on the k/255 grid
     return (y0, y1, x0, x1), mask, region

@@ -46,9 +46,17 @@ def _peer_raw(peer_cls, model, module, x, targets):
         cam.activations_and_grads.release()
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])
-@pytest.mark.parametrize("method", sorted(PEERS))
-@pytest.mark.parametrize("layer", ["stage1", "stage3"])
+def _cases():
+    for arch in ("resnet18", "convnext_tiny"):
+        for method in sorted(PEERS):
+            for layer in ("stage1", "stage3"):
+                # stage3 Score-CAM (256-384 masked forwards per image) and float64 ConvNeXt are
+                # the slow cases: run with -m slow
+                slow = layer == "stage3" and (method == "scorecam" or (arch, method) == ("convnext_tiny", "gradcampp"))
+                yield pytest.param(arch, method, layer, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("arch,method,layer", list(_cases()))
 def test_matches_pytorch_grad_cam(models, arch, method, layer):
     # Score-CAM costs one masked forward per channel and image, float64 ConvNeXt is slow on CPU:
     # keep those cases small

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from validation.metrics import (adcc, arcc, average_drop, coherency, complexity, evaluate, harmonic_mean, road,
                                 AverageDrop, ROAD)
-from _metrics_helpers import TinyConv, cam_maps, smooth_images
+from test_metrics_helpers import TinyConv, cam_maps, smooth_images
 
 
 class Linear(torch.nn.Module):
@@ -107,7 +107,7 @@ def test_coherency_accepts_explainer_objects():
 def test_coherency_with_the_toolkits_explainers():
     """The whole method, RefineCAM included, is recomputed on X * L through get_explainer."""
     from validation.attributions import get_explainer
-    from _metrics_helpers import resnet18
+    from test_metrics_helpers import resnet18
     model = resnet18(0)
     x = smooth_images(2, 3, 32, 32)
     t = torch.tensor([0, 3])

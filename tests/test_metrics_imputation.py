@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from validation.metrics.imputation import linear_impute, noisy_linear_impute
-from _metrics_helpers import cam_maps, smooth_images, spsolve_impute
+from test_metrics_helpers import cam_maps, smooth_images, spsolve_impute
 
 
 def _check(x, removed, atol=1e-4):
@@ -88,5 +88,16 @@ def test_bad_inputs_raise():
         linear_impute(x, torch.zeros(2, 15, 16))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         linear_impute(x[0], torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match=r"every pixel of sample\(s\) \[1\]"):
+        linear_impute(x, torch.stack([torch.zeros(16, 16), torch.ones(16, 16)]))
     with pytest.raises(TypeError, match="floating"):
         linear_impute(x.to(torch.uint8), torch.zeros(2, 16, 16))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (4, 4), (5, 5), (12, 5), (96, 6), (3, 70)])
+def test_tiny_and_elongated_images(size):
+    h, w = size
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    removed = torch.rand(2, h, w, generator=torch.Generator().manual_seed(h + w)) < 0.6
+    removed[:, 0, 0] = False  # at least one known pixel
+    _check(x, removed)

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from validation.metrics import removal_masks, road, road_images
 from validation.metrics.road import pixel_ranks
-from _metrics_helpers import TinyConv, cam_maps, resnet18, smooth_images
+from test_metrics_helpers import TinyConv, cam_maps, resnet18, smooth_images
 
 
 def test_exact_counts_even_when_everything_ties():

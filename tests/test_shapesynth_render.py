@@ -308,3 +308,30 @@ def test_synthstream_through_dataloader_workers_matches_direct_rendering():
     direct = torch.stack([stream[i]["image"] for i in range(8)])
     loaded = torch.cat([b["image"] for b in DataLoader(stream, batch_size=3, num_workers=2)])
     assert torch.equal(direct, loaded)
+
+
+@pytest.mark.parametrize("size", [5, 6, 11])
+def test_tiny_shapes_keep_their_analytic_area(size):
+    # boundary pixels are supersampled, so even the smallest band at 64 px is exact to 1 %
+    rng = np.random.default_rng(size)
+    for _ in range(40):
+        angle, cx, cy = rng.uniform(0, 360), *rng.uniform(20, 44, 2)
+        _, circle, _ = coverage(0, size, angle, cx, cy, 64, stroke=1)
+        _, square, _ = coverage(1, size, angle, cx, cy, 64, stroke=1)
+        assert abs(circle.sum() / (math.pi * size**2 / 4) - 1) < 0.01
+        assert abs(square.sum() / size**2 - 1) < 0.01
+        if size >= 10:
+            _, tri, _ = coverage(2, size, angle, cx, cy, 64, stroke=1)
+            assert abs(tri.sum() / (size**2 / 2) - 1) < 0.01
+
+
+def test_pixels_away_from_the_boundary_are_exactly_in_or_out():
+    (y0, y1, x0, x1), mask, _ = coverage(1, 20, 30.0, 32.2, 31.7, 64, stroke=4)
+    yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
+    t = math.radians(30.0)
+    u = (xx - 32.2) * math.cos(t) + (yy - 31.7) * math.sin(t)
+    v = (yy - 31.7) * math.cos(t) - (xx - 32.2) * math.sin(t)
+    sd = np.maximum(abs(u), abs(v)) - 10
+    assert np.all(mask[sd < -1] == 1) and np.all(mask[sd > 1] == 0)
+    near = mask[np.abs(sd) < 0.3]
+    assert near.size and np.all((near > 0) & (near < 1))

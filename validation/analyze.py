@@ -86,8 +86,10 @@ def weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return mid[:, inverse]
 
 
-def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    rx, ry = weighted_ranks(x, w), weighted_ranks(y, w)
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray, ry: np.ndarray | None = None) -> np.ndarray:
+    """Spearman rho under weights; ``ry`` may pass precomputed ``weighted_ranks(y, w)``."""
+    rx = weighted_ranks(x, w)
+    ry = weighted_ranks(y, w) if ry is None else ry
     return _rowwise_weighted_pearson(rx, ry, w)
 
 
@@ -126,8 +128,11 @@ def image_bootstrap_counts(n_images: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_boot).astype(np.float64)
 
 
-def pair_correlation(x, y, image_codes, counts, block: int = 128) -> Correlation:
-    """Correlation over (image, config) pairs; bootstrap replicates reweight whole images."""
+def pair_correlation(x, y, image_codes, counts, block: int = 128, cache: dict | None = None) -> Correlation:
+    """Correlation over (image, config) pairs; bootstrap replicates reweight whole images.
+
+    ``cache`` (a dict kept by the caller) reuses the reference's ranks across metrics that
+    share the same pairs: the reference is the same for every metric of a model."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 3:
         nan = np.full(counts.shape[0], np.nan)
@@ -136,10 +141,20 @@ def pair_correlation(x, y, image_codes, counts, block: int = 128) -> Correlation
     pear = float(weighted_pearson(x, y, ones)[0]) if len(x) > 1 else np.nan
     spear = float(weighted_spearman(x, y, ones)[0]) if len(x) > 1 else np.nan
     pb, sb = [], []
+    key = None
+    if cache is not None:
+        import hashlib
+
+        key = hashlib.sha1(y.tobytes() + np.asarray(image_codes).tobytes()).hexdigest()
     for lo in range(0, counts.shape[0], block):
         w = counts[lo:lo + block][:, image_codes]
         pb.append(weighted_pearson(x, y, w))
-        sb.append(weighted_spearman(x, y, w))
+        ry = None
+        if cache is not None:
+            ry = cache.get((key, lo))
+            if ry is None:
+                ry = cache[(key, lo)] = weighted_ranks(y, w)
+        sb.append(weighted_spearman(x, y, w, ry))
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))
     return Correlation(len(x), pear, spear, cat(pb), cat(sb))
 
@@ -244,12 +259,13 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         uniq, codes = np.unique(images, return_inverse=True)
         counts = image_bootstrap_counts(len(uniq), n_boot, seed)
         ref = w[reference].to_numpy() if reference in w else np.full(len(w), np.nan)
+        rank_cache: dict = {}
         for metric in metrics:
             if metric not in w:
                 continue
             val = w[metric].to_numpy()
             ok = np.isfinite(val) & np.isfinite(ref)
-            pc = pair_correlation(val[ok], ref[ok], codes[ok], counts)
+            pc = pair_correlation(val[ok], ref[ok], codes[ok], counts, cache=rank_cache)
             grid_v = pd.Series(val, index=w.index).unstack(["method", "layer", "mix"])
             grid_r = pd.Series(ref, index=w.index).unstack(["method", "layer", "mix"])
             grid_r = grid_r.reindex(index=grid_v.index, columns=grid_v.columns)

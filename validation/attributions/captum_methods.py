@@ -155,9 +155,9 @@ class InputXGradient(CaptumExplainer):
 @register("integratedgradients", "ig")
 class IntegratedGradients(CaptumExplainer):
     """captum IntegratedGradients, ``n_steps`` Gauss-Legendre steps from ``baseline`` (default 0),
-    ``internal_batch_size`` images per forward (None: all steps at once)."""
+    ``internal_batch_size`` scaled images per forward (None: all B * n_steps at once)."""
 
-    def __init__(self, model, *, baseline=0.0, n_steps: int = 50, internal_batch_size: int | None = None,
+    def __init__(self, model, *, baseline=0.0, n_steps: int = 50, internal_batch_size: int | None = 64,
                  **options):
         super().__init__(model, **options)
         self.baseline, self.n_steps, self.internal_batch_size = baseline, int(n_steps), internal_batch_size

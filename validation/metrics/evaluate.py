@@ -12,7 +12,7 @@ from .faithfulness import _combine, average_drop_from_probabilities, coherency, 
 from .ground_truth import gt_cosine
 from .localisation import (localisation_auc, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
                            sparseness, topk_intersection)
-from .road import DEFAULT_FRACTIONS, _check_fractions, road_from_probabilities, road_images
+from .road import DEFAULT_FRACTIONS, check_fractions, road_from_probabilities, road_images
 
 __all__ = ["evaluate", "EvaluationResult", "METRIC_NAMES", "MODEL_METRICS", "GT_METRICS", "EXPLAINER_METRICS"]
 
@@ -94,7 +94,7 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
     if needs_model:
         want_ad = any(m in metrics for m in ("average_drop", "adcc"))
         want_road = any(m in metrics for m in ("road", "arcc"))
-        fractions = _check_fractions(fractions)
+        fractions = check_fractions(fractions)
         batches, targets = [x], [target]
         if want_ad:
             batches.append(x * maps[:, None].to(x.dtype))

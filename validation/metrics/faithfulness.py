@@ -11,7 +11,6 @@ divides by O). Harmonic means clip every part to [0, 1] and are 0 when any part 
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 

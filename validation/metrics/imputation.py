@@ -7,13 +7,17 @@ kept pixels are fixed. That is one sparse symmetric positive definite system per
 one image at a time; here every system of a batch is solved together with conjugate gradients
 preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on the input's device:
 
-* operators are 9-point variable stencils stored as 9 coefficient fields ``(N, 9, H, W)``
-  (coefficient of ``x[p + offset]`` in the row of pixel ``p``); rows of kept pixels are zero;
+* the system is scaled by 12 (integer coefficients, exact in float32); the fine operator is one
+  depthwise 3x3 convolution plus masks, in channels_last layout;
 * coarse operators are Galerkin products ``P^T A P`` with bilinear prolongation ``P``, computed
-  exactly by one strided convolution per level, so every coarse problem is the exact projection
-  of the fine one whatever the shape of the holes (single pixels, whole borders, thin lines);
-* smoothing is damped Jacobi with equal pre- and post-sweeps and ``R = P^T``, so the V-cycle is
-  a symmetric positive definite preconditioner and CG converges in a few iterations.
+  exactly by one strided convolution per level and stored as 9-point variable stencils
+  ``(N, 9, h, w)``, so every coarse problem is the exact projection of the fine one whatever the
+  shape of the holes (single pixels, whole borders, thin lines); the coarsest 5x5 grid is
+  solved with a pseudo-inverse;
+* smoothing is Jacobi on the fine level and l1-Jacobi on coarse levels, equal pre- and
+  post-sweeps and ``R = P^T``, so the V-cycle is a symmetric positive definite preconditioner;
+* CG runs on the cheap recursive residual and replaces it by the exactly computed residual
+  (hi/lo split, see ``_FineOperator.residual``) before stopping, so float32 reaches ~1e-6.
 """
 from __future__ import annotations
 
@@ -202,13 +206,13 @@ class _Multigrid:
     exact (pseudo-inverse) solve on the coarsest grid."""
 
     def __init__(self, fine: _FineOperator, coef: torch.Tensor, sweeps: int = 2, omega: float = 1.0,
-                 coarse_omega: float = 1.5, coarsest: int = 5):
-        self.sweeps = sweeps
+                 coarse_omega: float = 1.5, coarsest: int = 5, coarse_sweeps: int = 2):
+        self.sweeps, self.coarse_sweeps = sweeps, coarse_sweeps
         self.fine_jacobi = omega == 1.0
         self.kernel = _bilinear_kernel(coef.dtype, coef.device)
         galerkin = _galerkin_kernel(coef.dtype, coef.device)
         self.ops = [fine]
-        while min(coef.shape[-2:]) > coarsest:
+        while max(coef.shape[-2:]) > coarsest:
             coef = F.conv2d(_pad_odd(coef), galerkin, stride=2, padding=1)
             self.ops.append(_StencilOperator(coef))
         # Jacobi with omega = 1 is optimal on the fine 8-neighbour stencil (smoothing factor 1/3).
@@ -219,7 +223,8 @@ class _Multigrid:
         for op in self.ops[1:-1]:
             l1 = op.coef.abs().sum(1, keepdim=True)
             self.inv_diag.append(torch.where(l1 > 0, coarse_omega / l1.clamp_min(1e-30), torch.zeros_like(l1)))
-        self.coarse_inverse = _pseudo_inverse(_dense(self.ops[-1].coef)) if len(self.ops) > 1 else None
+        # the coarsest grid (at most 5x5; the fine one itself for tiny images) is solved exactly
+        self.coarse_inverse = _pseudo_inverse(_dense(coef))
 
     def _restrict(self, r: torch.Tensor) -> torch.Tensor:
         # coarse levels use NCHW: their stencil coefficients broadcast over channels
@@ -242,20 +247,19 @@ class _Multigrid:
 
     def __call__(self, r: torch.Tensor, depth: int = 0) -> torch.Tensor:
         op = self.ops[depth]
-        if depth == len(self.ops) - 1 and self.coarse_inverse is not None:
+        if depth == len(self.ops) - 1:
             n, c, h, w = r.shape
-            return (r.reshape(n, c, h * w) @ self.coarse_inverse).view(n, c, h, w)
+            solution = (r.contiguous().reshape(n, c, h * w) @ self.coarse_inverse).view(n, c, h, w)
+            return solution.contiguous(memory_format=torch.channels_last) if depth == 0 else solution
         if depth == 0 and self.fine_jacobi:
             return self._fine_cycle(r)
         inv_diag = self.inv_diag[depth]
         x = inv_diag * r
-        for _ in range(self.sweeps - 1):
+        for _ in range(self.coarse_sweeps - 1):
             x = x + inv_diag * (r - op(x))
-        if depth == len(self.ops) - 1:
-            return x
         coarse_r = self._restrict(r - op(x))
         x = torch.addcmul(x, op.mask, self._prolong(self(coarse_r, depth + 1), x))
-        for _ in range(self.sweeps):
+        for _ in range(self.coarse_sweeps):
             x = x + inv_diag * (r - op(x))
         return x
 
@@ -348,6 +352,10 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1
         raise TypeError(f"images must be floating point, got {images.dtype}")
     h, w = images.shape[-2:]
     m = (removed != 0).to(images.dtype)
+    nothing_kept = (m.flatten(1).amin(1) > 0).nonzero().flatten().tolist()
+    if nothing_kept:
+        raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
+                         "linear imputation needs at least one kept pixel")
     coef, rhs = imputation_system(images, m)
     diag = coef[:, _CENTRE:_CENTRE + 1]
     # start from the mean of each image's kept pixels: a cheap, safe first guess

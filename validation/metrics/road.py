@@ -32,7 +32,7 @@ class RoadResult(NamedTuple):
     fractions: tuple
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple:
+def check_fractions(fractions: Sequence[float]) -> tuple:
     fractions = tuple(float(k) for k in fractions)
     if not fractions or any(not 0 < k < 1 for k in fractions):
         raise ValueError(f"fractions must be a non-empty sequence of values in (0, 1), got {fractions}")
@@ -59,7 +59,7 @@ def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
 
 def removal_counts(fractions: Sequence[float], num_pixels: int) -> list[int]:
     """round(k * n), half up."""
-    return [int(k * num_pixels + 0.5) for k in _check_fractions(fractions)]
+    return [int(k * num_pixels + 0.5) for k in check_fractions(fractions)]
 
 
 def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
@@ -86,7 +86,7 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     x = check_images(x, maps)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     b, c, h, w = x.shape
     masks = removal_masks(maps, fractions, tie_seed=tie_seed).reshape(-1, 1, h, w)
     images = x[:, None].expand(b, 2 * len(fractions), c, h, w).reshape(-1, c, h, w)
@@ -121,7 +121,7 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
     maps = check_maps(maps)
     x = check_images(x, maps)
     target = check_target(target, x.shape[0], x.device)
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     images = road_images(x, maps, fractions, noise=noise, seed=seed, tie_seed=tie_seed,
                          impute_batch_size=impute_batch_size)
     per_image = 2 * len(fractions)

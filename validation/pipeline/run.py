@@ -14,13 +14,12 @@ small stand-ins; by default they are the project's own:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -146,14 +145,6 @@ def _default_dataset(path, split):
     from shapesynth.torchdata import ShapesDataset
 
     return ShapesDataset(path, split=split)
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def _method_class(method: str):

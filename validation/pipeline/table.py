@@ -35,6 +35,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from validation.pipeline.shards import chunk_ranges
+
 COLUMNS = ["image", "model", "method", "layer", "mix", "metric", "value", "status", "reason"]
 KEY_COLUMNS = ["model", "image", "method", "layer", "mix", "metric"]
 PREDICTION_COLUMNS = ["model", "image", "label", "pred", "prob", "correct"]
@@ -213,8 +215,6 @@ def package_versions() -> dict:
 
 def expected_chunks(config: Mapping) -> list[tuple[str, int, int]]:
     """All (model, start, stop) chunks a run config asks for."""
-    from validation.pipeline.shards import chunk_ranges
-
     ranges = chunk_ranges(config["image_range"], config["chunk_size"])
     return [(name, a, b) for name in config["model_names"] for a, b in ranges]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from validation import analyze as A
-from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_text, read_json
+from validation.pipeline.table import IDENTITY, atomic_write_text, read_json
 
 FIGURES = {
     "correlation": "Metric validity: correlation with the ground-truth cosine",
@@ -194,4 +194,4 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     return path
 
 
-__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "NO_LAYER"]
+__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps"]

@@ -1,4 +1,4 @@
-"""Shared helpers for the metrics tests: tiny models, CAM-like maps, a float64 spsolve reference."""
+"""Shared helpers for the metrics tests (no tests here): tiny models, CAM-like maps, a float64 spsolve reference."""
 import numpy as np
 import scipy.sparse as sp
 import torch
