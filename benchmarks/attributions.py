@@ -2,8 +2,9 @@
 
 ResNet18 (seeded random weights, 6 classes, normalisation inside), 128 px, batch 32, CAMs at
 stage1 (the paper's shallowest layer) unless --layer says otherwise. For each method: median
-wall time over --reps runs after one warm-up, maps/s, and peak extra memory of the run (CPU:
-peak RSS above the level before the run, via /proc/self/clear_refs; CUDA: max allocated).
+wall time over --reps runs after one warm-up (ours and the peer interleaved, so both see the
+same background load), maps/s, and peak extra memory of the run (CPU: peak RSS above the level
+before the run, via /proc/self/clear_refs; CUDA: max allocated).
 
 Score-CAM needs one forward pass per channel and image (64 x 32 at stage1), RELAX one per mask
 and image: by default they run on --slow-images images (maps/s stays comparable) and RELAX with
@@ -86,19 +87,26 @@ class PeakMemory:
             self.peak = (_proc_kib("VmHWM") * 1024 - self.base) / 2 ** 20 if self.ok else float("nan")
 
 
-def measure(fn, reps: int, device) -> tuple[float, float]:
-    """(median seconds, peak MiB) of fn() after one warm-up call."""
-    fn()
-    times, peaks = [], []
+def _timed(fn, device) -> tuple[float, float]:
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.peak
+
+
+def measure(fns, reps: int, device) -> list[tuple[float, float]]:
+    """(median seconds, peak MiB) of each fn() after one warm-up call each. The functions run
+    interleaved (ours, peer, ours, peer, ...) so both see the same background load."""
+    for fn in fns:
+        fn()
+    runs = [[] for _ in fns]
     for _ in range(reps):
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            fn()
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peaks.append(mem.peak)
-    return statistics.median(times), max(peaks)
+        for fn, out in zip(fns, runs):
+            out.append(_timed(fn, device))
+    return [(statistics.median(t for t, _ in out), max(m for _, m in out)) for out in runs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +203,12 @@ def main(argv=None) -> int:
         n = args.batch if (args.full or method not in SLOW) else min(args.slow_images, args.batch)
         x, t = x_all[:n], t_all[:n]
         ex = get_explainer(method, model, **options_for(method, args))
-        ours_s, ours_mem = measure(lambda: ex.attribute(x, t), args.reps, device)
         peer = None if args.no_peer else peer_runner(method, model, x, t, args.layer, args)
+        fns = [lambda: ex.attribute(x, t)] + ([peer] if peer is not None else [])
+        timings = measure(fns, args.reps, device)
+        ours_s, ours_mem = timings[0]
         if peer is not None:
-            peer_s, peer_mem = measure(peer, args.reps, device)
+            peer_s, peer_mem = timings[1]
             peer_txt = f"{n / peer_s:.1f} | {peer_mem:.0f} | {peer_s / ours_s:.2f}x"
         else:
             peer_txt = "- | - | -"

@@ -198,3 +198,47 @@ def test_markdown_and_written_tables(table, tmp_path):
         assert f"## {name}" in md
         back = pd.read_csv(tmp_path / f"{name}.csv")
         assert len(back) == len(tables[name])
+
+
+def _paper_like_table(arcc_best=True, n_images=30, seed=4):
+    """Planted: ARCC ~ gt, ROAD noisier, ADCC weak, AD (lower better) weakest; HalfCAM scores
+    well on AD and ADCC but poorly on ROAD and ARCC; RefineCAM raises ARCC at layer1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model in ("m1", "m2"):
+        for img in range(n_images):
+            for k, (method, layer, mix) in enumerate([("gradcampp", "layer1", "identity"),
+                                                       ("gradcampp", "layer1", "product"),
+                                                       ("gradcampp", "layer1", "geomean"),
+                                                       ("layercam", "layer1", "identity"),
+                                                       ("layercam", "layer1", "product"),
+                                                       ("layercam", "layer1", "geomean"),
+                                                       ("gradcam", "layer4", "identity"), ("lime", "-", "identity")]):
+                gt = rng.random()
+                noise = rng.normal(size=4)
+                arcc = (gt if arcc_best else rng.random()) + (0.3 if mix == "product" else 0.1 if mix == "geomean" else 0)
+                vals = {"gt_cosine": gt, "arcc": arcc, "road": gt + 0.5 * noise[0],
+                        "adcc": gt + 2 * noise[1], "average_drop": 0.5 - 0.05 * gt + 2 * noise[2] ** 2}
+                for metric, v in vals.items():
+                    rows.append(dict(image=img, model=model, method=method, layer=layer, mix=mix, metric=metric, value=v))
+            for trivial in A.TRIVIAL_MAPS:
+                good = trivial == "halfcam"
+                vals = {"gt_cosine": 0.2, "arcc": -1.0, "road": -1.0, "adcc": 5.0 if good else -9.0,
+                        "average_drop": -5.0 if good else 9.0}
+                for metric, v in vals.items():
+                    rows.append(dict(image=img, model=model, method=trivial, layer="-", mix="identity", metric=metric, value=v))
+    return make_results_frame(rows)
+
+
+def test_expectations_hold_on_a_paper_like_table():
+    tables = A.analyze_frame(_paper_like_table(), {"layers": ["layer1", "layer4"]}, n_boot=20)
+    exp = tables["expectations"].set_index("expectation")["status"]
+    assert (exp == "holds").all(), tables["expectations"].to_string()
+    assert len(exp) == 8
+
+
+def test_expectations_fail_when_the_data_disagree():
+    tables = A.analyze_frame(_paper_like_table(arcc_best=False), {"layers": ["layer1", "layer4"]}, n_boot=20)
+    exp = tables["expectations"].set_index("expectation")["status"]
+    assert exp["ARCC correlates best with the ground-truth cosine (Fig. 3a)"] == "FAILS"
+    assert exp["HalfCAM fools average_drop (Fig. 1)"] == "holds"

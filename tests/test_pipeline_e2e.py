@@ -80,3 +80,37 @@ def test_every_registered_method_runs(data, tmp_path):
     res = load_results(tmp_path / "run")
     assert (res.status != "error").all(), res[res.status == "error"].reason.unique()[:3]
     assert set(all_methods()) <= set(res.method)
+
+
+@pytest.mark.slow
+def test_reproduce_with_real_generator_methods_and_metrics(tmp_path, monkeypatch):
+    """reproduce end to end except training: the real generator CLI, attribution methods and
+    metrics; the 'training' command writes a marker and the model is a random-init ResNet18."""
+    import yaml
+
+    from validation import reproduce as R
+
+    monkeypatch.setattr(R, "_model_ready", lambda p: (p.exists(), {"arch": "resnet18", "test_accuracy": 1.0}))
+    profile = {
+        "name": "e2e", "description": "tiny real run",
+        "data": {"args": ["generate", "--out", "{data}", "--image-size", str(SIZE), "--train-size", "12",
+                          "--val-size", "6", "--test-size", "32", "--no-progress"]},
+        "train": {"min_test_accuracy": 0.99, "models": {"resnet18": None},
+                  "command": [sys.executable, "-c", "import pathlib,sys; pathlib.Path(sys.argv[1]).mkdir(parents=True)",
+                              "{model_dir}"]},
+        "eval": {"n_images": 32, "methods": ["gradcampp", "lafam", "halfcam", "randomcam", "all1scam"],
+                 "metrics": "all", "layers": ["stage1", "stage4"], "refine_layers": ["stage1", "stage2", "stage3", "stage4"],
+                 "mixes": ["identity", "product", "geomean"], "chunk_size": 16, "save_maps": 32},
+        "analyze": {"n_boot": 50},
+    }
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    torch.set_num_threads(1)
+    rec = R.reproduce(str(path), tmp_path / "out", progress=False, components=Components(load_model=_load))
+    assert not rec["steps"]["generate"]["reused"]
+    page = (tmp_path / "out" / "run" / "report" / "index.html").read_text()
+    assert "e2e" in page and "data:image/png;base64," in page
+    res = load_results(tmp_path / "out" / "run")
+    assert (res.status != "error").all()
+    rec2 = R.reproduce(str(path), tmp_path / "out", progress=False, components=Components(load_model=_load))
+    assert rec2["steps"]["generate"]["reused"] and rec2["steps"]["run"]["chunks_computed"] == 0

@@ -33,7 +33,11 @@ def test_analyze_writes_every_table(run_dir):
     for name in TABLES:
         assert (run_dir / "analysis" / f"{name}.csv").exists()
     c = pd.read_csv(run_dir / "analysis" / "c_refinecam.csv")
-    assert set(c.method) == {"cam"} and set(c.layer) == {"l1"}
+    refined = c[c.refined.notna()]
+    assert set(refined.method) == {"cam"} and set(refined.layer) == {"l1"}
+    # layer-free real methods are listed base-only, as in the paper's Table 1; trivial maps are not
+    flat = c[c.refined.isna()]
+    assert set(flat.method) == {"grad"} and set(flat.layer) == {"-"}
     f = pd.read_csv(run_dir / "analysis" / "f_road_curves.csv")
     assert set(f.order) == {"MORF", "LERF"} and set(f.fraction) == {0.2, 0.4}
     md = (run_dir / "analysis" / "tables.md").read_text()
@@ -62,3 +66,18 @@ def test_report_cli_and_missing_run_error(run_dir, tmp_path, capsys):
     assert (tmp_path / "rep" / "index.html").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_road_curves_start_at_the_unperturbed_probability(run_dir):
+    from validation.pipeline.table import load_predictions, load_results
+    from validation.analyze import table_road_curves
+
+    res, pred = load_results(run_dir), load_predictions(run_dir)
+    f = table_road_curves(res, pred)
+    row = f[(f.model == "alpha") & (f.method == "grad") & (f.order == "MORF") & (f.fraction == 0.0)].iloc[0]
+    imgs = set(res[(res.model == "alpha") & (res.method == "grad")].image)
+    expect = pred[(pred.model == "alpha") & pred.image.isin(imgs)].prob.mean()
+    assert row["prob"] == pytest.approx(expect) and row["n"] == len(imgs)
+    # stand-in LeRF curve is p * (1 - f / 2): at 0.4 that is 0.8 of the start
+    lerf = f[(f.model == "alpha") & (f.method == "grad") & (f.order == "LERF")].set_index("fraction")["prob"]
+    assert lerf[0.4] == pytest.approx(0.8 * lerf[0.0])

@@ -27,7 +27,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.stats import rankdata
 
-from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_text, load_results, read_json
+from validation.pipeline.table import (IDENTITY, NO_LAYER, atomic_write_text, load_predictions, load_results,
+                                      read_json)
 
 REFERENCE_METRIC = "gt_cosine"
 TRIVIAL_MAPS = ("randomcam", "halfcam", "all1scam")
@@ -383,10 +384,16 @@ def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "produ
         rows.append({"model": model, "method": method, "layer": shallow, "metric": metric,
                      "n": len(p), "base": p[IDENTITY].mean(), "refined": p[mix].mean(),
                      "delta": d.mean(), "improved_frac": float((d > 0).mean()) if len(d) else np.nan})
+    # the paper's Table 1 also lists the layer-free methods (no refinement): base only
+    flat = df[(df["layer"] == NO_LAYER) & ~df["method"].isin(BASELINES) & df["metric"].isin(metrics)
+              & (df["mix"] == IDENTITY) & (df["status"] == "ok")]
+    for (model, method, metric), g in flat.groupby(["model", "method", "metric"], sort=True):
+        rows.append({"model": model, "method": method, "layer": NO_LAYER, "metric": metric, "n": len(g),
+                     "base": g["value"].mean(), "refined": np.nan, "delta": np.nan, "improved_frac": np.nan})
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    mean = (out.groupby(["method", "layer", "metric"], sort=True)
+    mean = (out.groupby(["method", "layer", "metric"], sort=True, dropna=False)
             .agg(n=("n", "sum"), base=("base", "mean"), refined=("refined", "mean"),
                  delta=("delta", "mean"), improved_frac=("improved_frac", "mean"))
             .reset_index().assign(model="mean"))
@@ -433,15 +440,24 @@ def table_localisation(df: pd.DataFrame, methods=LOCALISATION_METHODS,
     return out[cols]
 
 
-def table_road_curves(df: pd.DataFrame) -> pd.DataFrame:
-    """Table f. Mean class probability per method configuration, order (morf/lerf) and fraction."""
+def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table f. Mean class probability per method configuration, order (morf/lerf) and fraction.
+
+    With the run's ``predictions``, each curve starts at fraction 0 with the unperturbed
+    probability of the same images."""
     curves = df[df["metric"].str.match(CURVE_METRIC) & (df["status"] == "ok")].copy()
     if curves.empty:
         return pd.DataFrame(columns=["model", "method", "layer", "mix", "order", "fraction", "prob", "n"])
     parts = curves["metric"].str.extract(CURVE_METRIC)
     curves["order"] = parts[0].str.upper()
     curves["fraction"] = parts[1].astype(float)
-    out = (curves.groupby(["model", "method", "layer", "mix", "order", "fraction"], sort=True)["value"]
+    keys = ["model", "method", "layer", "mix", "order"]
+    if predictions is not None and len(predictions):
+        first = curves[curves["fraction"] == curves["fraction"].min()]
+        start = first[keys + ["image"]].merge(predictions[["model", "image", "prob"]], on=["model", "image"])
+        start = start.rename(columns={"prob": "value"}).assign(fraction=0.0)
+        curves = pd.concat([curves[keys + ["image", "fraction", "value"]], start], ignore_index=True)
+    out = (curves.groupby(keys + ["fraction"], sort=True)["value"]
            .agg(prob="mean", n="count").reset_index())
     return out
 
@@ -460,7 +476,7 @@ TABLES = {
 
 
 def analyze_frame(df: pd.DataFrame, config: dict | None = None, n_boot: int = 1000,
-                  seed: int = 0) -> dict[str, pd.DataFrame]:
+                  seed: int = 0, predictions: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     per_model, verdict = table_trivial(df)
     tables = {
         "a_validity": table_validity(df, n_boot=n_boot, seed=seed),
@@ -469,7 +485,7 @@ def analyze_frame(df: pd.DataFrame, config: dict | None = None, n_boot: int = 10
         "c_refinecam": table_refine(df, config),
         "d_aggregators": table_aggregators(df, config),
         "e_localisation": table_localisation(df),
-        "f_road_curves": table_road_curves(df),
+        "f_road_curves": table_road_curves(df, predictions),
     }
     tables["expectations"] = check_expectations(tables)
     return tables
@@ -494,7 +510,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, n_boot: 
     run_dir = Path(run_dir)
     df = load_results(run_dir)
     config = read_json(run_dir / "run_config.json") if (run_dir / "run_config.json").exists() else {}
-    tables = analyze_frame(df, config, n_boot=n_boot, seed=seed)
+    tables = analyze_frame(df, config, n_boot=n_boot, seed=seed, predictions=load_predictions(run_dir))
     write_tables(tables, out_dir or run_dir / "analysis")
     return tables
 
@@ -551,7 +567,7 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             add(f"No trivial map fools {m} (Fig. 1)", found, (all(x == "not fooled" for x in ok) if ok else None))
     c = tables.get("c_refinecam", pd.DataFrame())
     if len(c):
-        mean = c[(c.model == "mean") & (c.metric == "arcc")]
+        mean = c[(c.model == "mean") & (c.metric == "arcc") & c.refined.notna()]
         ups = int((mean.delta > 0).sum())
         found = ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in zip(mean.method, mean.base, mean.refined))
         add("RefineCAM raises ARCC at the shallowest layer (Table 1)",

@@ -78,14 +78,14 @@ def _dataset_ready(data: Path, split: str, n_needed: int) -> bool:
         return False
 
 
-def _model_ready(model_dir: Path):
+def _model_ready(checkpoint: Path):
     """(ready, meta). A model is reused when it loads; its accuracy is checked separately."""
-    if not model_dir.exists():
+    if not checkpoint.exists():
         return False, None
     try:
         from trainers import load_model
 
-        _, meta = load_model(str(model_dir))
+        _, meta = load_model(str(checkpoint))
         return True, meta
     except Exception:
         return False, None
@@ -105,6 +105,13 @@ class Reproduction:
 
     def model_dirs(self) -> dict[str, Path]:
         return {arch: self.out / "models" / arch for arch in self.p["train"]["models"]}
+
+    def checkpoints(self) -> dict[str, Path]:
+        """What ``trainers.load_model`` is given: ``train.checkpoint`` (e.g.
+        ``"{model_dir}/best.safetensors"``) filled in, or the training run folder itself."""
+        pattern = self.p["train"].get("checkpoint")
+        return {arch: Path(pattern.format(model_dir=str(d), arch=arch, **self.values)) if pattern else d
+                for arch, d in self.model_dirs().items()}
 
     def _time(self, step: str, fn) -> None:
         t0 = time.perf_counter()
@@ -140,16 +147,18 @@ class Reproduction:
         tr = self.p["train"]
         min_acc = tr.get("min_test_accuracy")
         info = {}
+        checkpoints = self.checkpoints()
         for arch, model_dir in self.model_dirs().items():
-            ready, meta = _model_ready(model_dir)
+            ready, meta = _model_ready(checkpoints[arch])
             trained = not ready
             if trained:
                 spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **(tr["models"][arch] or {})}
                 cmd = self._command(spec, "trainers", arch=arch, model_dir=str(model_dir), **self.values)
                 _run_command(cmd, self.out / "logs" / f"train_{arch}.log")
-                ready, meta = _model_ready(model_dir)
+                ready, meta = _model_ready(checkpoints[arch])
                 if not ready:
-                    raise RuntimeError(f"{model_dir}: training finished but trainers.load_model cannot load it")
+                    raise RuntimeError(f"{checkpoints[arch]}: training finished but trainers.load_model "
+                                       f"cannot load it (see {self.out / 'logs' / f'train_{arch}.log'})")
             acc = (meta or {}).get("test_accuracy")
             info[arch] = {"reused": not trained, "test_accuracy": acc}
             if min_acc is not None and (acc is None or float(acc) < float(min_acc)):
@@ -165,7 +174,7 @@ class Reproduction:
         methods = ev.get("methods", "all")
         metrics = ev.get("metrics", "all")
         config = RunConfig(
-            data=str(self.data), models=[str(d) for d in self.model_dirs().values()],
+            data=str(self.data), models=[str(c) for c in self.checkpoints().values()],
             methods=all_methods() if methods == "all" else list(methods),
             metrics=list(DEFAULT_METRICS) if metrics == "all" else list(metrics),
             layers=list(ev.get("layers", ["stage1", "stage2", "stage3", "stage4"])),

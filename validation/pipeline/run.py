@@ -136,8 +136,10 @@ def map_configs(methods: Sequence[str], layers: Sequence[str], mixes: Sequence[s
 
 # ----------------------------------------------------------------------------- components
 def _default_load_model(path):
-    from trainers import load_model
-
+    try:
+        from trainers import load_model
+    except ImportError as err:
+        raise RuntimeError(f"cannot load --model {path}: trainers.load_model is unavailable ({err})") from None
     return load_model(path)
 
 

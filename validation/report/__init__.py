@@ -84,6 +84,8 @@ def _summary(run_dir: Path) -> str:
         ("layers", ", ".join(cfg.get("layers", []))), ("aggregators", ", ".join(cfg.get("mixes", []))),
         ("metrics", ", ".join(cfg.get("metrics", []))),
         ("method options (budget)", json.dumps(cfg.get("method_options", {}), sort_keys=True)),
+        ("per-method grid (budget)", json.dumps(cfg.get("method_grid", {}), sort_keys=True)),
+        ("RefineCAM fuses", ", ".join(cfg.get("refine_layers", []))),
         ("metric options", json.dumps(cfg.get("metric_options", {}), sort_keys=True)),
         ("rows / status", f"{man.get('rows')} rows, {man.get('status_counts')}"),
         ("compute time", f"{man.get('compute_seconds', 0):.0f} s of map+metric time (sum over chunks)"),
@@ -107,7 +109,8 @@ def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
         made["correlation"] = F.save(F.correlation_bars(tables["a_validity"]), fig_dir / "correlation.png")
     if len(tables.get("b_trivial", [])):
         made["trivial"] = F.save(F.trivial_bars(tables["b_trivial"]), fig_dir / "trivial.png")
-    if len(tables.get("c_refinecam", [])):
+    refine = tables.get("c_refinecam", pd.DataFrame())
+    if len(refine) and refine["refined"].notna().any():
         made["refinecam"] = F.save(F.refine_bars(tables["c_refinecam"]), fig_dir / "refinecam.png")
     if len(tables.get("f_road_curves", [])):
         made["road_curves"] = F.save(F.road_curves(tables["f_road_curves"], shallow), fig_dir / "road_curves.png")

@@ -87,7 +87,7 @@ def trivial_bars(per_model: pd.DataFrame):
 
 def refine_bars(refine: pd.DataFrame):
     """Base vs RefineCAM at the shallowest layer, mean over models, per metric."""
-    t = refine[refine.model == "mean"]
+    t = refine[(refine.model == "mean") & refine.refined.notna()]
     metrics = list(dict.fromkeys(t.metric))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
