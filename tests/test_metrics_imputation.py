@@ -101,3 +101,30 @@ def test_tiny_and_elongated_images(size):
     removed = torch.rand(2, h, w, generator=torch.Generator().manual_seed(h + w)) < 0.6
     removed[:, 0, 0] = False  # at least one known pixel
     _check(x, removed)
+
+
+def test_cpu_groups_match_spsolve_and_whole_batch(monkeypatch):
+    # on CPU, batches larger than a cache-sized group are solved group by group: every group must
+    # still match spsolve, and the result must not depend on the grouping beyond the tolerance
+    import validation.metrics.imputation as imputation
+    g = torch.Generator().manual_seed(11)
+    x = smooth_images(5, 3, 24, 24, seed=12)
+    removed = torch.rand(5, 24, 24, generator=g) < torch.tensor([0.2, 0.5, 0.8, 0.4, 0.6]).view(-1, 1, 1)
+    whole = linear_impute(x, removed)
+    monkeypatch.setattr(imputation, "_CPU_CHUNK_VALUES", 2 * 3 * 24 * 24)  # groups of 2, 2, 1
+    stats = {}
+    grouped = _check(x, removed)
+    linear_impute(x, removed, stats=stats)
+    assert stats["iterations"] >= 1
+    assert (grouped - whole).abs().max() <= 1e-4
+
+
+def test_full_multigrid_start_and_warning_when_max_iter_reached():
+    # max_iter=0 returns the full-multigrid initial guess: already close (2.3e-4), but it must say
+    # that it stopped before the tolerance was met
+    x = smooth_images(2, 3, 32, 32, seed=13)
+    removed = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(14)) < 0.6
+    with pytest.warns(RuntimeWarning, match="stopped after 0 iterations"):
+        guess = linear_impute(x, removed, max_iter=0, tol=1e-12)
+    ref = np.stack([spsolve_impute(x[i].double().numpy(), removed[i].numpy()) for i in range(2)])
+    assert np.abs(guess.double().numpy() - ref).max() < 2e-3  # measured 2.3e-4

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import test_pipeline_standins as S
+from shapesynth import CLASS_NAMES as S_CLASS_NAMES
 from validation.cli import build_parser, main
 from validation.pipeline.run import run_eval
 
@@ -41,3 +43,35 @@ def test_merge_command_after_shards(tmp_path, capsys):
     assert main(["merge", str(out)]) == 0
     assert "merged 10/10 chunks" in capsys.readouterr().out
     assert main(["merge", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_cli_run_on_a_saved_model_two_shards_equal_one_process(tmp_path):
+    """The real path end to end: generator CLI, trainers.save_model/load_model, attribution
+    methods, metrics, `run --shard` in two processes, `merge`: byte-identical tables."""
+    from trainers import build_model, save_model
+    from trainers.export import META_KEYS
+
+    data = tmp_path / "data"
+    done = subprocess.run([sys.executable, "-m", "shapesynth", "generate", "--out", str(data), "--image-size", "32",
+                           "--train-size", "8", "--val-size", "8", "--test-size", "32", "--no-progress"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.manual_seed(3)
+    model = build_model("resnet18", num_classes=6, image_size=32)
+    meta = {k: None for k in META_KEYS}
+    meta.update(arch="resnet18", image_size=32, class_names=list(S_CLASS_NAMES), test_accuracy=0.2)
+    save_model(model, tmp_path / "model", meta)
+    args = [sys.executable, "-m", "validation", "run", "--data", str(data), "--model", str(tmp_path / "model"),
+            "--methods", "gradcampp,lafam,halfcam", "--metrics", "all", "--layers", "stage1,stage4",
+            "--mix", "identity,product", "--n-images", "32", "--threads", "1", "--no-progress"]
+    single = subprocess.run(args + ["--out", str(tmp_path / "one")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    procs = [subprocess.Popen(args + ["--out", str(tmp_path / "two"), "--shard", f"{i}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    assert main(["merge", str(tmp_path / "two")]) == 0
+    for name in ("results.parquet", "results.csv", "predictions.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -39,7 +39,7 @@ def test_analyze_writes_every_table(run_dir):
     flat = c[c.refined.isna()]
     assert set(flat.method) == {"grad"} and set(flat.layer) == {"-"}
     f = pd.read_csv(run_dir / "analysis" / "f_road_curves.csv")
-    assert set(f.order) == {"MORF", "LERF"} and set(f.fraction) == {0.2, 0.4}
+    assert set(f.order) == {"MORF", "LERF"} and set(f.fraction) == {0.0, 0.2, 0.4}
     md = (run_dir / "analysis" / "tables.md").read_text()
     assert "| model | metric |" in md
 

@@ -88,3 +88,15 @@ def test_low_accuracy_model_stops_the_reproduction(tmp_path, fake_io):
 def test_unknown_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown steps"):
         R.reproduce(str(_profile(tmp_path)), tmp_path / "o", steps=["train", "bake"])
+
+
+def test_existing_dataset_of_another_size_is_refused(tmp_path, fake_io):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "shapesynth.json").write_text(json.dumps({"config": {"image_size": 128, "seed": 0}}))
+    prof = _profile(tmp_path)
+    p = yaml.safe_load(prof.read_text())
+    p["data"]["image_size"] = 64
+    prof.write_text(yaml.safe_dump(p))
+    with pytest.raises(ValueError, match="image_size=128.*wants image_size=64"):
+        R.reproduce(str(prof), out, progress=False, components=S.components())

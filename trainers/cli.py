@@ -1,9 +1,144 @@
-"""Command line of `trainers` (placeholder until its issue lands)."""
+"""``shapesynth-train`` (= ``python -m trainers``): ``fit`` (alias ``train``), ``test``, ``archs``.
+
+``fit`` takes a YAML recipe (``--config``, or a bundled one by name: ``--recipe quick_resnet18``)
+and ``--flags`` named after every `TrainConfig` field; flags win over the YAML. Examples::
+
+    shapesynth-train fit --recipe quick_resnet18 --out outputs/models/resnet18
+    shapesynth-train train --arch vgg11_bn --data outputs/quick/data --out outputs/models/vgg11_bn --image-size 64
+    shapesynth-train test --model outputs/models/resnet18 --data outputs/quick/data
+"""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def _bool(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from trainers.api import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = str(hints[f.name])
+        if f.name == "synth":
+            p.add_argument(flag, dest=f.name, type=yaml.safe_load, default=argparse.SUPPRESS,
+                           help="SynthConfig overrides as YAML/JSON, e.g. '{clutter: 0.4}'")
+        elif hints[f.name] is bool:
+            # --pretrained alone means true; --pretrained false also works
+            p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+        else:
+            kind = int if "int" in hint else float if "float" in hint else str
+            kind = _none_or(kind) if "None" in hint else kind
+            p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                           help=f"(default {f.default if f.default is not dataclasses.MISSING else '{}'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shapesynth-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("fit", "train"):
+        p = sub.add_parser(name, help="train, test the best checkpoint, export model + card")
+        p.add_argument("--config", help="YAML recipe (TrainConfig fields)")
+        p.add_argument("--recipe", help=f"bundled recipe name: {', '.join(available_recipes())}")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        _add_config_flags(p)
+    t = sub.add_parser("test", help="evaluate a saved model (run folder or model file)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", help="dataset folder (default: a rendered split of the default recipe)")
+    t.add_argument("--split", default="test", choices=("val", "test"))
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--length", type=int, default=600, help="rendered split size when no --data")
+    t.add_argument("--num-workers", type=int, default=0)
+    t.add_argument("--out", help="write the results JSON here")
+    sub.add_parser("archs", help="list the architectures")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace):
+    from trainers.api import TrainConfig
+
+    values: dict = {}
+    if args.recipe:
+        path = RECIPES / f"{args.recipe}.yaml"
+        if not path.is_file():
+            raise SystemExit(f"unknown recipe {args.recipe!r}; bundled: {', '.join(available_recipes())}")
+        values.update(yaml.safe_load(path.read_text()) or {})
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        values.update(yaml.safe_load(path.read_text()) or {})
+    skip = {"command", "config", "recipe", "print_config"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})
+    return TrainConfig.from_dict(values)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="trainers")
-    parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "archs":
+        from trainers.models import available_archs
+
+        print("\n".join(available_archs()))
+        return 0
+    if args.command == "recipes":
+        print("\n".join(available_recipes()))
+        return 0
+    if args.command == "test":
+        from trainers.api import test
+
+        res = test(args.model, data=args.data, split=args.split, batch_size=args.batch_size,
+                   length=args.length, num_workers=args.num_workers, out=args.out)
+        print(json.dumps({k: v for k, v in res.items() if k != "confusion_matrix"}, indent=2))
+        return 0
+    try:
+        cfg = resolve_config(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"shapesynth-train: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from trainers.api import fit
+    from trainers.data import DataError
+
+    try:
+        meta = fit(cfg)
+    except (DataError, FileNotFoundError) as err:
+        print(f"shapesynth-train: error: {err}", file=sys.stderr)
+        return 2
+    if meta:
+        print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px); "
+              f"model: {cfg.out}/model.safetensors, card: {cfg.out}/MODEL_CARD.md")
     return 0

@@ -86,9 +86,10 @@ def _model_ready(checkpoint: Path):
         from trainers import load_model
 
         _, meta = load_model(str(checkpoint))
-        return True, meta
-    except Exception:
+    except Exception:  # absent, partial or unreadable: (re)run the training command, which resumes
         return False, None
+    # a run folder holding only an intermediate checkpoint has no test accuracy yet: not finished
+    return (meta or {}).get("test_accuracy") is not None, meta
 
 
 class Reproduction:
@@ -131,9 +132,22 @@ class Reproduction:
         return [sys.executable, "-m", module] + _fill(spec["args"], **values)
 
     # -- steps -------------------------------------------------------------------------
+    def _check_existing_dataset(self) -> None:
+        """Refuse to reuse a dataset generated with another image size or seed than the profile's."""
+        meta_path = self.data / "shapesynth.json"
+        if not meta_path.exists():
+            return
+        cfg = (read_json(meta_path) or {}).get("config", {})
+        for key in ("image_size", "seed"):
+            want = self.p["data"].get(key)
+            if want is not None and key in cfg and cfg[key] != want:
+                raise ValueError(f"{self.data} holds a dataset with {key}={cfg[key]}, the profile "
+                                 f"{self.p.get('name')!r} wants {key}={want}; use another --out or remove it")
+
     def generate(self):
         ev = self.p["eval"]
         need = int(ev.get("n_images", 200))
+        self._check_existing_dataset()
         if _dataset_ready(self.data, ev.get("split", "test"), need):
             return {"reused": True}
         cmd = self._command(self.p["data"], "shapesynth", **self.values)

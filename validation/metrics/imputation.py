@@ -263,6 +263,20 @@ class _Multigrid:
             x = x + inv_diag * (r - op(x))
         return x
 
+    def full(self, rhs: torch.Tensor) -> torch.Tensor:
+        """Full multigrid (nested iteration): solve the Galerkin-restricted problem exactly on the
+        coarsest grid, then on every finer level prolong that solution and correct it with one
+        V-cycle. An initial guess close to the solution for about the cost of one V-cycle."""
+        rhs_levels = [rhs]
+        for _ in self.ops[1:]:
+            rhs_levels.append(self._restrict(rhs_levels[-1]))
+        x = self(rhs_levels[-1], len(self.ops) - 1)
+        for depth in range(len(self.ops) - 2, -1, -1):
+            op, r = self.ops[depth], rhs_levels[depth]
+            x = op.mask * self._prolong(x, r)
+            x = x + self(r - op(x), depth)
+        return x
+
     def _fine_cycle(self, r: torch.Tensor) -> torch.Tensor:
         """The fine level with undamped Jacobi, fused: with x = r / d the residual is m * (K * x),
         and a sweep is x <- r / d + (m / d) * (K * x)."""
@@ -286,14 +300,17 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
-def _solve(op: _FineOperator, coef, rhs, x0, tol: float, max_iter: int, stats=None) -> torch.Tensor:
+def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) -> torch.Tensor:
     """Multigrid-preconditioned CG with residual replacement; tol: max abs (scaled) residual.
+
+    The initial guess is one full-multigrid pass (two CG iterations fewer than starting from the
+    mean of the kept pixels, for the cost of about one).
 
     The cheap recursive residual drives the iteration; whenever it meets ``tol`` it is replaced
     by the exactly computed residual, and the solve stops only when that one meets ``tol``.
     """
     precondition = _Multigrid(op, coef)
-    x = x0
+    x = precondition.full(rhs)
     r = op.residual(rhs, x)
     z = precondition(r)
     p = z
@@ -327,7 +344,7 @@ def _solve(op: _FineOperator, coef, rhs, x0, tol: float, max_iter: int, stats=No
         residual = r.abs().amax().item()
     if residual > tol:
         warnings.warn(f"linear imputation stopped after {max_iter} iterations with max residual "
-                      f"{residual:.2e} > tol {tol:.0e}; the result may be inaccurate", RuntimeWarning, stacklevel=3)
+                      f"{residual:.2e} > tol {tol:.0e}; the result may be inaccurate", RuntimeWarning, stacklevel=4)
     if stats is not None:
         stats["iterations"] = iterations
     return x
@@ -356,18 +373,34 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1
     if nothing_kept:
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
                          "linear imputation needs at least one kept pixel")
+    chunk = images.shape[0] if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // images[0].numel())
+    if images.shape[0] <= chunk:
+        return _impute(images, m, tol, max_iter, stats)
+    # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
+    parts, iterations = [], 0
+    for start in range(0, images.shape[0], chunk):
+        part_stats = {}
+        parts.append(_impute(images[start:start + chunk], m[start:start + chunk], tol, max_iter, part_stats))
+        iterations = max(iterations, part_stats["iterations"])
+    if stats is not None:
+        stats["iterations"] = iterations
+    return torch.cat(parts)
+
+
+# Systems per CPU group: 16 three-channel 128 x 128 images (a few MiB of working set) measured
+# ~30 % faster than one batch of 64 (benchmarks/metrics.py, one thread).
+_CPU_CHUNK_VALUES = 16 * 3 * 128 * 128
+
+
+def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, stats: dict | None) -> torch.Tensor:
+    h, w = images.shape[-2:]
     coef, rhs = imputation_system(images, m)
     diag = coef[:, _CENTRE:_CENTRE + 1]
-    # start from the mean of each image's kept pixels: a cheap, safe first guess
-    kept = 1 - m
-    mean = (images * kept).sum((-2, -1), keepdim=True) / kept.sum((-2, -1), keepdim=True).clamp_min(1)
     # one zero row/column of inactive pixels makes the grid odd-sized (vertex-centred coarsening)
-    channels_last = torch.channels_last
     op = _FineOperator(_pad_odd(m), _pad_odd(diag), images.shape[1])
-    x = _solve(op, _pad_odd(coef), _pad_odd(rhs).contiguous(memory_format=channels_last),
-               _pad_odd(mean * m).contiguous(memory_format=channels_last),
+    x = _solve(op, _pad_odd(coef), _pad_odd(rhs).contiguous(memory_format=torch.channels_last),
                tol=tol, max_iter=max_iter, stats=stats)
-    return torch.addcmul(images * kept, x[..., :h, :w], m).contiguous()
+    return torch.addcmul(images * (1 - m), x[..., :h, :w], m).contiguous()
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,

@@ -1,0 +1,116 @@
+"""Architecture registry: every arch at 32 px, learning on a fixed tiny set, Swin windows,
+offline ImageNet weights, and clear errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import models as tvm
+
+from trainers import available_archs, build_model
+from trainers.models import IMAGENET_MEAN, IMAGENET_STD, imagenet_weights_file, swin_window_size
+
+ARCHS = ("resnet18", "vgg11", "vgg11_bn", "swin_t", "convnext_tiny")
+
+
+def test_registry_lists_the_five_archs():
+    assert set(available_archs()) == set(ARCHS)
+
+
+def _tiny_set():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(6, 3, 32, 32, generator=g), torch.arange(6)
+
+
+# VGG's 120M-parameter head needs a lower lr from scratch (1e-3 overshoots to loss ~60)
+LR = {"vgg11": 1e-4, "vgg11_bn": 1e-4}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_falls_on_a_fixed_tiny_set(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, image_size=32)
+    x, y = _tiny_set()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR.get(arch, 1e-3), fused=True)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = F.cross_entropy(model.eval()(x), y).item()
+    assert final < 0.7 * losses[0], (arch, losses, final)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_contract(arch):
+    model = build_model(arch, image_size=32).eval()
+    assert model.arch == arch and model.image_size == 32 and model.num_classes == 6
+    assert isinstance(model.normalize, torch.nn.Module)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        # normalisation inside: the backbone sees (x - mean) / std
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(out, model.backbone((x - mean) / std))
+    assert out.shape == (2, 6)
+
+
+@pytest.mark.parametrize("size,window", [(224, 7), (128, 4), (96, 3), (64, 2), (32, 1), (160, 5)])
+def test_swin_window_tiles_every_stage(size, window):
+    assert swin_window_size(size) == window
+    for stage in (4, 8, 16, 32):  # no stage needs padding, so no token attends to padding
+        assert (size // stage) % window == 0
+    if size <= 128:
+        blocks = [m for m in build_model("swin_t", image_size=size).modules()
+                  if type(m).__name__ == "ShiftedWindowAttention"]
+        assert blocks and all(list(b.window_size) == [window, window] for b in blocks)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="unknown arch 'resnet19'.*resnet18"):
+        build_model("resnet19")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_model("resnet18", image_size=100)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("resnet18", num_classes=1)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        build_model("resnet18", image_size=32)(torch.rand(3, 32, 32))
+
+
+def test_pretrained_without_weights_names_the_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    expected = imagenet_weights_file("resnet18")
+    assert expected.parent == tmp_path / "checkpoints"
+    with pytest.raises(FileNotFoundError, match=expected.name):
+        build_model("resnet18", pretrained=True)
+
+
+def test_pretrained_loads_local_weights_except_the_head(tmp_path):
+    torch.manual_seed(1)
+    imagenet = tvm.resnet18(weights=None)  # stands in for the downloaded ImageNet file
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = build_model("resnet18", image_size=32, weights_path=path)
+    torch.testing.assert_close(model.backbone.conv1.weight, imagenet.conv1.weight)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
+    assert model.backbone.fc.weight.shape == (6, 512)  # new head for the six classes
+
+
+def test_pretrained_swin_resizes_the_position_bias(tmp_path):
+    imagenet = tvm.swin_t(weights=None)  # window 7
+    path = tmp_path / "swin.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = build_model("swin_t", image_size=64, weights_path=path)  # window 2
+    table = model.backbone.features[1][0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 2 - 1) ** 2, 3)
+    torch.testing.assert_close(model.backbone.features[0][0].weight, imagenet.features[0][0].weight)
+
+
+def test_pretrained_refuses_a_wrong_file(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save(tvm.vgg11(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        build_model("resnet18", weights_path=path)

@@ -1,0 +1,333 @@
+"""`TrainConfig` + `fit` / `test`: the engineering around the module (Trainer, run folder, export).
+
+Run folder (``out``)::
+
+    config.yaml            the resolved TrainConfig (re-run: shapesynth-train fit --config out/config.yaml)
+    checkpoints/last.ckpt  every epoch end (resume after an interruption: rerun the same command)
+    checkpoints/best.ckpt  best val_acc
+    logs/metrics.csv       CSVLogger
+    model.safetensors      best weights (tensors only) ...
+    model.json             ... and metadata: what `trainers.load_model` reads
+    test_metrics.json      test accuracy, per class, confusion matrix
+    MODEL_CARD.md          arch, image size, data fingerprint, test results, training time, hardware
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from shapesynth import CLASS_NAMES
+
+from trainers.data import ShapesDataModule
+from trainers.export import load_model, save_model, write_json
+from trainers.models import _check_arch, build_model
+from trainers.module import ShapeClassifierModule, per_class_accuracy
+from trainers.precision import resolve_precision
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (YAML keys and ``--flags`` share these names)."""
+
+    arch: str = "resnet18"
+    image_size: int = 128
+    out: str = "outputs/train/run"
+    # data: a generated folder (val/test from disk; train rendered from its recipe or read), or
+    # nothing: every split rendered from `synth` (SynthConfig fields)
+    data: str | None = None
+    train_source: str = "stream"  # "stream" (new images every epoch) or "disk"
+    synth: dict = field(default_factory=dict)
+    train_length: int = 8192  # images per epoch (stream)
+    val_length: int = 512  # stream val size (no data)
+    test_length: int = 600  # stream test size (no data)
+    curriculum_epochs: int = 4  # clutter goes from curriculum_start to the recipe's over this many epochs
+    curriculum_start: float = 0.0
+    # model and optimisation
+    pretrained: bool = False
+    weights_path: str | None = None
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    pct_start: float = 0.15
+    label_smoothing: float = 0.05
+    scheduler: str = "onecycle"
+    channels_last: bool = True
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    max_epochs: int = 20
+    max_time: str | None = None  # "DD:HH:MM:SS" hard wall-clock stop (the schedule does not shrink)
+    patience: int = 6  # early stopping on val_acc
+    stop_at_val_acc: float | None = 1.0  # stop once val accuracy reaches this
+    # engineering
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 1
+    threads: int | None = None
+    seed: int = 0
+    resume: str = "auto"  # "auto": out/checkpoints/last.ckpt if present; "never"; or a .ckpt path
+    progress_bar: bool = True
+    log_every_n_steps: int = 10
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    deterministic: bool = False
+
+    def __post_init__(self):
+        _check_arch(self.arch)
+        if self.train_source not in ("stream", "disk"):
+            raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _datamodule(cfg: TrainConfig, stage: str) -> ShapesDataModule:
+    return ShapesDataModule(
+        image_size=cfg.image_size, data=cfg.data, train_source=cfg.train_source if stage == "fit" else "stream",
+        synth=cfg.synth, train_length=cfg.train_length, val_length=cfg.val_length, test_length=cfg.test_length,
+        curriculum_epochs=cfg.curriculum_epochs, curriculum_start=cfg.curriculum_start,
+        batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+        seed=cfg.seed, class_names=CLASS_NAMES)
+
+
+def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_acc", mode="max",
+                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience,
+                         stopping_threshold=cfg.stop_at_val_acc)
+    kwargs = dict(
+        default_root_dir=str(out), max_epochs=cfg.max_epochs, max_time=cfg.max_time,
+        precision=resolve_precision(cfg.precision, cfg.accelerator), accelerator=cfg.accelerator,
+        devices=cfg.devices if cfg.devices == "auto" else _devices(cfg.devices), num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy, callbacks=[ckpt, stop, *callbacks],
+        logger=CSVLogger(str(out), name="logs", version="") if logger else False,
+        enable_progress_bar=cfg.progress_bar, log_every_n_steps=cfg.log_every_n_steps,
+        deterministic=cfg.deterministic, enable_model_summary=False)
+    if cfg.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = cfg.limit_train_batches
+    if cfg.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = cfg.limit_val_batches
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs), ckpt
+
+
+def _devices(devices):
+    s = str(devices)
+    return int(s) if s.isdigit() else s
+
+
+def _resume_path(cfg: TrainConfig, out: Path) -> str | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    p = Path(cfg.resume)
+    if not p.is_file():
+        raise FileNotFoundError(f"resume checkpoint {p} does not exist")
+    return str(p)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}){gpu}"
+
+
+def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
+    saved = out / "config.yaml"
+    if not saved.is_file() or _resume_path(cfg, out) is None:
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    for key in ("arch", "image_size"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise ValueError(f"{out} holds a {old['arch']} run at {old['image_size']} px; cannot resume it as "
+                             f"{cfg.arch} at {cfg.image_size} px (use another --out or --resume never)")
+
+
+def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> dict:
+    """Train, test the best checkpoint, export ``model.safetensors`` + ``model.json`` + card.
+
+    Every check (arch, dataset, image size, classes, resume compatibility) runs before training.
+    Returns the metadata written to ``model.json``.
+    """
+    import pytorch_lightning as pl
+
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    _check_resume_compatible(cfg, out)
+    dm = _datamodule(cfg, "fit")  # validates the dataset before anything heavy
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = ShapeClassifierModule(
+        arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
+        weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
+        label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, out / "config.yaml")
+
+    trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, out))
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")
+    # time of this process only; a resumed run adds what earlier sessions recorded
+    prior = json.loads((out / "train_time.json").read_text())["seconds"] if (out / "train_time.json").is_file() else 0.0
+    seconds = prior + time.perf_counter() - t0
+    write_json(out / "train_time.json", {"seconds": seconds})
+
+    best = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
+    best_module = ShapeClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+    # same trainer: under DDP every rank tests a shard and the confusion matrices are summed
+    # (the distributed sampler may repeat up to world_size - 1 images to even the shards)
+    trainer.test(best_module, datamodule=dm, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    results = _test_results(best_module, trainer, ckpt)
+    meta = {"arch": cfg.arch, "image_size": cfg.image_size, "class_names": list(CLASS_NAMES),
+            "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": dm.fingerprint(),
+            "test_accuracy": results["test_accuracy"], "per_class_accuracy": results["per_class_accuracy"],
+            "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
+            "epochs": trainer.current_epoch, "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
+            "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
+            "pretrained": bool(cfg.pretrained), "config": cfg.to_dict(),
+            "checkpoint": str(out / "checkpoints" / "best.ckpt"), "torch": torch.__version__}
+    save_model(best_module.model.to(memory_format=torch.contiguous_format), out, meta)
+    write_json(out / "test_metrics.json", results)
+    _atomic_text(out / "MODEL_CARD.md", model_card(meta))
+    return meta
+
+
+def _test_results(module, trainer, ckpt) -> dict:
+    cm = module.test_confusion
+    acc = float(cm.diagonal().sum() / cm.sum().clamp_min(1))
+    per = per_class_accuracy(cm).tolist()
+    best = ckpt.best_model_score
+    return {"test_accuracy": acc, "test_images": int(cm.sum()),
+            "per_class_accuracy": dict(zip(module.class_names, per)),
+            "confusion_matrix": cm.tolist(), "best_val_accuracy": None if best is None else float(best)}
+
+
+def test(model_path, data: str | None = None, split: str = "test", batch_size: int = 128,
+         synth: dict | None = None, length: int = 600, num_workers: int = 0, out: str | None = None) -> dict:
+    """Evaluate a saved model on ``data`` (or a rendered split); checks size and classes first."""
+    import pytorch_lightning as pl
+
+    model, meta = load_model(model_path)
+    dm = ShapesDataModule(image_size=int(meta["image_size"]), data=data, synth=synth, train_source="stream",
+                          test_length=length, val_length=length, batch_size=batch_size,
+                          num_workers=num_workers, class_names=tuple(meta["class_names"]))
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    module = ShapeClassifierModule(arch=meta["arch"], image_size=int(meta["image_size"]),
+                                   class_names=meta["class_names"], channels_last=False)
+    module.model.load_state_dict(model.state_dict())
+    if split == "val":
+        dm.setup("validate")
+        dm.test_set = dm.val_set
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         precision="32-true", accelerator="cpu", devices=1)
+    trainer.test(module, datamodule=dm, verbose=False)
+    cm = module.test_confusion
+    res = {"model": str(model_path), "data": data, "split": split,
+           "dataset_fingerprint": dm.fingerprint(), "test_accuracy": float(cm.diagonal().sum() / cm.sum()),
+           "test_images": int(cm.sum()), "per_class_accuracy": dict(zip(meta["class_names"], per_class_accuracy(cm).tolist())),
+           "confusion_matrix": cm.tolist()}
+    if out:
+        write_json(Path(out), res)
+    return res
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_card(meta: dict) -> str:
+    names = meta["class_names"]
+    rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
+    cm_head = "| true \\ predicted | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    cm_rows = "\n".join(f"| {n} | " + " | ".join(str(v) for v in row) + " |"
+                        for n, row in zip(names, meta["confusion_matrix"]))
+    data = meta["data"]
+    source = (f"`{data['data']}` (val/test from disk; train {'rendered on the fly from its recipe' if data['train_source'] == 'stream' else 'from disk'})"
+              if data["data"] else "all splits rendered on the fly from the recipe below (no disk; val/test from their own background pools)")
+    return f"""# Model card: {meta['arch']} on shapesynth ({meta['image_size']} px)
+
+| | |
+|---|---|
+| architecture | `{meta['arch']}` (torchvision; {'ImageNet-pretrained, fine-tuned' if meta.get('pretrained') else 'trained from scratch'}) |
+| input | {meta['image_size']} x {meta['image_size']} RGB in [0, 1]; normalisation inside the model (mean {meta['mean']}, std {meta['std']}) |
+| classes | {', '.join(names)} |
+| data | {source} |
+| dataset fingerprint | `{meta['dataset_fingerprint']}` |
+| **test accuracy** | **{meta['test_accuracy']:.4f}** (best checkpoint by val accuracy, {meta['best_val_accuracy']}) |
+| epochs / steps | {meta['epochs']} / {meta['global_step']} |
+| training time | {meta['train_seconds'] / 60:.1f} min |
+| precision | {meta['precision']} |
+| hardware | {meta['hardware']} |
+| torch | {meta['torch']} |
+
+## Per-class test accuracy
+
+| class | accuracy |
+|---|---|
+{rows}
+
+## Confusion matrix (test)
+
+{cm_head}
+{cm_rows}
+
+## Data recipe
+
+```json
+{json.dumps(data['synth'], indent=1, sort_keys=True) if data['synth'] else 'see the dataset folder'}
+```
+
+Load: `model, meta = trainers.load_model("<this folder>")` (safetensors, no code execution).
+The full training configuration is in `config.yaml`; the learning curves in `logs/metrics.csv`.
+"""

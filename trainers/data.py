@@ -1,0 +1,218 @@
+"""`ShapesDataModule`: shapesynth data for Lightning, from disk or rendered on the fly.
+
+Sources (``train_source``):
+
+- ``"stream"``: every epoch renders ``train_length`` new images with `SynthStream` (no disk);
+  epoch ``e`` is a pure function of (recipe, e), so an interrupted run resumes with the very
+  draws it would have seen. With ``data`` given, the recipe is that dataset's own
+  ``shapesynth.json`` (same train background pool, never the test pool) and val/test come from
+  disk; without ``data``, val/test are rendered from the val/test splits of ``synth``.
+- ``"disk"``: the train split of ``data`` (any format the generator writes), reshuffled per
+  epoch by a seeded sampler.
+
+An optional difficulty curriculum (stream only) moves the clutter from
+``SynthConfig.with_difficulty(curriculum_start)`` to the target recipe's own knobs over the first
+``curriculum_epochs`` epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+import pytorch_lightning as pl
+
+from shapesynth import CLASS_NAMES, SynthConfig
+from shapesynth.config import EASY_CLUTTER
+from shapesynth.torchdata import ShapesDataset, SynthStream
+
+from trainers.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for this model (the message names path and problem)."""
+
+
+class EpochPermutation(Sampler[int]):
+    """A new seeded permutation of ``range(n)`` per epoch; no global RNG state."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def curriculum_config(target: SynthConfig, progress: float, start: float) -> SynthConfig:
+    """``target`` with its clutter knobs moved toward ``with_difficulty(start)`` by ``1 - progress``.
+
+    progress 0 gives the start difficulty, progress >= 1 the target exactly.
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    if p >= 1.0:
+        return target
+    easy = target.with_difficulty(start)
+    knobs = {k: getattr(easy, k) + p * (getattr(target, k) - getattr(easy, k)) for k in EASY_CLUTTER}
+    return target.replace(**knobs)
+
+
+def dataset_class_names(path) -> tuple[str, ...]:
+    """Class names a generated dataset declares (HF ClassLabel of the hub format), else shapesynth's."""
+    files = sorted(Path(path).glob("data/*.parquet"))
+    if files:
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(files[0]).metadata or {}
+        if b"huggingface" in meta:
+            label = json.loads(meta[b"huggingface"]).get("info", {}).get("features", {}).get("label", {})
+            if label.get("names"):
+                return tuple(label["names"])
+    return tuple(CLASS_NAMES)
+
+
+def check_dataset(path, split: str, image_size: int, class_names=CLASS_NAMES) -> int:
+    """Fail fast on a missing/empty split, another image size or other classes; returns its length."""
+    from shapesynth.readers import load_config, load_metadata
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"dataset {p} does not exist (generate it with `shapesynth generate --out {p}`)")
+    try:
+        n = len(ShapesDataset(p, split=split))
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and split named
+        raise DataError(f"dataset {p}: cannot open split {split!r}: {err}") from err
+    if n == 0:
+        raise DataError(f"dataset {p}: split {split!r} is empty")
+    try:
+        size = load_config(p).image_size
+    except Exception:  # noqa: BLE001 - no recipe: check a decoded image instead
+        size = ShapesDataset(p, split=split)[0]["image"].shape[-1]
+    if size != image_size:
+        raise DataError(f"dataset {p} has {size} px images but the model expects {image_size} px "
+                        f"(set --image-size {size}, or regenerate the data at {image_size} px)")
+    names = dataset_class_names(p)
+    if tuple(names) != tuple(class_names):
+        raise DataError(f"dataset {p} has classes {list(names)} but the model has {list(class_names)}")
+    labels = load_metadata(p, split)["label"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(f"dataset {p}: split {split!r} has labels {int(labels.min())}..{int(labels.max())}, "
+                        f"the model has {len(class_names)} classes")
+    return n
+
+
+def config_fingerprint(cfg: SynthConfig) -> str:
+    return "synth-" + hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
+
+
+class ShapesDataModule(pl.LightningDataModule):
+    def __init__(self, image_size: int = 128, data: str | None = None, train_source: str = "stream",
+                 synth: dict | None = None, train_length: int = 8192, val_length: int = 512,
+                 test_length: int = 600, curriculum_epochs: int = 0, curriculum_start: float = 0.0,
+                 batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0, class_names=CLASS_NAMES):
+        super().__init__()
+        if train_source not in ("stream", "disk"):
+            raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
+        if train_source == "disk" and not data:
+            raise DataError("train_source='disk' needs a dataset folder (--data)")
+        if data and synth:
+            raise DataError("give either a dataset folder (--data, whose recipe is used) or synth overrides, not both")
+        self.image_size, self.data, self.train_source = int(image_size), data, train_source
+        self.train_length, self.val_length, self.test_length = int(train_length), int(val_length), int(test_length)
+        self.curriculum_epochs, self.curriculum_start = int(curriculum_epochs), float(curriculum_start)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.class_names = tuple(class_names)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD  # applied inside the model; recorded here
+        if data:
+            self.split_sizes = {s: check_dataset(data, s, self.image_size, self.class_names)
+                                for s in (("train", "val", "test") if train_source == "disk" else ("val", "test"))}
+            from shapesynth.readers import load_config
+
+            self.synth_config = load_config(data) if train_source == "stream" else None
+        else:
+            overrides = dict(synth or {})
+            size = overrides.pop("image_size", self.image_size)
+            if int(size) != self.image_size:
+                raise DataError(f"synth.image_size {size} disagrees with image_size {self.image_size}")
+            self.synth_config = SynthConfig.from_dict({**overrides, "image_size": self.image_size})
+        self.epoch = 0
+        self.train_set = self.val_set = self.test_set = None
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """What the test numbers refer to: the dataset's fingerprint, or the recipe's hash."""
+        if self.data:
+            from shapesynth import dataset_fingerprint
+
+            return dataset_fingerprint(self.data)
+        return config_fingerprint(self.synth_config)
+
+    def describe(self) -> dict:
+        return {"data": self.data, "train_source": self.train_source, "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),
+                "train_length": self.train_length if self.train_source == "stream" else None,
+                "synth": self.synth_config.to_dict() if self.synth_config is not None else None}
+
+    # ------------------------------------------------------------------ epochs and curriculum
+    def train_config(self, epoch: int) -> SynthConfig:
+        if self.curriculum_epochs <= 0:
+            return self.synth_config
+        return curriculum_config(self.synth_config, epoch / self.curriculum_epochs, self.curriculum_start)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New draws (stream) or a new order (disk) for ``epoch``; called by the module each epoch."""
+        self.epoch = int(epoch)
+        if isinstance(self.train_set, SynthStream):
+            cfg = self.train_config(epoch)
+            if cfg is not self.train_set.config and cfg != self.train_set.config:
+                self.train_set.set_config(cfg)
+            self.train_set.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            if self.train_source == "stream":
+                self.train_set = SynthStream(self.train_config(self.epoch), "train", self.train_length, self.epoch)
+            else:
+                self.train_set = ShapesDataset(self.data, "train")
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = self._eval_set("val", self.val_length)
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = self._eval_set("test", self.test_length)
+
+    def _eval_set(self, split: str, length: int) -> Dataset:
+        if self.data:
+            return ShapesDataset(self.data, split)
+        return SynthStream(self.synth_config, split, length, epoch=0)
+
+    def _loader(self, ds: Dataset, batch_size: int, sampler=None) -> DataLoader:
+        # persistent_workers=False: workers are forked per epoch and see the epoch's draws
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=False, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        # a stream is already in a seeded random class order; a disk split is reshuffled per epoch
+        sampler = EpochPermutation(len(self.train_set), self.seed) if self.train_source == "disk" else None
+        if sampler is not None:
+            sampler.set_epoch(self.epoch)
+        return self._loader(self.train_set, self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_set, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        return self._loader(self.test_set, self.eval_batch_size)

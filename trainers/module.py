@@ -1,0 +1,130 @@
+"""`ShapeClassifierModule`: the research code (model, loss, optimiser, schedule, metrics).
+
+Accuracy is computed from a confusion matrix accumulated over the epoch (summed across
+processes under DDP), so per-class accuracy and the matrix itself come for free at test time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import pytorch_lightning as pl
+
+from shapesynth import CLASS_NAMES
+
+from trainers.models import build_model
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = true class, columns = predicted class."""
+    idx = target.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_accuracy(cm: torch.Tensor) -> torch.Tensor:
+    """Recall per true class (diag / row sum); NaN for a class with no samples."""
+    cm = cm.double()
+    return cm.diagonal() / cm.sum(1)
+
+
+class ShapeClassifierModule(pl.LightningModule):
+    def __init__(self, arch: str = "resnet18", image_size: int = 128, class_names=CLASS_NAMES,
+                 pretrained: bool = False, weights_path: str | None = None, lr: float = 2e-3,
+                 weight_decay: float = 0.05, pct_start: float = 0.15, label_smoothing: float = 0.0,
+                 channels_last: bool = True, scheduler: str = "onecycle"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = tuple(class_names)
+        self.model = build_model(arch, num_classes=len(self.class_names), image_size=image_size,
+                                 pretrained=pretrained, weights_path=weights_path)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._cm = {}
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        size = self.hparams.image_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(f"batch has {tuple(x.shape[-2:])} px images but the model expects {size} x {size}")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch["image"], batch["label"]
+        self._check_batch(x)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train_acc", acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        x, y = batch["image"], batch["label"]
+        self._check_batch(x)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
+        cm = confusion_matrix(logits.argmax(1), y, len(self.class_names))
+        self._cm[stage] = self._cm.get(stage, 0) + cm
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _epoch_cm(self, stage: str) -> torch.Tensor:
+        n = len(self.class_names)
+        cm = self._cm.pop(stage, torch.zeros(n, n, dtype=torch.long, device=self.device))
+        return self.trainer.strategy.reduce(cm, reduce_op="sum") if self.trainer.world_size > 1 else cm
+
+    def on_validation_epoch_end(self):
+        cm = self._epoch_cm("val")
+        self.log("val_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1), prog_bar=True)
+
+    def on_test_epoch_end(self):
+        cm = self._epoch_cm("test")
+        self.test_confusion = cm.cpu()
+        self.log("test_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1))
+        for name, acc in zip(self.class_names, per_class_accuracy(cm).tolist()):
+            self.log(f"test_acc/{name}", acc)
+
+    # ------------------------------------------------------------------ epochs
+    def on_train_epoch_start(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    # global RNG (dropout, stochastic depth) travels with the checkpoint, so a resumed run
+    # continues exactly where the interrupted one stopped
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # no weight decay on biases, norms and Swin's position tables
+            (no_decay if p.ndim <= 1 or "relative_position" in name else decay).append(p)
+        # fused: one kernel over all parameters; 3x faster on VGG's 120M-parameter head on CPU
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, fused=True)
+        if hp.scheduler == "constant":
+            return opt
+        if hp.scheduler != "onecycle":
+            raise ValueError(f"scheduler must be 'onecycle' or 'constant', got {hp.scheduler!r}")
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1),
+                                                    pct_start=hp.pct_start, anneal_strategy="cos")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
