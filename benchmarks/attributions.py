@@ -17,7 +17,9 @@ and image: by default they run on --slow-images images (maps/s stays comparable)
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -113,7 +115,8 @@ def measure(fns, reps: int, device) -> list[tuple[float, float]]:
 # the peer
 
 def peer_runner(method, model, x, target, layer, args):
-    """A callable running pytorch-grad-cam's version of ``method``, or None if it has none."""
+    """(callable running pytorch-grad-cam's version of ``method``, cleanup), or None if it has none.
+    cleanup removes the peer's hooks from the model (they would slow down every later call)."""
     try:
         import pytorch_grad_cam as pgc
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -123,16 +126,22 @@ def peer_runner(method, model, x, target, layer, args):
     module = resolve_layer(model, layer)
     simple = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
               "scorecam": pgc.ScoreCAM, "shapleycam": pgc.ShapleyCAM}
+
+    def release(*cams):
+        def cleanup():
+            for cam in cams:
+                cam.activations_and_grads.release()
+        return cleanup
+
     if method in simple:
         cam = simple[method](model, [module])
         if method == "scorecam":
             cam.batch_size = args.scorecam_batch
-        return lambda: cam(x, targets)
+        return (lambda: cam(x, targets)), release(cam)
     if method == "refinecam":
         cam = pgc.RefineCAM(model, [resolve_layer(model, s) for s in STAGES], base_method=pgc.GradCAMPlusPlus)
-        return lambda: cam(x, targets)
+        return (lambda: cam(x, targets)), release(*cam.base_cam_per_layer)
     if method == "guidedgradcam":
-        import copy
         gb_model = pgc.GuidedBackpropReLUModel(copy.deepcopy(model), device=x.device)
         cam = pgc.GradCAM(model, [module])
 
@@ -141,8 +150,32 @@ def peer_runner(method, model, x, target, layer, args):
             # the peer's guided backprop takes one image at a time
             gbs = [gb_model(x[i:i + 1], target_category=int(t)) for i, t in enumerate(target)]
             return [m[..., None] * g for m, g in zip(maps, gbs)]
-        return run
+        return run, release(cam)
     return None
+
+
+def _probe_memory(conn, method, lib, argv):
+    """Child process: peak RSS increase (MiB) of one call, measured from a fresh heap."""
+    args, model, x_all, t_all = setup(argv)
+    n = n_images(method, args)
+    x, t = x_all[:n], t_all[:n]
+    if lib == "ours":
+        ex = get_explainer(method, model, **options_for(method, args))
+        fn = lambda: ex.attribute(x, t)  # noqa: E731
+    else:
+        fn, _ = peer_runner(method, model, x, t, args.layer, args)
+    with PeakMemory(args.device) as mem:
+        fn()
+    conn.send(mem.peak)
+
+
+def memory_in_fresh_process(method, lib, argv) -> float:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_probe_memory, args=(child, method, lib, argv))
+    proc.start()
+    proc.join()
+    return parent.recv() if proc.exitcode == 0 and parent.poll() else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +196,7 @@ DEFAULT = ["gradcam", "gradcampp", "layercam", "shapleycam", "refinecam", "score
            "relax", "deeplift", "inputxgradient", "integratedgradients", "randomcam"]
 
 
-def main(argv=None) -> int:
+def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT)
     p.add_argument("--batch", type=int, default=32)
@@ -179,12 +212,15 @@ def main(argv=None) -> int:
     p.add_argument("--ig-steps", type=int, default=50)
     p.add_argument("--lime-samples", type=int, default=200)
     p.add_argument("--no-peer", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one process each)")
+    return p.parse_args(argv)
+
+
+def setup(argv):
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the peer's Score-CAM prints progress bars
-
     device = torch.device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -192,28 +228,44 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device)
     t_all = torch.randint(0, 6, (args.batch,), generator=gen).to(device)
+    return args, model, x_all, t_all
 
+
+def n_images(method, args):
+    return args.batch if (args.full or method not in SLOW) else min(args.slow_images, args.batch)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the peer's Score-CAM prints progress bars
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, model, x_all, t_all = setup(argv)
+    device = x_all.device
     print(f"# ResNet18 {args.size}px batch {args.batch} layer {args.layer} device {device} "
           f"threads {torch.get_num_threads()} torch {torch.__version__} reps {args.reps}")
-    header = f"| method | images | ours maps/s | ours peak MiB | peer maps/s | peer peak MiB | speed-up |"
-    print(header)
+    print("| method | images | ours maps/s | ours peak MiB | peer maps/s | peer peak MiB | speed-up |")
     print("|" + "---|" * 7)
     results = {}
     for method in args.methods:
-        n = args.batch if (args.full or method not in SLOW) else min(args.slow_images, args.batch)
+        n = n_images(method, args)
         x, t = x_all[:n], t_all[:n]
         ex = get_explainer(method, model, **options_for(method, args))
         peer = None if args.no_peer else peer_runner(method, model, x, t, args.layer, args)
-        fns = [lambda: ex.attribute(x, t)] + ([peer] if peer is not None else [])
-        timings = measure(fns, args.reps, device)
-        ours_s, ours_mem = timings[0]
+        fns = [lambda: ex.attribute(x, t)] + ([peer[0]] if peer is not None else [])
+        try:
+            timings = measure(fns, args.reps, device)
+        finally:
+            if peer is not None:
+                peer[1]()
+        mem = {}
+        for lib in ["ours"] + (["peer"] if peer is not None else []):
+            mem[lib] = float("nan") if args.no_memory else memory_in_fresh_process(method, lib, argv)
+        ours_s = timings[0][0]
+        peer_txt = "- | - | -"
         if peer is not None:
-            peer_s, peer_mem = timings[1]
-            peer_txt = f"{n / peer_s:.1f} | {peer_mem:.0f} | {peer_s / ours_s:.2f}x"
-        else:
-            peer_txt = "- | - | -"
+            peer_s = timings[1][0]
+            peer_txt = f"{n / peer_s:.1f} | {mem['peer']:.0f} | {peer_s / ours_s:.2f}x"
         results[method] = ours_s / n
-        print(f"| {method} | {n} | {n / ours_s:.1f} | {ours_mem:.0f} | {peer_txt} |", flush=True)
+        print(f"| {method} | {n} | {n / ours_s:.1f} | {mem['ours']:.0f} | {peer_txt} |", flush=True)
     if "refinecam" in results and "gradcampp" in results:
         print(f"\nRefineCAM (4 layers) / Grad-CAM++ (1 layer) time: {results['refinecam'] / results['gradcampp']:.2f}")
     return 0

@@ -5,14 +5,17 @@
 
 Prints three tables:
 1. noisy linear imputation per image and fraction: ours (whole batch, all 8 masks at once)
-   beside scipy's spsolve on the same masks (system built vectorised, only the solve timed) and
-   beside the reference implementation (pytorch-grad-cam's NoisyLinearImputer: Python build +
+   beside scipy's spsolve on the same masks (system built vectorised, only the solve timed), a
+   faster SuperLU use (minimum degree on A + A^T, symmetric mode) and the reference implementation (pytorch-grad-cam's NoisyLinearImputer: Python build +
    spsolve), with our max abs error against spsolve;
 2. ROAD per image on ResNet18 at 128 px: ours fp32 and bf16 beside pytorch-grad-cam's
-   ROADCombined (fp32, percentiles 20/40/60/80) and the floor of 8 fp32 forward passes;
+   ROADCombined (fp32, percentiles 20/40/60/80), the imputation share, and the floor of 8
+   forward passes (fp32 NCHW as ours runs, fp32 channels_last, bf16 channels_last);
 3. six localisation metrics on N maps beside Quantus.
-Timings are the minimum over --repeats runs (the cores are shared: the minimum is the least
-disturbed run). Peers are imported here only (they are oracles, never runtime dependencies).
+Imputation and ROAD timings are medians over --repeats runs with all rows interleaved in each
+repeat (the cores are shared: interleaving makes load changes hit every row alike); scipy solves
+every mask (all fractions, MoRF and LeRF) of --spsolve-images images. Localisation timings are the
+minimum over --repeats runs. Peers are imported here only (they are oracles, never runtime dependencies).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from test_metrics_helpers import resnet18, spsolve_impute  # noqa: E402  (shared
 
 from validation.metrics import (localisation_auc, pointing_game, relevance_mass_accuracy,  # noqa: E402
                                 relevance_rank_accuracy, removal_masks, road, sparseness, topk_intersection)
+from validation.metrics import road_images  # noqa: E402
 from validation.metrics.imputation import linear_impute  # noqa: E402
 
 
@@ -138,25 +142,47 @@ def bench_road(args):
     model = resnet18(0)
     x, maps = images_and_maps(args.images, args.size, seed=1)
     target = torch.arange(args.images) % 6
-    ours = best_of(lambda: road(model, x, target, maps), args.repeats) / args.images
-    ours_bf16 = best_of(lambda: road(model, x, target, maps, bf16=True), args.repeats) / args.images
     batch = x[:, None].expand(-1, 8, -1, -1, -1).flatten(0, 1).contiguous()
+    model_cl = resnet18(0).to(memory_format=torch.channels_last)  # same weights, NHWC layout
+    batch_cl = batch.contiguous(memory_format=torch.channels_last)
 
-    def floor():
-        with torch.no_grad():
-            for s in range(0, batch.shape[0], 64):
-                model(batch[s:s + 64])
-    floor_t = best_of(floor, args.repeats) / args.images
+    def forwards(net, images, bf16=False):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), autocast:
+            for s in range(0, images.shape[0], 64):
+                net(images[s:s + 64])
+
+    runs = {
+        "ours": lambda: road(model, x, target, maps),
+        "ours_bf16": lambda: road(model, x, target, maps, bf16=True),
+        "imputation": lambda: road_images(x, maps),
+        "floor": lambda: forwards(model, batch),
+        "floor_cl": lambda: forwards(model_cl, batch_cl),
+        "floor_cl_bf16": lambda: forwards(model_cl, batch_cl, bf16=True),
+    }
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, medians: load changes hit every row alike
+        for name, fn in runs.items():
+            times[name].append(_timed(fn) / args.images)
+    t = {name: float(np.median(v)) for name, v in times.items()}
     k = args.gradcam_images
     metric = ROADCombined(percentiles=[20, 40, 60, 80])
     targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in target[:k]]
     theirs = best_of(lambda: metric(x[:k], maps[:k].numpy(), targets, model), 1) / k
-    print(f"\n## ROAD per image, ResNet18 at {args.size} px, fractions 0.2/0.4/0.6/0.8, MoRF + LeRF")
+    floor_t = t["floor"]
+    print(f"\n## ROAD per image, ResNet18 at {args.size} px, fractions 0.2/0.4/0.6/0.8, MoRF + LeRF "
+          f"(median of {args.repeats} interleaved repeats; ROADCombined: one run)")
     print("| method | s per image | vs ROADCombined | vs floor |")
     print("|---|---:|---:|---:|")
-    print(f"| ours fp32 ({args.images} images in one call) | {ours:.4f} | {theirs / ours:.1f}x faster | {ours / floor_t:.2f}x |")
-    print(f"| ours bf16 forward | {ours_bf16:.4f} | {theirs / ours_bf16:.1f}x faster | {ours_bf16 / floor_t:.2f}x |")
-    print(f"| floor: 8 fp32 forwards per image | {floor_t:.4f} | - | 1.00x |")
+    print(f"| ours fp32 ({args.images} images in one call) | {t['ours']:.4f} | {theirs / t['ours']:.1f}x faster | "
+          f"{t['ours'] / floor_t:.2f}x |")
+    print(f"| of which imputation + noise (road_images) | {t['imputation']:.4f} | - | {t['imputation'] / floor_t:.2f}x |")
+    print(f"| ours bf16 forward | {t['ours_bf16']:.4f} | {theirs / t['ours_bf16']:.1f}x faster | "
+          f"{t['ours_bf16'] / floor_t:.2f}x |")
+    print(f"| floor: 8 fp32 forwards per image (NCHW, as ours runs) | {floor_t:.4f} | - | 1.00x |")
+    print(f"| floor: 8 fp32 forwards, channels_last model and input | {t['floor_cl']:.4f} | - | "
+          f"{t['floor_cl'] / floor_t:.2f}x |")
+    print(f"| floor: 8 bf16 forwards, channels_last | {t['floor_cl_bf16']:.4f} | - | {t['floor_cl_bf16'] / floor_t:.2f}x |")
     print(f"| pytorch-grad-cam ROADCombined fp32 ({k} images) | {theirs:.4f} | 1.0x | {theirs / floor_t:.1f}x |")
 
 

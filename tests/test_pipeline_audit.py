@@ -27,6 +27,12 @@ def half_lover(model, x, target, maps, **kwargs):
     """Rewards maps near 0.5 everywhere: HalfCAM must fool it."""
     return 1 - (maps - 0.5).abs().flatten(1).mean(1)
 
+def gt_distance(model, x, target, maps, gt=None):
+    """1 - cosine: lower is better, perfectly (inversely) aligned with the ground truth."""
+    return 1 - torch.nn.functional.cosine_similarity(maps.flatten(1), gt.flatten(1), dim=1)
+
+gt_distance.lower_is_better = True
+
 def wrong_shape(model, x, target, maps):
     return maps.mean()
 
@@ -89,3 +95,10 @@ def test_bad_specs_are_clear_errors(run_dir):
         load_metric("user_metrics_mod:too_few_args")
     with pytest.raises(ValueError, match="already exists"):
         audit_run(run_dir, "user_metrics_mod:gt_copy", name="gt_cosine", components=S.components(), progress=False)
+
+
+def test_lower_is_better_metric_is_oriented(run_dir):
+    res = audit_run(run_dir, "user_metrics_mod:gt_distance", n_boot=20, components=S.components(), progress=False)
+    a = res["tables"]["a_validity"].set_index(["model", "metric", "level"])
+    assert a.loc[("mean+-std", "gt_distance", "pairs"), "pearson"] == pytest.approx(-1.0, abs=1e-9)
+    assert "tracks the ground truth: Pearson r = 1.00 (oriented" in res["verdict"]

@@ -23,23 +23,35 @@ def _tiny_set():
 
 # VGG's 120M-parameter head needs a lower lr from scratch (1e-3 overshoots to loss ~60)
 LR = {"vgg11": 1e-4, "vgg11_bn": 1e-4}
+STEPS = {"vgg11": 5, "vgg11_bn": 5}  # the others fit six images in 1-2 steps
+
+
+def _without_noise(model):
+    """Dropout and stochastic depth off, so the loss measures learning, not noise; batch norm
+    stays in training mode (6 steps of running statistics mean little in eval mode)."""
+    from torchvision.ops import StochasticDepth
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, StochasticDepth)):
+            m.p = 0.0
+    return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_falls_on_a_fixed_tiny_set(arch):
     torch.manual_seed(0)
-    model = build_model(arch, image_size=32)
+    model = _without_noise(build_model(arch, image_size=32))
     x, y = _tiny_set()
     opt = torch.optim.AdamW(model.parameters(), lr=LR.get(arch, 1e-3), fused=True)
     losses = []
-    for _ in range(5):
+    for _ in range(STEPS.get(arch, 3)):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        final = F.cross_entropy(model.eval()(x), y).item()
+        final = F.cross_entropy(model(x), y).item()
     assert final < 0.7 * losses[0], (arch, losses, final)
 
 

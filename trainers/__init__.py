@@ -8,11 +8,11 @@ Lightning-heavy pieces are imported lazily, so ``from trainers import build_mode
 from trainers.export import load_model, save_model
 from trainers.models import available_archs, build_model
 
-__all__ = ["available_archs", "build_model", "load_model", "save_model", "fit", "test", "TrainConfig"]
+__all__ = ["available_archs", "build_model", "load_model", "save_model", "fit", "evaluate", "TrainConfig"]
 
 
 def __getattr__(name):
-    if name in ("fit", "test", "TrainConfig"):
+    if name in ("fit", "evaluate", "TrainConfig"):
         from trainers import api
 
         return getattr(api, name)

@@ -250,7 +250,7 @@ def _test_results(module, trainer, ckpt) -> dict:
             "confusion_matrix": cm.tolist(), "best_val_accuracy": None if best is None else float(best)}
 
 
-def test(model_path, data: str | None = None, split: str = "test", batch_size: int = 128,
+def evaluate(model_path, data: str | None = None, split: str = "test", batch_size: int = 128,
          synth: dict | None = None, length: int = 600, num_workers: int = 0, out: str | None = None) -> dict:
     """Evaluate a saved model on ``data`` (or a rendered split); checks size and classes first."""
     import pytorch_lightning as pl

@@ -116,9 +116,9 @@ def main(argv=None) -> int:
         print("\n".join(available_recipes()))
         return 0
     if args.command == "test":
-        from trainers.api import test
+        from trainers.api import evaluate
 
-        res = test(args.model, data=args.data, split=args.split, batch_size=args.batch_size,
+        res = evaluate(args.model, data=args.data, split=args.split, batch_size=args.batch_size,
                    length=args.length, num_workers=args.num_workers, out=args.out)
         print(json.dumps({k: v for k, v in res.items() if k != "confusion_matrix"}, indent=2))
         return 0

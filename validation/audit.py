@@ -134,7 +134,11 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
 
 
 def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images: int | None = None,
-              n_boot: int = 1000, components=None, progress: bool = True) -> dict:
+              n_boot: int = 1000, components=None, progress: bool = True,
+              lower_is_better: bool | None = None) -> dict:
+    """Compute the metric ``spec`` on the run's maps and judge it (tables a, b and a verdict).
+
+    ``lower_is_better`` overrides the function's own ``lower_is_better`` attribute."""
     from validation.pipeline.run import Components, RunConfig, run_eval
 
     run_dir = Path(run_dir)
@@ -161,7 +165,8 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
                    ignore_index=True)
     metrics = [m for m in (name,) + COMPARED if m in set(df.metric)]
     validity = A.table_validity(df[df.metric.isin(metrics + [A.REFERENCE_METRIC])], n_boot=n_boot)
-    lower = {name} if getattr(fn, "lower_is_better", False) else set()
+    lower_flag = getattr(fn, "lower_is_better", False) if lower_is_better is None else lower_is_better
+    lower = {name} if lower_flag else set()
     per_model, verdicts = A.table_trivial(df, metrics=metrics, lower_is_better=lower)
     text = verdict_text(name, validity, verdicts, lower)
     tables = {"a_validity": validity, "b_trivial": per_model, "b_trivial_verdict": verdicts}

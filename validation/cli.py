@@ -131,7 +131,8 @@ def cmd_audit(args) -> int:
     from validation.audit import audit_run
 
     result = audit_run(args.run_dir, args.metric, name=args.name, n_images=args.n_images,
-                       n_boot=args.n_boot, progress=not args.no_progress)
+                       n_boot=args.n_boot, progress=not args.no_progress,
+                       lower_is_better=True if args.lower_is_better else None)
     print(result["verdict"])
     print(f"tables: {result['out_dir']}")
     return 0
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", required=True, help="package.module:function (see docs/evaluation.md)")
     p.add_argument("--name", help="column name (default: the function's name)")
     p.add_argument("--n-images", type=int, help="audit on the first N images of the run only")
+    p.add_argument("--lower-is-better", action="store_true",
+                   help="the metric is better when lower (like Average Drop)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("report", help="self-contained HTML page and PNG figures")

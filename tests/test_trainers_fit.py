@@ -1,0 +1,310 @@
+"""Training end to end at 32 px: run folder, safe round trip, resume, data module, precision,
+CLI and every bad input the issue names."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback
+from safetensors.torch import load_file
+
+from shapesynth import CLASS_NAMES, SynthConfig, dataset_fingerprint
+from shapesynth.generate import generate
+from shapesynth.torchdata import ShapesDataset, SynthStream
+from trainers import load_model
+from trainers import precision as prec
+from trainers.api import TrainConfig, evaluate, fit
+from trainers.cli import available_recipes, main
+from trainers.data import DataError, EpochPermutation, ShapesDataModule, check_dataset, curriculum_config
+
+BANDS = [[0.3, 0.4], [0.2, 0.25]]  # the paper's smallest band has no interior at 32 px
+
+
+def _tiny_cfg(out, **kw):
+    base = dict(arch="resnet18", image_size=32, out=str(out), batch_size=32, max_epochs=1, train_length=64,
+                val_length=32, test_length=36, precision="32-true", num_workers=0, progress_bar=False,
+                curriculum_epochs=0, log_every_n_steps=1, lr=1e-3, synth={"size_bands": BANDS})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    cfg = SynthConfig(image_size=32, size_bands=tuple(map(tuple, BANDS)),
+                      split_sizes={"train": 64, "val": 24, "test": 30},
+                      bg_pool_sizes={"train": 4, "val": 2, "test": 2})
+    out = tmp_path_factory.mktemp("data") / "tiny32"
+    generate(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def disk_run(tiny_data, tmp_path_factory):
+    """One finished run trained from the disk train split (shared by several tests)."""
+    out = tmp_path_factory.mktemp("runs") / "disk"
+    meta = fit(_tiny_cfg(out, data=str(tiny_data), train_source="disk", synth={}))
+    return out, meta
+
+
+# --------------------------------------------------------------------------- run folder + round trip
+def test_run_folder_holds_everything_and_loads_safely(disk_run, tiny_data):
+    out, meta = disk_run
+    for name in ("model.safetensors", "model.json", "config.yaml", "MODEL_CARD.md", "test_metrics.json",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (out / name).is_file(), name
+    model, loaded = load_model(out)
+    assert not model.training
+    assert loaded["arch"] == "resnet18" and loaded["image_size"] == 32
+    assert loaded["class_names"] == list(CLASS_NAMES)
+    assert loaded["dataset_fingerprint"] == dataset_fingerprint(tiny_data)
+    assert loaded["mean"] == pytest.approx([0.485, 0.456, 0.406]) and len(loaded["std"]) == 3
+
+    # test accuracy re-derived independently: the loaded model over the disk test split
+    test_set = ShapesDataset(tiny_data, "test")
+    x = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
+    y = torch.stack([test_set[i]["label"] for i in range(len(test_set))])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert loaded["test_accuracy"] == pytest.approx((pred == y).float().mean().item())
+    cm = torch.tensor(loaded["confusion_matrix"])
+    assert cm.sum() == len(test_set)
+    for c, name in enumerate(CLASS_NAMES):
+        assert cm[c].tolist() == [int(((y == c) & (pred == k)).sum()) for k in range(6)]
+        row = (y == c).sum().item()
+        if row:
+            assert loaded["per_class_accuracy"][name] == pytest.approx(cm[c, c].item() / row)
+
+    # the exported weights are the best checkpoint's
+    ckpt_model, _ = load_model(out / "checkpoints" / "best.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt_model(x), model(x))
+    card = (out / "MODEL_CARD.md").read_text()
+    for needle in ("resnet18", "32 px", loaded["dataset_fingerprint"], "Per-class test accuracy",
+                   "Confusion matrix", "training time", "hardware"):
+        assert needle in card
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["arch"] == "resnet18" and saved["data"] == str(tiny_data)
+
+
+def test_test_command_reproduces_the_recorded_accuracy(disk_run, tiny_data, tmp_path):
+    out, meta = disk_run
+    res = evaluate(out, data=str(tiny_data), out=str(tmp_path / "res.json"))
+    assert res["test_accuracy"] == pytest.approx(meta["test_accuracy"])
+    assert json.loads((tmp_path / "res.json").read_text())["confusion_matrix"] == meta["confusion_matrix"]
+
+
+def test_stream_run_without_data_and_auto_precision(tmp_path):
+    meta = fit(_tiny_cfg(tmp_path / "s", precision="auto", curriculum_epochs=2, test_length=24))
+    assert meta["dataset_fingerprint"].startswith("synth-")
+    assert meta["precision"] == prec.resolve_precision("auto")
+    assert sum(map(sum, meta["confusion_matrix"])) == 24
+    model, _ = load_model(tmp_path / "s" / "model.safetensors")
+    assert model.image_size == 32
+
+
+# --------------------------------------------------------------------------- resume
+class _Crash(Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_path):
+    # disk source: the resumed epoch must also reproduce the seeded per-epoch shuffle
+    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=3, batch_size=16)
+    fit(_tiny_cfg(tmp_path / "a", **kw))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=6)])  # 4 steps/epoch: mid epoch 2
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        load_model(tmp_path / "b")
+    meta_b = fit(_tiny_cfg(tmp_path / "b", **kw))  # same command: resumes from last.ckpt
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    wa, wb = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert meta_b["test_accuracy"] == json.loads((tmp_path / "a/model.json").read_text())["test_accuracy"]
+
+
+def test_resume_refuses_another_arch(tiny_data, disk_run):
+    out, _ = disk_run
+    cfg = _tiny_cfg(out, arch="vgg11", data=str(tiny_data), train_source="disk", synth={})
+    with pytest.raises(ValueError, match="cannot resume"):
+        fit(cfg)
+
+
+# --------------------------------------------------------------------------- data module
+def test_stream_draws_change_per_epoch_and_repeat_exactly(tmp_path):
+    dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_length=8, batch_size=8)
+    dm.setup("fit")
+    first = next(iter(dm.train_dataloader()))["image"]
+    dm.set_epoch(1)
+    second = next(iter(dm.train_dataloader()))["image"]
+    dm.set_epoch(0)
+    again = next(iter(dm.train_dataloader()))["image"]
+    assert not torch.equal(first, second)
+    assert torch.equal(first, again)
+
+
+def test_curriculum_moves_from_easy_to_the_target_recipe():
+    target = SynthConfig(image_size=32, size_bands=tuple(map(tuple, BANDS)))
+    easy = target.with_difficulty(0.0)
+    assert curriculum_config(target, 0.0, 0.0).clutter == pytest.approx(easy.clutter)
+    assert curriculum_config(target, 1.0, 0.0) == target
+    half = curriculum_config(target, 0.5, 0.0)
+    assert half.clutter == pytest.approx((easy.clutter + target.clutter) / 2)
+    assert half.size_bands == target.size_bands and half.seed == target.seed
+    dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_length=4, curriculum_epochs=4)
+    dm.setup("fit")
+    dm.set_epoch(2)
+    assert dm.train_set.config.clutter == pytest.approx(half.clutter) and dm.train_set.epoch == 2
+    dm.set_epoch(7)
+    assert dm.train_set.config == dm.synth_config
+
+
+def test_epoch_permutation_is_seeded():
+    s = EpochPermutation(10, seed=3)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e0) == sorted(e1) == list(range(10)) and e0 != e1
+    s.set_epoch(0)
+    assert list(s) == e0
+
+
+# --------------------------------------------------------------------------- precision
+def test_precision_auto_falls_back_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(prec.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 3.0)
+    prec._cpu_auto.cache_clear()
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+    assert prec.resolve_precision("auto") == "32-true"
+    prec._cpu_auto.cache_clear()
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    assert prec.resolve_precision("auto") == "bf16-mixed"
+    prec._cpu_auto.cache_clear()
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 1.0)  # native but measured slow
+    assert prec.resolve_precision("auto") == "32-true"
+    prec._cpu_auto.cache_clear()
+    assert prec.resolve_precision("32-true") == "32-true" and prec.resolve_precision("bf16-mixed") == "bf16-mixed"
+
+
+def test_precision_auto_on_cuda(monkeypatch):
+    monkeypatch.setattr(prec.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(prec.torch.cuda, "is_bf16_supported", lambda: False)
+    assert prec.resolve_precision("auto") == "16-mixed"
+    monkeypatch.setattr(prec.torch.cuda, "is_bf16_supported", lambda: True)
+    assert prec.resolve_precision("auto") == "bf16-mixed"
+    assert prec.resolve_precision("auto", accelerator="cpu") in ("32-true", "bf16-mixed")
+
+
+def test_bf16_probe_measures_something():
+    assert prec.cpu_bf16_speedup(reps=1) > 0
+
+
+# --------------------------------------------------------------------------- bad input, before any work
+def test_missing_dataset_errors_before_training(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="does not exist"):
+        fit(_tiny_cfg(out, data=str(tmp_path / "nope"), synth={}))
+    assert not out.exists()
+
+
+def test_empty_split_errors(tmp_path):
+    cfg = SynthConfig(image_size=32, size_bands=tuple(map(tuple, BANDS)), split_sizes={"train": 6, "val": 0, "test": 6},
+                      bg_pool_sizes={"train": 2, "val": 1, "test": 1})
+    generate(cfg, tmp_path / "d", progress=False)
+    with pytest.raises(DataError, match="'val'"):
+        check_dataset(tmp_path / "d", "val", 32)
+
+
+def test_image_size_disagreeing_with_the_dataset(tiny_data, tmp_path):
+    with pytest.raises(DataError, match="32 px images but the model expects 64"):
+        fit(_tiny_cfg(tmp_path / "r", image_size=64, data=str(tiny_data), synth={}))
+
+
+def test_image_size_disagreeing_with_a_checkpoint(disk_run):
+    out, _ = disk_run
+    with pytest.raises(ValueError, match="trained at 32 px, not 64"):
+        load_model(out, image_size=64)
+
+
+def test_classes_disagreeing_with_the_model(tiny_data, disk_run, tmp_path):
+    with pytest.raises(DataError, match="classes"):
+        check_dataset(tiny_data, "test", 32, class_names=("a", "b", "c"))
+    # a model trained on other classes, tested on this dataset
+    out, _ = disk_run
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((out / "model.json").read_text())
+    meta["class_names"] = [f"c{i}" for i in range(6)]
+    (other / "model.json").write_text(json.dumps(meta))
+    (other / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(DataError, match="classes"):
+        evaluate(other, data=str(tiny_data))
+
+
+def test_unknown_arch_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown arch 'resnet19'"):
+        TrainConfig(arch="resnet19")
+    assert main(["fit", "--arch", "resnet19", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown arch" in capsys.readouterr().err
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"arch": "resnet18"}, "x": Evil()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_model(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_recipe_and_flags(capsys, tmp_path):
+    assert {"quick_resnet18", "quick_vgg11_bn", "resnet18_128"} <= set(available_recipes())
+    for name in available_recipes():  # every bundled recipe is a valid config
+        assert main(["fit", "--recipe", name, "--print-config"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--recipe", "quick_resnet18", "--lr", "0.01", "--pretrained", "--synth", "{clutter: 0.2}",
+                 "--max-time", "none", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["arch"] == "resnet18" and cfg["image_size"] == 64 and cfg["lr"] == 0.01
+    assert cfg["pretrained"] is True and cfg["synth"] == {"clutter": 0.2} and cfg["max_time"] is None
+    (tmp_path / "c.yaml").write_text("arch: swin_t\nimage_size: 96\n")
+    assert main(["fit", "--config", str(tmp_path / "c.yaml"), "--image-size", "64", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["arch"] == "swin_t" and cfg["image_size"] == 64
+    (tmp_path / "bad.yaml").write_text("arch: resnet18\nlearning_rate: 1\n")
+    assert main(["fit", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["archs"]) == 0 and "convnext_tiny" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+    """Lightning DDP on two CPU processes (gloo): the confusion matrices of both ranks are summed."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "trainers", "fit", "--arch", "resnet18", "--image-size", "32",
+           "--synth", json.dumps({"size_bands": BANDS}), "--train-length", "64", "--val-length", "32",
+           "--test-length", "36", "--batch-size", "16", "--max-epochs", "1", "--precision", "32-true",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "0",
+           "--progress-bar", "false", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, meta = load_model(out)
+    assert sum(map(sum, meta["confusion_matrix"])) == 36  # 18 per rank, summed
