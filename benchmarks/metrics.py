@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/metrics.py --images 16 --gradcam-images 4 --maps 256
 
 Prints three tables:
-1. noisy linear imputation per image and fraction: ours (whole batch, all 8 masks at once)
+1. noisy linear imputation per image and fraction: ours (one call for all images x 8 masks)
    beside scipy's spsolve on the same masks (system built vectorised, only the solve timed), a
    faster SuperLU use (minimum degree on A + A^T, symmetric mode) and the reference implementation (pytorch-grad-cam's NoisyLinearImputer: Python build +
    spsolve), with our max abs error against spsolve;
@@ -124,7 +124,7 @@ def bench_imputation(args):
           f"median of {args.repeats} interleaved repeats")
     print("| method | ms per image and fraction | speed-up vs spsolve | max abs error vs spsolve |")
     print("|---|---:|---:|---:|")
-    print(f"| ours (FMG + MG-preconditioned CG, batch of {n}) | {1000 * ours:.2f} | {sps / ours:.1f}x | {err:.1e} |")
+    print(f"| ours (FMG + MG-preconditioned CG, one call for {n} systems) | {1000 * ours:.2f} | {sps / ours:.1f}x | {err:.1e} |")
     print(f"| scipy spsolve (prebuilt CSC, solve only, {len(systems)} systems) | {1000 * sps:.2f} | 1.0x | 0 |")
     print(f"| scipy splu, MMD(A+A^T) symmetric mode (solve only) | {1000 * splu:.2f} | {sps / splu:.1f}x | - |")
     print(f"| reference NoisyLinearImputer (build + spsolve) | {1000 * ref:.2f} | {sps / ref:.2f}x | - |")

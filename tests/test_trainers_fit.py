@@ -53,7 +53,7 @@ def disk_run(tiny_data, tmp_path_factory):
 def test_run_folder_holds_everything_and_loads_safely(disk_run, tiny_data):
     out, meta = disk_run
     for name in ("model.safetensors", "model.json", "config.yaml", "MODEL_CARD.md", "test_metrics.json",
-                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/metrics.csv"):
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/version_0/metrics.csv"):
         assert (out / name).is_file(), name
     model, loaded = load_model(out)
     assert not model.training
@@ -117,10 +117,10 @@ class _Crash(Callback):
 
 def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_path):
     # disk source: the resumed epoch must also reproduce the seeded per-epoch shuffle
-    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=3, batch_size=16)
+    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=32)
     fit(_tiny_cfg(tmp_path / "a", **kw))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=6)])  # 4 steps/epoch: mid epoch 2
+        fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=3)])  # 2 steps/epoch: mid epoch 2
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "b" / "model.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
@@ -128,11 +128,13 @@ def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_pat
     meta_b = fit(_tiny_cfg(tmp_path / "b", **kw))  # same command: resumes from last.ckpt
     a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12
+    assert a["global_step"] == b["global_step"] == 4
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     wa, wb = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # both sessions' logs are kept
+    assert (tmp_path / "b/logs/version_0/metrics.csv").is_file() and (tmp_path / "b/logs/version_1/metrics.csv").is_file()
     assert meta_b["test_accuracy"] == json.loads((tmp_path / "a/model.json").read_text())["test_accuracy"]
 
 
@@ -308,3 +310,9 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     _, meta = load_model(out)
     assert sum(map(sum, meta["confusion_matrix"])) == 36  # 18 per rank, summed
+
+
+def test_lr_defaults_per_arch(capsys):
+    assert main(["fit", "--arch", "vgg11", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == 5e-4
+    assert TrainConfig(arch="resnet18").lr == 2e-3 and TrainConfig(arch="resnet18", lr=0.1).lr == 0.1

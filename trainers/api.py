@@ -5,7 +5,7 @@ Run folder (``out``)::
     config.yaml            the resolved TrainConfig (re-run: shapesynth-train fit --config out/config.yaml)
     checkpoints/last.ckpt  every epoch end (resume after an interruption: rerun the same command)
     checkpoints/best.ckpt  best val_acc
-    logs/metrics.csv       CSVLogger
+    logs/version_N/metrics.csv  CSVLogger, one folder per session (resumes add one)
     model.safetensors      best weights (tensors only) ...
     model.json             ... and metadata: what `trainers.load_model` reads
     test_metrics.json      test accuracy, per class, confusion matrix
@@ -34,6 +34,10 @@ from trainers.module import ShapeClassifierModule, per_class_accuracy
 from trainers.precision import resolve_precision
 
 
+# peak one-cycle lr from scratch; VGG's 120M-parameter head overshoots at 2e-3
+DEFAULT_LR = {"resnet18": 2e-3, "vgg11": 5e-4, "vgg11_bn": 1e-3, "swin_t": 1e-3, "convnext_tiny": 1e-3}
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a training run (YAML keys and ``--flags`` share these names)."""
@@ -54,7 +58,7 @@ class TrainConfig:
     # model and optimisation
     pretrained: bool = False
     weights_path: str | None = None
-    lr: float = 2e-3
+    lr: float | None = None  # None: the arch's default peak lr (DEFAULT_LR)
     weight_decay: float = 0.05
     pct_start: float = 0.15
     label_smoothing: float = 0.05
@@ -84,6 +88,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_arch(self.arch)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.arch]
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
 
@@ -124,15 +130,20 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     from pytorch_lightning.loggers import CSVLogger
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+                           save_top_k=1, auto_insert_metric_name=False)
+    # Lightning >= 2.5 writes save_last only when a top-k save happened in the same step, so
+    # "last" is its own unmonitored checkpoint, rewritten at every epoch end (what resume reads)
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, auto_insert_metric_name=False)
     stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience,
                          stopping_threshold=cfg.stop_at_val_acc)
     kwargs = dict(
         default_root_dir=str(out), max_epochs=cfg.max_epochs, max_time=cfg.max_time,
         precision=resolve_precision(cfg.precision, cfg.accelerator), accelerator=cfg.accelerator,
         devices=cfg.devices if cfg.devices == "auto" else _devices(cfg.devices), num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, callbacks=[ckpt, stop, *callbacks],
-        logger=CSVLogger(str(out), name="logs", version="") if logger else False,
+        strategy=cfg.strategy, callbacks=[ckpt, last, stop, *callbacks],
+        # one version folder per session: a resumed run keeps the interrupted session's log
+        logger=CSVLogger(str(out), name="logs") if logger else False,
         enable_progress_bar=cfg.progress_bar, log_every_n_steps=cfg.log_every_n_steps,
         deterministic=cfg.deterministic, enable_model_summary=False)
     if cfg.limit_train_batches is not None:
@@ -329,5 +340,5 @@ def model_card(meta: dict) -> str:
 ```
 
 Load: `model, meta = trainers.load_model("<this folder>")` (safetensors, no code execution).
-The full training configuration is in `config.yaml`; the learning curves in `logs/metrics.csv`.
+The full training configuration is in `config.yaml`; the learning curves in `logs/version_*/metrics.csv`.
 """

@@ -130,15 +130,22 @@ class ModelGuard:
         self._swaps.append((parent, name, parent._modules[name]))
         parent._modules[name] = new
 
-    def capture(self, layers: Sequence[Layer]) -> "Capture":
-        return Capture(self, layers)
+    def capture(self, layers: Sequence[Layer], stop_early: bool = False) -> "Capture":
+        return Capture(self, layers, stop_early)
+
+
+class StopForward(Exception):
+    """Raised by a capture with ``stop_early`` once every layer has fired: the rest of the
+    forward pass is not needed."""
 
 
 class Capture:
     """Records the outputs of several layers during one forward pass (graph kept), and the
-    order in which they fired (shallow to deep)."""
+    order in which they fired (shallow to deep). With ``stop_early`` the forward pass is cut
+    short (``StopForward``) as soon as every layer has fired; run it through ``forward``."""
 
-    def __init__(self, guard: ModelGuard, layers: Sequence[Layer]):
+    def __init__(self, guard: ModelGuard, layers: Sequence[Layer], stop_early: bool = False):
+        self.stop_early = stop_early
         self.layers = list(layers)
         self.outputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.order: list[int] = []
@@ -155,7 +162,16 @@ class Capture:
                                 f"not a tensor; choose a layer that outputs a feature map")
             self.outputs[i].append(output)
             self.order.append(i)
+            if self.stop_early and all(self.outputs):
+                raise StopForward
         return hook
+
+    def forward(self, model: nn.Module, x: torch.Tensor):
+        """model(x), or None when the pass was cut short after the last captured layer."""
+        try:
+            return model(x)
+        except StopForward:
+            return None
 
     def reset(self) -> None:
         self.outputs = [[] for _ in self.layers]

@@ -1,12 +1,13 @@
 """LaFAM (Karjauv et al. 2024): M = Up(N(mean_k A_k)) at the chosen layer. One forward pass, no
-labels, no gradients, no ReLU. (Our pipeline upsamples then min-maxes, which equals
+labels, no gradients, no ReLU; the forward pass stops after the deepest requested layer (so,
+unlike the other methods, a module that runs twice is not refused: its first output is used). (Our pipeline upsamples then min-maxes, which equals
 N(Up(N(mean A))); with nearest upsampling it is exactly Up(N(mean A)).)"""
 
 from __future__ import annotations
 
 import torch
 
-from .base import LayerExplainer, check_logits, to_nchw
+from .base import LayerExplainer, to_nchw
 from .registry import register
 
 
@@ -15,8 +16,8 @@ class LaFAM(LayerExplainer):
     rectifier = None
 
     def _layer_maps(self, x, target, layers, guard):
-        capture = guard.capture(layers)
+        capture = guard.capture(layers, stop_early=True)
         with torch.no_grad():
-            check_logits(self.model(x), x.shape[0])
+            capture.forward(self.model, x)
         maps = [to_nchw(a, layer).mean(dim=1) for a, layer in zip(capture.raw(), layers)]
         return maps, target, capture.depth_rank()

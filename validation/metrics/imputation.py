@@ -16,6 +16,8 @@ preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on th
   solved with a pseudo-inverse;
 * smoothing is Jacobi on the fine level and l1-Jacobi on coarse levels, equal pre- and
   post-sweeps and ``R = P^T``, so the V-cycle is a symmetric positive definite preconditioner;
+* CG starts from one full-multigrid pass (coarsest solve, then prolongation plus one V-cycle per
+  level) and on CPU runs on cache-sized groups of systems (``_CPU_CHUNK_VALUES``);
 * CG runs on the cheap recursive residual and replaces it by the exactly computed residual
   (hi/lo split, see ``_FineOperator.residual``) before stopping, so float32 reaches ~1e-6.
 """
@@ -266,7 +268,7 @@ class _Multigrid:
     def full(self, rhs: torch.Tensor) -> torch.Tensor:
         """Full multigrid (nested iteration): solve the Galerkin-restricted problem exactly on the
         coarsest grid, then on every finer level prolong that solution and correct it with one
-        V-cycle. An initial guess close to the solution for about the cost of one V-cycle."""
+        V-cycle. An initial guess within ~1e-3 of the solution for about two V-cycles."""
         rhs_levels = [rhs]
         for _ in self.ops[1:]:
             rhs_levels.append(self._restrict(rhs_levels[-1]))
@@ -303,8 +305,8 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) -> torch.Tensor:
     """Multigrid-preconditioned CG with residual replacement; tol: max abs (scaled) residual.
 
-    The initial guess is one full-multigrid pass (two CG iterations fewer than starting from the
-    mean of the kept pixels, for the cost of about one).
+    The initial guess is one full-multigrid pass: 4 instead of 6 CG iterations on CAM-shaped
+    holes (start at the mean of the kept pixels), for about the cost of two.
 
     The cheap recursive residual drives the iteration; whenever it meets ``tol`` it is replaced
     by the exactly computed residual, and the solve stops only when that one meets ``tol``.
@@ -388,7 +390,7 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1
 
 
 # Systems per CPU group: 16 three-channel 128 x 128 images (a few MiB of working set) measured
-# ~30 % faster than one batch of 64 (benchmarks/metrics.py, one thread).
+# ~30 % faster than one block of 64 (interleaved medians, one thread, shared cores).
 _CPU_CHUNK_VALUES = 16 * 3 * 128 * 128
 
 
