@@ -316,3 +316,15 @@ def test_lr_defaults_per_arch(capsys):
     assert main(["fit", "--arch", "vgg11", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["lr"] == 5e-4
     assert TrainConfig(arch="resnet18").lr == 2e-3 and TrainConfig(arch="resnet18", lr=0.1).lr == 0.1
+
+
+def test_early_stopping_stops_when_val_acc_reaches_the_target(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from trainers.api import _trainer
+
+    trainer, _ = _trainer(_tiny_cfg(tmp_path, stop_at_val_acc=1.0, patience=3), tmp_path, logger=False)
+    stop = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
+    assert stop.patience == 3
+    assert stop._evaluate_stopping_criteria(torch.tensor(0.99))[0] is False
+    assert stop._evaluate_stopping_criteria(torch.tensor(1.0))[0] is True

@@ -135,8 +135,9 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     # "last" is its own unmonitored checkpoint, rewritten at every epoch end (what resume reads)
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            every_n_epochs=1, auto_insert_metric_name=False)
-    stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience,
-                         stopping_threshold=cfg.stop_at_val_acc)
+    # Lightning stops only when the metric EXCEEDS the threshold; "reaches" is what we mean
+    threshold = None if cfg.stop_at_val_acc is None else cfg.stop_at_val_acc - 1e-6  # > float32 eps
+    stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience, stopping_threshold=threshold)
     kwargs = dict(
         default_root_dir=str(out), max_epochs=cfg.max_epochs, max_time=cfg.max_time,
         precision=resolve_precision(cfg.precision, cfg.accelerator), accelerator=cfg.accelerator,
@@ -263,10 +264,13 @@ def _test_results(module, trainer, ckpt) -> dict:
 
 def evaluate(model_path, data: str | None = None, split: str = "test", batch_size: int = 128,
          synth: dict | None = None, length: int = 600, num_workers: int = 0, out: str | None = None) -> dict:
-    """Evaluate a saved model on ``data`` (or a rendered split); checks size and classes first."""
+    """Evaluate a saved model on ``data``, or without data on a rendered split of ``synth`` (default:
+    the recipe the model was trained with, from its metadata); checks size and classes first."""
     import pytorch_lightning as pl
 
     model, meta = load_model(model_path)
+    if data is None and synth is None and (meta.get("data") or {}).get("synth"):
+        synth = meta["data"]["synth"]  # no data given: the model's own training recipe, rendered
     dm = ShapesDataModule(image_size=int(meta["image_size"]), data=data, synth=synth, train_source="stream",
                           test_length=length, val_length=length, batch_size=batch_size,
                           num_workers=num_workers, class_names=tuple(meta["class_names"]))
