@@ -28,24 +28,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torchvision
+from trainers import build_model
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from validation.attributions import get_explainer, resolve_layer  # noqa: E402
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
-
-
-class Wrapped(nn.Module):
-    def __init__(self, backbone):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.backbone = backbone
-
-    def forward(self, x):
-        return self.backbone((x - self.mean) / self.std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +213,7 @@ def setup(argv):
     device = torch.device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Wrapped(torchvision.models.resnet18(num_classes=6)).eval().to(device)
+        model = build_model("resnet18", num_classes=6, image_size=args.size).eval().to(device)
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device)
     t_all = torch.randint(0, 6, (args.batch,), generator=gen).to(device)
