@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from trainers import build_model
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from validation.attributions import get_explainer, resolve_layer  # noqa: E402
