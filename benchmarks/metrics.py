@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_metrics_helpers import resnet18, spsolve_impute  # noqa: E402  (shared reference code)
+from test_metrics_helpers import resnet18, spsolve_impute, spsolve_system  # noqa: E402  (shared reference code)
 
 from validation.metrics import (localisation_auc, pointing_game, relevance_mass_accuracy,  # noqa: E402
                                 relevance_rank_accuracy, removal_masks, road, sparseness, topk_intersection)
@@ -58,29 +58,8 @@ def images_and_maps(n, size, seed=0):
 
 
 def scipy_system(image, removed):
-    """The reference system for one image and mask as scipy CSC (vectorised build, float64)."""
-    import scipy.sparse as sp
-    from test_metrics_helpers import WEIGHTS
-    c, h, w = image.shape
-    fr = removed.ravel().astype(bool)
-    idx = np.flatnonzero(fr)
-    var = -np.ones(h * w, dtype=np.int64)
-    var[idx] = np.arange(len(idx))
-    ys, xs = np.divmod(idx, w)
-    rows, cols, vals, diag = [], [], [], np.zeros(len(idx))
-    b = np.zeros((len(idx), c))
-    flat = image.reshape(c, -1)
-    for (dy, dx), wt in WEIGHTS.items():
-        yy, xx = ys + dy, xs + dx
-        ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        diag[ok] += wt
-        q = yy[ok] * w + xx[ok]
-        unk = fr[q]
-        r = np.flatnonzero(ok)
-        rows.append(r[unk]); cols.append(var[q[unk]]); vals.append(np.full(unk.sum(), -wt))
-        np.add.at(b, r[~unk], wt * flat[:, q[~unk]].T)
-    rows.append(np.arange(len(idx))); cols.append(np.arange(len(idx))); vals.append(diag)
-    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(idx),) * 2)
+    """The reference system (A, b) for one image and mask (built outside the timed solve)."""
+    a, b, _ = spsolve_system(image, removed)
     return a, b
 
 

@@ -9,8 +9,12 @@ WEIGHTS = {(-1, -1): 1 / 12, (-1, 0): 1 / 6, (-1, 1): 1 / 12, (0, -1): 1 / 6, (0
            (1, -1): 1 / 12, (1, 0): 1 / 6, (1, 1): 1 / 12}
 
 
-def spsolve_impute(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """Float64 reference: every removed pixel = weighted mean of its in-image 8 neighbours."""
+def spsolve_system(image: np.ndarray, removed: np.ndarray):
+    """The float64 system (A, b) of one image's removed pixels, as scipy CSC, plus their indices.
+
+    Row i: sum of in-image neighbour weights * x_i - sum over removed neighbours w * x_j
+    = sum over known neighbours w * pixel.
+    """
     c, h, w = image.shape
     flat_removed = removed.ravel().astype(bool)
     idx = np.flatnonzero(flat_removed)
@@ -33,7 +37,15 @@ def spsolve_impute(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
         np.add.at(b, r[~unknown], weight * flat[:, q[~unknown]].T)
     rows.append(np.arange(n)); cols.append(np.arange(n)); vals.append(diag)
     a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-    out = flat.copy()
+    return a, b, idx
+
+
+def spsolve_impute(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Float64 reference: every removed pixel = weighted mean of its in-image 8 neighbours."""
+    c, h, w = image.shape
+    a, b, idx = spsolve_system(image, removed)
+    n = len(idx)
+    out = image.reshape(c, -1).astype(np.float64)
     if n:
         out[:, idx] = spsolve(a, b).reshape(n, c).T
     return out.reshape(c, h, w)
