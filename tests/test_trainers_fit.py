@@ -263,6 +263,13 @@ def test_unknown_arch_errors(tmp_path, capsys):
     assert "unknown arch" in capsys.readouterr().err
 
 
+def test_test_command_with_a_missing_model_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    assert main(["test", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "shapesynth-train: error:" in err and str(missing) in err
+
+
 def test_checkpoint_cannot_run_code(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -105,6 +105,12 @@ def resolve_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _usage_error(err: Exception) -> int:
+    """Bad input: one line naming the problem on stderr, exit code 2 (no traceback)."""
+    print(f"shapesynth-train: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "archs":
@@ -118,15 +124,19 @@ def main(argv=None) -> int:
     if args.command == "test":
         from trainers.api import evaluate
 
-        res = evaluate(args.model, data=args.data, split=args.split, batch_size=args.batch_size,
-                   length=args.length, num_workers=args.num_workers, out=args.out)
+        from trainers.data import DataError
+
+        try:
+            res = evaluate(args.model, data=args.data, split=args.split, batch_size=args.batch_size,
+                           length=args.length, num_workers=args.num_workers, out=args.out)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            return _usage_error(err)
         print(json.dumps({k: v for k, v in res.items() if k != "confusion_matrix"}, indent=2))
         return 0
     try:
         cfg = resolve_config(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"shapesynth-train: error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
@@ -136,8 +146,7 @@ def main(argv=None) -> int:
     try:
         meta = fit(cfg)
     except (DataError, FileNotFoundError) as err:
-        print(f"shapesynth-train: error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     if meta:
         print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px); "
               f"model: {cfg.out}/model.safetensors, card: {cfg.out}/MODEL_CARD.md")
