@@ -335,3 +335,21 @@ def test_early_stopping_stops_when_val_acc_reaches_the_target(tmp_path):
     assert stop.patience == 3
     assert stop._evaluate_stopping_criteria(torch.tensor(0.99))[0] is False
     assert stop._evaluate_stopping_criteria(torch.tensor(1.0))[0] is True
+
+
+# --------------------------------------------------------------------------- warm start (progressive resizing)
+def test_warm_start_copies_weights_across_image_sizes(disk_run, tmp_path):
+    from trainers.api import warm_start
+    from trainers.models import build_model
+
+    out, _ = disk_run
+    donor, _ = load_model(out)
+    model = build_model("resnet18", image_size=64)
+    warm_start(model, out, "resnet18")
+    for (name, a), b in zip(model.state_dict().items(), donor.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="resnet18 model cannot initialise vgg11_bn"):
+        warm_start(build_model("vgg11_bn", image_size=32), out, "vgg11_bn")
+    meta = fit(_tiny_cfg(tmp_path / "warm", image_size=64, init_from=str(out), synth={"size_bands": BANDS}))
+    assert meta["init_from"] == str(out) and meta["image_size"] == 64
+    assert "warm-started from" in (tmp_path / "warm" / "MODEL_CARD.md").read_text()

@@ -58,6 +58,9 @@ class TrainConfig:
     # model and optimisation
     pretrained: bool = False
     weights_path: str | None = None
+    # warm start from one of our saved models (run folder or model.safetensors) of the same arch,
+    # at any image size: progressive resizing (learn at 64 px, fine-tune at 128 px)
+    init_from: str | None = None
     lr: float | None = None  # None: the arch's default peak lr (DEFAULT_LR)
     weight_decay: float = 0.05
     pct_start: float = 0.15
@@ -214,6 +217,8 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
         weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler)
+    if cfg.init_from:
+        warm_start(module.model, cfg.init_from, cfg.arch)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
     tmp = out / ".config.yaml.tmp"
@@ -244,12 +249,27 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
             "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
             "epochs": trainer.current_epoch, "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
-            "pretrained": bool(cfg.pretrained), "config": cfg.to_dict(),
+            "pretrained": bool(cfg.pretrained), "init_from": cfg.init_from, "config": cfg.to_dict(),
             "checkpoint": str(out / "checkpoints" / "best.ckpt"), "torch": torch.__version__}
     save_model(best_module.model.to(memory_format=torch.contiguous_format), out, meta)
     write_json(out / "test_metrics.json", results)
     _atomic_text(out / "MODEL_CARD.md", model_card(meta))
     return meta
+
+
+def warm_start(model: torch.nn.Module, source, arch: str) -> None:
+    """Copy the weights of a saved model (``trainers.load_model`` path) of the same arch and classes
+    into ``model``, whatever image size it was trained at."""
+    donor, meta = load_model(source)
+    if meta["arch"] != arch:
+        raise ValueError(f"init_from {source}: a {meta['arch']} model cannot initialise {arch}")
+    if tuple(meta["class_names"]) != tuple(CLASS_NAMES):
+        raise ValueError(f"init_from {source}: its classes {meta['class_names']} differ from {list(CLASS_NAMES)}")
+    try:
+        model.load_state_dict(donor.state_dict(), strict=True)
+    except RuntimeError as err:  # e.g. Swin-T's window (and position tables) depend on the image size
+        raise ValueError(f"init_from {source}: its {meta['image_size']} px {arch} weights do not fit this "
+                         f"model: {err}") from err
 
 
 def _test_results(module, trainer, ckpt) -> dict:
@@ -301,6 +321,12 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _origin(meta: dict) -> str:
+    if meta.get("init_from"):
+        return f"warm-started from `{meta['init_from']}`, then trained here"
+    return "ImageNet-pretrained, fine-tuned" if meta.get("pretrained") else "trained from scratch"
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -314,7 +340,7 @@ def model_card(meta: dict) -> str:
 
 | | |
 |---|---|
-| architecture | `{meta['arch']}` (torchvision; {'ImageNet-pretrained, fine-tuned' if meta.get('pretrained') else 'trained from scratch'}) |
+| architecture | `{meta['arch']}` (torchvision; {_origin(meta)}) |
 | input | {meta['image_size']} x {meta['image_size']} RGB in [0, 1]; normalisation inside the model (mean {meta['mean']}, std {meta['std']}) |
 | classes | {', '.join(names)} |
 | data | {source} |
