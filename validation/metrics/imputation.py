@@ -312,6 +312,13 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
     by the exactly computed residual, and the solve stops only when that one meets ``tol``.
     """
     precondition = _Multigrid(op, coef)
+
+    def next_direction(r, p, rz):
+        """Preconditioned residual z = M r, then p <- z + (r.z / r_old.z_old) p."""
+        z = precondition(r)
+        rz_new = _dot(r, z)
+        return torch.addcmul(z, _safe_div(rz_new, rz), p), rz_new
+
     x = precondition.full(rhs)
     r = op.residual(rhs, x)
     z = precondition(r)
@@ -326,10 +333,7 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
             residual, exact = r.abs().amax().item(), True
             if residual <= tol:
                 break
-            z = precondition(r)
-            rz_new = _dot(r, z)
-            p = torch.addcmul(z, _safe_div(rz_new, rz), p)
-            rz = rz_new
+            p, rz = next_direction(r, p, rz)
         ap = op(p)
         alpha = _safe_div(rz, _dot(p, ap))
         x = torch.addcmul(x, alpha, p)
@@ -337,10 +341,7 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
         residual, exact = r.abs().amax().item(), False
         if residual <= tol:
             continue
-        z = precondition(r)
-        rz_new = _dot(r, z)
-        p = torch.addcmul(z, _safe_div(rz_new, rz), p)
-        rz = rz_new
+        p, rz = next_direction(r, p, rz)
     if not exact:
         r = op.residual(rhs, x)
         residual = r.abs().amax().item()
