@@ -42,7 +42,9 @@ def test_shard_helpers():
     assert chunk_ranges((0, 10), 4) == [(0, 4), (4, 8), (8, 10)]
     chunks = chunk_ranges((0, 20), 4)
     parts = [shard_chunks(chunks, i, 3) for i in range(3)]
-    assert sum(parts, []) == chunks and all(parts)
+    assert sorted(sum(parts, [])) == chunks and all(parts)
+    # strided: the expensive first images (method_grid max_images) spread over every shard
+    assert parts == [[(0, 4), (12, 16)], [(4, 8), (16, 20)], [(8, 12)]]
     assert parse_shard("1/2") == (1, 2) and parse_shard(None) == (0, 1)
     assert parse_range("10:30") == (10, 30)
     for bad in ("2/2", "x", "1/0"):

@@ -43,6 +43,10 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def shard_chunks(chunks: list, index: int, count: int) -> list:
-    """The contiguous block of chunks that shard ``index`` of ``count`` computes."""
-    k = len(chunks)
-    return chunks[index * k // count:(index + 1) * k // count]
+    """The chunks that shard ``index`` of ``count`` computes: every ``count``-th, from ``index``.
+
+    Strided, not contiguous, because costs are not uniform along the range: a profile's
+    ``method_grid`` caps the expensive methods to the first images (e.g. Score-CAM on the first
+    48), and contiguous blocks would load all of them onto shard 0.
+    """
+    return chunks[index::count]
