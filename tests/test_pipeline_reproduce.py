@@ -56,6 +56,13 @@ def test_builtin_profiles_load_and_are_complete():
         assert p["train"]["min_test_accuracy"] >= 0.99
     with pytest.raises(FileNotFoundError, match="built-in profiles"):
         R.load_profile("nope")
+    # quick_resnet18 is quick with its first model only, nothing else changed
+    quick, one = R.load_profile("quick"), R.load_profile("quick_resnet18")
+    assert list(one["train"]["models"]) == ["resnet18"] and "resnet18" in quick["train"]["models"]
+    for key in ("data", "eval", "analyze"):
+        assert one[key] == quick[key], key
+    assert {k: v for k, v in one["train"].items() if k != "models"} == \
+        {k: v for k, v in quick["train"].items() if k != "models"}
 
 
 def test_reproduce_runs_all_steps_then_reuses_everything(tmp_path, fake_io):
