@@ -60,7 +60,7 @@ def test_shapleycam_hessian_term_matches_finite_differences():
     model = TinyNet(nonlinear_head=True).double().eval()
     x = images(3, 16).double()
     expected, gradcam_raw = _fd_shapley_raw(model, model.feat, x, T3)
-    ours = explain(model, x, T3, method="shapleycam", layer="feat", raw=True)
+    ours = explain(model, x, T3, method="shapleycam", layer="feat", raw=True, score="logit")
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-8)
     # the Hessian term matters here: ShapleyCAM is not Grad-CAM
     assert (ours.double() - gradcam_raw).abs().max() > 1e-3 * gradcam_raw.abs().max()
@@ -70,19 +70,25 @@ def test_shapleycam_hessian_term_matches_finite_differences():
 
 def test_shapleycam_equals_gradcam_when_the_head_is_piecewise_linear(resnet):
     x = images(2, 32)
-    a = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True)
+    a = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True, score="logit")
     b = explain(resnet, x, [1, 2], method="gradcam", layer="stage2", raw=True)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
     # a softmax score is non-linear in the activations: the Hessian term appears
     c = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True, score="softmax")
     d = explain(resnet, x, [1, 2], method="gradcam", layer="stage2", raw=True, score="softmax")
     assert (c - d).abs().max() > 1e-3 * d.abs().max()
+    # the default score is ShapleyCAM's ReST (logit + log-softmax), where the Hessian term is live
+    e = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True)
+    f = explain(resnet, x, [1, 2], method="shapleycam", layer="stage2", raw=True, score="rest")
+    torch.testing.assert_close(e, f)
+    g = explain(resnet, x, [1, 2], method="gradcam", layer="stage2", raw=True, score="rest")
+    assert (e - g).abs().max() > 1e-3 * g.abs().max()
 
 
 def test_shapleycam_multi_layer_has_no_cross_layer_terms():
     model = TinyNet(nonlinear_head=True).double().eval()
     x = images(2, 16).double()
-    ex = get_explainer("shapleycam", model, layer="feat")
+    ex = get_explainer("shapleycam", model, layer="feat", score="logit")  # the reference differentiates the logit
     joint, _, _ = ex.layer_maps(x, [1, 4], ["feat", "act"])
     for raw, layer in zip(joint, ["feat", "act"]):
         alone, _ = _fd_shapley_raw(model, model.get_submodule(layer), x, torch.tensor([1, 4]))

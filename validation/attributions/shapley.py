@@ -21,7 +21,14 @@ def hessian_vector_product(grad: torch.Tensor, act: torch.Tensor) -> torch.Tenso
 
 @register("shapleycam")
 class ShapleyCAM(GradientCAM):
+    """Explains ShapleyCAM's ReST score (logit + log-softmax) by default, as its authors do: the
+    logit of a ReLU network is piecewise linear in A, so with ``score="logit"`` H A = 0 and the
+    method is Grad-CAM."""
+
     create_graph = True
+
+    def __init__(self, model, layer="stage1", *, score: str = "rest", **options):
+        super().__init__(model, layer, score=score, **options)
 
     @staticmethod
     def weights(g: torch.Tensor, hvp: torch.Tensor) -> torch.Tensor:
