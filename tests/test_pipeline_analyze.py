@@ -108,6 +108,15 @@ def test_validity_point_estimates_equal_scipy(table):
     assert summary["pearson"] == pytest.approx(np.mean(per_model))
     assert summary["pearson_std"] == pytest.approx(np.std(per_model))
     assert summary["n_models"] == 2
+    assert np.isnan(t.loc[("m_a", "noise", "pairs"), "pearson_std"])  # one model: no spread
+
+
+def test_validity_with_one_model_reports_no_spread(table):
+    t = A.table_validity(table[table.model == "m_a"], n_boot=20, seed=0).set_index(["model", "metric", "level"])
+    summary = t.loc[("mean+-std", "noise", "pairs")]
+    assert summary["n_models"] == 1
+    assert summary["pearson"] == pytest.approx(t.loc[("m_a", "noise", "pairs"), "pearson"])
+    assert np.isnan(summary["pearson_std"]) and np.isnan(summary["spearman_std"])
 
 
 def test_bootstrap_replicates_equal_explicit_image_resampling(table):

@@ -294,16 +294,22 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         summary.append({"model": "mean+-std", "metric": metric, "level": level,
                         "n": int(g["n"].sum()), "n_dropped": int(g["n_dropped"].sum()),
                         "n_models": len(g),
-                        "pearson": g["pearson"].mean(), "pearson_std": g["pearson"].std(ddof=0),
+                        "pearson": g["pearson"].mean(), "pearson_std": _spread(g["pearson"]),
                         "pearson_lo": plo, "pearson_hi": phi,
-                        "spearman": g["spearman"].mean(), "spearman_std": g["spearman"].std(ddof=0),
+                        "spearman": g["spearman"].mean(), "spearman_std": _spread(g["spearman"]),
                         "spearman_lo": slo, "spearman_hi": shi})
-    out = pd.concat([out.assign(n_models=1, pearson_std=0.0, spearman_std=0.0),
+    # a spread over models needs two of them: one model has none (NaN, not 0)
+    out = pd.concat([out.assign(n_models=1, pearson_std=np.nan, spearman_std=np.nan),
                      pd.DataFrame(summary)], ignore_index=True)
     out["better"] = ["lower" if orientation(m) < 0 else "higher" for m in out["metric"]]
     cols = ["model", "metric", "better", "level", "n_models", "n", "n_dropped", "pearson", "pearson_std",
             "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
     return out[cols]
+
+
+def _spread(values: pd.Series) -> float:
+    """Population std over models; NaN for a single model (no spread to report)."""
+    return float(values.std(ddof=0)) if len(values) >= 2 else float("nan")
 
 
 # ----------------------------------------------------------------------------- table b
