@@ -217,7 +217,7 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
         weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler)
-    if cfg.init_from:
+    if cfg.init_from and _resume_path(cfg, out) is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
