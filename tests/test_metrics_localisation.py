@@ -178,3 +178,59 @@ def test_scores_in_unit_interval_and_per_sample(seed):
         scaled = maps.clone()
         scaled[0] = scaled[0] * 0.5
         assert torch.equal(fn(scaled, gt)[1:].nan_to_num(-1), v[1:].nan_to_num(-1)), fn.__name__
+
+
+@pytest.mark.parametrize("h, w", [(128, 128), (256, 260)])  # 256 x 260 > 2^16 pixels: the float64 path
+def test_full_size_maps_match_float64_references(h, w):
+    """The fast float32 paths (exact integer sums, float32 reductions) at full image sizes against
+    sklearn's AUC and float64 numpy re-derivations of RMA and the Gini index, with heavy ties."""
+    from sklearn.metrics import roc_auc_score
+    g = torch.Generator().manual_seed(h + w)
+    maps = torch.relu(torch.rand(3, h, w, generator=g) - 0.4).mul(1.3).clamp(max=0.7) / 0.7  # ReLU zeros, a tied top
+    gt = torch.zeros(3, h, w)
+    gt[:, h // 4:h // 2, w // 3:w // 2 + 7] = 1.0
+    auc, rma, gini = localisation_auc(maps, gt), relevance_mass_accuracy(maps, gt), sparseness(maps)
+    for i in range(3):
+        a, s = maps[i].double().flatten().numpy(), gt[i].flatten().numpy() > 0.5
+        assert auc[i].item() == pytest.approx(roc_auc_score(s, a), abs=2e-7)
+        assert rma[i].item() == pytest.approx(a[s].sum() / a.sum(), rel=1e-6)
+        srt, n = np.sort(a), a.size
+        assert gini[i].item() == pytest.approx(((2 * np.arange(1, n + 1) - n - 1) * srt).sum() / (n * srt.sum()),
+                                               rel=1e-6)
+
+
+def test_float64_maps_stay_float64():
+    maps, gt = _tie_free()
+    for metric in (relevance_mass_accuracy, localisation_auc, pointing_game, topk_intersection):
+        ours64, ours32 = metric(maps.double(), gt), metric(maps, gt)
+        assert ours64.dtype == torch.float64
+        np.testing.assert_allclose(ours64.numpy(), ours32.double().numpy(), atol=1e-6)
+    a = maps.double().flatten(1).numpy()
+    srt, n = np.sort(a, axis=1), a.shape[1]
+    gini = ((2 * np.arange(1, n + 1) - n - 1) * srt).sum(1) / (n * srt.sum(1))
+    np.testing.assert_allclose(sparseness(maps.double()).numpy(), gini, rtol=1e-12)
+
+
+def test_auc_exact_on_large_tied_maps():
+    """Large tie groups make the summed sorted positions ~n^2/2 (> 2^24 at 128 px), where a plain
+    float32 sum would round: a constant map is exactly 0.5 and a two-level map matches sklearn."""
+    from sklearn.metrics import roc_auc_score
+    gt = torch.zeros(2, 128, 128)
+    gt[:, 20:90, 10:100] = 1.0
+    maps = torch.stack([torch.full((128, 128), 0.25), (torch.arange(128.0)[:, None] >= 64).float().expand(128, 128)])
+    auc = localisation_auc(maps, gt)
+    assert auc[0].item() == 0.5
+    assert auc[1].item() == pytest.approx(roc_auc_score(gt[1].flatten().numpy() > 0.5, maps[1].flatten().numpy()),
+                                          abs=1e-7)
+
+
+@pytest.mark.parametrize("n", [128 * 128, 2 ** 16, 2 ** 16 + 3])
+def test_position_sums_are_exact(n):
+    """sum_j j * w_j for 0/+-1 weights: exact (int64 reference) where a float32 dot would round."""
+    from validation.metrics.localisation import _position_sums
+    g = torch.Generator().manual_seed(n)
+    weights = torch.randint(0, 2, (4, n), generator=g)  # 0/1 rows: sums ~ n^2/4 with arbitrary low bits
+    weights[0] = 1  # the largest sum, n(n - 1)/2
+    weights[3] -= torch.randint(0, 2, (n,), generator=g)  # -1/0/1, as localisation_auc uses it
+    exact = (weights * torch.arange(n)).sum(1)
+    assert torch.equal(_position_sums(weights.float()), exact.double())

@@ -32,12 +32,25 @@ __all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "rel
 def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Validated (B, H*W) float32 0/1 mask S = gt >= threshold (float: reductions on it are fast)."""
     gt = check_maps(gt, "gt", shape=maps.shape)
-    return (gt >= threshold).flatten(1).float()
+    return _indicator(torch.ge, gt.flatten(1), threshold)
+
+
+# Speed notes (CPU, 256 x 128^2 maps; benchmarks/metrics.py): comparisons write straight into
+# float32 outputs (bool -> float conversion costs ~5x the comparison), row dot products use
+# linalg.vecdot (~3x faster than a batched matmul of vectors), and large float64 temporaries are
+# avoided (a float64 copy costs more than the float32 reduction it feeds). Every sum below is
+# either exact in float32 (integer counts < 2^24) or a float32 reduction whose relative error is
+# ~1e-7, below the float32 resolution of the returned value.
+
+
+def _indicator(compare, a: torch.Tensor, b) -> torch.Tensor:
+    """compare(a, b) as float32 0/1, written straight into a float32 tensor."""
+    return compare(a, b, out=torch.empty(a.shape, dtype=torch.float32, device=a.device))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a[i, j] * b[i, j] per row, as a batched matrix product (much faster than bool sums)."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+    """sum_j a[i, j] * b[i, j] per row."""
+    return torch.linalg.vecdot(a, b)
 
 
 def default_topk(height: int, width: int) -> int:
@@ -49,12 +62,29 @@ def _flat(maps):
     return maps.flatten(1)
 
 
+def _numpy_view(flat: torch.Tensor):
+    """A zero-copy numpy view of a CPU tensor numpy can sort, else None."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+        return flat.detach().contiguous().numpy()
+    return None
+
+
 def sort_rows(flat: torch.Tensor) -> torch.Tensor:
     """Each row sorted ascending. On CPU numpy's vectorised sort (a zero-copy view, no transfer)
     is ~12x faster than torch.sort here (0.06 s vs 0.74 s for 256 x 128^2); elsewhere torch.sort."""
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
-        return torch.from_numpy(np.sort(flat.detach().contiguous().numpy(), axis=1))
+    array = _numpy_view(flat)
+    if array is not None:
+        return torch.from_numpy(np.sort(array, axis=1))
     return flat.sort(dim=1).values
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 1) k-th largest value of every row (numpy's introselect on CPU: ~3x faster than topk)."""
+    array = _numpy_view(flat)
+    if array is not None:
+        n = array.shape[1]
+        return torch.from_numpy(np.partition(array, n - k, axis=1)[:, n - k:n - k + 1])
+    return flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
 
 
 def _constant(flat: torch.Tensor) -> torch.Tensor:
@@ -64,12 +94,12 @@ def _constant(flat: torch.Tensor) -> torch.Tensor:
 def _expected_topk_hits(flat: torch.Tensor, inside: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """E|top_k(L) & S| under a uniformly random order of ties; k is an int or (B,) tensor >= 1."""
     if isinstance(k, int):
-        t = flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)  # k-th largest value
+        t = _kth_largest(flat, k)
     else:
         ascending = sort_rows(flat)
         t = ascending.gather(1, (flat.shape[1] - k.long().clamp_min(1))[:, None])
-    above = (flat > t).float()
-    tied = (flat == t).float()
+    above = _indicator(torch.gt, flat, t)
+    tied = _indicator(torch.eq, flat, t)
     n_above, n_tied = above.sum(1).double(), tied.sum(1).double()
     hits_above, hits_tied = _rowdot(above, inside).double(), _rowdot(tied, inside).double()
     needed = (torch.as_tensor(k, device=flat.device).double() - n_above).clamp_min(0)
@@ -84,7 +114,7 @@ def pointing_game(maps: torch.Tensor, gt: torch.Tensor, *, ties: str = "any", th
     flat = _flat(maps)
     if ties not in ("any", "fraction"):
         raise ValueError(f"ties must be 'any' or 'fraction', got {ties!r}")
-    top = (flat == flat.amax(1, keepdim=True)).float()
+    top = _indicator(torch.eq, flat, flat.amax(1, keepdim=True))
     hits = _rowdot(top, inside)
     value = (hits > 0).to(maps.dtype) if ties == "any" else (hits.double() / top.sum(1).double()).to(maps.dtype)
     return finish(value, [(EMPTY_MASK, inside.sum(1) == 0), (CONSTANT_MAP, _constant(flat))], return_reasons)
@@ -120,11 +150,31 @@ def relevance_mass_accuracy(maps: torch.Tensor, gt: torch.Tensor, *, threshold: 
     """sum(L inside S) / sum(L)."""
     maps = check_maps(maps)
     inside = ground_truth_set(gt, maps, threshold)
-    flat = _flat(maps)
-    total = flat.sum(1, dtype=torch.float64)
-    within = _rowdot(flat, inside).double()
+    flat = _working_precision(_flat(maps))
+    total = flat.sum(1).double()
+    within = _rowdot(flat, inside.to(flat.dtype)).double()
     value = (within / torch.where(total > 0, total, torch.ones_like(total))).to(maps.dtype)
     return finish(value, [(EMPTY_MASK, inside.sum(1) == 0), (ZERO_MAP, total <= 0)], return_reasons)
+
+
+def _working_precision(flat: torch.Tensor) -> torch.Tensor:
+    """float32 or float64 as given; half precisions are widened to float32 for the sums."""
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def _position_sums(weights: torch.Tensor) -> torch.Tensor:
+    """sum_j j * weights[i, j] per row as float64, exact for small-integer float32 weights.
+
+    j = 256 q + r with q, r < 256: both partial sums stay below 2^24 for |weights| <= 1 and rows
+    of up to 2^16 pixels, where float32 adds integers exactly; longer rows use float64.
+    """
+    n = weights.shape[1]
+    j = torch.arange(n, device=weights.device)
+    if n > 2 ** 16:
+        return weights.double() @ j.double()
+    digits = torch.stack([j // 256, j % 256], dim=1).to(weights.dtype)
+    partial = (weights @ digits).double()
+    return partial[:, 0] * 256 + partial[:, 1]
 
 
 def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
@@ -138,13 +188,16 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
     # Float32 bit patterns of values in [0, 1] order like the values and stay below 2^30, so
     # key = 2 * bits + label fits int32 (+ 0.0 turns -0.0 into +0.0).
     bits = (_flat(maps).float() + 0.0).contiguous().view(torch.int32) * 2
-    label = inside.int()
+    label = inside.to(torch.int32)
     n = bits.shape[1]
     n_pos = inside.sum(1).double()
     n_neg = n - n_pos
-    in_first = (sort_rows(bits + label) & 1).double()  # negatives first in ties
-    in_last = 1 - (sort_rows(bits + 1 - label) & 1).double()  # positives first in ties
-    rank_sum = (in_first + in_last) @ torch.arange(n, device=bits.device, dtype=torch.float64)
+    positive_in_negatives_first = sort_rows(bits + label) & 1
+    negative_in_positives_first = sort_rows(bits + (1 - label)) & 1
+    # positions of the positives summed over both orders; sum_j j = n(n - 1)/2 turns the second
+    # order's negatives into its positives
+    rank_sum = (_position_sums((positive_in_negatives_first - negative_in_positives_first).float())
+                + n * (n - 1) / 2)
     u = rank_sum / 2 - n_pos * (n_pos - 1) / 2
     value = (u / (n_pos * n_neg).clamp_min(1)).to(maps.dtype)
     return finish(value, [(EMPTY_MASK, n_pos == 0), (FULL_MASK, n_neg == 0)], return_reasons)
@@ -153,9 +206,9 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
 def sparseness(maps: torch.Tensor, *, return_reasons: bool = False):
     """Gini index of |L|: sum_i (2i - n - 1) a_(i) / (n sum a), a ascending (0 constant, (n-1)/n one-hot)."""
     maps = check_maps(maps)
-    flat = sort_rows(_flat(maps).abs()).double()
+    flat = sort_rows(_working_precision(_flat(maps)).abs())
     n = flat.shape[1]
     i = torch.arange(1, n + 1, device=flat.device, dtype=flat.dtype)
-    total = flat.sum(1)
-    value = ((2 * i - n - 1) * flat).sum(1) / (n * torch.where(total > 0, total, torch.ones_like(total)))
+    total = flat.sum(1).double()
+    value = (flat @ (2 * i - n - 1)).double() / (n * torch.where(total > 0, total, torch.ones_like(total)))
     return finish(value.to(maps.dtype), [(ZERO_MAP, total <= 0)], return_reasons)
