@@ -122,7 +122,7 @@ def test_pretrained_swin_resizes_the_position_bias(tmp_path):
 
 
 def test_pretrained_refuses_a_wrong_file(tmp_path):
-    path = tmp_path / "vgg.pth"
-    torch.save(tvm.vgg11(weights=None).state_dict(), path)
+    path = tmp_path / "squeezenet.pth"
+    torch.save(tvm.squeezenet1_1(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="unexpected tensor"):
         build_model("resnet18", weights_path=path)
