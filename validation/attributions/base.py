@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .._layout import fast_layout
 from .layers import Layer, LayerSpec, resolve_layer_full
 from .postprocess import INTERPOLATIONS, finalize
 
@@ -38,15 +39,6 @@ def check_input(x: Any) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor of images in [0, 1], got dtype {x.dtype}")
     return fast_layout(x.detach())
-
-
-def fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """Images in channels_last on CPU, where oneDNN then runs the whole network in that layout
-    without touching the model's weights (ResNet18 at 128 px: fp32 forward ~1.25x faster;
-    benchmarks/RESULTS.md). Values are unchanged; only the memory layout differs."""
-    if x.device.type == "cpu" and x.ndim == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | None:
