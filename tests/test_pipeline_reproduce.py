@@ -107,3 +107,16 @@ def test_existing_dataset_of_another_size_is_refused(tmp_path, fake_io):
     prof.write_text(yaml.safe_dump(p))
     with pytest.raises(ValueError, match="image_size=128.*wants image_size=64"):
         R.reproduce(str(prof), out, progress=False, components=S.components())
+
+
+def test_profile_extends_merges_sections_one_level_deep(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: quick\nname: child\neval: {n_images: 32}\ntrain: {models: {vgg11_bn: null}}\n")
+    quick, p = R.load_profile("quick"), R.load_profile(str(child))
+    assert p["name"] == "child" and "description" not in p
+    assert p["eval"]["n_images"] == 32 and p["eval"]["methods"] == quick["eval"]["methods"]
+    assert list(p["train"]["models"]) == ["vgg11_bn"]  # a key given replaces the base's whole
+    assert p["train"]["args"] == quick["train"]["args"] and p["data"] == quick["data"]
+    (tmp_path / "bad.yaml").write_text("extends: nope\n")
+    with pytest.raises(FileNotFoundError, match="built-in profiles"):
+        R.load_profile(str(tmp_path / "bad.yaml"))

@@ -36,7 +36,13 @@ def available_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> dict:
-    """A built-in profile by name (``quick``, ``paper``) or a YAML file path."""
+    """A built-in profile by name (``quick``, ``paper``) or a YAML file path.
+
+    ``extends: NAME_OR_PATH`` starts from that profile: each section of this one is merged into
+    the base's section one level deep (a key given here replaces the base's value whole, so
+    ``train: {models: {resnet18: null}}`` keeps only ResNet18); ``name`` and ``description`` are
+    never inherited.
+    """
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"
@@ -44,6 +50,11 @@ def load_profile(name_or_path: str) -> dict:
         raise FileNotFoundError(f"profile {name_or_path!r}: no such file {path}; built-in profiles: "
                                 f"{', '.join(available_profiles())}")
     profile = yaml.safe_load(path.read_text())
+    if "extends" in profile:
+        base = {k: v for k, v in load_profile(profile.pop("extends")).items() if k not in ("name", "description")}
+        for key, value in profile.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        profile = base
     for key in ("data", "train", "eval"):
         if key not in profile:
             raise ValueError(f"profile {path}: missing section {key!r}")
