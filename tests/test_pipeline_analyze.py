@@ -243,11 +243,65 @@ def test_expectations_hold_on_a_paper_like_table():
     tables = A.analyze_frame(_paper_like_table(), {"layers": ["layer1", "layer4"]}, n_boot=20)
     exp = tables["expectations"].set_index("expectation")["status"]
     assert (exp == "holds").all(), tables["expectations"].to_string()
-    assert len(exp) == 8
+    assert len(exp) == 10
 
 
 def test_expectations_fail_when_the_data_disagree():
     tables = A.analyze_frame(_paper_like_table(arcc_best=False), {"layers": ["layer1", "layer4"]}, n_boot=20)
     exp = tables["expectations"].set_index("expectation")["status"]
     assert exp["ARCC correlates best with the ground-truth cosine (Fig. 3a)"] == "FAILS"
+    assert exp["ARCC correlates best with the ground-truth cosine, on the same maps (Fig. 3a)"] == "FAILS"
     assert exp["HalfCAM fools average_drop (Fig. 1)"] == "holds"
+
+
+def test_paired_differences_equal_scipy_on_common_rows(table):
+    """Paired table: both correlations over the rows where both metrics are finite, oriented."""
+    t = table.copy()
+    drop = (t.metric == "noise") & (t.image % 5 == 0)  # 'noise' missing on some images only
+    t.loc[drop, "value"] = np.nan
+    out = A.table_paired(t, n_boot=200, seed=0, metrics=["noise", "average_drop", "perfect"])
+    assert len(out) == 3 * 2 + 3  # 3 pairs x 2 models + 3 mean rows
+    row = out[(out.model == "m_a") & (out.metric == "noise") & (out.versus == "average_drop")].iloc[0]
+    real = t[~t.method.isin(A.BASELINES) & (t.model == "m_a")]
+    w = real.pivot_table(index=["image", "method", "layer", "mix"], columns="metric", values="value", dropna=False)
+    common = w.dropna(subset=["noise", "average_drop", "gt_cosine"])
+    assert row["n"] == len(common) < len(w)
+    r_noise = stats.pearsonr(common["noise"], common["gt_cosine"])[0]
+    r_ad = -stats.pearsonr(common["average_drop"], common["gt_cosine"])[0]  # lower is better: flipped
+    assert row["pearson_metric"] == pytest.approx(r_noise, abs=1e-12)
+    assert row["pearson_versus"] == pytest.approx(r_ad, abs=1e-12) and r_ad == pytest.approx(1.0)
+    assert row["pearson_diff"] == pytest.approx(r_noise - r_ad, abs=1e-12)
+    assert row["pearson_diff_hi"] < 0  # noise is clearly worse than a perfect (inverted) metric
+    tie = out[(out.model == "m_a") & (out.metric == "average_drop") & (out.versus == "perfect")].iloc[0]
+    assert tie["pearson_diff"] == pytest.approx(0, abs=1e-12)
+    assert tie["pearson_diff_lo"] == pytest.approx(0, abs=1e-9) and tie["pearson_diff_hi"] == pytest.approx(0, abs=1e-9)
+    mean = out[(out.model == "mean") & (out.metric == "noise") & (out.versus == "average_drop")].iloc[0]
+    per_model = out[(out.model != "mean") & (out.metric == "noise") & (out.versus == "average_drop")]
+    assert mean["pearson_diff"] == pytest.approx(per_model["pearson_diff"].mean())
+    assert mean["n"] == per_model["n"].sum()
+
+
+def test_paired_interval_is_tighter_than_unpaired_when_metrics_share_noise():
+    """Two metrics = gt + the same big noise + small own noise: their correlations differ
+    little and consistently, which only the paired interval can show."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for img in range(200):
+        for k in range(6):
+            gt = rng.random()
+            shared = rng.normal()
+            vals = {"gt_cosine": gt, "arcc": gt + 0.3 * shared,
+                    "road": gt + 0.3 * shared + 0.15 * rng.normal()}
+            for metric, v in vals.items():
+                rows.append(dict(image=img, model="m", method=f"meth{k}", layer="-", mix="identity",
+                                 metric=metric, value=v))
+    t = make_results_frame(rows)
+    paired = A.table_paired(t, n_boot=300, seed=0).set_index(["model", "metric", "versus"])
+    row = paired.loc[("m", "road", "arcc")]
+    assert row["pearson_diff"] < 0 and row["pearson_diff_hi"] < 0  # road significantly worse
+    valid = A.table_validity(t, n_boot=300, seed=0).set_index(["model", "metric", "level"])
+    road, arcc = valid.loc[("m", "road", "pairs")], valid.loc[("m", "arcc", "pairs")]
+    assert road["pearson_hi"] > arcc["pearson_lo"]  # the unpaired intervals overlap
+    exp = A.check_expectations({"a_validity": valid.reset_index(), "a_paired": paired.reset_index()})
+    found = exp.set_index("expectation").loc["ARCC correlates best with the ground-truth cosine (Fig. 3a)", "found"]
+    assert "on the same maps arcc - road = +" in found

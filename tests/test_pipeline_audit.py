@@ -61,6 +61,14 @@ def test_metric_equal_to_ground_truth_gets_r_one(run_dir):
     assert a.loc[("mean+-std", "gt_copy", "pairs"), "pearson"] == pytest.approx(1.0, abs=1e-9)
     assert a.loc[("alpha", "gt_copy", "pairs"), "spearman"] == pytest.approx(1.0, abs=1e-9)
     assert "tracks the ground truth: Pearson r = 1.00" in res["verdict"]
+    paired = res["tables"]["a_paired"]
+    # the run has no AD/ADCC/ROAD/ARCC, so the audited metric is paired with Complexity
+    vs = paired[(paired.model == "mean") & (paired.metric == "gt_copy") & (paired.versus == "complexity")].iloc[0]
+    assert vs["pearson_metric"] == pytest.approx(1.0)
+    assert vs["pearson_diff"] == pytest.approx(1.0 - vs["pearson_versus"])
+    assert vs["pearson_diff_lo"] > 0  # a copy of the ground truth beats any real metric
+    assert f"vs complexity: {vs['pearson_diff']:+.2f}" in res["verdict"]
+    assert "significantly better" in res["verdict"]
     assert (run_dir / "audit" / "gt_copy" / "verdict.md").exists()
     assert (run_dir / "audit" / "gt_copy" / "a_validity.csv").exists()
 

@@ -58,6 +58,8 @@ def test_report_is_self_contained_with_figures(run_dir):
         assert png.exists(), name
         Image.open(png).verify()
     assert "Expectations from the papers" in page and "alpha" in page
+    for name in TABLES:  # every analysis table has its section
+        assert f"<h2>{name}:" in page or name == "expectations", name
     assert "http://" not in page and "https://" not in page
 
 

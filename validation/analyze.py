@@ -312,6 +312,73 @@ def _spread(values: pd.Series) -> float:
     return float(values.std(ddof=0)) if len(values) >= 2 else float("nan")
 
 
+# ----------------------------------------------------------------------------- table a (paired)
+def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: int = 1000, seed: int = 0,
+                 metrics: list[str] | None = None, pairs: list[tuple[str, str]] | None = None,
+                 lower_is_better=()) -> pd.DataFrame:
+    """Table a, paired: is one metric's agreement with the ground truth better than another's?
+
+    For every pair of metrics (default: the Fig. 3a metrics in the run), both correlations with
+    ``reference`` are computed over the *same* (image, configuration) pairs of real methods (those
+    where both metrics and the reference are finite), oriented so that higher = agrees with the
+    ground truth, and their difference gets an image-bootstrap 95 % interval from the same
+    replicates (so the two correlations' shared noise cancels). The unpaired intervals of table a
+    overlap more than these: they ignore that both metrics are scored on the same maps. One row per
+    (model, metric, versus) plus ``model = "mean"`` rows (difference averaged over models,
+    replicate by replicate). ``pairs`` replaces the all-pairs default; ``lower_is_better`` names
+    extra metrics whose sign is flipped (as in :func:`orientation`).
+    """
+    df = real_rows(df)
+    if reference not in set(df["metric"]):
+        raise ValueError(f"reference metric {reference!r} not in the table; metrics: {scalar_metrics(df)}")
+    present = set(df["metric"])
+    if pairs is None:
+        metrics = [m for m in (metrics or FIG3_METRICS) if m in present and m != reference]
+        pairs = [(a, b) for i, a in enumerate(metrics) for b in metrics[i + 1:]]
+    pairs = [(a, b) for a, b in pairs if a in present and b in present and reference not in (a, b)]
+    rows, boots = [], {}
+    for model, mdf in df.groupby("model", sort=True):
+        w = wide(mdf)
+        images = w.index.get_level_values("image").to_numpy()
+        uniq, codes = np.unique(images, return_inverse=True)
+        counts = image_bootstrap_counts(len(uniq), n_boot, seed)
+        ref = w[reference].to_numpy()
+        cache: dict = {}
+        for a, b in pairs:
+            va, vb = w[a].to_numpy(), w[b].to_numpy()
+            ok = np.isfinite(va) & np.isfinite(vb) & np.isfinite(ref)
+            ca = pair_correlation(va[ok], ref[ok], codes[ok], counts, cache=cache)
+            cb = pair_correlation(vb[ok], ref[ok], codes[ok], counts, cache=cache)
+            sa, sb = orientation(a, lower_is_better), orientation(b, lower_is_better)
+            boot = {"pearson": sa * ca.pearson_boot - sb * cb.pearson_boot,
+                    "spearman": sa * ca.spearman_boot - sb * cb.spearman_boot}
+            row = {"model": model, "metric": a, "versus": b, "n": int(ok.sum())}
+            for kind in ("pearson", "spearman"):
+                r_a, r_b = sa * getattr(ca, kind), sb * getattr(cb, kind)
+                lo, hi = _ci(boot[kind])
+                row.update({f"{kind}_metric": r_a, f"{kind}_versus": r_b, f"{kind}_diff": r_a - r_b,
+                            f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
+            rows.append(row)
+            boots[(model, a, b)] = boot
+    columns = ["model", "metric", "versus", "n"] + [f"{kind}_{part}" for kind in ("pearson", "spearman")
+                                                     for part in ("metric", "versus", "diff", "diff_lo", "diff_hi")]
+    out = pd.DataFrame(rows, columns=columns)
+    if out.empty:
+        return out
+    summary = []
+    for (a, b), g in out.groupby(["metric", "versus"], sort=False):
+        row = {"model": "mean", "metric": a, "versus": b, "n": int(g["n"].sum())}
+        for kind in ("pearson", "spearman"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                boot = np.nanmean(np.stack([boots[(m, a, b)][kind] for m in g["model"]]), axis=0)
+            lo, hi = _ci(boot)
+            row.update({f"{kind}_metric": g[f"{kind}_metric"].mean(), f"{kind}_versus": g[f"{kind}_versus"].mean(),
+                        f"{kind}_diff": g[f"{kind}_diff"].mean(), f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
+        summary.append(row)
+    return pd.concat([out, pd.DataFrame(summary)], ignore_index=True)
+
+
 # ----------------------------------------------------------------------------- table b
 def _config_means(df: pd.DataFrame) -> pd.DataFrame:
     return (df[df["status"] == "ok"]
@@ -471,6 +538,7 @@ def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None)
 # ----------------------------------------------------------------------------- driver
 TABLES = {
     "a_validity": "Metric validity: correlation with the ground-truth cosine (paper Fig. 3a)",
+    "a_paired": "Metric vs metric on the same maps: difference of oriented correlations with the ground truth",
     "b_trivial": "Trivial-map check, per model (paper Fig. 1)",
     "b_trivial_verdict": "Trivial-map verdicts over models",
     "c_refinecam": "RefineCAM at the shallowest layer, base vs refined (paper Table 1)",
@@ -486,6 +554,7 @@ def analyze_frame(df: pd.DataFrame, config: dict | None = None, n_boot: int = 10
     per_model, verdict = table_trivial(df)
     tables = {
         "a_validity": table_validity(df, n_boot=n_boot, seed=seed),
+        "a_paired": table_paired(df, n_boot=n_boot, seed=seed),
         "b_trivial": per_model,
         "b_trivial_verdict": verdict,
         "c_refinecam": table_refine(df, config),
@@ -531,6 +600,50 @@ def orientation(metric: str, lower_is_better=()) -> int:
     return -1 if metric in LOWER_IS_BETTER or metric in set(lower_is_better) else 1
 
 
+def _paired_difference(paired: pd.DataFrame, metric: str, versus: str) -> str:
+    """'; on the same maps arcc - road = -0.04 [-0.06, -0.02]' from table a_paired (mean row)."""
+    if not len(paired) or metric == versus:
+        return ""
+    mean = paired[paired.model == "mean"]
+    for a, b, sign in ((metric, versus, 1), (versus, metric, -1)):
+        hit = mean[(mean.metric == a) & (mean.versus == b)]
+        if len(hit):
+            row = hit.iloc[0]
+            d, lo, hi = (sign * row["pearson_diff"], sign * row["pearson_diff_lo"], sign * row["pearson_diff_hi"])
+            lo, hi = min(lo, hi), max(lo, hi)
+            return f"; on the same maps {metric} - {versus} = {d:+.3f} [95 % CI {lo:+.3f}, {hi:+.3f}]"
+    return ""
+
+
+def _paired_expectations(paired: pd.DataFrame, add) -> None:
+    """Fig. 3a's two claims again, each metric against every other on the same maps (table
+    a_paired): table a's correlations can rest on different rows (ARCC is undefined where
+    Coherency is, e.g. on constant maps), which confounds the ranking."""
+    mean = paired[paired.model == "mean"] if len(paired) else paired
+    if not len(mean):
+        return
+
+    def wins(metric):
+        """(paired differences metric - other, with CIs) against every other metric."""
+        out = {}
+        for row in mean.itertuples(index=False):
+            if metric in (row.metric, row.versus):
+                sign = 1 if row.metric == metric else -1
+                other = row.versus if sign == 1 else row.metric
+                lo, hi = sorted((sign * row.pearson_diff_lo, sign * row.pearson_diff_hi))
+                out[other] = (sign * row.pearson_diff, lo, hi)
+        return out
+
+    for metric, best, claim in (("arcc", True, "ARCC correlates best with the ground-truth cosine, on the same maps (Fig. 3a)"),
+                                ("average_drop", False, "Average Drop correlates worst, on the same maps (Fig. 3a)")):
+        diffs = wins(metric)
+        if not diffs:
+            continue
+        found = ", ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in diffs.items())
+        holds = all((d > 0) if best else (d < 0) for d, _, _ in diffs.values())
+        add(claim, f"paired difference of oriented Pearson r (95 % CI), mean over models: {found}", holds)
+
+
 def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The papers' expectations, each with what this run found and holds / fails / n.a.
 
@@ -550,11 +663,14 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
             ranked = sorted(oriented, key=oriented.get, reverse=True)
             found = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
+            rival = ranked[1] if ranked[0] == "arcc" and len(ranked) > 1 else ranked[0]
+            paired = _paired_difference(tables.get("a_paired", pd.DataFrame()), "arcc", rival)
             add("ARCC correlates best with the ground-truth cosine (Fig. 3a)",
-                f"oriented Pearson r, mean over models: {found}",
+                f"oriented Pearson r, mean over models: {found}{paired}",
                 ranked[0] == "arcc" if "arcc" in oriented else None)
             add("Average Drop correlates worst (Fig. 3a)", f"lowest: {ranked[-1]}",
                 ranked[-1] == "average_drop" if "average_drop" in oriented else None)
+            _paired_expectations(tables.get("a_paired", pd.DataFrame()), add)
         else:
             add("ARCC correlates best, AD worst (Fig. 3a)", "fewer than two of the Fig. 3a metrics in the run", None)
     v = tables.get("b_trivial_verdict", pd.DataFrame())

@@ -76,7 +76,26 @@ def metric_evaluator(fn: Callable, name: str) -> Callable:
     return evaluate
 
 
-def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lower_is_better=()) -> str:
+def _paired_lines(name: str, paired: pd.DataFrame | None) -> list[str]:
+    """One sentence per compared metric from the paired table (same maps, bootstrap CI)."""
+    if paired is None or not len(paired):
+        return []
+    mean = paired[(paired.model == "mean") & (paired.metric == name)]
+    parts = []
+    for row in mean.itertuples(index=False):
+        d, lo, hi = row.pearson_diff, row.pearson_diff_lo, row.pearson_diff_hi
+        if not np.isfinite(d):
+            continue
+        call = ("significantly better" if lo > 0 else "significantly worse" if hi < 0 else
+                "not distinguishable")
+        parts.append(f"vs {row.versus}: {d:+.2f} (95% CI {lo:+.2f} to {hi:+.2f}, {call})")
+    if not parts:
+        return []
+    return ["On the same maps, difference of oriented Pearson r with the ground truth: " + "; ".join(parts) + "."]
+
+
+def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lower_is_better=(),
+                 paired: pd.DataFrame | None = None) -> str:
     """Plain-language verdict on the audited metric from tables a and b.
 
     Correlations are oriented (sign flipped for lower-is-better metrics such as AD) so that
@@ -113,6 +132,7 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
             better = r > summary.loc[top, "pearson"]
             lines.append(f"It is {'better' if better else 'not better'} than the best of our metrics "
                          f"here ({top}).")
+        lines.extend(_paired_lines(name, paired))
         if "method_means" in set(validity.level):
             mm = validity[(validity.model == "mean+-std") & (validity.level == "method_means")
                           & (validity.metric == name)]
@@ -168,8 +188,12 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     lower_flag = getattr(fn, "lower_is_better", False) if lower_is_better is None else lower_is_better
     lower = {name} if lower_flag else set()
     per_model, verdicts = A.table_trivial(df, metrics=metrics, lower_is_better=lower)
-    text = verdict_text(name, validity, verdicts, lower)
-    tables = {"a_validity": validity, "b_trivial": per_model, "b_trivial_verdict": verdicts}
+    # the paired comparison: against AD, ADCC, ROAD and ARCC, or every other metric of a run without them
+    rivals = [m for m in COMPARED if m in set(df.metric)] or [
+        m for m in A.scalar_metrics(df) if m not in (name, A.REFERENCE_METRIC)]
+    paired = A.table_paired(df, n_boot=n_boot, pairs=[(name, m) for m in rivals], lower_is_better=lower)
+    text = verdict_text(name, validity, verdicts, lower, paired)
+    tables = {"a_validity": validity, "a_paired": paired, "b_trivial": per_model, "b_trivial_verdict": verdicts}
     A.write_tables(tables, out_dir)
     atomic_write_text(out_dir / "verdict.md", f"# Audit of `{spec}` as `{name}`\n\n{text}\n")
     return {"verdict": text, "out_dir": str(out_dir), "tables": tables}

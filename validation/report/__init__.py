@@ -165,7 +165,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
              "<table class='t'><tr><th>expectation</th><th>found</th><th>status</th></tr>" + exp_rows + "</table>"
              if exp_rows else "<p><em>no expectations could be checked</em></p>"]
     sections = [
-        ("a_validity", "correlation"), ("b_trivial_verdict", "trivial"), ("b_trivial", None),
+        ("a_validity", "correlation"), ("a_paired", None), ("b_trivial_verdict", "trivial"), ("b_trivial", None),
         ("c_refinecam", "refinecam"), ("d_aggregators", None), ("e_localisation", None),
         ("f_road_curves", "road_curves"),
     ]
