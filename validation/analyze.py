@@ -600,43 +600,37 @@ def orientation(metric: str, lower_is_better=()) -> int:
     return -1 if metric in LOWER_IS_BETTER or metric in set(lower_is_better) else 1
 
 
+def _paired_against(paired: pd.DataFrame, metric: str) -> dict[str, tuple[float, float, float]]:
+    """{other: (difference metric - other, lo, hi)} from the mean rows of table a_paired, whichever
+    way round each pair was stored (oriented Pearson r)."""
+    out = {}
+    if not len(paired):
+        return out
+    for row in paired[paired.model == "mean"].itertuples(index=False):
+        if metric in (row.metric, row.versus) and row.metric != row.versus:
+            sign = 1 if row.metric == metric else -1
+            other = row.versus if sign == 1 else row.metric
+            lo, hi = sorted((sign * row.pearson_diff_lo, sign * row.pearson_diff_hi))
+            out[other] = (sign * row.pearson_diff, lo, hi)
+    return out
+
+
 def _paired_difference(paired: pd.DataFrame, metric: str, versus: str) -> str:
-    """'; on the same maps arcc - road = -0.04 [-0.06, -0.02]' from table a_paired (mean row)."""
-    if not len(paired) or metric == versus:
+    """'; on the same maps arcc - road = -0.040 [95 % CI -0.060, -0.020]' (or '' if not paired)."""
+    hit = _paired_against(paired, metric).get(versus)
+    if hit is None:
         return ""
-    mean = paired[paired.model == "mean"]
-    for a, b, sign in ((metric, versus, 1), (versus, metric, -1)):
-        hit = mean[(mean.metric == a) & (mean.versus == b)]
-        if len(hit):
-            row = hit.iloc[0]
-            d, lo, hi = (sign * row["pearson_diff"], sign * row["pearson_diff_lo"], sign * row["pearson_diff_hi"])
-            lo, hi = min(lo, hi), max(lo, hi)
-            return f"; on the same maps {metric} - {versus} = {d:+.3f} [95 % CI {lo:+.3f}, {hi:+.3f}]"
-    return ""
+    d, lo, hi = hit
+    return f"; on the same maps {metric} - {versus} = {d:+.3f} [95 % CI {lo:+.3f}, {hi:+.3f}]"
 
 
 def _paired_expectations(paired: pd.DataFrame, add) -> None:
     """Fig. 3a's two claims again, each metric against every other on the same maps (table
     a_paired): table a's correlations can rest on different rows (ARCC is undefined where
     Coherency is, e.g. on constant maps), which confounds the ranking."""
-    mean = paired[paired.model == "mean"] if len(paired) else paired
-    if not len(mean):
-        return
-
-    def wins(metric):
-        """(paired differences metric - other, with CIs) against every other metric."""
-        out = {}
-        for row in mean.itertuples(index=False):
-            if metric in (row.metric, row.versus):
-                sign = 1 if row.metric == metric else -1
-                other = row.versus if sign == 1 else row.metric
-                lo, hi = sorted((sign * row.pearson_diff_lo, sign * row.pearson_diff_hi))
-                out[other] = (sign * row.pearson_diff, lo, hi)
-        return out
-
     for metric, best, claim in (("arcc", True, "ARCC correlates best with the ground-truth cosine, on the same maps (Fig. 3a)"),
                                 ("average_drop", False, "Average Drop correlates worst, on the same maps (Fig. 3a)")):
-        diffs = wins(metric)
+        diffs = _paired_against(paired, metric)
         if not diffs:
             continue
         found = ", ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in diffs.items())
