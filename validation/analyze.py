@@ -192,6 +192,14 @@ def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndar
     return Correlation(n_cfg, float(p0[0]), float(s0[0]), pb, sb)
 
 
+def _mean_replicates(per_model: list[np.ndarray]) -> np.ndarray:
+    """Bootstrap replicates of a mean over models: the models' replicates averaged replicate by
+    replicate (models fixed, images resampled); all-NaN replicates (no finite pairs) stay NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(per_model), axis=0)
+
+
 def _ci(boot: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
@@ -285,12 +293,8 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         return out
     summary = []
     for (metric, level), g in out.groupby(["metric", "level"], sort=False):
-        with warnings.catch_warnings():  # all-NaN replicates (no finite pairs) stay NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pb = np.nanmean(np.stack([boots[(m, metric, level)][0] for m in g["model"]]), axis=0)
-            sb = np.nanmean(np.stack([boots[(m, metric, level)][1] for m in g["model"]]), axis=0)
-        plo, phi = _ci(pb)
-        slo, shi = _ci(sb)
+        plo, phi = _ci(_mean_replicates([boots[(m, metric, level)][0] for m in g["model"]]))
+        slo, shi = _ci(_mean_replicates([boots[(m, metric, level)][1] for m in g["model"]]))
         summary.append({"model": "mean+-std", "metric": metric, "level": level,
                         "n": int(g["n"].sum()), "n_dropped": int(g["n_dropped"].sum()),
                         "n_models": len(g),
@@ -369,10 +373,7 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
     for (a, b), g in out.groupby(["metric", "versus"], sort=False):
         row = {"model": "mean", "metric": a, "versus": b, "n": int(g["n"].sum())}
         for kind in ("pearson", "spearman"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                boot = np.nanmean(np.stack([boots[(m, a, b)][kind] for m in g["model"]]), axis=0)
-            lo, hi = _ci(boot)
+            lo, hi = _ci(_mean_replicates([boots[(m, a, b)][kind] for m in g["model"]]))
             row.update({f"{kind}_metric": g[f"{kind}_metric"].mean(), f"{kind}_versus": g[f"{kind}_versus"].mean(),
                         f"{kind}_diff": g[f"{kind}_diff"].mean(), f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
         summary.append(row)
@@ -600,7 +601,7 @@ def orientation(metric: str, lower_is_better=()) -> int:
     return -1 if metric in LOWER_IS_BETTER or metric in set(lower_is_better) else 1
 
 
-def _paired_against(paired: pd.DataFrame, metric: str) -> dict[str, tuple[float, float, float]]:
+def paired_against(paired: pd.DataFrame, metric: str) -> dict[str, tuple[float, float, float]]:
     """{other: (difference metric - other, lo, hi)} from the mean rows of table a_paired, whichever
     way round each pair was stored (oriented Pearson r)."""
     out = {}
@@ -617,7 +618,7 @@ def _paired_against(paired: pd.DataFrame, metric: str) -> dict[str, tuple[float,
 
 def _paired_difference(paired: pd.DataFrame, metric: str, versus: str) -> str:
     """'; on the same maps arcc - road = -0.040 [95 % CI -0.060, -0.020]' (or '' if not paired)."""
-    hit = _paired_against(paired, metric).get(versus)
+    hit = paired_against(paired, metric).get(versus)
     if hit is None:
         return ""
     d, lo, hi = hit
@@ -630,7 +631,7 @@ def _paired_expectations(paired: pd.DataFrame, add) -> None:
     Coherency is, e.g. on constant maps), which confounds the ranking."""
     for metric, best, claim in (("arcc", True, "ARCC correlates best with the ground-truth cosine, on the same maps (Fig. 3a)"),
                                 ("average_drop", False, "Average Drop correlates worst, on the same maps (Fig. 3a)")):
-        diffs = _paired_against(paired, metric)
+        diffs = paired_against(paired, metric)
         if not diffs:
             continue
         found = ", ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in diffs.items())
@@ -658,13 +659,14 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             ranked = sorted(oriented, key=oriented.get, reverse=True)
             found = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
             rival = ranked[1] if ranked[0] == "arcc" and len(ranked) > 1 else ranked[0]
-            paired = _paired_difference(tables.get("a_paired", pd.DataFrame()), "arcc", rival)
+            paired_table = tables.get("a_paired", pd.DataFrame())
+            paired = _paired_difference(paired_table, "arcc", rival)
             add("ARCC correlates best with the ground-truth cosine (Fig. 3a)",
                 f"oriented Pearson r, mean over models: {found}{paired}",
                 ranked[0] == "arcc" if "arcc" in oriented else None)
             add("Average Drop correlates worst (Fig. 3a)", f"lowest: {ranked[-1]}",
                 ranked[-1] == "average_drop" if "average_drop" in oriented else None)
-            _paired_expectations(tables.get("a_paired", pd.DataFrame()), add)
+            _paired_expectations(paired_table, add)
         else:
             add("ARCC correlates best, AD worst (Fig. 3a)", "fewer than two of the Fig. 3a metrics in the run", None)
     v = tables.get("b_trivial_verdict", pd.DataFrame())

@@ -78,17 +78,15 @@ def metric_evaluator(fn: Callable, name: str) -> Callable:
 
 def _paired_lines(name: str, paired: pd.DataFrame | None) -> list[str]:
     """One sentence per compared metric from the paired table (same maps, bootstrap CI)."""
-    if paired is None or not len(paired):
+    if paired is None:
         return []
-    mean = paired[(paired.model == "mean") & (paired.metric == name)]
     parts = []
-    for row in mean.itertuples(index=False):
-        d, lo, hi = row.pearson_diff, row.pearson_diff_lo, row.pearson_diff_hi
+    for versus, (d, lo, hi) in A.paired_against(paired, name).items():
         if not np.isfinite(d):
             continue
         call = ("significantly better" if lo > 0 else "significantly worse" if hi < 0 else
                 "not distinguishable")
-        parts.append(f"vs {row.versus}: {d:+.2f} (95% CI {lo:+.2f} to {hi:+.2f}, {call})")
+        parts.append(f"vs {versus}: {d:+.2f} (95% CI {lo:+.2f} to {hi:+.2f}, {call})")
     if not parts:
         return []
     return ["On the same maps, difference of oriented Pearson r with the ground truth: " + "; ".join(parts) + "."]
