@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import yaml
 
 from shapesynth import CLASS_NAMES
 
+from trainers.clock import TrainClock
 from trainers.data import ShapesDataModule
 from trainers.export import load_model, save_model, write_json
 from trainers.models import _check_arch, build_model
@@ -225,14 +225,12 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, out / "config.yaml")
 
-    trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
-    t0 = time.perf_counter()
+    clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
+    trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
     trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, out))
     if trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")
-    # time of this process only; a resumed run adds what earlier sessions recorded
-    prior = json.loads((out / "train_time.json").read_text())["seconds"] if (out / "train_time.json").is_file() else 0.0
-    seconds = prior + time.perf_counter() - t0
+    seconds = clock.seconds
     write_json(out / "train_time.json", {"seconds": seconds})
 
     best = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
