@@ -138,12 +138,17 @@ def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_pat
     assert meta_b["test_accuracy"] == json.loads((tmp_path / "a/model.json").read_text())["test_accuracy"]
 
 
-def test_training_time_survives_an_interruption(tiny_data, tmp_path):
+def _interrupted_run(tiny_data, out):
+    """A disk run crashed mid epoch 2: (its config kwargs, last.ckpt path, the loaded checkpoint)."""
     kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=32)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(_tiny_cfg(tmp_path / "r", **kw), callbacks=[_Crash(at_step=3)])
-    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
+        fit(_tiny_cfg(out, **kw), callbacks=[_Crash(at_step=3)])
+    last = out / "checkpoints" / "last.ckpt"
+    return kw, last, torch.load(last, weights_only=True)
+
+
+def test_training_time_survives_an_interruption(tiny_data, tmp_path):
+    kw, last, ckpt = _interrupted_run(tiny_data, tmp_path / "r")
     (key,) = [k for k in ckpt["callbacks"] if "TrainClock" in k]
     assert ckpt["callbacks"][key]["seconds"] > 0
     # pretend the first session had trained for ten hours before it was killed
@@ -156,11 +161,7 @@ def test_training_time_survives_an_interruption(tiny_data, tmp_path):
 
 def test_resume_from_a_checkpoint_without_a_clock_counts_this_session(tiny_data, tmp_path):
     # checkpoints written before the clock existed still resume; only this session is counted
-    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=32)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(_tiny_cfg(tmp_path / "o", **kw), callbacks=[_Crash(at_step=3)])
-    last = tmp_path / "o" / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
+    kw, last, ckpt = _interrupted_run(tiny_data, tmp_path / "o")
     ckpt["callbacks"] = {k: v for k, v in ckpt["callbacks"].items() if "TrainClock" not in k}
     torch.save(ckpt, last)
     meta = fit(_tiny_cfg(tmp_path / "o", **kw))
