@@ -155,7 +155,7 @@ def test_training_time_survives_an_interruption(tiny_data, tmp_path):
     ckpt["callbacks"][key]["seconds"] = 36000.0
     torch.save(ckpt, last)
     meta = fit(_tiny_cfg(tmp_path / "r", **kw))
-    assert 36000.0 < meta["train_seconds"] < 36000.0 + 600
+    assert 36000.0 < meta["train_seconds"] < 36000.0 + 600 and meta["train_seconds_complete"] is True
     assert json.loads((tmp_path / "r" / "train_time.json").read_text())["seconds"] == pytest.approx(meta["train_seconds"], abs=0.2)
 
 
@@ -166,6 +166,8 @@ def test_resume_from_a_checkpoint_without_a_clock_counts_this_session(tiny_data,
     torch.save(ckpt, last)
     meta = fit(_tiny_cfg(tmp_path / "o", **kw))
     assert 0 < meta["train_seconds"] < 600 and meta["global_step"] == 4
+    assert meta["train_seconds_complete"] is False
+    assert "last session only" in (tmp_path / "o" / "MODEL_CARD.md").read_text()
 
 
 def test_resume_refuses_another_arch(tiny_data, disk_run):

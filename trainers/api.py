@@ -227,7 +227,8 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
 
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
     trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
-    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, out))
+    resumed_from = _resume_path(cfg, out)
+    trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")
     seconds = clock.seconds
@@ -246,6 +247,8 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
             "test_accuracy": results["test_accuracy"], "per_class_accuracy": results["per_class_accuracy"],
             "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
             "epochs": trainer.current_epoch, "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
+            # False: resumed from a checkpoint written before the clock existed (last session only)
+            "train_seconds_complete": resumed_from is None or clock.restored,
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
             "pretrained": bool(cfg.pretrained), "init_from": cfg.init_from, "config": cfg.to_dict(),
             "checkpoint": str(out / "checkpoints" / "best.ckpt"), "torch": torch.__version__}
@@ -325,6 +328,13 @@ def _origin(meta: dict) -> str:
     return "ImageNet-pretrained, fine-tuned" if meta.get("pretrained") else "trained from scratch"
 
 
+def _train_time_text(meta: dict) -> str:
+    text = f"{meta['train_seconds'] / 60:.1f} min"
+    if meta.get("train_seconds_complete", True):
+        return text
+    return text + " (last session only: resumed from a checkpoint that predates the training clock)"
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -345,7 +355,7 @@ def model_card(meta: dict) -> str:
 | dataset fingerprint | `{meta['dataset_fingerprint']}` |
 | **test accuracy** | **{meta['test_accuracy']:.4f}** (best checkpoint by val accuracy, {meta['best_val_accuracy']}) |
 | epochs / steps | {meta['epochs']} / {meta['global_step']} |
-| training time | {meta['train_seconds'] / 60:.1f} min |
+| training time | {_train_time_text(meta)} |
 | precision | {meta['precision']} |
 | hardware | {meta['hardware']} |
 | torch | {meta['torch']} |

@@ -18,6 +18,7 @@ class TrainClock(Callback):
     def __init__(self, clock=time.perf_counter):
         self._clock = clock
         self._prior = 0.0  # seconds of earlier sessions, from the resumed checkpoint
+        self.restored = False  # a resumed run whose checkpoint lacks the clock counts this session only
         self._start = clock()
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -32,3 +33,4 @@ class TrainClock(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._prior = float(state_dict["seconds"])
+        self.restored = True
