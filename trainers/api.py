@@ -217,7 +217,8 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
         weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler)
-    if cfg.init_from and _resume_path(cfg, out) is None:  # a resumed run takes its weights from the checkpoint
+    resumed_from = _resume_path(cfg, out)
+    if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
@@ -227,7 +228,6 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
 
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
     trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
-    resumed_from = _resume_path(cfg, out)
     trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")
