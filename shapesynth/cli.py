@@ -47,6 +47,14 @@ def _size_bands(text: str) -> tuple[tuple[float, float], ...]:
     return bands
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """'1,1,2' -> (1.0, 1.0, 2.0)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights look like 1,1,2 (got {text!r})") from None
+
+
 def _pool_sizes(text: str) -> dict[str, int]:
     try:
         sizes = [int(v) for v in text.split(",")]
@@ -70,6 +78,7 @@ def config_from_args(args) -> SynthConfig:
         "clutter": args.clutter,
         "clutter_contrast": args.clutter_contrast,
         "size_bands": args.size_bands,
+        "size_band_weights": args.size_band_weights,
         "stroke_fraction": args.stroke_fraction,
         "bg_pool_sizes": args.pool_sizes,
     }
@@ -108,6 +117,8 @@ def _add_generate(sub) -> None:
         "--size-bands", type=_size_bands,
         help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19,0.08-0.094 (the default)",
     )
+    p.add_argument("--size-band-weights", type=_weights,
+                   help="odds of each size band, e.g. 1,1,2 (default: equal)")
     p.add_argument("--stroke-fraction", type=float, help="stroke width of empty shapes / size (default 0.2)")
     p.add_argument("--pool-sizes", type=_pool_sizes, help="procedural background bases per split: train,val,test (default 256,32,64)")
     p.add_argument("--backgrounds", help="a folder of background images (or an HF dataset with --backgrounds-source hf)")

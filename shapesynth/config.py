@@ -12,6 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from shapesynth.streams import uniform_int
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # The paper's bands on a 256 px canvas: 80-99, 40-49 and 20-24 px.
@@ -65,6 +69,8 @@ class SynthConfig:
     Shapes: ``size_bands`` are (low, high) fractions of ``image_size``; a size in pixels is drawn
     uniformly from the integers of the chosen band. Empty shapes draw an inward stroke of width
     ``max(min_stroke_px, floor(size * stroke_fraction))`` (the paper's ``size // 5``).
+    ``size_band_weights`` (one non-negative weight per band, None: equal) sets how often each band
+    is drawn, e.g. to over-sample the small band in training while testing on equal bands.
 
     Backgrounds: ``background`` names the source (``procedural``, ``folder``, ``hf``); see
     ``docs/shapesynth.md``. The ``clutter_*`` knobs set the difficulty of the procedural source.
@@ -76,6 +82,7 @@ class SynthConfig:
 
     # shapes
     size_bands: tuple[tuple[float, float], ...] = PAPER_SIZE_BANDS
+    size_band_weights: tuple[float, ...] | None = None
     stroke_fraction: float = 0.2
     min_stroke_px: int = 1
     margin_px: float = 1.0  # free pixels between the shape's circumcircle and the border
@@ -108,6 +115,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         self.size_bands = tuple(tuple(float(v) for v in band) for band in self.size_bands)
+        if self.size_band_weights is not None:
+            self.size_band_weights = tuple(float(w) for w in self.size_band_weights)
         self.split_sizes = dict(self.split_sizes)
         self.bg_pool_sizes = dict(self.bg_pool_sizes)
         self.bg_pool_fractions = dict(self.bg_pool_fractions)
@@ -148,6 +157,15 @@ class SynthConfig:
                     f"shapes cannot fit: size_bands[{k}] allows {hi} px shapes whose rotations need "
                     f"{need:.1f} px but image_size is {self.image_size}"
                 )
+        weights = self.size_band_weights
+        if weights is not None and (
+            len(weights) != len(self.size_bands) or min(weights) < 0 or not math.isfinite(sum(weights))
+            or sum(weights) <= 0
+        ):
+            raise ConfigError(
+                f"size_band_weights {list(weights)} must hold one finite weight >= 0 per size band "
+                f"({len(self.size_bands)} bands), not all zero"
+            )
         if not 0.0 <= self.min_contrast < 1.0:
             raise ConfigError(f"min_contrast must be in [0, 1), got {self.min_contrast}")
         if self.background not in ("procedural", "folder", "hf"):
@@ -175,6 +193,13 @@ class SynthConfig:
         lo, hi = self.size_bands[band]
         return math.ceil(lo * self.image_size - 1e-9), math.floor(hi * self.image_size + 1e-9)
 
+    def draw_band(self, u: float) -> int:
+        """The size band for a uniform ``u`` in [0, 1): equal odds, or by ``size_band_weights``."""
+        if self.size_band_weights is None:
+            return uniform_int(u, 0, len(self.size_bands))
+        cumulative = np.cumsum(self.size_band_weights) / sum(self.size_band_weights)
+        return min(int(np.searchsorted(cumulative, u, side="right")), len(self.size_bands) - 1)
+
     def stroke_px(self, size: int) -> int:
         return max(self.min_stroke_px, int(size * self.stroke_fraction))
 
@@ -187,6 +212,10 @@ class SynthConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["size_bands"] = [list(b) for b in self.size_bands]
+        if self.size_band_weights is None:
+            del d["size_band_weights"]  # so recipes without it keep their fingerprints
+        else:
+            d["size_band_weights"] = list(self.size_band_weights)
         return d
 
     @classmethod

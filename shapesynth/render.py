@@ -100,7 +100,7 @@ class ShapeSynth:
         if not 0 <= i < len(labels):
             raise IndexError(f"sample {i} is outside split {split!r} of {len(labels)} samples")
         draws = SampleDraws(cfg.seed, split, epoch, i)
-        band = uniform_int(draws.uniforms("band")[0], 0, len(cfg.size_bands))
+        band = cfg.draw_band(float(draws.uniforms("band")[0]))
         lo, hi = cfg.band_px(band)
         size = uniform_int(draws.uniforms("size")[0], lo, hi + 1)
         angle = float(draws.uniforms("angle")[0]) * 360.0

@@ -173,12 +173,16 @@ def test_shape_and_pool_flags_reach_the_config():
     from shapesynth.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(
-        ["generate", "--out", "x", "--image-size", "64", "--size-bands", "0.3-0.35,0.15-0.2", "--stroke-fraction", "0.25", "--pool-sizes", "10,2,3"]
+        ["generate", "--out", "x", "--image-size", "64", "--size-bands", "0.3-0.35,0.15-0.2", "--stroke-fraction", "0.25", "--pool-sizes", "10,2,3",
+         "--size-band-weights", "1,3"]
     )
     cfg = config_from_args(args)
     assert cfg.size_bands == ((0.3, 0.35), (0.15, 0.2)) and cfg.stroke_fraction == 0.25
+    assert cfg.size_band_weights == (1.0, 3.0)
     assert cfg.bg_pool_sizes == {"train": 10, "val": 2, "test": 3}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--out", "x", "--size-bands", "big"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--out", "x", "--size-band-weights", "1,a"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--out", "x", "--pool-sizes", "1,2"])

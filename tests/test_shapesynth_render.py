@@ -215,6 +215,9 @@ def test_counterfactuals_keep_everything_but_the_class(synth):
         ({"background": "folder"}, "bg_path"),
         ({"split_sizes": {"training": 5}}, "training"),
         ({"clutter_contrast": 2.0}, "clutter_contrast"),
+        ({"size_band_weights": (1.0,)}, "one finite weight"),
+        ({"size_band_weights": (1.0, -1.0, 1.0)}, "size_band_weights"),
+        ({"size_band_weights": (0.0, 0.0, 0.0)}, "size_band_weights"),
     ],
 )
 def test_bad_configs_are_refused_with_the_field_named(changes, words):
@@ -227,6 +230,24 @@ def test_config_round_trips_through_dict():
     assert SynthConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="bogus"):
         SynthConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_size_band_weights_set_how_often_each_band_is_drawn():
+    cfg = SynthConfig(**SMALL, size_band_weights=(1.0, 0.0, 3.0))
+    # inverse CDF by hand: band 0 below u = 1/4, band 2 from there, band 1 never
+    assert [cfg.draw_band(u) for u in (0.0, 0.2499, 0.25, 0.9999)] == [0, 0, 2, 2]
+    assert SynthConfig.from_dict(cfg.to_dict()) == cfg
+    synth = ShapeSynth(cfg)
+    bands = Counter(synth.placement("train", i, n=400).band for i in range(400))
+    assert bands[1] == 0 and stats.binomtest(bands[2], 400, 0.75).pvalue > 1e-3
+    only_first = ShapeSynth(SynthConfig(**SMALL, size_band_weights=(1.0, 0.0, 0.0)))
+    assert {only_first.placement("train", i, n=50).band for i in range(50)} == {0}
+    # equal weights draw exactly what the unweighted default draws; the default's recipe is unchanged
+    equal = ShapeSynth(SynthConfig(**SMALL, size_band_weights=(2.0, 2.0, 2.0)))
+    plain = ShapeSynth(SynthConfig(**SMALL))
+    assert [equal.placement("train", i, n=50).band for i in range(50)] == [
+        plain.placement("train", i, n=50).band for i in range(50)]
+    assert "size_band_weights" not in SynthConfig(**SMALL).to_dict()
 
 
 def test_index_outside_the_split_is_an_error(synth):

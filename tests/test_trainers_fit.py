@@ -206,6 +206,22 @@ def test_curriculum_moves_from_easy_to_the_target_recipe():
     assert dm.train_set.config == dm.synth_config
 
 
+def test_train_synth_changes_the_training_stream_only(tmp_path):
+    dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_length=4, curriculum_epochs=2,
+                          train_synth={"size_band_weights": [0.0, 1.0]})
+    dm.setup()
+    dm.set_epoch(5)  # past the curriculum: the train target itself
+    assert dm.train_set.config.size_band_weights == (0.0, 1.0)
+    assert dm.val_set.config.size_band_weights is None and dm.test_set.config == dm.synth_config
+    assert {dm.train_set.sample(i).meta["size_band"] for i in range(4)} == {1}
+    assert dm.fingerprint() == ShapesDataModule(image_size=32, synth={"size_bands": BANDS}).fingerprint()
+    assert dm.describe()["train_synth"] == {"size_band_weights": [0.0, 1.0]}
+    with pytest.raises(DataError, match="image_size"):
+        ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_synth={"image_size": 64})
+    with pytest.raises(DataError, match="size_band_weights"):
+        ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_synth={"size_band_weights": [1.0]})
+
+
 def test_epoch_permutation_is_seeded():
     s = EpochPermutation(10, seed=3)
     e0 = list(s)

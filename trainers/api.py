@@ -50,6 +50,9 @@ class TrainConfig:
     data: str | None = None
     train_source: str = "stream"  # "stream" (new images every epoch) or "disk"
     synth: dict = field(default_factory=dict)
+    # SynthConfig overrides for the rendered training stream only (val/test keep `synth`), e.g.
+    # {size_band_weights: [1, 1.5, 2]} to over-sample small shapes
+    train_synth: dict = field(default_factory=dict)
     train_length: int = 8192  # images per epoch (stream)
     val_length: int = 512  # stream val size (no data)
     test_length: int = 600  # stream test size (no data)
@@ -124,7 +127,7 @@ def _datamodule(cfg: TrainConfig, stage: str) -> ShapesDataModule:
         synth=cfg.synth, train_length=cfg.train_length, val_length=cfg.val_length, test_length=cfg.test_length,
         curriculum_epochs=cfg.curriculum_epochs, curriculum_start=cfg.curriculum_start,
         batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        seed=cfg.seed, class_names=CLASS_NAMES)
+        seed=cfg.seed, class_names=CLASS_NAMES, train_synth=cfg.train_synth if stage == "fit" else None)
 
 
 def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides):
@@ -335,6 +338,13 @@ def _train_time_text(meta: dict) -> str:
     return text + " (last session only: resumed from a checkpoint that predates the training clock)"
 
 
+def _train_synth_text(data: dict) -> str:
+    if not data.get("train_synth"):
+        return ""
+    return ("\nTraining images were rendered with these overrides (val and test use the recipe above): "
+            f"`{json.dumps(data['train_synth'], sort_keys=True)}`.\n")
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -376,7 +386,7 @@ def model_card(meta: dict) -> str:
 ```json
 {json.dumps(data['synth'], indent=1, sort_keys=True) if data['synth'] else 'see the dataset folder'}
 ```
-
+{_train_synth_text(data)}
 Load: `model, meta = trainers.load_model("<this folder>")` (safetensors, no code execution).
 The full training configuration is in `config.yaml`; the learning curves in `logs/version_*/metrics.csv`.
 """

@@ -50,9 +50,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
-        if f.name == "synth":
+        if f.name in ("synth", "train_synth"):
             p.add_argument(flag, dest=f.name, type=yaml.safe_load, default=argparse.SUPPRESS,
-                           help="SynthConfig overrides as YAML/JSON, e.g. '{clutter: 0.4}'")
+                           help="SynthConfig overrides as YAML/JSON, e.g. '{clutter: 0.4}'"
+                           + (" (training stream only)" if f.name == "train_synth" else ""))
         elif hints[f.name] is bool:
             # --pretrained alone means true; --pretrained false also works
             p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)

@@ -10,6 +10,9 @@ Sources (``train_source``):
 - ``"disk"``: the train split of ``data`` (any format the generator writes), reshuffled per
   epoch by a seeded sampler.
 
+``train_synth`` (stream only) overrides SynthConfig fields for the train stream alone, e.g.
+``{"size_band_weights": [1, 1.5, 2]}`` to over-sample small shapes; val and test keep the recipe.
+
 An optional difficulty curriculum (stream only) moves the clutter from
 ``SynthConfig.with_difficulty(curriculum_start)`` to the target recipe's own knobs over the first
 ``curriculum_epochs`` epochs.
@@ -119,7 +122,7 @@ class ShapesDataModule(pl.LightningDataModule):
                  synth: dict | None = None, train_length: int = 8192, val_length: int = 512,
                  test_length: int = 600, curriculum_epochs: int = 0, curriculum_start: float = 0.0,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, class_names=CLASS_NAMES):
+                 seed: int = 0, class_names=CLASS_NAMES, train_synth: dict | None = None):
         super().__init__()
         if train_source not in ("stream", "disk"):
             raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
@@ -146,6 +149,18 @@ class ShapesDataModule(pl.LightningDataModule):
             if int(size) != self.image_size:
                 raise DataError(f"synth.image_size {size} disagrees with image_size {self.image_size}")
             self.synth_config = SynthConfig.from_dict({**overrides, "image_size": self.image_size})
+        self.train_synth = dict(train_synth or {})
+        if self.train_synth:
+            if train_source != "stream":
+                raise DataError("train_synth changes rendered training images; it needs train_source='stream'")
+            if "image_size" in self.train_synth:
+                raise DataError("train_synth cannot change image_size (train and test must share it)")
+            try:
+                self.train_target = SynthConfig.from_dict({**self.synth_config.to_dict(), **self.train_synth})
+            except ValueError as err:
+                raise DataError(f"train_synth {self.train_synth}: {err}") from err
+        else:
+            self.train_target = self.synth_config
         self.epoch = 0
         self.train_set = self.val_set = self.test_set = None
 
@@ -162,13 +177,14 @@ class ShapesDataModule(pl.LightningDataModule):
         return {"data": self.data, "train_source": self.train_source, "image_size": self.image_size,
                 "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),
                 "train_length": self.train_length if self.train_source == "stream" else None,
+                "train_synth": self.train_synth or None,
                 "synth": self.synth_config.to_dict() if self.synth_config is not None else None}
 
     # ------------------------------------------------------------------ epochs and curriculum
     def train_config(self, epoch: int) -> SynthConfig:
         if self.curriculum_epochs <= 0:
-            return self.synth_config
-        return curriculum_config(self.synth_config, epoch / self.curriculum_epochs, self.curriculum_start)
+            return self.train_target
+        return curriculum_config(self.train_target, epoch / self.curriculum_epochs, self.curriculum_start)
 
     def set_epoch(self, epoch: int) -> None:
         """New draws (stream) or a new order (disk) for ``epoch``; called by the module each epoch."""
