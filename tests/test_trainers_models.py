@@ -92,6 +92,23 @@ def test_bad_arguments_name_the_problem():
         build_model("resnet18", image_size=32)(torch.rand(3, 32, 32))
 
 
+@pytest.mark.parametrize("arch, default", [("swin_t", 0.2), ("convnext_tiny", 0.1)])
+def test_stochastic_depth_reaches_every_block(arch, default):
+    from torchvision.ops import StochasticDepth
+
+    def rates(model):
+        return [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+
+    # torchvision ramps the rate linearly over the blocks up to the given value at the last one
+    assert max(rates(build_model(arch, image_size=32))) == pytest.approx(default)
+    assert max(rates(build_model(arch, image_size=32, stochastic_depth=0.3))) == pytest.approx(0.3)
+    assert set(rates(build_model(arch, image_size=32, stochastic_depth=0.0))) == {0.0}
+    with pytest.raises(ValueError, match=r"stochastic_depth must be in \[0, 1\)"):
+        build_model(arch, image_size=32, stochastic_depth=1.0)
+    with pytest.raises(ValueError, match="resnet18 has no stochastic depth"):
+        build_model("resnet18", image_size=32, stochastic_depth=0.1)
+
+
 def test_pretrained_without_weights_names_the_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     expected = imagenet_weights_file("resnet18")

@@ -66,6 +66,9 @@ class TrainConfig:
     init_from: str | None = None
     lr: float | None = None  # None: the arch's default peak lr (DEFAULT_LR)
     weight_decay: float = 0.05
+    # drop-path rate of swin_t / convnext_tiny (None: torchvision's 0.2 / 0.1); a regulariser for
+    # small data, which the rendered stream is not
+    stochastic_depth: float | None = None
     pct_start: float = 0.15
     label_smoothing: float = 0.05
     scheduler: str = "onecycle"
@@ -219,7 +222,8 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
     module = ShapeClassifierModule(
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
         weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
-        label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler)
+        label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler,
+        stochastic_depth=cfg.stochastic_depth)
     resumed_from = _resume_path(cfg, out)
     if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)

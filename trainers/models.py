@@ -65,7 +65,7 @@ _TORCHVISION_WEIGHTS = {
     "swin_t": "Swin_T_Weights",
     "convnext_tiny": "ConvNeXt_Tiny_Weights",
 }
-_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}  # (num_classes, image_size, **options)
 _HEADS: dict[str, str] = {}  # arch -> state-dict prefix of the ImageNet classifier layer
 
 
@@ -110,19 +110,24 @@ def _vgg11_bn(num_classes: int, image_size: int) -> nn.Module:
     return tvm.vgg11_bn(weights=None, num_classes=num_classes)
 
 
+# stochastic depth (drop path) of the archs that have it: torchvision's ImageNet values
+DEFAULT_STOCHASTIC_DEPTH = {"swin_t": 0.2, "convnext_tiny": 0.1}
+
+
 @register("swin_t", head="head")
-def _swin_t(num_classes: int, image_size: int) -> nn.Module:
+def _swin_t(num_classes: int, image_size: int, stochastic_depth: float = DEFAULT_STOCHASTIC_DEPTH["swin_t"]) -> nn.Module:
     w = swin_window_size(image_size)
     # same hyper-parameters as torchvision.models.swin_t except the window
     return tv_swin.SwinTransformer(
         patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-        window_size=[w, w], stochastic_depth_prob=0.2, num_classes=num_classes,
+        window_size=[w, w], stochastic_depth_prob=stochastic_depth, num_classes=num_classes,
     )
 
 
 @register("convnext_tiny", head="classifier.2")
-def _convnext_tiny(num_classes: int, image_size: int) -> nn.Module:
-    return tvm.convnext_tiny(weights=None, num_classes=num_classes)
+def _convnext_tiny(num_classes: int, image_size: int,
+                   stochastic_depth: float = DEFAULT_STOCHASTIC_DEPTH["convnext_tiny"]) -> nn.Module:
+    return tvm.convnext_tiny(weights=None, num_classes=num_classes, stochastic_depth_prob=stochastic_depth)
 
 
 def _check_arch(arch: str) -> None:
@@ -131,18 +136,28 @@ def _check_arch(arch: str) -> None:
 
 
 def build_model(arch: str, num_classes: int = 6, image_size: int = 128, pretrained: bool = False,
-                weights_path: str | os.PathLike | None = None) -> ShapeClassifier:
+                weights_path: str | os.PathLike | None = None,
+                stochastic_depth: float | None = None) -> ShapeClassifier:
     """Build ``arch`` for ``num_classes`` classes at ``image_size`` px, from scratch by default.
 
     ``pretrained=True`` loads torchvision's ImageNet weights from the local torch hub cache
     (or from ``weights_path``) and never downloads; the classifier head is re-initialised.
+    ``stochastic_depth`` (drop-path rate, Swin-T and ConvNeXt-T only; None: torchvision's
+    ``DEFAULT_STOCHASTIC_DEPTH``) acts in training only; inference is the same either way.
     """
     _check_arch(arch)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if int(image_size) < 32 or int(image_size) % 32:
         raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x downsamplings), got {image_size}")
-    backbone = _BUILDERS[arch](int(num_classes), int(image_size))
+    options = {}
+    if stochastic_depth is not None:
+        if arch not in DEFAULT_STOCHASTIC_DEPTH:
+            raise ValueError(f"{arch} has no stochastic depth (only {', '.join(sorted(DEFAULT_STOCHASTIC_DEPTH))})")
+        if not 0.0 <= float(stochastic_depth) < 1.0:
+            raise ValueError(f"stochastic_depth must be in [0, 1), got {stochastic_depth}")
+        options["stochastic_depth"] = float(stochastic_depth)
+    backbone = _BUILDERS[arch](int(num_classes), int(image_size), **options)
     if pretrained or weights_path is not None:
         load_imagenet_weights(arch, backbone, weights_path)
     return ShapeClassifier(arch, backbone, num_classes, image_size)

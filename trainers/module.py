@@ -31,12 +31,14 @@ class ShapeClassifierModule(pl.LightningModule):
     def __init__(self, arch: str = "resnet18", image_size: int = 128, class_names=CLASS_NAMES,
                  pretrained: bool = False, weights_path: str | None = None, lr: float = 2e-3,
                  weight_decay: float = 0.05, pct_start: float = 0.15, label_smoothing: float = 0.0,
-                 channels_last: bool = True, scheduler: str = "onecycle"):
+                 channels_last: bool = True, scheduler: str = "onecycle",
+                 stochastic_depth: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = tuple(class_names)
         self.model = build_model(arch, num_classes=len(self.class_names), image_size=image_size,
-                                 pretrained=pretrained, weights_path=weights_path)
+                                 pretrained=pretrained, weights_path=weights_path,
+                                 stochastic_depth=stochastic_depth)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._cm = {}
