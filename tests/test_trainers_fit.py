@@ -222,6 +222,19 @@ def test_train_synth_changes_the_training_stream_only(tmp_path):
         ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_synth={"size_band_weights": [1.0]})
 
 
+@pytest.mark.parametrize("arch", ["convnext_tiny", "swin_t", "resnet18"])
+def test_weight_decay_skips_biases_norms_and_scales(arch):
+    from trainers.module import ShapeClassifierModule
+
+    module = ShapeClassifierModule(arch=arch, image_size=32, scheduler="constant", channels_last=False)
+    decayed, kept = (set(map(id, g["params"])) for g in module.configure_optimizers().param_groups)
+    for name, p in module.model.named_parameters():
+        exempt = p.ndim <= 1 or name.endswith("layer_scale") or "relative_position" in name
+        assert id(p) in (kept if exempt else decayed), name
+    assert any(name.endswith("layer_scale") for name, _ in module.model.named_parameters()) == (
+        arch == "convnext_tiny")
+
+
 def test_epoch_permutation_is_seeded():
     s = EpochPermutation(10, seed=3)
     e0 = list(s)

@@ -117,8 +117,10 @@ class ShapeClassifierModule(pl.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            # no weight decay on biases, norms and Swin's position tables
-            (no_decay if p.ndim <= 1 or "relative_position" in name else decay).append(p)
+            # no weight decay on biases, norms, Swin's position tables and ConvNeXt's layer scales
+            # (shaped (C, 1, 1) in torchvision, so ndim alone does not catch them)
+            skip = p.ndim <= 1 or "relative_position" in name or name.endswith("layer_scale")
+            (no_decay if skip else decay).append(p)
         # fused: one kernel over all parameters; 3x faster on VGG's 120M-parameter head on CPU
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, fused=True)
