@@ -115,7 +115,8 @@ DEFAULT_STOCHASTIC_DEPTH = {"swin_t": 0.2, "convnext_tiny": 0.1}
 
 
 @register("swin_t", head="head")
-def _swin_t(num_classes: int, image_size: int, stochastic_depth: float = DEFAULT_STOCHASTIC_DEPTH["swin_t"]) -> nn.Module:
+def _swin_t(num_classes: int, image_size: int,
+            stochastic_depth: float = DEFAULT_STOCHASTIC_DEPTH["swin_t"]) -> nn.Module:
     w = swin_window_size(image_size)
     # same hyper-parameters as torchvision.models.swin_t except the window
     return tv_swin.SwinTransformer(
