@@ -1,0 +1,79 @@
+"""Does an architecture start to learn on the easiest shapesynth data? A few hundred AdamW steps.
+
+Prints the mean training loss and accuracy every 20 steps for one arch on rendered images with
+the easiest clutter (``with_difficulty(0.0)``: a smooth colour field), constant lr, no warm-up,
+no curriculum. Chance is ln 6 = 1.792. Used to tell a slow start from no start (RESULTS.md,
+"ConvNeXt-T and Swin-T from scratch").
+
+    .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --steps 480 --bands large
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from shapesynth import SynthConfig
+from shapesynth.torchdata import SynthStream
+from trainers import available_archs, build_model
+
+BANDS = {"large": ((0.31, 0.39),), "quick": ((0.31, 0.39), (0.16, 0.19))}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="convnext_tiny", choices=available_archs())
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--bands", choices=sorted(BANDS), default="quick",
+                   help="large: 31-39 %% of the side only; quick: the quick recipe's two bands")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--layer-scale", type=float, help="ConvNeXt: set every layer scale to this at init")
+    p.add_argument("--stochastic-depth", type=float, default=None)
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, image_size=args.image_size, stochastic_depth=args.stochastic_depth)
+    if args.layer_scale is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("layer_scale"):
+                    param.fill_(args.layer_scale)
+    cfg = SynthConfig(image_size=args.image_size, size_bands=BANDS[args.bands], seed=args.seed).with_difficulty(0.0)
+    loader = DataLoader(SynthStream(cfg, "train", args.steps * args.batch), batch_size=args.batch)
+    decayed = [q for n, q in model.named_parameters() if q.ndim > 1 and not n.endswith("layer_scale")]
+    exempt = [q for n, q in model.named_parameters() if q.ndim <= 1 or n.endswith("layer_scale")]
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.05}, {"params": exempt, "weight_decay": 0.0}],
+                            lr=args.lr)
+    model.train()
+    start, losses, hits = time.time(), [], []
+    print(f"# {args.arch} {args.image_size} px, bands {args.bands}, lr {args.lr} constant, batch {args.batch}, "
+          f"{'fp32' if args.fp32 else 'bf16 autocast'}, layer scale {args.layer_scale}, "
+          f"stochastic depth {args.stochastic_depth}; chance: loss 1.792, accuracy 0.167")
+    print("| steps | mean train loss (last 20) | accuracy (last 20) | seconds |")
+    print("|---:|---:|---:|---:|")
+    for step, batch in enumerate(loader, 1):
+        with torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32):
+            logits = model(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        hits.append((logits.argmax(1) == batch["label"]).float().mean().item())
+        if step % 20 == 0:
+            print(f"| {step} | {sum(losses[-20:]) / 20:.3f} | {sum(hits[-20:]) / 20:.3f} | {time.time() - start:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
