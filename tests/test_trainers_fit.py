@@ -206,7 +206,7 @@ def test_curriculum_moves_from_easy_to_the_target_recipe():
     assert dm.train_set.config == dm.synth_config
 
 
-def test_train_synth_changes_the_training_stream_only(tmp_path):
+def test_train_synth_changes_the_training_stream_only():
     dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_length=4, curriculum_epochs=2,
                           train_synth={"size_band_weights": [0.0, 1.0]})
     dm.setup()
