@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from shapesynth import SynthConfig
 from shapesynth.torchdata import SynthStream
 from trainers import available_archs, build_model
+from trainers.module import weight_decay_groups
 
 BANDS = {"large": ((0.31, 0.39),), "quick": ((0.31, 0.39), (0.16, 0.19))}
 
@@ -50,10 +51,7 @@ def main(argv=None) -> None:
                     param.fill_(args.layer_scale)
     cfg = SynthConfig(image_size=args.image_size, size_bands=BANDS[args.bands], seed=args.seed).with_difficulty(0.0)
     loader = DataLoader(SynthStream(cfg, "train", args.steps * args.batch), batch_size=args.batch)
-    decayed = [q for n, q in model.named_parameters() if q.ndim > 1 and not n.endswith("layer_scale")]
-    exempt = [q for n, q in model.named_parameters() if q.ndim <= 1 or n.endswith("layer_scale")]
-    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.05}, {"params": exempt, "weight_decay": 0.0}],
-                            lr=args.lr)
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr)  # the trainer's groups
     model.train()
     start, losses, hits = time.time(), [], []
     print(f"# {args.arch} {args.image_size} px, bands {args.bands}, lr {args.lr} constant, batch {args.batch}, "
