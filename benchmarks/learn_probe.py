@@ -5,12 +5,17 @@ the easiest clutter (``with_difficulty(0.0)``: a smooth colour field), constant 
 no curriculum. Chance is ln 6 = 1.792. Used to tell a slow start from no start (RESULTS.md,
 "ConvNeXt-T and Swin-T from scratch").
 
+``--task toy`` replaces the data by the simplest shape task there is: one white disc or one
+white square of the same area on black, at a random place (two classes; chance ln 2 = 0.693).
+
     .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --steps 480 --bands large
+    .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --task toy --image-size 32 --steps 300
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -25,10 +30,30 @@ from trainers.module import weight_decay_groups
 BANDS = {"large": ((0.31, 0.39),), "quick": ((0.31, 0.39), (0.16, 0.19))}
 
 
+def toy_batches(image_size: int, batch: int, steps: int, seed: int):
+    """Disc (label 0) or square of equal area (label 1), white on black, radius 15-28 % of the side."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.arange(image_size, dtype=torch.float32)
+    yy, xx = grid[:, None], grid[None, :]
+    lo, hi = max(2, round(0.15 * image_size)), max(3, round(0.28 * image_size))
+    for _ in range(steps):
+        label = torch.randint(0, 2, (batch,), generator=gen)
+        radius = torch.randint(lo, hi + 1, (batch, 1, 1), generator=gen).float()
+        centre = hi + torch.rand(batch, 2, generator=gen) * (image_size - 1 - 2 * hi)
+        dy, dx = yy - centre[:, 0, None, None], xx - centre[:, 1, None, None]
+        disc = dy ** 2 + dx ** 2 <= radius ** 2
+        half_side = radius * (math.pi ** 0.5 / 2)  # same area as the disc
+        square = (dy.abs() <= half_side) & (dx.abs() <= half_side)
+        image = torch.where(label[:, None, None] == 0, disc, square).float()
+        yield {"image": image[:, None].expand(-1, 3, -1, -1), "label": label}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="convnext_tiny", choices=available_archs())
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--task", choices=["shapes", "toy"], default="shapes",
+                   help="shapes: shapesynth's easiest data; toy: white disc vs square on black")
     p.add_argument("--bands", choices=sorted(BANDS), default="quick",
                    help="large: 31-39 %% of the side only; quick: the quick recipe's two bands")
     p.add_argument("--steps", type=int, default=120)
@@ -50,13 +75,18 @@ def main(argv=None) -> None:
                 if name.endswith("layer_scale"):
                     param.fill_(args.layer_scale)
     cfg = SynthConfig(image_size=args.image_size, size_bands=BANDS[args.bands], seed=args.seed).with_difficulty(0.0)
-    loader = DataLoader(SynthStream(cfg, "train", args.steps * args.batch), batch_size=args.batch)
+    if args.task == "toy":
+        loader = toy_batches(args.image_size, args.batch, args.steps, args.seed)
+    else:
+        loader = DataLoader(SynthStream(cfg, "train", args.steps * args.batch), batch_size=args.batch)
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr)  # the trainer's groups
     model.train()
     start, losses, hits = time.time(), [], []
-    print(f"# {args.arch} {args.image_size} px, bands {args.bands}, lr {args.lr} constant, batch {args.batch}, "
+    data, chance = (("toy disc vs square", "loss 0.693, accuracy 0.5") if args.task == "toy"
+                    else (f"bands {args.bands}", "loss 1.792, accuracy 0.167"))
+    print(f"# {args.arch} {args.image_size} px, {data}, lr {args.lr} constant, batch {args.batch}, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, layer scale {args.layer_scale}, "
-          f"stochastic depth {args.stochastic_depth}; chance: loss 1.792, accuracy 0.167")
+          f"stochastic depth {args.stochastic_depth}; chance: {chance}")
     print("| steps | mean train loss (last 20) | accuracy (last 20) | seconds |")
     print("|---:|---:|---:|---:|")
     for step, batch in enumerate(loader, 1):
