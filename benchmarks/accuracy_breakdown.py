@@ -25,7 +25,8 @@ from trainers import load_model
 
 def accuracy_by_band(model, cfg: SynthConfig, split: str, n: int, batch_size: int) -> tuple[float, list[float]]:
     stream = SynthStream(cfg, split, n)
-    bands = torch.tensor([stream.sample(i).meta["size_band"] for i in range(n)])
+    # the placement alone names the band: no second render of each image
+    bands = torch.tensor([stream.synth.placement(split, i, epoch=stream.epoch, n=n).band for i in range(n)])
     hits = []
     with torch.inference_mode():
         for batch in DataLoader(stream, batch_size=batch_size):
