@@ -53,6 +53,10 @@ class TrainConfig:
     # SynthConfig overrides for the rendered training stream only (val/test keep `synth`), e.g.
     # {size_band_weights: [1, 1.5, 2]} to over-sample small shapes
     train_synth: dict = field(default_factory=dict)
+    # train on windows of this many px that hold the whole shape (stream only), for the first
+    # train_crop_epochs epochs (None: all); val/test stay full size. Same pixel scale, cheaper steps
+    train_crop: int | None = None
+    train_crop_epochs: int | None = None
     train_length: int = 8192  # images per epoch (stream)
     val_length: int = 512  # stream val size (no data)
     test_length: int = 600  # stream test size (no data)
@@ -99,6 +103,9 @@ class TrainConfig:
         _check_arch(self.arch)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.arch]
+        if self.train_crop is not None and self.arch == "swin_t":
+            raise ValueError(f"train_crop does not apply to swin_t: its attention window is chosen for "
+                             f"image_size {self.image_size} and need not tile a {self.train_crop} px crop")
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
 
@@ -130,7 +137,8 @@ def _datamodule(cfg: TrainConfig, stage: str) -> ShapesDataModule:
         synth=cfg.synth, train_length=cfg.train_length, val_length=cfg.val_length, test_length=cfg.test_length,
         curriculum_epochs=cfg.curriculum_epochs, curriculum_start=cfg.curriculum_start,
         batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        seed=cfg.seed, class_names=CLASS_NAMES, train_synth=cfg.train_synth if stage == "fit" else None)
+        seed=cfg.seed, class_names=CLASS_NAMES, train_synth=cfg.train_synth if stage == "fit" else None,
+        train_crop=cfg.train_crop if stage == "fit" else None, train_crop_epochs=cfg.train_crop_epochs)
 
 
 def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides):
@@ -223,7 +231,7 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
         weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler,
-        stochastic_depth=cfg.stochastic_depth)
+        stochastic_depth=cfg.stochastic_depth, train_crop=cfg.train_crop)
     resumed_from = _resume_path(cfg, out)
     if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
@@ -343,10 +351,16 @@ def _train_time_text(meta: dict) -> str:
 
 
 def _train_synth_text(data: dict) -> str:
-    if not data.get("train_synth"):
-        return ""
-    return ("\nTraining images were rendered with these overrides (val and test use the recipe above): "
-            f"`{json.dumps(data['train_synth'], sort_keys=True)}`.\n")
+    text = ""
+    if data.get("train_synth"):
+        text += ("\nTraining images were rendered with these overrides (val and test use the recipe above): "
+                 f"`{json.dumps(data['train_synth'], sort_keys=True)}`.\n")
+    if data.get("train_crop"):
+        epochs = data.get("train_crop_epochs")
+        when = "every epoch" if epochs is None else f"the first {epochs} epochs, full images after"
+        text += (f"\nTraining used {data['train_crop']} px crops holding the whole shape for {when}; "
+                 "val and test images are full size.\n")
+    return text
 
 
 def model_card(meta: dict) -> str:

@@ -16,12 +16,18 @@ Sources (``train_source``):
 An optional difficulty curriculum (stream only) moves the clutter from
 ``SynthConfig.with_difficulty(curriculum_start)`` to the target recipe's own knobs over the first
 ``curriculum_epochs`` epochs.
+
+``train_crop`` (stream only) trains on ``train_crop`` px windows of the rendered images, each
+placed at random where it holds the whole shape, for the first ``train_crop_epochs`` epochs (None:
+all). Shapes and clutter keep their pixel scale (unlike rendering at a smaller image size) while
+each shape fills more of the pooled features; val and test stay full size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,6 +36,7 @@ import pytorch_lightning as pl
 
 from shapesynth import CLASS_NAMES, SynthConfig
 from shapesynth.config import EASY_CLUTTER
+from shapesynth.shapes import circumradius
 from shapesynth.torchdata import ShapesDataset, SynthStream
 
 from trainers.models import IMAGENET_MEAN, IMAGENET_STD
@@ -54,6 +61,50 @@ class EpochPermutation(Sampler[int]):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ShapeCrops(Dataset):
+    """``train_crop`` px windows of a dataset's items, each holding the item's whole shape.
+
+    The window's offset is uniform over the positions that keep the shape (mask and enclosed
+    region) inside it, drawn from a generator seeded by (seed, epoch, index): the same item of the
+    same epoch always gets the same window. ``active = False`` passes items through uncropped.
+    """
+
+    def __init__(self, base: Dataset, crop: int, seed: int = 0):
+        self.base, self.crop, self.seed = base, int(crop), int(seed)
+        self.epoch, self.active = 0, True
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _offset(self, lo: int, hi: int, g: torch.Generator) -> int:
+        return lo + int(torch.randint(hi - lo + 1, (1,), generator=g))
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        if not self.active:
+            return item
+        h, w = item["image"].shape[-2:]
+        c = self.crop
+        if c > h or c > w:
+            raise DataError(f"train_crop {c} px is larger than the {h}x{w} px images")
+        shape = (item["mask"][0] > 0) | (item["region"][0] > 0)
+        rows, cols = shape.any(1).nonzero()[:, 0], shape.any(0).nonzero()[:, 0]
+        if rows.numel() == 0:
+            raise DataError(f"train_crop: item {i} has an empty mask; nothing to keep inside the window")
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if y1 - y0 > c or x1 - x0 > c:
+            raise DataError(f"train_crop {c} px cannot hold item {i}'s shape of {y1 - y0}x{x1 - x0} px "
+                            f"(use a crop of at least the largest shape's extent)")
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+        top = self._offset(max(0, y1 - c), min(y0, h - c), g)
+        left = self._offset(max(0, x1 - c), min(x0, w - c), g)
+        window = (..., slice(top, top + c), slice(left, left + c))
+        return {**item, **{k: item[k][window] for k in ("image", "mask", "region")}}
 
 
 def curriculum_config(target: SynthConfig, progress: float, start: float) -> SynthConfig:
@@ -122,12 +173,15 @@ class ShapesDataModule(pl.LightningDataModule):
                  synth: dict | None = None, train_length: int = 8192, val_length: int = 512,
                  test_length: int = 600, curriculum_epochs: int = 0, curriculum_start: float = 0.0,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, class_names=CLASS_NAMES, train_synth: dict | None = None):
+                 seed: int = 0, class_names=CLASS_NAMES, train_synth: dict | None = None,
+                 train_crop: int | None = None, train_crop_epochs: int | None = None):
         super().__init__()
         if train_source not in ("stream", "disk"):
             raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
         if train_source == "disk" and not data:
             raise DataError("train_source='disk' needs a dataset folder (--data)")
+        if train_crop is not None and train_source != "stream":
+            raise DataError("train_crop crops rendered training images; it needs train_source='stream'")
         if data and synth:
             raise DataError("give either a dataset folder (--data, whose recipe is used) or synth overrides, not both")
         self.image_size, self.data, self.train_source = int(image_size), data, train_source
@@ -161,6 +215,18 @@ class ShapesDataModule(pl.LightningDataModule):
                 raise DataError(f"train_synth {self.train_synth}: {err}") from err
         else:
             self.train_target = self.synth_config
+        self.train_crop = None if train_crop is None else int(train_crop)
+        self.train_crop_epochs = None if train_crop_epochs is None else int(train_crop_epochs)
+        if self.train_crop is not None:
+            if not 16 <= self.train_crop <= self.image_size:
+                raise DataError(f"train_crop must be between 16 and image_size {self.image_size} px, "
+                                f"got {self.train_crop}")
+            largest = max(self.train_target.band_px(b)[1] for b in range(len(self.train_target.size_bands)))
+            # any rotation of any class fits in the circumcircle; +2 px of anti-aliased edge
+            need = math.ceil(2 * circumradius(largest)) + 2
+            if need > self.train_crop:
+                raise DataError(f"train_crop {self.train_crop} px cannot hold the largest shapes: {largest} px "
+                                f"shapes need windows of {need} px at any rotation (image_size {self.image_size})")
         self.epoch = 0
         self.train_set = self.val_set = self.test_set = None
 
@@ -178,6 +244,7 @@ class ShapesDataModule(pl.LightningDataModule):
                 "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),
                 "train_length": self.train_length if self.train_source == "stream" else None,
                 "train_synth": self.train_synth or None,
+                "train_crop": self.train_crop, "train_crop_epochs": self.train_crop_epochs,
                 "synth": self.synth_config.to_dict() if self.synth_config is not None else None}
 
     # ------------------------------------------------------------------ epochs and curriculum
@@ -186,20 +253,30 @@ class ShapesDataModule(pl.LightningDataModule):
             return self.train_target
         return curriculum_config(self.train_target, epoch / self.curriculum_epochs, self.curriculum_start)
 
+    def crops_in_epoch(self, epoch: int) -> bool:
+        return self.train_crop is not None and (self.train_crop_epochs is None or epoch < self.train_crop_epochs)
+
     def set_epoch(self, epoch: int) -> None:
         """New draws (stream) or a new order (disk) for ``epoch``; called by the module each epoch."""
         self.epoch = int(epoch)
-        if isinstance(self.train_set, SynthStream):
+        stream = self.train_set.base if isinstance(self.train_set, ShapeCrops) else self.train_set
+        if isinstance(stream, SynthStream):
             cfg = self.train_config(epoch)
-            if cfg is not self.train_set.config and cfg != self.train_set.config:
-                self.train_set.set_config(cfg)
+            if cfg is not stream.config and cfg != stream.config:
+                stream.set_config(cfg)
+            stream.set_epoch(epoch)
+        if isinstance(self.train_set, ShapeCrops):
             self.train_set.set_epoch(epoch)
+            self.train_set.active = self.crops_in_epoch(epoch)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             if self.train_source == "stream":
                 self.train_set = SynthStream(self.train_config(self.epoch), "train", self.train_length, self.epoch)
+                if self.train_crop is not None:
+                    self.train_set = ShapeCrops(self.train_set, self.train_crop, self.seed)
+                    self.set_epoch(self.epoch)
             else:
                 self.train_set = ShapesDataset(self.data, "train")
         if stage in (None, "fit", "validate") and self.val_set is None:

@@ -44,7 +44,7 @@ class ShapeClassifierModule(pl.LightningModule):
                  pretrained: bool = False, weights_path: str | None = None, lr: float = 2e-3,
                  weight_decay: float = 0.05, pct_start: float = 0.15, label_smoothing: float = 0.0,
                  channels_last: bool = True, scheduler: str = "onecycle",
-                 stochastic_depth: float | None = None):
+                 stochastic_depth: float | None = None, train_crop: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = tuple(class_names)
@@ -61,14 +61,16 @@ class ShapeClassifierModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
-    def _check_batch(self, x: torch.Tensor) -> None:
+    def _check_batch(self, x: torch.Tensor, training: bool = False) -> None:
         size = self.hparams.image_size
-        if x.shape[-2:] != (size, size):
-            raise ValueError(f"batch has {tuple(x.shape[-2:])} px images but the model expects {size} x {size}")
+        crop = self.hparams.get("train_crop") if training else None
+        if x.shape[-2:] != (size, size) and (crop is None or x.shape[-2:] != (crop, crop)):
+            also = f" (or {crop} x {crop} training crops)" if crop else ""
+            raise ValueError(f"batch has {tuple(x.shape[-2:])} px images but the model expects {size} x {size}{also}")
 
     def training_step(self, batch, batch_idx):
         x, y = batch["image"], batch["label"]
-        self._check_batch(x)
+        self._check_batch(x, training=True)
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
