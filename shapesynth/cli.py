@@ -21,9 +21,15 @@ def _load_config(path: str | None) -> dict:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {p} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping")
     return data.get("config", data)  # a dataset's shapesynth.json works too

@@ -14,9 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from shapesynth.shapes import KINDS, hole_px
 from shapesynth.streams import uniform_int
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# An empty shape's hole must be at least this wide (px) or, under anti-aliasing, the outline
+# renders like the filled shape and the label is noise.
+MIN_HOLE_PX = 1.0
 
 # The paper's bands on a 256 px canvas: 80-99, 40-49 and 20-24 px.
 PAPER_SIZE_BANDS: tuple[tuple[float, float], ...] = (
@@ -146,11 +151,16 @@ class SynthConfig:
                     f"size_bands[{k}] gives shapes of {lo} px at image_size {self.image_size}: "
                     "shapes need at least 3 px"
                 )
-            if 2 * self.stroke_px(lo) >= lo:
-                raise ConfigError(
-                    f"size_bands[{k}]: a {lo} px empty shape with a {self.stroke_px(lo)} px stroke "
-                    "has no interior; lower stroke_fraction/min_stroke_px or raise the band"
-                )
+            for size in range(lo, hi + 1):
+                stroke = self.stroke_px(size)
+                hole, kind = min((hole_px(kind, size, stroke), kind) for kind in KINDS)
+                if hole < MIN_HOLE_PX:
+                    raise ConfigError(
+                        f"size_bands[{k}]: a {size} px empty {kind} with a {stroke} px stroke has "
+                        f"no interior ({hole:.2f} px across, needs >= {MIN_HOLE_PX:g}) at image_size "
+                        f"{self.image_size}; lower stroke_fraction/min_stroke_px, raise the band "
+                        "or the image size"
+                    )
             need = 2 * (hi / math.sqrt(2) + self.margin_px)
             if need > self.image_size:
                 raise ConfigError(
@@ -166,6 +176,19 @@ class SynthConfig:
                 f"size_band_weights {list(weights)} must hold one finite weight >= 0 per size band "
                 f"({len(self.size_bands)} bands), not all zero"
             )
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
+        for knob, low in (("min_stroke_px", 1), ("max_colour_tries", 1)):
+            value = getattr(self, knob)
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"{knob} must be an int >= {low}, got {value!r}")
+        for knob in ("stroke_fraction", "margin_px"):
+            if not getattr(self, knob) >= 0:
+                raise ConfigError(f"{knob} must be >= 0, got {getattr(self, knob)}")
+        for name, fraction in self.bg_pool_fractions.items():
+            if name not in SPLITS or not 0.0 <= fraction <= 1.0:
+                raise ConfigError(f"bg_pool_fractions[{name!r}] must be in [0, 1] for a known split {SPLITS}, "
+                                  f"got {fraction!r}")
         if not 0.0 <= self.min_contrast < 1.0:
             raise ConfigError(f"min_contrast must be in [0, 1), got {self.min_contrast}")
         if self.background not in ("procedural", "folder", "hf"):

@@ -39,6 +39,20 @@ def circumradius(size: float) -> float:
     return size / math.sqrt(2.0)
 
 
+def hole_px(kind: str, size: float, stroke: float) -> float:
+    """Width across the hole of an empty shape: the diameter of the circle inscribed in it.
+
+    The inward stroke shrinks a circle or square to one of side ``size - 2 stroke`` and the
+    triangle (base = height = size, inradius size / (1 + sqrt 5) ~ 0.31 size) to a similar
+    triangle of inradius ``inradius - stroke``; zero or less means the empty shape is drawn
+    exactly like the filled one.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown shape kind {kind!r} (known: {KINDS})")
+    inradius = size / (1.0 + math.sqrt(5.0)) if kind == "triangle" else size / 2.0
+    return 2.0 * (inradius - stroke)
+
+
 def _triangle_local(size: float) -> np.ndarray:
     h = size / 2.0
     return np.array([[0.0, -h], [h, h], [-h, h]])  # apex, base right, base left (clockwise in y-down)

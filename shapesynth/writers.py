@@ -186,7 +186,10 @@ class Arrow:
             shutil.rmtree(tmp)
         dd.save_to_disk(str(tmp))
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "dataset_dict.json"):
-            entry.replace(out / entry.name)  # dataset_dict.json last: it marks completion
+            target = out / entry.name
+            if target.is_dir():  # left by an interrupted finalize (no dataset_dict.json yet)
+                shutil.rmtree(target)
+            entry.replace(target)  # dataset_dict.json last: it marks completion
         shutil.rmtree(out / WORK_DIR)
 
     def data_files(self, split: str) -> str:

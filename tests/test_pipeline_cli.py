@@ -54,7 +54,7 @@ def test_cli_run_on_a_saved_model_two_shards_equal_one_process(tmp_path):
 
     data = tmp_path / "data"
     done = subprocess.run([sys.executable, "-m", "shapesynth", "generate", "--out", str(data), "--image-size", "32",
-                           "--train-size", "8", "--val-size", "8", "--test-size", "32", "--no-progress"],
+                           "--size-bands", "0.31-0.39,0.16-0.19", "--train-size", "8", "--val-size", "8", "--test-size", "32", "--no-progress"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     torch.manual_seed(3)

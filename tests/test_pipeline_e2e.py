@@ -17,13 +17,14 @@ from validation.pipeline.table import load_predictions, load_results
 from validation.report import write_report
 
 SIZE = 32
+BANDS = "0.31-0.39,0.16-0.19"  # the paper's smallest band has no triangle hole at 32 px
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "data"
     done = subprocess.run([sys.executable, "-m", "shapesynth", "generate", "--out", str(out), "--image-size",
-                           str(SIZE), "--train-size", "12", "--val-size", "6", "--test-size", "48",
+                           str(SIZE), "--size-bands", BANDS, "--train-size", "12", "--val-size", "6", "--test-size", "48",
                            "--no-progress"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
@@ -93,7 +94,7 @@ def test_reproduce_with_real_generator_methods_and_metrics(tmp_path, monkeypatch
     monkeypatch.setattr(R, "_model_ready", lambda p: (p.exists(), {"arch": "resnet18", "test_accuracy": 1.0}))
     profile = {
         "name": "e2e", "description": "tiny real run",
-        "data": {"args": ["generate", "--out", "{data}", "--image-size", str(SIZE), "--train-size", "12",
+        "data": {"args": ["generate", "--out", "{data}", "--image-size", str(SIZE), "--size-bands", BANDS, "--train-size", "12",
                           "--val-size", "6", "--test-size", "32", "--no-progress"]},
         "train": {"min_test_accuracy": 0.99, "models": {"resnet18": None},
                   "command": [sys.executable, "-c", "import pathlib,sys; pathlib.Path(sys.argv[1]).mkdir(parents=True)",

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 
 from shapesynth import ShapeSynth, SynthConfig
+from shapesynth.config import PAPER_SIZE_BANDS
 from shapesynth.audit import audit_passed, audit_table, shortcut_audit
 from shapesynth.schema import meta_row
 
 
 @pytest.fixture(scope="module")
 def clean_meta():
-    cfg = SynthConfig(image_size=48, split_sizes={"train": 600, "val": 6, "test": 6}, bg_pool_sizes={"train": 24, "val": 1, "test": 1})
+    cfg = SynthConfig(image_size=48, size_bands=PAPER_SIZE_BANDS[:2], split_sizes={"train": 600, "val": 6, "test": 6}, bg_pool_sizes={"train": 24, "val": 1, "test": 1})
     synth = ShapeSynth(cfg)
     rows = []
     for i in range(600):

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from shapesynth import ShapeSynth, SynthConfig
+from shapesynth.config import PAPER_SIZE_BANDS
 from shapesynth.backgrounds import BackgroundError, BackgroundOverlapError, build_pools, clear_pool_cache, pixel_hash
 from shapesynth.backgrounds import hf as hf_source
 from shapesynth.backgrounds.pools import to_rgb
 
-TINY = dict(image_size=32, split_sizes={"train": 12, "val": 6, "test": 6})
+TINY = dict(image_size=32, size_bands=PAPER_SIZE_BANDS[:2], split_sizes={"train": 12, "val": 6, "test": 6})
 
 
 @pytest.fixture(autouse=True)

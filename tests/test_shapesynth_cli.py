@@ -13,7 +13,7 @@ from shapesynth.backgrounds import clear_pool_cache
 from shapesynth.cli import main
 from shapesynth.readers import data_file_list
 
-TINY = ["--image-size", "32", "--train-size", "24", "--val-size", "6", "--test-size", "12", "--samples-per-shard", "10", "--no-progress", "--num-proc", "1"]
+TINY = ["--image-size", "32", "--size-bands", "0.31-0.39,0.16-0.19", "--train-size", "24", "--val-size", "6", "--test-size", "12", "--samples-per-shard", "10", "--no-progress", "--num-proc", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,8 @@ def test_preview_of_a_missing_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image-size", "32", "--backgrounds", "/definitely/missing"], "does not exist"),
+        (["--image-size", "64", "--backgrounds", "/definitely/missing"], "does not exist"),
+        (["--image-size", "32"], "3 px empty triangle"),
         (["--image-size", "12"], "image_size"),
         (["--shard", "3/2"], "--shard"),
         (["--shard", "half"], "--shard"),
@@ -79,6 +80,14 @@ def test_preview_of_a_missing_folder(tmp_path, capsys):
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
     assert main(["generate", "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text, words", [("c.json", "{'seed': 1", "c.json is not valid JSON"),
+                                               ("c.yaml", "seed: [1", "c.yaml is not valid YAML")])
+def test_a_malformed_config_file_is_named(tmp_path, capsys, name, text, words):
+    (tmp_path / name).write_text(text)
+    assert main(["generate", "--out", str(tmp_path / "o"), "--config", str(tmp_path / name)]) == 2
+    assert words in capsys.readouterr().err
 
 
 def test_folder_backgrounds_from_the_cli_with_strict(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from shapesynth import CLASS_NAMES, ConfigError, ShapeSynth, SynthConfig
-from shapesynth.shapes import coverage, polygon_vertices
+from shapesynth.shapes import coverage, hole_px, polygon_vertices
 from shapesynth.torchdata import SynthStream
 
 SMALL = dict(image_size=64, split_sizes={"train": 60, "val": 12, "test": 30}, bg_pool_sizes={"train": 6, "val": 2, "test": 3})
@@ -54,6 +54,27 @@ def test_empty_shapes_are_inward_strokes():
     assert abs(frame.sum() - (size**2 - (size - 2 * w) ** 2)) / (size**2 - (size - 2 * w) ** 2) < 0.01
     assert abs(full.sum() - size**2) / size**2 < 0.01
     assert np.all(frame <= full + 1e-7)
+
+
+@pytest.mark.parametrize("size, w", [(5, 1), (10, 2), (24, 4), (40, 8)])
+def test_empty_triangle_hole_is_the_shrunk_triangle(size, w):
+    # the hole is a similar triangle of inradius r - w (r = size / (1 + sqrt 5)); the smallest
+    # sizes are those of the paper's bands at 64 and 128 px
+    _, frame, full = coverage(5, size, 23.0, 32.3, 31.8, 64, stroke=w)
+    scale = hole_px("triangle", size, w) / hole_px("triangle", size, 0)
+    expected = scale**2 * size * size / 2
+    assert expected > 1.0
+    assert full.sum() - frame.sum() == pytest.approx(expected, rel=0.1, abs=0.1)
+
+
+def test_config_refuses_sizes_where_an_empty_shape_has_no_hole():
+    # the paper's smallest band at 32 px: 3 px triangles, 1 px stroke, inradius 0.93 px
+    with pytest.raises(ConfigError, match="3 px empty triangle .* no interior"):
+        SynthConfig(image_size=32)
+    with pytest.raises(ConfigError, match="4 px empty triangle"):
+        SynthConfig(image_size=48)
+    # at 64 px the smallest (5 px) triangle keeps a 1.09 px hole
+    assert hole_px("triangle", SynthConfig(image_size=64).band_px(2)[0], 1) == pytest.approx(1.09, abs=0.01)
 
 
 def test_triangle_vertices_match_its_mask():
@@ -211,6 +232,12 @@ def test_counterfactuals_keep_everything_but_the_class(synth):
         ({"size_bands": ((0.21, 0.24),), "image_size": 20}, "no integer size"),
         ({"size_bands": ((0.12, 0.13),), "stroke_fraction": 0.5}, "no interior"),
         ({"image_size": 8}, "image_size"),
+        ({"seed": -1}, "seed"),
+        ({"min_stroke_px": 0}, "min_stroke_px"),
+        ({"max_colour_tries": 0}, "max_colour_tries"),
+        ({"margin_px": -2.0}, "margin_px"),
+        ({"stroke_fraction": -0.1}, "stroke_fraction"),
+        ({"bg_pool_fractions": {"tain": 0.5}}, "bg_pool_fractions"),
         ({"background": "nope"}, "background"),
         ({"background": "folder"}, "bg_path"),
         ({"split_sizes": {"training": 5}}, "training"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shapesynth import CLASS_NAMES, ShapeSynth, SynthConfig, dataset_fingerprint
+from shapesynth.config import PAPER_SIZE_BANDS
 from shapesynth.generate import generate
 from shapesynth.readers import load_metadata
 from shapesynth.torchdata import ShapesDataset
@@ -17,6 +18,7 @@ from shapesynth.writers import OutputError
 
 CFG = SynthConfig(
     image_size=32,
+    size_bands=PAPER_SIZE_BANDS[:2],  # the smallest band's 3 px triangles have no hole at 32 px
     split_sizes={"train": 30, "val": 6, "test": 12},
     bg_pool_sizes={"train": 4, "val": 2, "test": 2},
 )
@@ -203,6 +205,29 @@ def test_resume_finishes_without_rewriting_finished_shards(hub_dir, tmp_path):
     assert summary.written == 8 and summary.written_shards == 1 and summary.resumed_shards == 6
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert _tree(out) == _tree(hub_dir)
+
+
+def test_arrow_resume_after_an_interrupted_finalize(tmp_path, monkeypatch):
+    import pathlib
+
+    reference = tmp_path / "ref"
+    _gen(reference, fmt="arrow")
+    out = tmp_path / "arr"
+    real_replace, moved = pathlib.Path.replace, []
+
+    def dies_on_the_second_move(self, target):
+        if len(moved) == 1:
+            raise KeyboardInterrupt("killed during finalize")
+        moved.append(target)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "replace", dies_on_the_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(out, fmt="arrow")
+    monkeypatch.setattr(pathlib.Path, "replace", real_replace)
+    assert moved[0].is_dir() and not (out / "dataset_dict.json").exists()
+    _gen(out, fmt="arrow", resume=True)
+    assert _tree(out) == _tree(reference)
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):
