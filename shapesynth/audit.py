@@ -52,7 +52,8 @@ def _bins_for(n: int, classes: int, wanted: int) -> int:
 
 
 def shortcut_audit(meta: pd.DataFrame, alpha: float = 0.01) -> list[AuditTest]:
-    """Test label independence of colour, size band, position and background (and angle)."""
+    """Test label independence of colour, size (band and size within it), position, background
+    (base, flips, crop, channel permutation, colour jitter) and angle."""
     y = meta["label"].to_numpy()
     n, k = len(y), len(CLASS_NAMES)
     colour = np.stack(meta["colour"].to_numpy()).astype(np.int64)
@@ -64,7 +65,15 @@ def shortcut_audit(meta: pd.DataFrame, alpha: float = 0.01) -> list[AuditTest]:
     tests.append(("colour", "RGB octant", "chi-square", _chi2(y, octant)))
     # the public code's bug: the low bits of R equal the label
     tests.append(("colour", "R mod 8", "chi-square", _chi2(y, colour[:, 0] % 8)))
-    tests.append(("size band", "band", "chi-square", _chi2(y, meta["size_band"].to_numpy())))
+    band, size = meta["size_band"].to_numpy(), meta["size_px"].to_numpy().astype(np.float64)
+    tests.append(("size band", "band", "chi-square", _chi2(y, band)))
+    # where a size falls inside its band (0 = the band's smallest size seen, 1 = its largest)
+    within = np.zeros_like(size)
+    for b in np.unique(band):
+        sel = band == b
+        lo, hi = size[sel].min(), size[sel].max()
+        within[sel] = (size[sel] - lo) / max(hi - lo, 1.0)
+    tests.append(("size band", "size within its band", "Kruskal-Wallis", _kruskal(y, within)))
     for axis, name in enumerate("xy"):
         tests.append(("position", f"centre {name}", "Kruskal-Wallis", _kruskal(y, centre[:, axis])))
     side = max(float(np.max(centre)), 1.0) + 1.0
@@ -80,6 +89,11 @@ def shortcut_audit(meta: pd.DataFrame, alpha: float = 0.01) -> list[AuditTest]:
     crop = np.stack(meta["bg_crop"].to_numpy()).astype(np.float64)
     tests.append(("background", "crop x", "Kruskal-Wallis", _kruskal(y, crop[:, 0])))
     tests.append(("background", "crop y", "Kruskal-Wallis", _kruskal(y, crop[:, 1])))
+    channels = np.stack(meta["bg_channels"].to_numpy()).astype(np.int64) @ np.array([9, 3, 1])
+    tests.append(("background", "channel permutation", "chi-square", _chi2(y, channels)))
+    jitter = np.stack(meta["bg_jitter"].to_numpy()).astype(np.float64)
+    for c, name in enumerate(("brightness", "contrast", "saturation")):
+        tests.append(("background", f"{name} jitter", "Kruskal-Wallis", _kruskal(y, jitter[:, c])))
     tests.append(("angle", "angle", "Kruskal-Wallis", _kruskal(y, meta["angle"].to_numpy())))
     threshold = alpha / len(tests)
     return [AuditTest(v, view, m, s, p, p >= threshold) for v, view, m, (s, p) in tests]

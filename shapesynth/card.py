@@ -92,11 +92,13 @@ def _backgrounds(cfg: SynthConfig, pools: dict[str, BackgroundPool]) -> tuple[st
     return "\n".join(text), listing
 
 
-def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool]:
-    parts, ok = [], True
+def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool, list[str]]:
+    """(card text, every audited split passed, the splits too small to audit)."""
+    parts, ok, not_audited = [], True, []
     for split, m in metas.items():
         if len(m) < 2 * len(CLASS_NAMES):
             parts.append(f"**{split}**: too few samples ({len(m)}) to audit.\n")
+            not_audited.append(split)
             continue
         tests = shortcut_audit(m, alpha=alpha)
         ok &= audit_passed(tests)
@@ -112,7 +114,7 @@ def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool]:
         "contingency tables label x category; Kruskal-Wallis tests compare the variable's "
         "distribution across the six classes."
     )
-    return head + "\n\n" + "\n".join(parts), ok
+    return head + "\n\n" + "\n".join(parts), ok, not_audited
 
 
 def write_card(
@@ -129,7 +131,7 @@ def write_card(
     counts_table, band_table = _counts(metas)
     bg_text, listing = _backgrounds(cfg, pools)
     atomic_write(out / "backgrounds.json", json.dumps(listing, indent=1, sort_keys=True) + "\n")
-    audit_text, audit_ok = _audit(metas, alpha)
+    audit_text, audit_ok, not_audited = _audit(metas, alpha)
     preview_split = next(s for s in ("train", "test", "val") if s in metas and len(metas[s]))
     write_preview(out, out / "examples.png", split=preview_split, per_class=3, scale=2 if cfg.image_size < 96 else 1)
     writer = get_format(fmt)
@@ -157,4 +159,5 @@ def write_card(
         "regen_command": f"shapesynth generate --config shapesynth.json --out DIR --format {fmt} --samples-per-shard {samples_per_shard}",
     }
     atomic_write(out / "README.md", string.Template(template_text()).substitute(fields))
-    return {"audit_passed": audit_ok, "samples": total, "fingerprint": fields["fingerprint"]}
+    return {"audit_passed": audit_ok, "not_audited": not_audited, "samples": total,
+            "fingerprint": fields["fingerprint"]}

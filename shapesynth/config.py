@@ -98,7 +98,8 @@ class SynthConfig:
     background: str = "procedural"
     bg_path: str | None = None  # folder / HF dataset path or Hub name
     bg_split_paths: dict[str, str] | None = None  # {"train": dir, "test": dir, ...} instead of bg_path
-    bg_hf_split: str | None = None  # HF split to draw from (None: all splits, pooled by hash)
+    bg_hf_split: str | None = None  # HF split to draw from (None: the dataset's train/val/test splits
+    # as the pools when it has train and test, else all splits pooled and dealt by hash)
     bg_image_column: str | None = None  # HF image column (None: the first Image feature)
     bg_pool_sizes: dict[str, int] = field(default_factory=_default_pool_sizes)
     bg_pool_fractions: dict[str, float] = field(default_factory=_default_pool_fractions)

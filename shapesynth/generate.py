@@ -29,6 +29,7 @@ class GenerateSummary:
     seconds: float = 0.0
     skipped_backgrounds: list[tuple[str, str]] = field(default_factory=list)
     audit_passed: bool | None = None
+    not_audited: list[str] = field(default_factory=list)  # splits too small to audit
     fingerprint: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -45,7 +46,10 @@ class GenerateSummary:
         if len(self.skipped_backgrounds) > 20:
             out.append(f"  ... and {len(self.skipped_backgrounds) - 20} more (see backgrounds.json)")
         if self.complete:
-            out.append(f"audit       {'passed' if self.audit_passed else 'FAILED: see the card'}")
+            verdict = "passed" if self.audit_passed else "FAILED: see the card"
+            if self.not_audited:
+                verdict += f" (not audited, too few samples: {', '.join(self.not_audited)})"
+            out.append(f"audit       {verdict}")
             out.append(f"fingerprint {self.fingerprint}")
         else:
             out.append("card        not written yet: other shards are missing (run the remaining --shard parts)")
@@ -110,6 +114,7 @@ def generate(
         card = write_card(out, cfg, pools, fmt, alpha=alpha, samples_per_shard=samples_per_shard)
         summary.complete = True
         summary.audit_passed = card["audit_passed"]
+        summary.not_audited = card["not_audited"]
         summary.fingerprint = card["fingerprint"]
     summary.seconds = time.perf_counter() - start
     return summary

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shapesynth.readers import data_file_list
+from shapesynth.config import SPLITS
+from shapesynth.readers import data_file_list, expected_size, load_metadata
 from shapesynth.writers import MANIFEST, OutputError
 
 
@@ -29,6 +30,9 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
     folder = Path(folder)
     if not (folder / "README.md").exists():
         raise OutputError(f"{folder} has no README.md dataset card: generation is not complete, nothing uploaded")
+    for split in SPLITS:
+        if (expected_size(folder, split) or 0) > 0:
+            load_metadata(folder, split)  # refuses a split with shards missing
     files = upload_list(folder)
     api = _hf_api()
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)

@@ -39,7 +39,7 @@ def grid(tiles: list[np.ndarray], columns: int, pad: int = 4) -> np.ndarray:
 
 def preview_array(data: str | Path, split: str = "train", per_class: int = 3, scale: int = 2) -> np.ndarray:
     """per_class samples of every class (the first ones of the split), one row per class."""
-    records = open_split(data, split)
+    records = open_split(data, split, allow_incomplete=True)  # a preview may look at a run in progress
     picked: dict[int, list[int]] = {k: [] for k in range(len(CLASS_NAMES))}
     labels = records._labels if records.table is not None else [r["label"] for r in records.files]
     for i, label in enumerate(labels):

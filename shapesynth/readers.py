@@ -71,7 +71,27 @@ def _arrow_table(files: list[Path]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def open_split(path: str | Path, split: str) -> SplitRecords:
+def expected_size(path: str | Path, split: str) -> int | None:
+    """The number of samples the dataset's recipe asks for in a split (None: no recipe)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.exists():
+        return None
+    return int(json.loads(manifest.read_text())["config"].get("split_sizes", {}).get(split, 0))
+
+
+def check_complete(path: str | Path, split: str, found: int) -> None:
+    """Refuse a split that holds fewer (or more) samples than its recipe: unfinished shards."""
+    expected = expected_size(path, split)
+    if expected is not None and found != expected:
+        raise OutputError(
+            f"{path} is incomplete: split {split!r} holds {found} of the {expected} samples its recipe "
+            "asks for (shards missing: finish with `shapesynth generate --resume`, or copy in the "
+            "folders of the other `--shard i/n` runs)"
+        )
+
+
+def open_split(path: str | Path, split: str, allow_incomplete: bool = False) -> SplitRecords:
+    """A split's samples; a split with shards missing is refused unless `allow_incomplete`."""
     out = Path(path)
     if not out.exists():
         raise FileNotFoundError(f"dataset folder {out} does not exist")
@@ -81,17 +101,21 @@ def open_split(path: str | Path, split: str) -> SplitRecords:
         raise OutputError(f"{out} ({fmt} format) has no {split!r} split")
     where = f"{out}:{split}"
     if fmt == "hub":
-        return SplitRecords(pa.concat_tables([pq.read_table(f) for f in files]), None, where)
-    if fmt == "arrow":
-        return SplitRecords(_arrow_table(files), None, where)
-    recs = []
-    for meta in files:
-        for line in meta.read_text().splitlines():
-            rec = json.loads(line)
-            for key in ("file_name", "mask_file_name", "region_file_name"):
-                rec[key] = str(meta.parent / rec[key])
-            recs.append(rec)
-    return SplitRecords(None, recs, where)
+        records = SplitRecords(pa.concat_tables([pq.read_table(f) for f in files]), None, where)
+    elif fmt == "arrow":
+        records = SplitRecords(_arrow_table(files), None, where)
+    else:
+        recs = []
+        for meta in files:
+            for line in meta.read_text().splitlines():
+                rec = json.loads(line)
+                for key in ("file_name", "mask_file_name", "region_file_name"):
+                    rec[key] = str(meta.parent / rec[key])
+                recs.append(rec)
+        records = SplitRecords(None, recs, where)
+    if not allow_incomplete:
+        check_complete(out, split, len(records))
+    return records
 
 
 def load_config(path: str | Path):
@@ -104,20 +128,24 @@ def load_config(path: str | Path):
     return SynthConfig.from_dict(json.loads(manifest.read_text())["config"])
 
 
-def load_metadata(path: str | Path, split: str) -> pd.DataFrame:
-    """The label and metadata columns of a split (no pixels decoded)."""
+def load_metadata(path: str | Path, split: str, allow_incomplete: bool = False) -> pd.DataFrame:
+    """The label and metadata columns of a split (no pixels decoded); like `open_split`, a split
+    with shards missing is refused unless `allow_incomplete`."""
     out = Path(path)
     fmt = detect_format(out)
     files = _split_files(out, fmt, split)
-    if not files:
-        return pd.DataFrame(columns=["label", *META_COLUMNS])
     cols = ["label", *META_COLUMNS]
-    if fmt == "hub":
-        return pa.concat_tables([pq.read_table(f, columns=cols) for f in files]).to_pandas()
-    if fmt == "arrow":
-        return _arrow_table(files).select(cols).to_pandas()
-    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    return pd.DataFrame(rows)[cols]
+    if not files:
+        table = pd.DataFrame(columns=cols)
+    elif fmt == "hub":
+        table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files]).to_pandas()
+    elif fmt == "arrow":
+        table = _arrow_table(files).select(cols).to_pandas()
+    else:
+        table = pd.DataFrame([json.loads(line) for f in files for line in f.read_text().splitlines()])[cols]
+    if not allow_incomplete:
+        check_complete(out, split, len(table))
+    return table
 
 
 def data_file_list(path: str | Path) -> list[Path]:
@@ -148,4 +176,4 @@ def dataset_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["SplitRecords", "data_file_list", "dataset_fingerprint", "load_metadata", "open_split"]
+__all__ = ["SplitRecords", "check_complete", "data_file_list", "dataset_fingerprint", "load_metadata", "open_split"]

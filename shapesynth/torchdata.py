@@ -10,6 +10,8 @@ masks together (masks are resampled with nearest neighbour by torchvision).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -92,6 +94,24 @@ class SynthStream(Dataset):
         return _to_item(s.image, s.mask, s.region, s.label, i, self.transform)
 
 
+def _check_pools_match(path, synth: ShapeSynth) -> None:
+    from shapesynth.writers import OutputError
+
+    listing_file = Path(path) / "backgrounds.json"
+    if not listing_file.exists():
+        return
+    listing = json.loads(listing_file.read_text())
+    for split, pool in synth.pools.items():
+        recorded = [b["sha256"] for b in listing.get(split, [])]
+        if list(pool.hashes) != recorded:
+            changed = sum(a != b for a, b in zip(pool.hashes, recorded)) + abs(len(pool.hashes) - len(recorded))
+            raise OutputError(
+                f"the backgrounds of {path} changed since it was generated: pool {split!r} now has "
+                f"{len(pool.hashes)} bases, {changed} of them unlike {listing_file.name}; counterfactuals "
+                "would not match the stored images (restore the background files, or regenerate)"
+            )
+
+
 class ShapesDataset(Dataset):
     """A split of a dataset written by `shapesynth generate`, in any of its formats."""
 
@@ -111,11 +131,18 @@ class ShapesDataset(Dataset):
 
     @property
     def synth(self) -> ShapeSynth:
-        """The generator of this dataset, rebuilt from its recipe (``shapesynth.json``)."""
+        """The generator of this dataset, rebuilt from its recipe (``shapesynth.json``).
+
+        Its background pools are checked against the dataset's ``backgrounds.json``: when the
+        background files changed since generation, counterfactuals could no longer match the
+        stored pixels, so that is an error rather than a silent mismatch.
+        """
         if getattr(self, "_synth", None) is None:
             from shapesynth.readers import load_config
 
-            self._synth = ShapeSynth(load_config(self.path))
+            synth = ShapeSynth(load_config(self.path))
+            _check_pools_match(self.path, synth)
+            self._synth = synth
         return self._synth
 
     def counterfactual(self, i: int, label: int | None = None) -> dict:

@@ -74,12 +74,44 @@ def test_planted_background_dependence_is_caught(clean_meta):
     assert {v for v, _ in failed} == {"background"}
 
 
+def _circles_differ(m, column, change):
+    """Replace `column` by change(value) on circles (classes 0 and 3) only."""
+    circle = m["label"].isin([0, 3]).to_numpy()
+    m[column] = [change(v) if c else v for v, c in zip(m[column], circle)]
+    return m
+
+
+@pytest.mark.parametrize(
+    "column, change, view",
+    [
+        # circles drawn at the top of their band, the others anywhere in it
+        ("size_px", None, "size within its band"),
+        ("bg_channels", lambda v: [0, 1, 2], "channel permutation"),
+        ("bg_jitter", lambda v: [v[0], v[1] * 0.2, v[2]], "contrast jitter"),
+        ("bg_flip", lambda v: [True, v[1]], "flips"),
+        ("angle", lambda v: v * 0.25, "angle"),
+    ],
+)
+def test_planted_nuisance_dependence_is_caught(clean_meta, column, change, view):
+    m = clean_meta.copy()
+    if column == "size_px":
+        top = m.groupby("size_band")["size_px"].transform("max")
+        m["size_px"] = np.where(m["label"].isin([0, 3]), top, m["size_px"])
+    else:
+        m = _circles_differ(m, column, change)
+    failed = _failed(shortcut_audit(m))
+    assert view in {v for _, v in failed}, failed
+
+
 def test_audit_of_a_tiny_or_constant_table_does_not_crash():
     m = pd.DataFrame(
         {
             "label": [0, 1, 2, 3, 4, 5] * 2,
             "colour": [[10, 10, 10]] * 12,
             "size_band": [0] * 12,
+            "size_px": [9] * 12,
+            "bg_channels": [[0, 1, 2]] * 12,
+            "bg_jitter": [[0.0, 0.0, 0.0]] * 12,
             "center_x": [5.0] * 12,
             "center_y": [5.0] * 12,
             "bg_pool": ["train"] * 12,

@@ -211,6 +211,22 @@ def test_folder_backgrounds_render(tmp_path):
     assert s.meta["bg_name"] in synth.pools["test"].names
 
 
+def test_counterfactuals_refuse_backgrounds_changed_since_generation(tmp_path):
+    from shapesynth.generate import generate
+    from shapesynth.torchdata import ShapesDataset
+    from shapesynth.writers import OutputError
+
+    _write_images(tmp_path / "bgs", 12, size=48)
+    out = tmp_path / "data"
+    generate(_folder_cfg(tmp_path / "bgs"), out, samples_per_shard=8, progress=False)
+    item = ShapesDataset(out, split="test")
+    assert np.array_equal(item.counterfactual(0, label=int(item[0]["label"]))["image"], item[0]["image"])
+    _write_images(tmp_path / "bgs", 8, size=48, start=12)  # the folder grows: pools are dealt anew
+    clear_pool_cache()
+    with pytest.raises(OutputError, match="changed since it was generated"):
+        ShapesDataset(out, split="test").counterfactual(0, label=0)
+
+
 # ---------------------------------------------------------------- hf source
 def _hf_dataset(tmp_path, splits):
     import datasets
@@ -228,6 +244,14 @@ def test_hf_save_to_disk_folder_keeps_its_splits(tmp_path):
     pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds")))
     assert {s: len(p) for s, p in pools.items()} == {"train": 6, "val": 2, "test": 3}
     assert pools["test"].names[0].endswith(":test[0]")
+
+
+def test_hf_splits_that_are_not_pools_are_listed_as_skipped(tmp_path):
+    _hf_dataset(tmp_path, {"train": 6, "test": 3, "unlabeled": 10}).save_to_disk(str(tmp_path / "hfds"))
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds")))
+    skipped = dict(s for p in pools.values() for s in p.skipped)
+    assert list(skipped) == [f"{tmp_path / 'hfds'}:unlabeled"] and "10 rows" in skipped[f"{tmp_path / 'hfds'}:unlabeled"]
+    assert sum(len(p) for p in pools.values()) == 9
 
 
 def test_hf_single_split_is_dealt_by_hash(tmp_path):

@@ -32,7 +32,8 @@ def test_generate_prints_a_summary(tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["generate", "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
-    assert "written     42 samples" in text and "audit       passed" in text and "fingerprint" in text
+    assert "written     42 samples" in text and "fingerprint" in text
+    assert "audit       passed (not audited, too few samples: val)" in text
     assert (out / "README.md").exists() and len(list((out / "data").glob("*.parquet"))) == 6
 
 
@@ -48,6 +49,24 @@ def test_config_file_reproduces_a_dataset(generated, tmp_path):
     again = tmp_path / "again"
     assert main(["generate", "--out", str(again), "--config", str(generated / "shapesynth.json"), "--samples-per-shard", "10", "--no-progress"]) == 0
     assert dataset_fingerprint(again) == dataset_fingerprint(generated)
+
+
+def test_preview_tile_draws_the_mask_contour():
+    import cv2
+
+    from shapesynth.preview import draw_tile
+
+    image = np.full((32, 32, 3), 100, np.uint8)
+    mask = np.zeros((32, 32), np.float32)
+    mask[16:26, 8:22] = 1.0  # below the class name
+    tile = draw_tile(image, mask, label=1, scale=2)
+    white = (tile == 255).all(axis=2)
+    white[:16] = False  # the class name's rows
+    inside = cv2.resize(mask, (64, 64), interpolation=cv2.INTER_NEAREST) >= 0.5
+    edge = inside ^ cv2.erode(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    near_edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert white.sum() >= 0.9 * edge.sum()  # the whole outline is drawn...
+    assert not (white & ~near_edge).any()  # ...and nothing white away from it
 
 
 def test_preview_writes_a_grid_with_contours(generated, tmp_path):
@@ -139,7 +158,7 @@ def test_push_to_hub_uploads_exactly_what_is_on_disk(monkeypatch, tmp_path, caps
     assert "README.md" in ukw["allow_patterns"] and any(f.startswith("data/") for f in ukw["allow_patterns"])
 
 
-def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch):
+def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch, capsys):
     api = RecordingApi()
     monkeypatch.setattr(hub, "_hf_api", lambda: api)
     out = tmp_path / "half"
@@ -147,6 +166,11 @@ def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch):
     assert api.calls == []
     assert main(["push", "--data", str(out), "me/x"]) == 2
     assert api.calls == []
+    # neither a card forced onto the half dataset nor a push after it
+    assert main(["card", "--data", str(out)]) == 2
+    (out / "README.md").write_text("a card written by hand")
+    assert main(["push", "--data", str(out), "me/x"]) == 2
+    assert "incomplete" in capsys.readouterr().err and api.calls == []
 
 
 def test_upload_list_skips_hidden_and_work_files(generated):

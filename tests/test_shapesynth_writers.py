@@ -155,6 +155,19 @@ def test_output_is_byte_identical_across_shards(hub_dir, tmp_path):
     assert _tree(out) == _tree(hub_dir)
 
 
+@pytest.mark.parametrize("fmt", ["hub", "imagefolder"])
+def test_a_dataset_with_shards_missing_is_refused_by_readers(tmp_path, fmt):
+    out = tmp_path / "half"
+    assert not _gen(out, fmt=fmt, shard=(0, 2)).complete
+    for read in (lambda: ShapesDataset(out, split="test"), lambda: load_metadata(out, "train")):
+        with pytest.raises(OutputError, match=r"incomplete: split '(test|train)' holds \d+ of the (12|30) samples"):
+            read()
+    # an explicit opt-in still reads what is there (e.g. a preview of a run in progress)
+    assert 0 < len(load_metadata(out, "train", allow_incomplete=True)) < 30
+    _gen(out, fmt=fmt, shard=(1, 2))
+    assert len(ShapesDataset(out, split="test")) == 12
+
+
 def test_shards_on_separate_machines_merge_identically(hub_dir, tmp_path):
     parts = []
     for i in range(2):

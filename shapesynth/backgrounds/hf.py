@@ -98,6 +98,8 @@ def hf_pools(cfg: SynthConfig) -> dict[str, BackgroundPool]:
         per_split = {}
         for name, ds in loaded.items():
             if mapped[name] is None:
+                skipped.append((f"{where}:{name}", f"split not used ({len(ds)} rows): the dataset's own "
+                                "train/validation/test splits are the pools; bg_hf_split picks one split"))
                 continue
             col = _image_column(ds, cfg.bg_image_column, f"{where}[{name}]")
             cands, bad = decode_candidates(_rows(ds, col, f"{where}:{name}"), cfg.bg_strict)
