@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from validation.metrics import (adcc, arcc, average_drop, coherency, complexity, evaluate, harmonic_mean, road,
-                                AverageDrop, ROAD)
+from validation.metrics import (adcc, arcc, average_drop, coherency, complexity, evaluate, get_metric,
+                                harmonic_mean, road, AverageDrop, Complexity, ROAD)
 from test_metrics_helpers import TinyConv, cam_maps, smooth_images
 
 
@@ -66,6 +66,8 @@ def test_average_drop_zero_for_all_ones_and_in_unit_interval(seed):
 
 
 def test_complexity_limits():
+    values, reasons = complexity(torch.ones(2, 8, 8), return_reasons=True)
+    assert torch.equal(values, torch.ones(2)) and reasons == ["", ""]
     assert torch.equal(complexity(torch.zeros(2, 8, 8)), torch.zeros(2))
     assert torch.equal(complexity(torch.ones(2, 8, 8)), torch.ones(2))
     m = torch.zeros(1, 4, 4)
@@ -111,15 +113,14 @@ def test_coherency_with_the_toolkits_explainers():
     model = resnet18(0)
     x = smooth_images(2, 3, 32, 32)
     t = torch.tensor([0, 3])
+    # stage2 + stage3: at 32 px stage4 is 1x1, its map constant, and a product with it constant
     for explainer in (get_explainer("gradcam", model, layer="stage3"),
-                      get_explainer("refinecam", model, base="gradcam", layers=("stage3", "stage4"))):
+                      get_explainer("refinecam", model, base="gradcam", layers=("stage2", "stage3"))):
         maps = explainer.attribute(x, t)
         value, reasons = coherency(x, t, maps, explainer, return_reasons=True)
+        assert reasons == ["", ""], (explainer, reasons)  # the comparison below must run
         direct = explainer.attribute(x * maps[:, None], t)
         for i in range(2):
-            if reasons[i]:
-                assert torch.isnan(value[i])
-                continue
             r = np.corrcoef(maps[i].flatten().numpy(), direct[i].flatten().numpy())[0, 1]
             assert value[i].item() == pytest.approx((r + 1) / 2, abs=1e-4)
 
@@ -163,18 +164,50 @@ def test_adcc_arcc_in_unit_interval_and_match_their_parts(seed):
     assert torch.allclose(r, harmonic_mean(chn, 1 - cmx, rd.clamp(0, 1)))
 
 
-def test_all_ones_map_gives_zero_adcc_and_arcc():
+def _harmonic_mean64(*parts):
+    """3 / sum(1 / part) in float64; 0 when a part is <= 0 (its limit)."""
+    parts = np.stack([np.clip(p, 0, 1) for p in parts])
+    with np.errstate(divide="ignore"):
+        return np.where((parts <= 0).any(0), 0.0, len(parts) / (1 / parts).sum(0))
+
+
+def test_adcc_and_arcc_equal_float64_harmonic_means_and_arcc_is_zero_when_road_is_not_positive():
+    """Exact values from parts re-derived in float64. Samples 0, 1: every part positive;
+    sample 2: only ROAD < 0, so ARCC is exactly 0; sample 3: All1sCAM (Cmx ~ 1) keeps ADCC low."""
+    model = TinyConv()
+    x = smooth_images(4, 3, 16, 16)
+    maps = torch.cat([cam_maps(3, 16, 16), torch.ones(1, 16, 16)])
+    maps[3, 0, 0] = 0.0  # All1sCAM: not constant, so Coherency is defined
+    t = torch.tensor([0, 1, 2, 3])
+    ex = gradient_explainer(model)
+    recomputed = ex(x * maps[:, None], t).double().numpy()
+    m = maps.double().numpy()
+    chn = np.array([(np.corrcoef(m[i].ravel(), recomputed[i].ravel())[0, 1] + 1) / 2 for i in range(4)])
+    cmx = m.reshape(4, -1).mean(1)
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), 1)[range(4), t].numpy()
+        o = torch.softmax(model(x * maps[:, None]).double(), 1)[range(4), t].numpy()
+    ad = np.maximum(p - o, 0) / p
+    rd = road(model, x, t, maps).double().numpy()
+    assert (chn > 0).all() and (cmx < 1).all() and (ad < 1).all()
+    assert rd[0] > 0 and rd[1] > 0 and rd[2] < 0  # the cases this test is about
+    np.testing.assert_allclose(adcc(model, x, t, maps, ex).numpy(), _harmonic_mean64(chn, 1 - cmx, 1 - ad),
+                               rtol=1e-5, atol=0)
+    ours = arcc(model, x, t, maps, ex).numpy()
+    np.testing.assert_allclose(ours, _harmonic_mean64(chn, 1 - cmx, rd), rtol=1e-5, atol=0)
+    assert ours[2] == 0.0 and ours[0] > 0 and ours[1] > 0
+    assert adcc(model, x, t, maps, ex)[3] < 0.05  # 1 - Cmx = 1/256 dominates the harmonic mean
+
+
+def test_constant_map_makes_adcc_and_arcc_nan_naming_coherency():
     model = TinyConv()
     x = smooth_images(2, 3, 16, 16)
-    maps = torch.ones(2, 16, 16)
-    maps[:, 0, 0] = 0.0  # All1sCAM: complexity ~1 but not constant
-    maps[1, 0, 1:3] = 0.0
     ex = gradient_explainer(model)
     t = torch.tensor([0, 1])
     ones = torch.ones(2, 16, 16)
-    value, reasons = adcc(model, x, t, ones, ex, return_reasons=True)
-    assert torch.isnan(value).all() and all(r.startswith("coherency:constant_map") for r in reasons)
-    assert (arcc(model, x, t, maps, ex) < 0.05).all()
+    for metric in (adcc, arcc):
+        value, reasons = metric(model, x, t, ones, ex, return_reasons=True)
+        assert torch.isnan(value).all() and reasons == ["coherency:constant_map"] * 2
 
 
 def test_evaluate_matches_functionals_and_shares_forwards():
@@ -212,6 +245,38 @@ def test_evaluate_road_alone_and_localisation_only():
     assert loc.probability is None and set(loc) == {"pointing_game", "sparseness"}
 
 
+def test_evaluate_localisation_outputs_match_their_functionals_with_options():
+    """Non-default options, each of which changes a value here, must reach every functional."""
+    from validation.metrics import (gt_cosine, localisation_auc, pointing_game, relevance_mass_accuracy,
+                                    relevance_rank_accuracy, sparseness, topk_intersection)
+    maps = cam_maps(3, 16, 16, tie_free=False)
+    maps[0, 0, :4] = 1.0  # tied maxima, some inside S at threshold 0.3, none at 0.5
+    gt = cam_maps(3, 16, 16, seed=7)  # soft masks: S depends on the threshold
+    gt[0, 0, :2] = 0.4
+    gt[0, 0, 2:4] = 0.2
+    expected = {
+        "gt_cosine": gt_cosine(maps, gt, return_reasons=True),
+        "pointing_game": pointing_game(maps, gt, ties="fraction", threshold=0.3, return_reasons=True),
+        "relevance_mass_accuracy": relevance_mass_accuracy(maps, gt, threshold=0.3, return_reasons=True),
+        "relevance_rank_accuracy": relevance_rank_accuracy(maps, gt, threshold=0.3, return_reasons=True),
+        "topk_intersection": topk_intersection(maps, gt, k=7, threshold=0.3, return_reasons=True),
+        "localisation_auc": localisation_auc(maps, gt, threshold=0.3, return_reasons=True),
+        "sparseness": sparseness(maps, return_reasons=True),
+    }
+    res = evaluate(None, None, None, maps, metrics=tuple(expected), gt=gt, gt_threshold=0.3, topk=7,
+                   pointing_ties="fraction")
+    assert set(res) == set(expected)
+    for name, (values, reasons) in expected.items():
+        torch.testing.assert_close(res[name], values, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert res.reasons[name] == reasons, name
+    # the options matter for these inputs, so a dropped option would be caught above
+    for name in ("pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "topk_intersection",
+                 "localisation_auc"):
+        assert not torch.equal(res[name], get_metric(name)(maps, gt)), name
+    assert not torch.equal(res["pointing_game"], pointing_game(maps, gt, threshold=0.3))
+    assert not torch.equal(res["topk_intersection"], topk_intersection(maps, gt, threshold=0.3))
+
+
 def test_evaluate_reports_missing_inputs():
     x = smooth_images(1, 3, 8, 8)
     maps = cam_maps(1, 8, 8)
@@ -234,6 +299,16 @@ def test_class_forms_accumulate():
     r = ROAD(noise=0.0)
     x, maps = smooth_images(1, 3, 16, 16), cam_maps(1, 16, 16)
     assert torch.equal(r(model, x, torch.tensor([2]), maps), road(model, x, torch.tensor([2]), maps, noise=0.0))
+    cmx = Complexity()
+    assert torch.equal(cmx.update(maps), complexity(maps)) and cmx.compute()["values"].shape == (1,)
+
+
+def test_every_functional_takes_return_reasons():
+    """One contract for all: (values, reasons) with return_reasons=True (the class forms rely on it)."""
+    import inspect
+    from validation.metrics import METRICS
+    missing = [n for n, f in METRICS.items() if "return_reasons" not in inspect.signature(f).parameters]
+    assert not missing
 
 
 def test_input_errors_name_the_sample():

@@ -224,6 +224,22 @@ def test_auc_exact_on_large_tied_maps():
                                           abs=1e-7)
 
 
+def test_auc_keeps_float64_values_apart():
+    """0.5 + 1e-10 rounds to 0.5 in float32: a float64 map must still rank that pixel first."""
+    from sklearn.metrics import roc_auc_score
+    maps = torch.full((2, 8, 8), 0.5, dtype=torch.float64)
+    maps[:, 3, 5] = 0.5 + 1e-10
+    maps[1, 6, 1] = 0.5 - 1e-12
+    gt = torch.zeros(2, 8, 8, dtype=torch.float64)
+    gt[:, 3, 5] = 1.0  # the only pixel in S of sample 0
+    gt[1, 0, 0] = 1.0  # ties 61 negatives, beats the 0.5 - 1e-12 one: AUC (62 + 30.5 + 1) / 124
+    auc = localisation_auc(maps, gt)
+    assert auc[0].item() == 1.0 and auc[1].item() == 93.5 / 124
+    for i in range(2):
+        assert auc[i].item() == roc_auc_score(gt[i].flatten().numpy() > 0.5, maps[i].flatten().numpy())
+    assert localisation_auc(maps.float(), gt)[0].item() == 0.5  # float32 maps really tie
+
+
 @pytest.mark.parametrize("n", [128 * 128, 2 ** 16, 2 ** 16 + 3])
 def test_position_sums_are_exact(n):
     """sum_j j * w_j for 0/+-1 weights: exact (int64 reference) where a float32 dot would round."""

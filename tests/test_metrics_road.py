@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from validation.metrics import removal_masks, road, road_images
+from validation.metrics import ROAD, removal_masks, road, road_images
 from validation.metrics.road import pixel_ranks
 from test_metrics_helpers import TinyConv, cam_maps, resnet18, smooth_images
 
@@ -84,6 +84,17 @@ def test_tie_case_where_grad_cam_removes_everything(monkeypatch):
     ours = road(model, x, target, maps, noise=0.0, return_curves=True)
     theirs = _gradcam_road(model, x, maps, target, [20, 40, 60, 80], monkeypatch)
     assert abs(ours.score.item() - 2 * float(theirs[0])) > 1e-3  # they differ, and theirs is the wrong one
+    # ours is right: our exact-count masks, imputed one image at a time by their spsolve imputer
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    imputer = NoisyLinearImputer(noise=0.0)
+    masks = removal_masks(maps)[0]  # (F, 2, H, W), True = removed; theirs imputes where mask == 0
+    images = torch.stack([imputer(x[0], (~masks[f, j]).float()) for f in range(4) for j in range(2)])
+    with torch.no_grad():
+        probs = torch.softmax(model(images), 1)[:, 1].double().view(4, 2)
+    # measured agreement ~1e-7; the curves vary by ~1e-2 between fractions
+    np.testing.assert_allclose(ours.morf[0].numpy(), probs[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours.lerf[0].numpy(), probs[:, 1].numpy(), atol=1e-5)
+    assert ours.score.item() == pytest.approx((probs[:, 1] - probs[:, 0]).mean().item(), abs=1e-5)
 
 
 def test_curves_and_score_consistent():
@@ -117,6 +128,34 @@ def test_batching_does_not_change_results():
     a = road(model, x, t, maps, batch_size=64, impute_batch_size=64)
     b = road(model, x, t, maps, batch_size=5, impute_batch_size=7)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_score_does_not_depend_on_the_batch():
+    """With the default noise a sample scores the same alone, in a batch, and at any position
+    (the pipeline retries failed batches image by image)."""
+    model = TinyConv()
+    x = smooth_images(3, 3, 32, 32)
+    maps = cam_maps(3, 32, 32)
+    t = torch.tensor([0, 2, 4])
+    together = road(model, x, t, maps)
+    alone = torch.cat([road(model, x[i:i + 1], t[i:i + 1], maps[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(together.numpy(), alone.numpy(), rtol=0, atol=1e-6)
+    reversed_ = road(model, x.flip(0), t.flip(0), maps.flip(0))
+    np.testing.assert_allclose(reversed_.flip(0).numpy(), together.numpy(), rtol=0, atol=1e-6)
+    images = road_images(x, maps)
+    for i in range(3):
+        np.testing.assert_allclose(road_images(x[i:i + 1], maps[i:i + 1])[0].numpy(), images[i].numpy(),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_does_not_depend_on_the_device():
+    x = smooth_images(2, 3, 32, 32)
+    maps = cam_maps(2, 32, 32)
+    on_gpu = road_images(x.cuda(), maps.cuda())
+    assert on_gpu.device.type == "cuda"
+    # the noise is identical; only the iterative solves differ, by float32 rounding
+    torch.testing.assert_close(on_gpu.cpu(), road_images(x, maps), rtol=0, atol=1e-5)
 
 
 def test_bf16_forward_is_close():
@@ -162,3 +201,29 @@ def test_errors_name_the_problem():
         road(model, x[:, :, :8], torch.tensor([0, 1]), maps)
     with pytest.raises(ValueError, match="class outside"):
         road(model, x, torch.tensor([0, 6]), maps)
+
+
+def test_fraction_removing_every_pixel_is_rejected():
+    """round(0.99 * 49) = 49: nothing would be left to impute from."""
+    model = TinyConv()
+    x = smooth_images(1, 3, 7, 7)
+    maps = cam_maps(1, 7, 7)
+    with pytest.raises(ValueError, match=r"fraction 0\.99 removes .* 49 of the 49 pixels of a 7x7 map"):
+        road(model, x, torch.tensor([0]), maps, fractions=(0.5, 0.99))
+    assert removal_masks(maps, (0.98,))[0, 0, 0].sum() == 48  # round(48.02): one pixel kept is fine
+
+
+def test_return_reasons_and_class_form():
+    model = TinyConv()
+    x = smooth_images(2, 3, 16, 16)
+    maps = cam_maps(2, 16, 16)
+    maps[1] = 0.5  # constant: still defined (ranked by the tie order)
+    t = torch.tensor([0, 1])
+    values, reasons = road(model, x, t, maps, return_reasons=True)
+    assert torch.equal(values, road(model, x, t, maps)) and reasons == ["", ""]
+    curves, reasons = road(model, x, t, maps, return_curves=True, return_reasons=True)
+    assert torch.equal(curves.score, values) and reasons == ["", ""]
+    metric = ROAD()
+    assert torch.equal(metric.update(model, x, t, maps), values)
+    out = metric.compute()
+    assert torch.equal(out["values"], values) and out["nan"] == 0 and not out["reasons"]

@@ -42,9 +42,12 @@ def average_drop(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Te
     return average_drop_from_probabilities(base, masked, return_reasons=return_reasons)
 
 
-def complexity(maps: torch.Tensor) -> torch.Tensor:
-    """Mean of L per sample, in [0, 1] (lower is better); 0 for all-zero maps, 1 for all-one."""
-    return check_maps(maps).flatten(1).mean(1)
+def complexity(maps: torch.Tensor, *, return_reasons: bool = False):
+    """Mean of L per sample, in [0, 1] (lower is better); 0 for all-zero maps, 1 for all-one.
+
+    Always defined: with ``return_reasons=True`` the reasons are all "".
+    """
+    return finish(check_maps(maps).flatten(1).mean(1), [], return_reasons)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor):

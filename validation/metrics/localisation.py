@@ -185,10 +185,13 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
     # Mann-Whitney U with ties counting half, without tie-group bookkeeping: sort (value, label)
     # keys twice, once with negatives first inside a tie, once with positives first. Summed sorted
     # positions of the positives then give sum #{neg <= v} and sum #{neg < v} (+ npos(npos-1)/2).
-    # Float32 bit patterns of values in [0, 1] order like the values and stay below 2^30, so
-    # key = 2 * bits + label fits int32 (+ 0.0 turns -0.0 into +0.0).
-    bits = (_flat(maps).float() + 0.0).contiguous().view(torch.int32) * 2
-    label = inside.to(torch.int32)
+    # Bit patterns of non-negative floats order like the values (+ 0.0 turns -0.0 into +0.0):
+    # below 2^30 for float32 in [0, 1], so key = 2 * bits + label fits int32; float64 keeps its
+    # own bits in int64 (below 2^62), since rounding to float32 would merge distinct values.
+    flat = _working_precision(_flat(maps)) + 0.0
+    key_dtype = torch.int64 if flat.dtype == torch.float64 else torch.int32
+    bits = flat.contiguous().view(key_dtype) * 2
+    label = inside.to(key_dtype)
     n = bits.shape[1]
     n_pos = inside.sum(1).double()
     n_neg = n - n_pos

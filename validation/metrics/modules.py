@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 
 import torch
@@ -35,12 +34,7 @@ class Metric:
         return type(self).function(*args, **{**self.options, **kwargs})
 
     def update(self, *args, **kwargs) -> torch.Tensor:
-        fn = type(self).function
-        if "return_reasons" in inspect.signature(fn).parameters:
-            values, reasons = fn(*args, **{**self.options, **kwargs, "return_reasons": True})
-        else:
-            values = fn(*args, **{**self.options, **kwargs})
-            reasons = [""] * values.shape[0]
+        values, reasons = type(self).function(*args, **{**self.options, **kwargs, "return_reasons": True})
         self._values.append(values.detach())
         self._reasons.extend(reasons)
         return values

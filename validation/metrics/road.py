@@ -7,7 +7,9 @@ ones (round half up). Ties in L are broken by a fixed pseudo-random order of pix
 (``tie_seed``), the same for every image of a size, so exactly round(k*H*W) pixels go whatever
 the number of ties and the score depends on the ranking of L only. Removed pixels are filled by
 linear imputation and get N(0, noise^2) in [0, 1] pixel space (before the model's
-normalisation); the noise comes from a generator seeded with ``seed``.
+normalisation). The noise is one (C, H, W) field per fraction and MoRF/LeRF, drawn from a CPU
+generator seeded with ``seed`` and shared by every image of the batch, so a sample's score does
+not depend on the batch it is in, its position there, or the device.
 """
 from __future__ import annotations
 
@@ -57,18 +59,29 @@ def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
     return ranks.view(b, h, w)
 
 
-def removal_counts(fractions: Sequence[float], num_pixels: int) -> list[int]:
-    """round(k * n), half up."""
-    return [int(k * num_pixels + 0.5) for k in check_fractions(fractions)]
+def removal_counts(fractions: Sequence[float], height: int, width: int) -> list[int]:
+    """round(k * n), half up, for n = height * width; at least one pixel must be kept."""
+    n = height * width
+    fractions = check_fractions(fractions)
+    counts = [int(k * n + 0.5) for k in fractions]
+    for k, count in zip(fractions, counts):
+        if count >= n:  # nothing left to impute from
+            raise ValueError(f"fraction {k} removes round({k} * {n}) = {count} of the {n} pixels of a "
+                             f"{height}x{width} map; ROAD needs at least one kept pixel (use a smaller "
+                             "fraction or larger maps)")
+    return counts
 
 
 def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
                   tie_seed: int = 0) -> torch.Tensor:
-    """(B, H, W) maps -> (B, F, 2, H, W) bool masks, True = removed; [:, :, 0] MoRF, [:, :, 1] LeRF."""
+    """(B, H, W) maps -> (B, F, 2, H, W) bool masks, True = removed; [:, :, 0] MoRF, [:, :, 1] LeRF.
+
+    ValueError if a fraction would remove every pixel (round(k * H * W) == H * W).
+    """
     maps = check_maps(maps)
     b, h, w = maps.shape
     ranks = pixel_ranks(maps, tie_seed)[:, None]
-    counts = torch.tensor(removal_counts(fractions, h * w), device=maps.device).view(1, -1, 1, 1)
+    counts = torch.tensor(removal_counts(fractions, h, w), device=maps.device).view(1, -1, 1, 1)
     morf = ranks < counts
     lerf = ranks >= h * w - counts
     return torch.stack([morf, lerf], dim=2)
@@ -79,8 +92,11 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
                 tol: float = 1e-5) -> torch.Tensor:
     """All perturbed images, (B, F, 2, C, H, W): [:, :, 0] MoRF, [:, :, 1] LeRF, in [0, 1] units.
 
-    The noise for the whole batch is drawn at once, before chunking, so results do not depend on
-    ``impute_batch_size``. Imputed pixels are not clipped (as in the reference).
+    Removed pixels get ``noise`` times one standard normal (C, H, W) field per (fraction,
+    MoRF/LeRF), drawn in float32 from a CPU generator seeded with ``seed`` and applied to every
+    image of the batch: an image's perturbed copies depend only on the image, its map and the
+    seed (not on the batch, its position, ``impute_batch_size`` or the device). Each removed
+    pixel still gets N(0, noise^2). Imputed pixels are not clipped (as in the reference).
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
@@ -93,10 +109,15 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     work = images if images.dtype in (torch.float32, torch.float64) else images.float()
     filled = torch.cat([linear_impute(work[s:s + impute_batch_size], masks[s:s + impute_batch_size], tol=tol)
                         for s in range(0, work.shape[0], impute_batch_size)]) if work.shape[0] else work
+    filled = filled.view(b, 2 * len(fractions), c, h, w)
     if noise > 0:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        eps = torch.randn(filled.shape, generator=generator, device=x.device, dtype=filled.dtype)
-        filled = torch.addcmul(filled, eps, masks.to(filled.dtype), value=noise)
+        # one field for the batch, drawn on the CPU in float32: a draw of shape (B, ...) would tie
+        # a sample's noise to its batch and position (the pipeline retries a failed batch image
+        # by image), a draw on x.device to the device's generator
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn((2 * len(fractions), c, h, w), generator=generator, dtype=torch.float32)
+        filled = torch.addcmul(filled, eps.to(device=filled.device, dtype=filled.dtype),
+                               masks.view(b, 2 * len(fractions), 1, h, w).to(filled.dtype), value=noise)
     return filled.view(b, len(fractions), 2, c, h, w).to(x.dtype)
 
 
@@ -109,14 +130,15 @@ def road_from_probabilities(probs: torch.Tensor, fractions: tuple) -> RoadResult
 def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
          fractions: Sequence[float] = DEFAULT_FRACTIONS, noise: float = 0.01, seed: int = 0,
          tie_seed: int = 0, batch_size: int = 64, impute_batch_size: int = 64, bf16: bool = False,
-         return_curves: bool = False):
+         return_curves: bool = False, return_reasons: bool = False):
     """ROAD score per sample, in [-1, 1] (higher = more faithful).
 
     model takes images in [0, 1]; x (B, C, H, W) in [0, 1]; target (B,) class indices; maps
     (B, H, W) in [0, 1]. All B * 2|K| perturbed images go through the model in batches of
     ``batch_size`` (``bf16=True``: bfloat16 autocast forward, float32 softmax).
     Returns (B,) scores, or a ``RoadResult`` (score, morf, lerf, fractions) with
-    ``return_curves=True``. ROAD is always defined: constant maps are ranked by the tie order.
+    ``return_curves=True``; with ``return_reasons=True`` that and a list of B reasons, all ""
+    (ROAD is always defined: constant maps are ranked by the tie order).
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
@@ -128,4 +150,5 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
     probs = class_probabilities(model, images.flatten(0, 2), target.repeat_interleave(per_image),
                                 batch_size=batch_size, bf16=bf16)
     result = road_from_probabilities(probs.view(x.shape[0], len(fractions), 2), fractions)
-    return result if return_curves else result.score
+    values = result if return_curves else result.score
+    return (values, [""] * x.shape[0]) if return_reasons else values
