@@ -18,7 +18,9 @@ ALL = ["gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgrad
        "all1scam", "oracle", "centre", "refinecam"]
 FAST = {"scorecam": {"batch_size": 128}, "relax": {"n_masks": 16},
         "lime": {"n_samples": 12, "superpixels": "grid"}, "kernelshap": {"n_samples": 12, "superpixels": "grid"},
-        "integratedgradients": {"n_steps": 4}, "refinecam": {"base": "gradcam"}}
+        "integratedgradients": {"n_steps": 4},
+        # stage4 of ResNet18 is 1x1 at 32 px: a constant map that would zero every product
+        "refinecam": {"base": "gradcam", "layers": ("stage1", "stage2", "stage3")}}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,9 @@ def test_every_method_returns_unit_maps_on_the_input_device(resnet, method):
     assert maps.shape == (2, 32, 32) and maps.dtype == torch.float32 and maps.device == x.device
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert out.degenerate.shape == (2,) and out.degenerate.dtype == torch.bool
+    # real maps, not the zeros of a degenerate case (which would pass every check above)
+    assert not out.degenerate.any()
+    assert (maps.flatten(1).amax(1) > maps.flatten(1).amin(1)).all()
     torch.testing.assert_close(ex.attribute(x, [1, 2], **extra), maps)  # deterministic, seeded
     torch.testing.assert_close(ex(x, [1, 2], **extra), maps)
 
@@ -134,6 +139,37 @@ def test_swin_channels_last_stage_gives_a_spatial_map():
     torch.testing.assert_close(raw, expected.detach(), rtol=1e-4, atol=1e-6)
 
 
+def _hand_gradcam(model, module, x, target, channels_last):
+    acts = []
+    h = module.register_forward_hook(lambda m, a, o: acts.append(o))
+    try:
+        out = model(x)
+    finally:
+        h.remove()
+    (g,) = torch.autograd.grad(out[0, target], acts[0])
+    A, G = (t.permute(0, 3, 1, 2) if channels_last else t for t in (acts[0], g))
+    return (G.mean((2, 3), keepdim=True) * A).sum(1).detach()
+
+
+def test_swin_layouts_follow_the_permutes():
+    """Swin-T is NCHW up to the patch-embedding conv, NHWC from its Permute to the final norm."""
+    model = build("swin_t", wrapped=True)
+    x = images(1, 64)
+    net = model.backbone
+    for layer, module, channels_last, shape in [("backbone.features.0.0", net.features[0][0], False, (1, 16, 16)),
+                                                ("backbone.features.0", net.features[0], True, (1, 16, 16)),
+                                                ("backbone.norm", net.norm, True, (1, 2, 2))]:
+        raw = explain(model, x, [2], method="gradcam", layer=layer, raw=True)
+        assert raw.shape == shape, layer
+        expected = _hand_gradcam(model, module, x, 2, channels_last)
+        torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    # a layout flag that contradicts the output's shape is refused, naming the fix
+    with pytest.raises(ValueError, match=r"\(1, 96, 16, 16\) read as \(B, h, w, C\).*channels_last=False"):
+        explain(model, x, [2], method="gradcam", layer="backbone.features.0.0", channels_last=True)
+    with pytest.raises(ValueError, match=r"\(1, 2, 2, 768\) read as \(B, C, h, w\).*channels_last=True"):
+        explain(model, x, [2], method="lafam", layer="backbone.norm", channels_last=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # model state
 
@@ -200,6 +236,15 @@ def test_bad_targets(resnet):
         explain(resnet, x, [0, 9], method="deeplift")
     with pytest.raises(TypeError, match="integer class indices"):
         explain(resnet, x, torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("method,option,value", [
+    ("relax", "cells", 0), ("relax", "cells", 2.5), ("relax", "p", 0.0), ("relax", "p", 1.0), ("relax", "p", 2.0),
+    ("relax", "shift", -1), ("lime", "grid_cells", 0), ("lime", "n_segments", 0), ("kernelshap", "grid_cells", -2),
+])
+def test_bad_option_values_are_refused_by_name(resnet, method, option, value):
+    with pytest.raises(ValueError, match=rf"^{option} "):
+        get_explainer(method, resnet, **{option: value})
 
 
 def test_bad_images_layers_methods_and_options(resnet):
@@ -291,3 +336,10 @@ def test_oracle_and_centre_prior(resnet):
     yy, xx = torch.meshgrid(torch.arange(15.0) - 7, torch.arange(15.0) - 7, indexing="ij")
     g = torch.exp(-(yy ** 2 + xx ** 2) / (2 * 3.0 ** 2))
     torch.testing.assert_close(centre[1], (g - g.min()) / (g.max() - g.min()))
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_centre_prior_of_a_constant_gaussian_is_flagged_not_nan(resnet, size):
+    """On a 1x1 or 2x2 image every pixel is equally central: 0/0 in a naive min-max."""
+    out = get_explainer("centre", resnet).explain(images(2, size), 0)
+    assert torch.equal(out.maps, torch.zeros(2, size, size)) and out.degenerate.all()

@@ -128,3 +128,24 @@ def test_unknown_layer_lists_valid_ones():
         resolve_layer(model, nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="architecture not recognised.*feat"):
         resolve_layer(TinyNet(), "stage1")
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("swin_t", {"features.0.0": False, "features.0.1": True, "features.0": True, "stage1": True, "stage4": True,
+                "features.2.reduction": True, "norm": True, "permute": False, "avgpool": False}),
+    ("convnext_tiny", {"features.0.0": False, "stage1": False, "features.1.0.block.0": False,
+                       "features.1.0.block.3": True, "features.1.0.block.5": True, "features.1.0.block.6": False}),
+])
+def test_layouts_follow_torchvision_permutes(arch, expected):
+    """Swin-T is NHWC from its patch-embedding Permute to the final norm; ConvNeXt only between
+    the two Permutes of each block's MLP (torchvision's module structure, checked by type)."""
+    from torchvision.ops.misc import Permute
+
+    model = build(arch, wrapped=True)
+    net = model.backbone
+    if arch == "swin_t":
+        assert isinstance(net.features[0][1], Permute) and list(net.features[0][1].dims) == [0, 2, 3, 1]
+        assert isinstance(net.permute, Permute) and list(net.permute.dims) == [0, 3, 1, 2]
+    for name, channels_last in expected.items():
+        assert resolve_layer_full(model, name).channels_last == channels_last, name
+        assert resolve_layer_full(model, name, channels_last=not channels_last).channels_last != channels_last

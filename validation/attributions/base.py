@@ -142,8 +142,9 @@ class StopForward(Exception):
 
 class Capture:
     """Records the outputs of several layers during one forward pass (graph kept), and the
-    order in which they fired (shallow to deep). With ``stop_early`` the forward pass is cut
-    short (``StopForward``) as soon as every layer has fired; run it through ``forward``."""
+    order in which they fired (shallow to deep). With ``stop_early`` only the first output of
+    each layer is kept and the forward pass is cut short (``StopForward``) as soon as every
+    layer has fired; run it through ``forward``."""
 
     def __init__(self, guard: ModelGuard, layers: Sequence[Layer], stop_early: bool = False):
         self.stop_early = stop_early
@@ -161,6 +162,8 @@ class Capture:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {self.layers[i].name!r} returned {type(output).__name__}, "
                                 f"not a tensor; choose a layer that outputs a feature map")
+            if self.stop_early and self.outputs[i]:
+                return  # a module that runs again before a deeper layer fires: its first output counts
             self.outputs[i].append(output)
             self.order.append(i)
             if self.stop_early and all(self.outputs):
@@ -202,11 +205,24 @@ class Capture:
         return rank
 
 
-def to_nchw(t: torch.Tensor, layer: Layer) -> torch.Tensor:
+def to_nchw(t: torch.Tensor, layer: Layer, size=None) -> torch.Tensor:
+    """The layer output as (B, C, h, w), permuted from (B, h, w, C) for a channels-last layer.
+
+    With the input's ``size`` (H, W), a grid whose aspect is not the input's (beyond +-2 cells
+    of stride rounding) is refused: the layout flag is then wrong, e.g. an NCHW output
+    read as NHWC gives a (C, h) "map"."""
     if t.ndim != 4:
         raise ValueError(f"layer {layer.name!r} output has shape {tuple(t.shape)}; a 4-D feature map "
                          f"(B, C, h, w) is needed")
-    return t.permute(0, 3, 1, 2) if layer.channels_last else t
+    out = t.permute(0, 3, 1, 2) if layer.channels_last else t
+    if size is not None:
+        (h, w), (H, W) = out.shape[-2:], size
+        if abs(h * W - w * H) > 2 * (H + W):
+            read = "(B, h, w, C)" if layer.channels_last else "(B, C, h, w)"
+            raise ValueError(f"layer {layer.name!r} output of shape {tuple(t.shape)} read as {read} is a {h}x{w} "
+                             f"grid, inconsistent with the {H}x{W} input: wrong layout? pass "
+                             f"channels_last={not layer.channels_last}")
+    return out
 
 
 def layer_gradients(score: torch.Tensor, acts: Sequence[torch.Tensor], layers: Sequence[Layer],

@@ -4,14 +4,16 @@ randomcam: uniform [0, 1] per pixel. halfcam: 0.5 everywhere except one pixel 0 
 all1scam: 1 everywhere except one pixel 0. The special pixels are drawn per image (distinct
 positions) from a seeded generator, so no corner is favoured. oracle: the ground truth passed as
 ``gt=`` (B, H, W) or (B, 1, H, W). centre: an isotropic Gaussian centred in the image,
-``sigma`` a fraction of the shorter side. None looks at the model; all are returned as they
-are defined (no min-max; the oracle is clipped to [0, 1])."""
+``sigma`` a fraction of the shorter side, min-maxed like a method's map (so a constant one, as
+on a 1x1 or 2x2 image, is zeros flagged degenerate, never 0/0). None looks at the model; the
+others are returned as they are defined (no min-max; the oracle is clipped to [0, 1])."""
 
 from __future__ import annotations
 
 import torch
 
 from .base import Explainer
+from .postprocess import minmax
 from .registry import register
 
 
@@ -98,4 +100,9 @@ class CentrePrior(Baseline):
         ys = torch.arange(H, device=x.device, dtype=torch.float32) - (H - 1) / 2
         xs = torch.arange(W, device=x.device, dtype=torch.float32) - (W - 1) / 2
         g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * s * s))
-        return ((g - g.min()) / (g.max() - g.min())).expand(B, H, W).clone()
+        return g.expand(B, H, W).clone()
+
+    def postprocess(self, raw, size):
+        if self.raw:
+            return super().postprocess(raw, size)
+        return minmax(raw)

@@ -29,7 +29,8 @@ class GradientCAM(LayerExplainer):
         raise NotImplementedError
 
     def forward_backward(self, x, target, layers, guard):
-        """(activations NCHW, gradients NCHW, target, depth ranks, raw activations, class score)."""
+        """(activations, gradients, target, depth ranks): activations and gradients in the layers'
+        own layout (``to_nchw`` makes them NCHW), gradients with a graph if ``create_graph``."""
         capture = guard.capture(layers)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)  # a gradient path even if parameters are frozen
@@ -43,7 +44,8 @@ class GradientCAM(LayerExplainer):
 
     def _layer_maps(self, x, target, layers, guard):
         acts, grads, target, rank = self.forward_backward(x, target, layers, guard)
-        maps = [self.cam(to_nchw(a.detach(), l), to_nchw(g.detach(), l))
+        size = x.shape[-2:]
+        maps = [self.cam(to_nchw(a.detach(), l, size), to_nchw(g.detach(), l, size))
                 for a, g, l in zip(acts, grads, layers)]
         return maps, target, rank
 

@@ -182,6 +182,9 @@ class _SuperpixelExplainer(CaptumExplainer):
             raise ValueError(f"superpixels must be one of {SUPERPIXELS}, got {superpixels!r}")
         if n_samples < 1 or perturbations_per_eval < 1:
             raise ValueError("n_samples and perturbations_per_eval must be positive")
+        for option, value in (("n_segments", n_segments), ("grid_cells", grid_cells)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{option} must be an int >= 1, got {value!r}")
         self.superpixels, self.n_segments, self.grid_cells = superpixels, int(n_segments), int(grid_cells)
         self.n_samples, self.perturbations_per_eval = int(n_samples), int(perturbations_per_eval)
         self.baseline, self.seed = baseline, int(seed)

@@ -13,6 +13,7 @@ from typing import Callable, Union
 
 from torch import nn
 from torchvision import models as tvm
+from torchvision.ops.misc import Permute
 
 LayerSpec = Union[str, nn.Module]
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -24,7 +25,7 @@ class Layer:
 
     module: nn.Module
     name: str
-    channels_last: bool = False  # Swin-T stages emit (B, H, W, C)
+    channels_last: bool = False  # output is (B, H, W, C), e.g. Swin-T stages
 
 
 def _resnet_stages(net: nn.Module) -> list[str]:
@@ -41,22 +42,22 @@ def _features_stages(net: nn.Module) -> list[str]:
     return ["features.1", "features.3", "features.5", "features.7"]
 
 
-# architecture type -> (stage names inside that network, stage outputs are channels-last)
-_ARCHITECTURES: dict[type, tuple[Callable[[nn.Module], list[str]], bool]] = {
-    tvm.ResNet: (_resnet_stages, False),
-    tvm.VGG: (_vgg_stages, False),
-    tvm.SwinTransformer: (_features_stages, True),
-    tvm.ConvNeXt: (_features_stages, False),
+# architecture type -> stage names inside that network
+_ARCHITECTURES: dict[type, Callable[[nn.Module], list[str]]] = {
+    tvm.ResNet: _resnet_stages,
+    tvm.VGG: _vgg_stages,
+    tvm.SwinTransformer: _features_stages,
+    tvm.ConvNeXt: _features_stages,
 }
 
 
 def _find_architecture(model: nn.Module):
-    """(network, prefix, stage-name function, channels_last) of a known architecture, or None."""
+    """(network, prefix, stage-name function) of a known architecture, or None."""
     for prefix, net in (("", model), ("backbone.", getattr(model, "backbone", None))):
         if isinstance(net, nn.Module):
-            for arch_type, (stages, channels_last) in _ARCHITECTURES.items():
+            for arch_type, stages in _ARCHITECTURES.items():
                 if isinstance(net, arch_type):
-                    return net, prefix, stages, channels_last
+                    return net, prefix, stages
     return None
 
 
@@ -65,16 +66,27 @@ def stage_names(model: nn.Module) -> dict[str, str]:
     found = _find_architecture(model)
     if found is None:
         return {}
-    net, prefix, stages, _ = found
+    net, prefix, stages = found
     return {alias: prefix + name for alias, name in zip(STAGES, stages(net))}
 
 
 def _is_channels_last(model: nn.Module, name: str) -> bool:
-    found = _find_architecture(model)
-    if found is None or not found[3]:
-        return False
-    prefix = found[1] + "features."
-    return name.startswith(prefix)
+    """Whether module ``name`` outputs (B, H, W, C). torchvision switches layouts with ``Permute``
+    modules (Swin-T: after the patch-embedding conv ``features.0.0``, and back after the final
+    ``norm``; ConvNeXt: around each block's MLP) and registers submodules in the order they run,
+    so a module's output has the layout set by the last Permute that ends before it does."""
+    channels_last, layout = False, {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        nonlocal channels_last
+        for child_name, child in module.named_children():
+            visit(prefix + child_name + ".", child)
+        if isinstance(module, Permute) and list(module.dims) in ([0, 2, 3, 1], [0, 3, 1, 2]):
+            channels_last = list(module.dims) == [0, 2, 3, 1]
+        layout[prefix[:-1]] = channels_last
+
+    visit("", model)
+    return layout[name]
 
 
 def _module_names(model: nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
-"""Post-processing shared by every method, in this order:
+"""Post-processing shared by every method (Score-CAM's official variant swaps steps 1 and 2, as
+its authors do), in this order:
 
 1. rectify: ``relu`` where the method defines it (CAMs), ``abs`` for signed pixel attributions,
    nothing for maps that are already non-negative by construction (LaFAM, RELAX, baselines);

@@ -21,8 +21,18 @@ from .registry import register
 UNCERTAINTY = ("variance", "sum")
 
 
+def check_mask_options(cells, p, shift) -> None:
+    if isinstance(cells, bool) or int(cells) != cells or cells < 1:
+        raise ValueError(f"cells must be an int >= 1 (cells x cells grid), got {cells!r}")
+    if not 0 < p < 1:
+        raise ValueError(f"p (probability a grid cell is kept) must be in (0, 1), got {p!r}")
+    if shift is not None and (isinstance(shift, bool) or int(shift) != shift or shift < 0):
+        raise ValueError(f"shift must be None or an int >= 0 (pixels), got {shift!r}")
+
+
 def relax_mask_params(n: int, generator: torch.Generator, cells: int = 7, p: float = 0.5, shift: int = 3):
     """The random part of n masks: Bernoulli grids (n, 1, cells, cells) and crop offsets (2, n)."""
+    check_mask_options(cells, p, shift)
     device = generator.device
     grid = (torch.rand(n, 1, cells, cells, generator=generator, device=device) < p).float()
     offsets = torch.randint(0, 2 * shift + 1, (2, n), generator=generator, device=device)
@@ -62,6 +72,7 @@ class RELAX(Explainer):
             raise ValueError(f"n_masks and batch_size must be positive, got {n_masks}, {batch_size}")
         if uncertainty not in UNCERTAINTY:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY}, got {uncertainty!r}")
+        check_mask_options(cells, p, shift)
         self.n_masks, self.batch_size, self.seed = int(n_masks), int(batch_size), int(seed)
         self.cells, self.p, self.shift, self.uncertainty = int(cells), float(p), shift, uncertainty
         self.embedding_layer = None if embedding_layer is None else resolve_layer_full(model, embedding_layer)
@@ -106,9 +117,11 @@ class RELAX(Explainer):
             masked = (x[:, None] * masks[None, :, None]).flatten(0, 1)            # (B*n, C, H, W)
             emb = F.normalize(self.embed(masked, store), dim=1).view(B, n, -1)
             sim = (emb * ref[:, None]).sum(-1)                                     # (B, n)
-            s0 += masks.sum(0).double()
-            s1 += torch.einsum("bn,nhw->bhw", sim, masks).double()
-            s2 += torch.einsum("bn,nhw->bhw", sim * sim, masks).double()
+            # float64 sums: the spread s2 - 2 R s1 + R^2 s0 is ~1 / var(s_n) times smaller than its terms
+            sim, masks = sim.double(), masks.double()
+            s0 += masks.sum(0)
+            s1 += torch.einsum("bn,nhw->bhw", sim, masks)
+            s2 += torch.einsum("bn,nhw->bhw", sim * sim, masks)
             done += n
         s0 = s0.clamp_min(torch.finfo(torch.float64).tiny)
         importance = s1 / s0

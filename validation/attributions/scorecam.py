@@ -3,7 +3,9 @@ input masked by channel k's upsampled, min-max normalised activation.
 
 variant="official" (default, the authors' code): masks upsampled bilinearly
 (align_corners=False); w_k = softmax probability of the target class for x * mask_k; constant
-channels are skipped (w_k = 0, no forward pass spent on them).
+channels are skipped (w_k = 0, no forward pass spent on them). The final map is
+minmax(ReLU(sum_k w_k Up(A_k))): the raw map sum_k w_k A_k is upsampled before the ReLU, as the
+authors sum upsampled channels (ReLU and upsampling do not commute where the sum changes sign).
 variant="pytorch-grad-cam": masks upsampled with align_corners=True and normalised as
 (u - min) / (max - min + 1e-8), no skipping; w = softmax over channels of the target logits.
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LayerExplainer, check_logits, resolve_target, to_nchw
+from .postprocess import minmax, rectify, upsample
 from .registry import register
 
 VARIANTS = ("official", "pytorch-grad-cam")
@@ -70,7 +73,7 @@ class ScoreCAM(LayerExplainer):
         with torch.no_grad():
             logits = check_logits(self.model(x), x.shape[0])
             target = resolve_target(target, logits)
-            acts = [to_nchw(a, layer).float() for a, layer in zip(capture.raw(), layers)]
+            acts = [to_nchw(a, layer, x.shape[-2:]).float() for a, layer in zip(capture.raw(), layers)]
             rank = capture.depth_rank()
             capture.enabled = False  # the masked forwards below must not be recorded
             maps = []
@@ -78,3 +81,9 @@ class ScoreCAM(LayerExplainer):
                 w = self.channel_scores(x, target, A)
                 maps.append((w[:, :, None, None] * A).sum(dim=1))
         return maps, target, rank
+
+    def postprocess(self, raw, size):
+        if self.raw or self.variant != "official":
+            return super().postprocess(raw, size)
+        # Up(sum_k w_k A_k) = sum_k w_k Up(A_k) (interpolation is linear): the authors' sum
+        return minmax(rectify(upsample(raw.detach(), size, self.interpolation), "relu"))

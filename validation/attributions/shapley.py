@@ -41,6 +41,6 @@ class ShapleyCAM(GradientCAM):
             hvps = [hessian_vector_product(g, a) for g, a in zip(grads, acts)]
         maps = []
         for a, g, h, layer in zip(acts, grads, hvps, layers):
-            A, G, H = (to_nchw(t.detach(), layer) for t in (a, g, h))
+            A, G, H = (to_nchw(t.detach(), layer, x.shape[-2:]) for t in (a, g, h))
             maps.append((self.weights(G, H) * A).sum(dim=1))
         return maps, target, rank
