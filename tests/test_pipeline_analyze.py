@@ -77,6 +77,37 @@ def test_weighted_correlations_equal_scipy_on_materialised_replicate():
         assert spear[b] == pytest.approx(stats.spearmanr(xr, yr)[0], abs=1e-12)
 
 
+def test_correlations_follow_scipy_at_any_scale_and_are_nan_for_a_constant_side():
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=60)
+    x = 0.6 * y + rng.normal(size=60)
+    ones = np.ones((1, 60))
+    rows = lambda a, b: A._rowwise_weighted_pearson(a[None], b[None], ones)[0]  # noqa: E731
+    # one side's scale must not decide for the other (a tolerance from max(|x|, |y|) did)
+    for sx, sy in ((1e-7, 1.0), (1.0, 1e-7), (1e-9, 1e3), (1.0, 1.0)):
+        xs, ys = x * sx, y * sy
+        ref_p, ref_s = stats.pearsonr(xs, ys)[0], stats.spearmanr(xs, ys)[0]
+        assert A.weighted_pearson(xs, ys, ones)[0] == pytest.approx(ref_p, abs=1e-12)
+        assert A.weighted_spearman(xs, ys, ones)[0] == pytest.approx(ref_s, abs=1e-12)
+        assert rows(xs, ys) == pytest.approx(ref_p, abs=1e-12)
+    # constant up to float rounding: no correlation (scipy: NaN for an exactly constant input),
+    # whatever the constant's scale; an absolute cutoff gave rounding noise a finite r
+    for c in (0.1, 123.456, 1e-9):
+        flat = c * (1 + rng.normal(size=60) * 1e-15)
+        with pytest.warns(stats.ConstantInputWarning):
+            assert np.isnan(stats.pearsonr(np.full(60, c), y)[0])
+        assert np.isnan(A.weighted_pearson(flat, y, ones)[0]) and np.isnan(A.weighted_pearson(y, flat, ones)[0])
+        assert np.isnan(A.weighted_spearman(np.full(60, c), y, ones)[0])
+        assert np.isnan(rows(flat, y)) and np.isnan(rows(y, flat))
+        # a bootstrap replicate that draws only tied values is constant too
+        w = np.zeros((1, 60))
+        w[0, :5] = 2.0
+        tied = y.copy()
+        tied[:5] = c
+        assert np.isnan(A.weighted_pearson(tied, x, w)[0])
+        assert np.isnan(A._rowwise_weighted_pearson(tied[None], x[None], w)[0])
+
+
 def test_validity_planted_correlations(table):
     t = A.table_validity(table, n_boot=200, seed=0)
     one = t[(t.model == "m_a")].set_index(["metric", "level"])
@@ -109,6 +140,28 @@ def test_validity_point_estimates_equal_scipy(table):
     assert summary["pearson_std"] == pytest.approx(np.std(per_model))
     assert summary["n_models"] == 2
     assert np.isnan(t.loc[("m_a", "noise", "pairs"), "pearson_std"])  # one model: no spread
+
+
+def test_mean_over_models_counts_only_models_with_a_correlation():
+    rng = np.random.default_rng(5)
+    rows = []
+    for model in ("A", "B", "C"):
+        for img in range(12):
+            for k, (method, layer) in enumerate(REAL):
+                gt = 0.1 * k + rng.random()
+                m = {"A": gt + 0.01 * rng.random(), "B": -gt, "C": 0.5}[model]  # C: constant, no r
+                rows += [dict(image=img, model=model, method=method, layer=layer, metric="gt_cosine", value=gt),
+                         dict(image=img, model=model, method=method, layer=layer, metric="m", value=m)]
+    t = A.table_validity(make_results_frame(rows), n_boot=30).set_index(["model", "metric", "level"])
+    for level in ("pairs", "method_means"):
+        per = t.loc[[("A", "m", level), ("B", "m", level), ("C", "m", level)]]
+        assert per["pearson"].iloc[0] > 0.9 and per["pearson"].iloc[1] == pytest.approx(-1.0)
+        assert np.isnan(per["pearson"].iloc[2])
+        summary = t.loc[("mean+-std", "m", level)]
+        assert summary["n_models"] == 2 and summary["models_nan"] == "C"
+        assert summary["n"] == per["n"].iloc[0] + per["n"].iloc[1]
+        assert summary["pearson"] == pytest.approx(per["pearson"].iloc[:2].mean())
+        assert summary["pearson_std"] == pytest.approx(np.std(per["pearson"].iloc[:2]))
 
 
 def test_validity_with_one_model_reports_no_spread(table):
@@ -183,6 +236,17 @@ def test_refine_and_aggregators(table):
 def test_localisation_and_road_curves(table):
     e = A.table_localisation(table)
     assert set(e.method) == {"gradcam", "lafam"} and "gt_cosine" in e.columns
+    assert (e["gt_cosine_n_nan"] == 0).all()
+    # NaN samples are left out of the mean and counted, per model and summed in the mean row
+    t2 = table.copy()
+    hit = (t2.metric == "gt_cosine") & (t2.method == "lafam") & (t2.image < 3) & (t2.model == "m_a")
+    t2.loc[hit, "value"], t2.loc[hit, "status"] = np.nan, "nan"
+    e = A.table_localisation(t2).set_index(["model", "method", "layer"])
+    assert e.loc[("m_a", "lafam", "layer1"), "gt_cosine_n_nan"] == 3
+    assert e.loc[("m_b", "lafam", "layer1"), "gt_cosine_n_nan"] == 0
+    assert e.loc[("mean", "lafam", "layer1"), "gt_cosine_n_nan"] == 3
+    kept = t2[(t2.model == "m_a") & (t2.method == "lafam") & (t2.metric == "gt_cosine") & ~hit]
+    assert e.loc[("m_a", "lafam", "layer1"), "gt_cosine"] == pytest.approx(kept.value.mean())
     f = A.table_road_curves(table)
     row = f[(f.model == "m_a") & (f.method == "lime") & (f.order == "MORF") & (f.fraction == 0.4)].iloc[0]
     assert row["prob"] == pytest.approx(0.9 - 0.4 - 0.1 * 4)

@@ -1,5 +1,6 @@
 """audit: a user's metric loaded from package.module:function, placed in tables a and b."""
 
+import importlib
 import sys
 import textwrap
 
@@ -38,6 +39,9 @@ def wrong_shape(model, x, target, maps):
 
 def too_few_args(maps):
     return maps
+
+def prefix_mean(model, x, target, maps):
+    return maps.flatten(1).mean(1)
 '''
 
 
@@ -110,3 +114,41 @@ def test_lower_is_better_metric_is_oriented(run_dir):
     a = res["tables"]["a_validity"].set_index(["model", "metric", "level"])
     assert a.loc[("mean+-std", "gt_distance", "pairs"), "pearson"] == pytest.approx(-1.0, abs=1e-9)
     assert "tracks the ground truth: Pearson r = 1.00 (oriented" in res["verdict"]
+
+
+def test_rerun_with_other_n_images_needs_overwrite(run_dir):
+    from validation.cli import build_parser
+    from validation.pipeline.table import load_results
+
+    audit_run(run_dir, "user_metrics_mod:prefix_mean", n_images=8, n_boot=10, components=S.components(),
+              progress=False)
+    with pytest.raises(ValueError, match=r"pass --overwrite to recompute it, or --name") as err:
+        audit_run(run_dir, "user_metrics_mod:prefix_mean", n_images=12, n_boot=10, components=S.components(),
+                  progress=False)
+    assert "--out" not in str(err.value)  # audit has no --out
+    audit_run(run_dir, "user_metrics_mod:prefix_mean", n_images=12, n_boot=10, components=S.components(),
+              progress=False, overwrite=True)
+    assert load_results(run_dir / "audit" / "prefix_mean").image.max() >= 8
+    args = build_parser().parse_args(["audit", "r", "--metric", "m:f", "--overwrite"])
+    assert args.overwrite
+
+
+def test_edited_metric_code_is_recomputed(run_dir, tmp_path, monkeypatch):
+    from validation.pipeline.table import load_results
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    body = "def edited(model, x, target, maps):\n    return maps.flatten(1).mean(1){}\n"
+
+    def audit(version):
+        (tmp_path / "edited_mod.py").write_text(body.format(version))
+        sys.modules.pop("edited_mod", None)
+        importlib.invalidate_caches()
+        audit_run(run_dir, "edited_mod:edited", n_images=8, n_boot=10, components=S.components(), progress=False)
+        return load_results(run_dir / "audit" / "edited").set_index(["model", "image", "method", "layer", "mix"]).value
+
+    first = audit("")
+    markers = lambda: {m: m.stat().st_mtime_ns for m in (run_dir / "audit" / "edited").glob("chunks/*/*.done.json")}  # noqa: E731
+    before = markers()
+    assert (audit("") == first).all() and markers() == before  # unchanged code: cached chunks reused
+    again = audit(" * 2 + 1  # edited")
+    np.testing.assert_allclose(again.to_numpy(), 2 * first.to_numpy() + 1)

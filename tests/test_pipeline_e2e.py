@@ -31,10 +31,12 @@ def data(tmp_path_factory):
 
 
 def _load(path):
+    from shapesynth import CLASS_NAMES
     from trainers.models import build_model
 
     torch.manual_seed(sum(str(path).encode()) % 1000)
-    return build_model("resnet18", num_classes=6, image_size=SIZE).eval(), {"arch": "resnet18", "test_accuracy": None}
+    return build_model("resnet18", num_classes=6, image_size=SIZE).eval(), {
+        "arch": "resnet18", "test_accuracy": None, "image_size": SIZE, "class_names": list(CLASS_NAMES)}
 
 
 def _config(data, tmp_path, methods, **kw):
@@ -91,13 +93,17 @@ def test_reproduce_with_real_generator_methods_and_metrics(tmp_path, monkeypatch
 
     from validation import reproduce as R
 
-    monkeypatch.setattr(R, "_model_ready", lambda p: (p.exists(), {"arch": "resnet18", "test_accuracy": 1.0}))
+    from shapesynth import CLASS_NAMES
+
+    monkeypatch.setattr(R, "_model_ready", lambda p: (p.exists(), {"arch": "resnet18", "test_accuracy": 1.0,
+                                                                   "image_size": SIZE, "class_names": list(CLASS_NAMES)}))
     profile = {
         "name": "e2e", "description": "tiny real run",
-        "data": {"args": ["generate", "--out", "{data}", "--image-size", str(SIZE), "--size-bands", BANDS, "--train-size", "12",
+        "data": {"image_size": SIZE, "args": ["generate", "--out", "{data}", "--image-size", str(SIZE), "--size-bands", BANDS, "--train-size", "12",
                           "--val-size", "6", "--test-size", "32", "--no-progress"]},
         "train": {"min_test_accuracy": 0.99, "models": {"resnet18": None},
-                  "command": [sys.executable, "-c", "import pathlib,sys; pathlib.Path(sys.argv[1]).mkdir(parents=True)",
+                  "command": [sys.executable, "-c", "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True); "
+                              "(p/'model.safetensors').write_text('random init, see _load')",
                               "{model_dir}"]},
         "eval": {"n_images": 32, "methods": ["gradcampp", "lafam", "halfcam", "randomcam", "all1scam"],
                  "metrics": "all", "layers": ["stage1", "stage4"], "refine_layers": ["stage1", "stage2", "stage3", "stage4"],

@@ -83,3 +83,25 @@ def test_road_curves_start_at_the_unperturbed_probability(run_dir):
     # stand-in LeRF curve is p * (1 - f / 2): at 0.4 that is 0.8 of the start
     lerf = f[(f.model == "alpha") & (f.method == "grad") & (f.order == "LERF")].set_index("fraction")["prob"]
     assert lerf[0.4] == pytest.approx(0.8 * lerf[0.0])
+
+
+def test_report_reanalyzes_tables_older_than_the_merge_and_refuses_unmerged_chunks(run_dir):
+    import os
+
+    from validation.pipeline.table import merge_run
+
+    analyze_run(run_dir, n_boot=20)
+    stale = "model,metric,better,level,pearson\nSTALE_ROW,gt_cosine,higher,pairs,0.5\n"
+    (run_dir / "analysis" / "a_validity.csv").write_text(stale)  # tables of an older merge ...
+    merge_run(run_dir)  # ... then results.parquet is merged again
+    page = write_report(run_dir, n_boot=20).read_text()
+    assert "STALE_ROW" not in page and "STALE_ROW" not in (run_dir / "analysis" / "a_validity.csv").read_text()
+    # a chunk that finished after the merge: the report would describe a table without it
+    marker = next((run_dir / "chunks" / "alpha").glob("*.done.json"))
+    later = (run_dir / "results.parquet").stat().st_mtime_ns + 1
+    os.utime(marker, ns=(later, later))
+    try:
+        with pytest.raises(RuntimeError, match="finished after results.parquet was merged"):
+            write_report(run_dir, n_boot=20)
+    finally:
+        merge_run(run_dir)

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 import test_pipeline_standins as S
+from shapesynth import CLASS_NAMES
 from validation import reproduce as R
 
 
@@ -15,14 +16,15 @@ def _profile(tmp_path, acc=0.995, workers=1):
     prof = {
         "name": "tiny",
         "description": "test profile",
-        "data": {"command": [sys.executable, "-c",
+        "data": {"image_size": S.SIZE, "command": [sys.executable, "-c",
                              "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True);"
                              "(p/'made').write_text('x'); open(sys.argv[2],'a').write('gen\\n')",
                              "{data}", str(tmp_path / "calls.txt")]},
         "train": {"min_test_accuracy": 0.99,
                   "command": [sys.executable, "-c",
                               "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True);"
-                              f"(p/'acc').write_text('{acc}'); open(sys.argv[2],'a').write('train '+sys.argv[3]+'\\n')",
+                              f"(p/'acc').write_text('{acc}'); (p/'model.safetensors').write_text(sys.argv[3]);"
+                              "open(sys.argv[2],'a').write('train '+sys.argv[3]+'\\n')",
                               "{model_dir}", str(tmp_path / "calls.txt"), "{arch}"],
                   "models": {"alpha": None, "beta": None}},
         "eval": {"n_images": S.N_IMAGES, "methods": ["cam", "grad", "randomcam", "halfcam"],
@@ -42,7 +44,10 @@ def fake_io(monkeypatch):
     def model_ready(model_dir):
         if not (model_dir / "acc").exists():
             return False, None
-        return True, {"arch": "tiny", "test_accuracy": float((model_dir / "acc").read_text())}
+        size = model_dir / "size"  # a model trained at another size says so here
+        return True, {"arch": "tiny", "test_accuracy": float((model_dir / "acc").read_text()),
+                      "image_size": int(size.read_text()) if size.exists() else S.SIZE,
+                      "class_names": list(CLASS_NAMES)}  # the generated data's (shapesynth's)
 
     monkeypatch.setattr(R, "_model_ready", model_ready)
 
@@ -90,6 +95,20 @@ def test_low_accuracy_model_stops_the_reproduction(tmp_path, fake_io):
         R.reproduce(str(_profile(tmp_path, acc=0.9)), tmp_path / "out", progress=False,
                     components=S.components())
     assert not (tmp_path / "out" / "run").exists()
+
+
+def test_existing_model_of_another_size_is_refused_not_reused(tmp_path, fake_io):
+    out = tmp_path / "out"
+    old = out / "models" / "alpha"
+    old.mkdir(parents=True)
+    (old / "acc").write_text("0.999")
+    (old / "size").write_text("32")  # an earlier reproduction at 32 px
+    with pytest.raises(ValueError, match=r"models/alpha holds a model with image_size=32 \(the profile's data: 16\); "
+                                         r"use another --out or remove it"):
+        R.reproduce(str(_profile(tmp_path)), out, progress=False, components=S.components())
+    assert not (out / "run").exists()
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "train alpha" not in calls
 
 
 def test_unknown_step_is_refused(tmp_path):

@@ -177,6 +177,26 @@ def test_resume_refuses_another_arch(tiny_data, disk_run):
         fit(cfg)
 
 
+def test_fit_refusals_are_one_line_errors_with_exit_2(tiny_data, disk_run, tmp_path, capsys):
+    out, _ = disk_run
+    common = ["--image-size", "32", "--precision", "32-true", "--num-workers", "0", "--progress-bar", "false"]
+    # resuming a run folder as another arch (_check_resume_compatible)
+    assert main(["fit", "--arch", "vgg11", "--data", str(tiny_data), "--train-source", "disk", "--out", str(out),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth-train: error:") and "cannot resume" in err and len(err.splitlines()) == 1
+    # warm start from a model of another arch (warm_start)
+    assert main(["fit", "--arch", "convnext_tiny", "--init-from", str(out), "--out", str(tmp_path / "w"),
+                 "--synth", "{size_bands: [[0.3, 0.4]]}", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth-train: error:") and "cannot initialise convnext_tiny" in err
+    assert len(err.splitlines()) == 1
+    # the help says what evaluate() does without --data: the model's own training recipe
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert "the recipe the model was trained with" in " ".join(capsys.readouterr().out.split())
+
+
 # --------------------------------------------------------------------------- data module
 def test_stream_draws_change_per_epoch_and_repeat_exactly(tmp_path):
     dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_length=8, batch_size=8)

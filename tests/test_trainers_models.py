@@ -1,6 +1,7 @@
 """Architecture registry: every arch at 32 px, learning on a fixed tiny set, Swin windows,
 offline ImageNet weights, and clear errors."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,24 @@ def test_pretrained_loads_local_weights_except_the_head(tmp_path):
     assert model.backbone.fc.weight.shape == (6, 512)  # new head for the six classes
 
 
+def _bicubic_matrix(old: int, new: int, a: float = -0.75) -> np.ndarray:
+    """(new, old) weights of 1-D bicubic resampling as torch does it (Keys kernel a = -0.75,
+    half-pixel centres, no antialias, taps clamped at the border), written out independently."""
+    def kernel(d):
+        d = abs(d)
+        if d <= 1:
+            return ((a + 2) * d - (a + 3)) * d * d + 1
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a if d < 2 else 0.0
+
+    m = np.zeros((new, old))
+    for i in range(new):
+        src = (i + 0.5) * old / new - 0.5
+        base = int(np.floor(src))
+        for tap in range(base - 1, base + 3):
+            m[i, min(max(tap, 0), old - 1)] += kernel(src - tap)
+    return m
+
+
 def test_pretrained_swin_resizes_the_position_bias(tmp_path):
     imagenet = tvm.swin_t(weights=None)  # window 7
     path = tmp_path / "swin.pth"
@@ -135,6 +154,12 @@ def test_pretrained_swin_resizes_the_position_bias(tmp_path):
     model = build_model("swin_t", image_size=64, weights_path=path)  # window 2
     table = model.backbone.features[1][0].attn.relative_position_bias_table
     assert table.shape == ((2 * 2 - 1) ** 2, 3)
+    # each head's (2w-1) x (2w-1) grid of biases, resized 13 x 13 -> 3 x 3 bicubically
+    source = imagenet.features[1][0].attn.relative_position_bias_table.detach().double().numpy()
+    w = _bicubic_matrix(13, 3)
+    expected = np.stack([(w @ source[:, h].reshape(13, 13) @ w.T).reshape(9) for h in range(3)], axis=1)
+    np.testing.assert_allclose(table.detach().double().numpy(), expected, atol=1e-6)
+    assert not np.allclose(expected, source[:9])  # a resize, not a crop of the table
     torch.testing.assert_close(model.backbone.features[0][0].weight, imagenet.features[0][0].weight)
 
 

@@ -301,7 +301,9 @@ def _test_results(module, trainer, ckpt) -> dict:
 def evaluate(model_path, data: str | None = None, split: str = "test", batch_size: int = 128,
          synth: dict | None = None, length: int = 600, num_workers: int = 0, out: str | None = None) -> dict:
     """Evaluate a saved model on ``data``, or without data on a rendered split of ``synth`` (default:
-    the recipe the model was trained with, from its metadata); checks size and classes first."""
+    the recipe the model was trained with, from its metadata; shapesynth's default recipe at the
+    model's image size when none is recorded, e.g. a model trained from disk); checks size and
+    classes first."""
     import pytorch_lightning as pl
 
     model, meta = load_model(model_path)

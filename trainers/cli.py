@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(p)
     t = sub.add_parser("test", help="evaluate a saved model (run folder or model file)")
     t.add_argument("--model", required=True)
-    t.add_argument("--data", help="dataset folder (default: a rendered split of the default recipe)")
+    t.add_argument("--data", help="dataset folder (default: a split rendered from the recipe the model "
+                                  "was trained with, from its metadata; the default recipe if it has none)")
     t.add_argument("--split", default="test", choices=("val", "test"))
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--length", type=int, default=600, help="rendered split size when no --data")
@@ -146,7 +147,9 @@ def main(argv=None) -> int:
 
     try:
         meta = fit(cfg)
-    except (DataError, FileNotFoundError) as err:
+    # ValueError: the checks fit runs before training (resume compatibility, warm start, model
+    # options), like test's
+    except (DataError, ValueError, FileNotFoundError) as err:
         return _usage_error(err)
     if meta:
         print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px); "

@@ -56,20 +56,29 @@ def config_label(method: str, layer: str, mix: str) -> str:
 
 
 # ----------------------------------------------------------------------------- correlations
+# A side whose weighted variance is at most this fraction of its weighted mean square is
+# constant up to rounding (a spread below 1e-6 of its magnitude: float32 noise, in which the
+# metrics are computed, or float64 noise of the means here); its r would be noise, so NaN.
+# Tested per side, so one side's scale (x * 1e-7) never decides for the other.
+_CONSTANT_TOL = 1e-12
+
+
 def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Pearson r of (x, y) under non-negative weights; ``w`` is (B, P) -> (B,). NaN if a side is constant."""
-    x = x - x.mean()
-    y = y - y.mean()
+    x0, y0 = x.mean(), y.mean()
+    x = x - x0
+    y = y - y0
     sw = w.sum(axis=1)
     mx, my = w @ x / sw, w @ y / sw
+    sxx, syy = w @ (x * x) / sw, w @ (y * y) / sw
     cxy = w @ (x * y) / sw - mx * my
-    cxx = w @ (x * x) / sw - mx * mx
-    cyy = w @ (y * y) / sw - my * my
+    cxx = sxx - mx * mx
+    cyy = syy - my * my
     with np.errstate(invalid="ignore", divide="ignore"):
         r = cxy / np.sqrt(cxx * cyy)
-    # relative tolerance: a constant side leaves rounding noise only
-    tiny = 1e-12 * max(float(np.abs(x).max(initial=0)) ** 2, float(np.abs(y).max(initial=0)) ** 2, 1e-300)
-    r[(cxx <= tiny) | (cyy <= tiny)] = np.nan
+    # weighted mean squares of the uncentred values: E[(x + x0)^2]
+    scale_x, scale_y = sxx + (2 * mx + x0) * x0, syy + (2 * my + y0) * y0
+    r[(cxx <= _CONSTANT_TOL * scale_x) | (cyy <= _CONSTANT_TOL * scale_y)] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 
@@ -104,7 +113,7 @@ def _rowwise_weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np
     cyy = (w * dy * dy).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = cxy / np.sqrt(cxx * cyy)
-    r[(cxx <= 1e-300) | (cyy <= 1e-300)] = np.nan
+    r[(cxx <= _CONSTANT_TOL * (w * x * x).sum(1)) | (cyy <= _CONSTANT_TOL * (w * y * y).sum(1))] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 
@@ -192,9 +201,12 @@ def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndar
     return Correlation(n_cfg, float(p0[0]), float(s0[0]), pb, sb)
 
 
-def _mean_replicates(per_model: list[np.ndarray]) -> np.ndarray:
+def _mean_replicates(per_model: list[np.ndarray], n_boot: int = 0) -> np.ndarray:
     """Bootstrap replicates of a mean over models: the models' replicates averaged replicate by
-    replicate (models fixed, images resampled); all-NaN replicates (no finite pairs) stay NaN."""
+    replicate (models fixed, images resampled); all-NaN replicates (no finite pairs) stay NaN,
+    and so do all ``n_boot`` of them when no model is given."""
+    if not per_model:
+        return np.full(n_boot, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.stack(per_model), axis=0)
@@ -293,21 +305,25 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         return out
     summary = []
     for (metric, level), g in out.groupby(["metric", "level"], sort=False):
-        plo, phi = _ci(_mean_replicates([boots[(m, metric, level)][0] for m in g["model"]]))
-        slo, shi = _ci(_mean_replicates([boots[(m, metric, level)][1] for m in g["model"]]))
+        # a model without a correlation (e.g. the metric is constant on it) is left out of the
+        # mean and of n, and named in models_nan, so n_models says how many the mean averages
+        ok = g["pearson"].notna() & g["spearman"].notna()
+        g, nan_models = g[ok], g.loc[~ok, "model"].tolist()
+        plo, phi = _ci(_mean_replicates([boots[(m, metric, level)][0] for m in g["model"]], n_boot))
+        slo, shi = _ci(_mean_replicates([boots[(m, metric, level)][1] for m in g["model"]], n_boot))
         summary.append({"model": "mean+-std", "metric": metric, "level": level,
                         "n": int(g["n"].sum()), "n_dropped": int(g["n_dropped"].sum()),
-                        "n_models": len(g),
+                        "n_models": len(g), "models_nan": ",".join(map(str, nan_models)),
                         "pearson": g["pearson"].mean(), "pearson_std": _spread(g["pearson"]),
                         "pearson_lo": plo, "pearson_hi": phi,
                         "spearman": g["spearman"].mean(), "spearman_std": _spread(g["spearman"]),
                         "spearman_lo": slo, "spearman_hi": shi})
     # a spread over models needs two of them: one model has none (NaN, not 0)
-    out = pd.concat([out.assign(n_models=1, pearson_std=np.nan, spearman_std=np.nan),
+    out = pd.concat([out.assign(n_models=1, models_nan="", pearson_std=np.nan, spearman_std=np.nan),
                      pd.DataFrame(summary)], ignore_index=True)
     out["better"] = ["lower" if orientation(m) < 0 else "higher" for m in out["metric"]]
-    cols = ["model", "metric", "better", "level", "n_models", "n", "n_dropped", "pearson", "pearson_std",
-            "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
+    cols = ["model", "metric", "better", "level", "n_models", "models_nan", "n", "n_dropped", "pearson",
+            "pearson_std", "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
     return out[cols]
 
 
@@ -498,20 +514,25 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
 # ----------------------------------------------------------------------------- tables e, f
 def table_localisation(df: pd.DataFrame, methods=LOCALISATION_METHODS,
                        metrics=LOCALISATION_METRICS) -> pd.DataFrame:
-    """Table e. Mean (and per-sample NaN count) of the localisation metrics, identity maps."""
+    """Table e. Mean and per-sample NaN count (``<metric>_n_nan``: rows whose value is NaN, status
+    ``nan`` or ``error``, left out of the mean) of the localisation metrics, identity maps.
+    ``model = mean`` averages the models' means and sums their NaN counts."""
     sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["mix"] == IDENTITY)]
     if sub.empty:
         return pd.DataFrame()
-    g = sub.groupby(["model", "method", "layer", "metric"], sort=True)
-    stats = g["value"].agg(["mean", "std", "count"]).reset_index()
-    stats["n_nan"] = g["value"].apply(lambda s: int(s.isna().sum())).to_numpy()
-    mean = stats.groupby(["method", "layer", "metric"], sort=True)["mean"].agg(["mean", "std"]).reset_index()
-    wide_per_model = stats.pivot_table(index=["model", "method", "layer"], columns="metric",
-                                       values="mean").reset_index()
-    wide_mean = mean.pivot_table(index=["method", "layer"], columns="metric", values="mean").reset_index()
-    out = pd.concat([wide_per_model, wide_mean.assign(model="mean")], ignore_index=True)
-    cols = ["model", "method", "layer"] + [m for m in metrics if m in out.columns]
-    return out[cols]
+    keys = ["model", "method", "layer", "metric"]
+    stats = (sub.assign(is_nan=sub["value"].isna()).groupby(keys, sort=True)
+             .agg(mean=("value", "mean"), n_nan=("is_nan", "sum")).reset_index())
+    over_models = (stats.groupby(["method", "layer", "metric"], sort=True)
+                   .agg(mean=("mean", "mean"), n_nan=("n_nan", "sum")).reset_index().assign(model="mean"))
+    both = pd.concat([stats, over_models], ignore_index=True)
+    index = ["model", "method", "layer"]
+    means = both.pivot_table(index=index, columns="metric", values="mean", dropna=False, sort=False)
+    nans = both.pivot_table(index=index, columns="metric", values="n_nan", dropna=False, sort=False)
+    out = means.join(nans.astype("Int64").add_suffix("_n_nan")).reset_index()
+    present = [m for m in metrics if m in set(sub["metric"])]
+    cols = index + present + [f"{m}_n_nan" for m in present]
+    return out.reindex(columns=cols)
 
 
 def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -23,6 +23,7 @@ and ARCC, followed by a plain verdict.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 from pathlib import Path
@@ -151,13 +152,28 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
     return "\n".join(lines)
 
 
+def metric_source_hash(fn: Callable) -> str:
+    """sha256 of the metric function's source (its bytecode and constants when the source cannot
+    be read), so that editing the function invalidates the audit's cached chunks. Helpers it
+    calls are not covered: after editing those, pass ``overwrite``."""
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr((code.co_code, code.co_consts)).encode() if code is not None else repr(fn).encode()
+    return "sha256:" + hashlib.sha256(text).hexdigest()
+
+
 def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images: int | None = None,
               n_boot: int = 1000, components=None, progress: bool = True,
-              lower_is_better: bool | None = None) -> dict:
+              lower_is_better: bool | None = None, overwrite: bool = False) -> dict:
     """Compute the metric ``spec`` on the run's maps and judge it (tables a, b and a verdict).
 
-    ``lower_is_better`` overrides the function's own ``lower_is_better`` attribute."""
-    from validation.pipeline.run import Components, RunConfig, run_eval
+    ``lower_is_better`` overrides the function's own ``lower_is_better`` attribute. Chunks
+    already computed in ``RUN_DIR/audit/<name>/`` are reused when the audit's configuration
+    (image range, ...) and the function's source are unchanged; edited source recomputes them,
+    another configuration is refused unless ``overwrite`` (which discards them)."""
+    from validation.pipeline.run import Components, RunConfig, _weights_fingerprint, run_eval
 
     run_dir = Path(run_dir)
     fn = load_metric(spec)
@@ -166,8 +182,17 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     if name in set(base.metric):
         raise ValueError(f"metric name {name!r} already exists in the run; pass --name")
     cfg = read_json(run_dir / "run_config.json")
+    # the maps are recomputed: other weights than the run's would judge the metric on other maps
+    for model, path in zip(cfg.get("model_names", []), cfg.get("models", [])):
+        was = (cfg.get("model_weights") or {}).get(model)
+        if was and Path(path).exists() and _weights_fingerprint(path) != was:
+            raise ValueError(f"{path}: the weights of model {model!r} changed since the run "
+                             f"{run_dir} was computed; the audit would score other maps")
     keep = {k: cfg[k] for k in RunConfig.__dataclass_fields__ if k in cfg}
-    keep.update(metrics=[name], save_maps=0)
+    # the audit evaluator takes no options; the function's identity goes in their place, so the
+    # run's config check (stable part) tells cached chunks of edited code from current ones
+    source = {"audited_metric": {"source": metric_source_hash(fn)}}
+    keep.update(metrics=[name], save_maps=0, metric_options=source)
     if n_images is not None:
         start = keep["image_range"][0]
         keep["image_range"] = [start, min(start + n_images, keep["image_range"][1])]
@@ -177,7 +202,12 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
                        evaluate=metric_evaluator(fn, name), fingerprint=comps.fingerprint,
                        layer_methods=comps.layer_methods, refinable=comps.refinable)
     out_dir = run_dir / "audit" / name
-    run_eval(config, out_dir, components=comps, progress=progress)
+    previous = out_dir / "run_config.json"
+    if not overwrite and previous.exists():
+        old = read_json(previous).get("metric_options", {}).get("audited_metric", {})
+        overwrite = old.get("source") != source["audited_metric"]["source"]  # edited code: recompute
+    run_eval(config, out_dir, components=comps, progress=progress, overwrite=overwrite,
+             conflict_hint="pass --overwrite to recompute it, or --name to audit beside it")
     mine = load_results(out_dir)
     df = pd.concat([base[base.image.isin(set(mine.image))] if n_images else base, mine],
                    ignore_index=True)

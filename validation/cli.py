@@ -132,7 +132,7 @@ def cmd_audit(args) -> int:
 
     result = audit_run(args.run_dir, args.metric, name=args.name, n_images=args.n_images,
                        n_boot=args.n_boot, progress=not args.no_progress,
-                       lower_is_better=True if args.lower_is_better else None)
+                       lower_is_better=True if args.lower_is_better else None, overwrite=args.overwrite)
     print(result["verdict"])
     print(f"tables: {result['out_dir']}")
     return 0
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower-is-better", action="store_true",
                    help="the metric is better when lower (like Average Drop)")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard this metric's earlier audit (e.g. to change --n-images)")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("report", help="self-contained HTML page and PNG figures")
     p.add_argument("run_dir")

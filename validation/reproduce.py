@@ -90,7 +90,8 @@ def _dataset_ready(data: Path, split: str, n_needed: int) -> bool:
 
 
 def _model_ready(checkpoint: Path):
-    """(ready, meta). A model is reused when it loads; its accuracy is checked separately."""
+    """(ready, meta). A model is reused when it loads; its accuracy, image size and classes are
+    checked separately (``Reproduction.train``)."""
     if not checkpoint.exists():
         return False, None
     try:
@@ -184,12 +185,33 @@ class Reproduction:
                 if not ready:
                     raise RuntimeError(f"{checkpoints[arch]}: training finished but trainers.load_model "
                                        f"cannot load it (see {self.out / 'logs' / f'train_{arch}.log'})")
+            self._check_model_fits(checkpoints[arch], meta, trained)
             acc = (meta or {}).get("test_accuracy")
             info[arch] = {"reused": not trained, "test_accuracy": acc}
             if min_acc is not None and (acc is None or float(acc) < float(min_acc)):
                 raise RuntimeError(f"{arch}: test accuracy {acc} is below the profile's minimum {min_acc}; "
                                    f"the evaluation would not be faithful (see {model_dir})")
         return info
+
+    def _check_model_fits(self, checkpoint: Path, meta: dict, trained: bool) -> None:
+        """Refuse a model that cannot take the profile's data (another image size or other
+        classes), e.g. an older model of another size in ``DIR/models``, before the run starts."""
+        from trainers.data import dataset_class_names
+
+        meta = meta or {}
+        missing = [k for k in ("image_size", "class_names") if k not in meta]
+        if missing:
+            raise ValueError(f"{checkpoint}: the model's metadata has no {missing}")
+        want_size, want_classes = int(self.values["image_size"]), list(dataset_class_names(self.data))
+        found = []
+        if int(meta["image_size"]) != want_size:
+            found.append(f"image_size={meta['image_size']} (the profile's data: {want_size})")
+        if list(meta["class_names"]) != want_classes:
+            found.append(f"classes {list(meta['class_names'])} (the data's: {want_classes})")
+        if found:
+            how = ("training produced it: check the profile's train args" if trained else
+                   "use another --out or remove it")
+            raise ValueError(f"{checkpoint} holds a model with {' and '.join(found)}; {how}")
 
     def run(self):
         from validation.cli import all_methods

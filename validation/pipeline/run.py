@@ -33,6 +33,7 @@ from validation.pipeline.table import (
     config_hash,
     merge_run,
     read_json,
+    sha256_file,
     write_chunk,
     write_json,
 )
@@ -281,17 +282,54 @@ class _BoundGroundTruth:
         self.explainer, self.gt = explainer, gt
 
     def attribute(self, x, target=None):
-        return self.explainer.attribute(x, target, gt=self.gt[: x.shape[0]])
+        # the masks belong to one batch: any other batch would get other images' ground truth
+        if x.shape[0] != self.gt.shape[0]:
+            raise ValueError(f"ground truth bound for {self.gt.shape[0]} images, called on {x.shape[0]}")
+        return self.explainer.attribute(x, target, gt=self.gt)
 
     __call__ = attribute
+
+
+def _subset_explainer(explainer, sl):
+    """``explainer`` for the images ``sl`` of its batch (rebinds a bound ground truth)."""
+    if isinstance(explainer, _BoundGroundTruth):
+        return _BoundGroundTruth(explainer.explainer, explainer.gt[sl])
+    return explainer
+
+
+def _weights_fingerprint(path: str) -> str:
+    """sha256 of the file holding a model's weights: a run folder's ``model.safetensors`` (what
+    ``trainers.load_model`` reads from a folder), else the file given."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            from trainers.export import WEIGHTS
+        except ImportError:
+            WEIGHTS = "model.safetensors"
+        p = p / WEIGHTS
+    if not p.is_file():
+        raise FileNotFoundError(f"--model {path}: no weights file {p} to fingerprint")
+    return "sha256:" + sha256_file(p)
+
+
+def _dataset_classes(dataset, path: str) -> tuple[str, ...]:
+    """The dataset's class names: its ``class_names`` attribute, else what the generated folder
+    declares (trainers' reader, the one training checks against)."""
+    names = getattr(dataset, "class_names", None)
+    if names is None:
+        from trainers.data import dataset_class_names
+
+        names = dataset_class_names(path)
+    return tuple(names)
 
 
 # ----------------------------------------------------------------------------- the runner
 class Runner:
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike,
                  components: Components | None = None, progress: bool = True,
-                 overwrite: bool = False):
+                 overwrite: bool = False, conflict_hint: str = "use another --out or --overwrite"):
         self.config = config
+        self.conflict_hint = conflict_hint  # what to do when --out holds another run (audit has its own flags)
         self.out = Path(out_dir)
         self.c = components or Components()
         self.progress = progress
@@ -325,8 +363,31 @@ class Runner:
         d["model_meta"] = {n: {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
                            for n, m in zip(cfg.model_names, metas)}
         d["data_fingerprint"] = _data_fingerprint(cfg.data, self.c)
+        # stable (not in _VOLATILE): chunks of other weights at the same path must not be merged
+        d["model_weights"] = {n: _weights_fingerprint(p) for n, p in zip(cfg.model_names, cfg.models)}
         d["configs"] = [c.label for c in self.configs]
         return d
+
+    def _check_models_fit(self, dataset, metas) -> None:
+        """Every model must take the dataset's image size and predict its classes."""
+        n = len(dataset)
+        if n == 0:
+            return  # an empty split: the range check above has refused every non-empty range
+        height, width = (int(v) for v in torch.as_tensor(dataset[0]["image"]).shape[-2:])
+        classes = _dataset_classes(dataset, self.config.data)
+        where = f"{self.config.data} ({self.config.split} split)"
+        for path, meta in zip(self.config.models, metas):
+            missing = [k for k in ("image_size", "class_names") if k not in meta]
+            if missing:
+                raise ValueError(f"--model {path}: its metadata has no {missing}, so it cannot be "
+                                 f"checked against {where}")
+            size = int(meta["image_size"])
+            if (size, size) != (height, width):
+                raise ValueError(f"--model {path}: the model takes {size} px images but {where} has "
+                                 f"{height} x {width} px images")
+            if tuple(meta["class_names"]) != classes:
+                raise ValueError(f"--model {path}: the model's classes {list(meta['class_names'])} differ "
+                                 f"from the classes of {where}: {list(classes)}")
 
     def _check_or_write_config(self, d: dict) -> None:
         path = self.out / "run_config.json"
@@ -334,15 +395,21 @@ class Runner:
         if path.exists() and not self.overwrite:
             old = read_json(path)
             old_stable = {k: v for k, v in old.items() if k not in _VOLATILE}
+            old_w, new_w = old.get("model_weights") or {}, d.get("model_weights") or {}
+            changed = sorted(n for n in new_w if n in old_w and old_w[n] != new_w[n])
+            if changed:
+                paths = [p for n, p in zip(self.config.model_names, self.config.models) if n in changed]
+                raise ValueError(f"{path}: the weights of model(s) {changed} ({', '.join(paths)}) changed "
+                                 f"since this run started; {self.conflict_hint}")
             if config_hash(old_stable) != config_hash(stable):
                 diff = sorted(k for k in set(old_stable) | set(stable) if old_stable.get(k) != stable.get(k))
                 raise ValueError(
                     f"{path}: this run directory holds a run with a different configuration "
-                    f"(differs in {diff}); use another --out or --overwrite")
+                    f"(differs in {diff}); {self.conflict_hint}")
             fp_old, fp_new = old.get("data_fingerprint"), d.get("data_fingerprint")
             if fp_old and fp_new and fp_old != fp_new:
                 raise ValueError(f"{path}: the dataset changed since this run started "
-                                 f"(fingerprint {fp_old} -> {fp_new}); use another --out or --overwrite")
+                                 f"(fingerprint {fp_old} -> {fp_new}); {self.conflict_hint}")
             return
         if self.overwrite and (self.out / "chunks").exists():
             import shutil
@@ -355,15 +422,16 @@ class Runner:
         """Compute this shard's unfinished chunks. Merges when the whole run is done
         (``merge=None``: only for an unsharded run). Returns a summary dict."""
         models, metas = self._load_models()
-        cfg_dict = self._prepare_config(metas)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._check_or_write_config(cfg_dict)
         dataset = self.c.dataset(self.config.data, self.config.split)
         n_data = len(dataset)
         a, b = self.config.image_range
         if b > n_data:
             raise ValueError(f"--images {a}:{b} asks for more images than the {self.config.split} split "
                              f"of {self.config.data} has ({n_data})")
+        self._check_models_fit(dataset, metas)
+        cfg_dict = self._prepare_config(metas)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_or_write_config(cfg_dict)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
         todo = [(name, model, s, e) for name, model in zip(self.config.model_names, models)
                 for s, e in chunks if not chunk_is_done(self.out, name, s, e)]
@@ -377,7 +445,8 @@ class Runner:
                        desc=f"shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
         try:
             for name, model, s, e in todo:
-                summary["errors"] += self._run_chunk(name, model, dataset, s, e, bar)
+                summary["errors"] += self._run_chunk(name, model, dataset, s, e, bar,
+                                                     cfg_dict["model_weights"][name])
                 summary["chunks_computed"] += 1
         finally:
             if bar is not None:
@@ -398,7 +467,7 @@ class Runner:
         device = torch.device(self.config.device)
         return x.to(device), gt.to(device), label.to(device)
 
-    def _run_chunk(self, name: str, model, dataset, start: int, stop: int, bar) -> int:
+    def _run_chunk(self, name: str, model, dataset, start: int, stop: int, bar, weights: str) -> int:
         x, gt, label = self._load_batch(dataset, start, stop)
         with torch.no_grad():
             logits = model(x)
@@ -411,7 +480,7 @@ class Runner:
         keep = torch.nonzero(correct).flatten()
         images = [start + int(k) for k in keep]
         xc, gtc, yc = x[keep], gt[keep], label[keep]
-        rows, seconds, n_err = [], {}, 0
+        rows, seconds, n_images, n_err = [], {}, {}, 0
         seed = chunk_seed(self.config.seed, start)
         saved = {}
         save_upto = self.config.image_range[0] + self.config.save_maps
@@ -419,6 +488,7 @@ class Runner:
             t0 = time.perf_counter()
             limit = self._image_limit(cfg)
             sub = [k for k, img in enumerate(images) if img < limit]
+            n_images[cfg.label] = len(sub)  # max_images caps some configurations: timing per image needs it
             if sub:
                 new_rows, maps = self._config_rows(name, model, cfg, xc[sub], yc[sub], gtc[sub],
                                                    [images[k] for k in sub], seed)
@@ -449,7 +519,8 @@ class Runner:
             atomic_write_bytes(f"{chunk_stem(self.out, name, start, stop)}.maps.npz", buf.getvalue())
         write_chunk(self.out, name, start, stop, rows, preds,
                     {"n_images": stop - start, "n_correct": len(images), "seconds": seconds,
-                     "errors": n_err, "seed": seed})
+                     "images": n_images, "errors": n_err, "seed": seed,
+                     "model_weights": weights})
         return n_err
 
     def _image_limit(self, cfg: MapConfig) -> float:
@@ -526,7 +597,8 @@ class Runner:
             for k, img in enumerate(images):
                 sl = slice(k, k + 1)
                 try:
-                    values = self._evaluate(model, explainer, x[sl], y[sl], gt[sl], maps[sl], [metric], seed)
+                    values = self._evaluate(model, _subset_explainer(explainer, sl), x[sl], y[sl], gt[sl],
+                                            maps[sl], [metric], seed)
                     rows.extend(self._rows(name, cfg, [img], *values))
                 except Exception as err:
                     rows.extend(self._error_rows(name, cfg, [img], err, "metrics", [metric]))
@@ -557,6 +629,8 @@ class Runner:
 
 
 def run_eval(config: RunConfig, out_dir, shard=(0, 1), components: Components | None = None,
-             progress: bool = True, overwrite: bool = False, merge: bool | None = None) -> dict:
-    """Functional entry point of ``shapesynth-eval run``."""
-    return Runner(config, out_dir, components, progress, overwrite).run(shard, merge)
+             progress: bool = True, overwrite: bool = False, merge: bool | None = None,
+             conflict_hint: str = "use another --out or --overwrite") -> dict:
+    """Functional entry point of ``shapesynth-eval run``. ``conflict_hint`` ends the error raised
+    when ``out_dir`` holds a run of another configuration (callers with other flags reword it)."""
+    return Runner(config, out_dir, components, progress, overwrite, conflict_hint).run(shard, merge)

@@ -213,6 +213,12 @@ def package_versions() -> dict:
     return out
 
 
+def _config_label(method: str, layer: str, mix: str) -> str:
+    """The label ``run`` gives a configuration (``gradcam@stage1+product``)."""
+    text = method if layer == NO_LAYER else f"{method}@{layer}"
+    return text if mix == IDENTITY else f"{text}+{mix}"
+
+
 def expected_chunks(config: Mapping) -> list[tuple[str, int, int]]:
     """All (model, start, stop) chunks a run config asks for."""
     ranges = chunk_ranges(config["image_range"], config["chunk_size"])
@@ -236,15 +242,26 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
             f"{run_dir}: {len(missing)} of {len(wanted)} chunks are not finished ({shown}"
             f"{' ...' if len(missing) > 8 else ''}); run the missing shards or pass --allow-partial")
     present = [c for c in wanted if c in done]
+    weights = config.get("model_weights") or {}
     results, preds, timings = [], [], []
     for model, a, b in present:
         stem = chunk_stem(run_dir, model, a, b)
-        results.append(pd.read_parquet(f"{stem}.results.parquet"))
+        chunk = pd.read_parquet(f"{stem}.results.parquet")
+        results.append(chunk)
         preds.append(pd.read_parquet(f"{stem}.predictions.parquet"))
         info = read_json(f"{stem}.done.json")
+        if info.get("model_weights") and weights.get(model) and info["model_weights"] != weights[model]:
+            raise ValueError(f"{stem}.done.json: chunk computed with other weights of model {model!r} "
+                             f"({info['model_weights']}) than the run's ({weights[model]}); "
+                             f"recompute it (delete the chunk) or merge it into its own run")
+        per_config = info.get("images")
+        if per_config is None:  # chunks written before the count was recorded: images with rows
+            per_config = (chunk.assign(config=[_config_label(*k) for k in zip(chunk["method"], chunk["layer"],
+                                                                                chunk["mix"])])
+                          .groupby("config")["image"].nunique().to_dict())
         for cfg, seconds in info.get("seconds", {}).items():
             timings.append({"model": model, "config": cfg, "seconds": seconds,
-                            "images": info.get("n_correct", 0)})
+                            "images": int(per_config.get(cfg, 0))})
     res = sort_results(make_results_frame(pd.concat(results) if results else []))
     pred = make_predictions_frame(pd.concat(preds) if preds else [])
     pred = pred.sort_values(["model", "image"], kind="mergesort").reset_index(drop=True)
@@ -281,8 +298,25 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     return manifest
 
 
+def check_merge_current(run_dir: str | os.PathLike) -> None:
+    """Raise if chunks finished (or were recomputed) after ``results.parquet`` was merged: the
+    merged table would silently miss or contradict them. No-op when nothing is merged yet."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.parquet"
+    if not path.exists():
+        return
+    merged = path.stat().st_mtime_ns
+    newer = [m for m in (run_dir / "chunks").glob("*/c*.done.json") if m.stat().st_mtime_ns > merged]
+    if newer:
+        raise RuntimeError(
+            f"{run_dir}: {len(newer)} chunk(s) finished after results.parquet was merged (e.g. "
+            f"{newer[0].relative_to(run_dir)}); run `shapesynth-eval merge {run_dir}` "
+            f"(with --allow-partial if chunks are still missing)")
+
+
 def load_results(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """The merged long table of a run directory (merging first if chunks are newer)."""
+    """The merged long table of a run directory. Never merges itself: raises if the run is not
+    merged yet, or if chunks finished after the last merge (see :func:`check_merge_current`)."""
     run_dir = Path(run_dir)
     path = run_dir / "results.parquet"
     if not path.exists():
@@ -290,6 +324,7 @@ def load_results(run_dir: str | os.PathLike) -> pd.DataFrame:
             raise FileNotFoundError(
                 f"{run_dir}: not merged yet (no results.parquet); run `shapesynth-eval merge {run_dir}`")
         raise FileNotFoundError(f"{run_dir}: not a run directory (no results.parquet, no run_config.json)")
+    check_merge_current(run_dir)
     return make_results_frame(pd.read_parquet(path))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from validation import analyze as A
-from validation.pipeline.table import IDENTITY, atomic_write_text, read_json
+from validation.pipeline.table import IDENTITY, atomic_write_text, check_merge_current, read_json
 
 FIGURES = {
     "correlation": "Metric validity: correlation with the ground-truth cosine",
@@ -24,9 +24,14 @@ FIGURES = {
 
 
 def load_tables(run_dir: Path, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
-    """The analysis tables of a run (computed now if ``analyze`` has not been run)."""
+    """The analysis tables of a run, computed now if ``analyze`` has not been run or ran before
+    the last merge (the tables would describe an older ``results.parquet``)."""
     folder = run_dir / "analysis"
-    if not all((folder / f"{name}.csv").exists() for name in A.TABLES):
+    check_merge_current(run_dir)
+    files = [folder / f"{name}.csv" for name in A.TABLES]
+    results = run_dir / "results.parquet"
+    if (not all(f.exists() for f in files) or not results.exists()
+            or min(f.stat().st_mtime_ns for f in files) < results.stat().st_mtime_ns):
         return A.analyze_run(run_dir, folder, n_boot=n_boot)
     out = {}
     for name in A.TABLES:
