@@ -164,6 +164,25 @@ def test_mean_over_models_counts_only_models_with_a_correlation():
         assert summary["pearson_std"] == pytest.approx(np.std(per["pearson"].iloc[:2]))
 
 
+def test_paired_mean_counts_only_models_with_both_correlations():
+    rng = np.random.default_rng(6)
+    rows = []
+    for model in ("A", "B", "C"):
+        for img in range(12):
+            for k, (method, layer) in enumerate(REAL):
+                gt = 0.1 * k + rng.random()
+                good = gt + 0.01 * rng.random()
+                bad = {"A": rng.random(), "B": -gt, "C": 0.5}[model]  # C: constant, no correlation
+                rows += [dict(image=img, model=model, method=method, layer=layer, metric=m, value=v)
+                         for m, v in (("gt_cosine", gt), ("good", good), ("bad", bad))]
+    t = A.table_paired(make_results_frame(rows), n_boot=30, pairs=[("good", "bad")]).set_index("model")
+    assert np.isnan(t.loc["C", "pearson_diff"]) and t.loc[["A", "B"], "pearson_diff"].notna().all()
+    mean = t.loc["mean"]
+    assert mean["n_models"] == 2 and mean["models_nan"] == "C"
+    assert mean["n"] == t.loc["A", "n"] + t.loc["B", "n"]
+    assert mean["pearson_diff"] == pytest.approx(t.loc[["A", "B"], "pearson_diff"].mean())
+
+
 def test_validity_with_one_model_reports_no_spread(table):
     t = A.table_validity(table[table.model == "m_a"], n_boot=20, seed=0).set_index(["model", "metric", "level"])
     summary = t.loc[("mean+-std", "noise", "pairs")]

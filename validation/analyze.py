@@ -345,7 +345,8 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
     replicates (so the two correlations' shared noise cancels). The unpaired intervals of table a
     overlap more than these: they ignore that both metrics are scored on the same maps. One row per
     (model, metric, versus) plus ``model = "mean"`` rows (difference averaged over models,
-    replicate by replicate). ``pairs`` replaces the all-pairs default; ``lower_is_better`` names
+    replicate by replicate, over the models where both correlations exist: ``n_models``, with the
+    others named in ``models_nan``). ``pairs`` replaces the all-pairs default; ``lower_is_better`` names
     extra metrics whose sign is flipped (as in :func:`orientation`).
     """
     df = real_rows(df)
@@ -380,14 +381,19 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
                             f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
             rows.append(row)
             boots[(model, a, b)] = boot
-    columns = ["model", "metric", "versus", "n"] + [f"{kind}_{part}" for kind in ("pearson", "spearman")
-                                                     for part in ("metric", "versus", "diff", "diff_lo", "diff_hi")]
-    out = pd.DataFrame(rows, columns=columns)
+    columns = ["model", "metric", "versus", "n_models", "models_nan", "n"] + [
+        f"{kind}_{part}" for kind in ("pearson", "spearman") for part in ("metric", "versus", "diff", "diff_lo", "diff_hi")]
+    out = pd.DataFrame(rows).assign(n_models=1, models_nan="").reindex(columns=columns)
     if out.empty:
         return out
     summary = []
     for (a, b), g in out.groupby(["metric", "versus"], sort=False):
-        row = {"model": "mean", "metric": a, "versus": b, "n": int(g["n"].sum())}
+        # as in table a: a model where either correlation is undefined is left out of the mean
+        # and of n, and named in models_nan
+        ok = g["pearson_diff"].notna() & g["spearman_diff"].notna()
+        g, nan_models = g[ok], g.loc[~ok, "model"].tolist()
+        row = {"model": "mean", "metric": a, "versus": b, "n_models": len(g),
+               "models_nan": ",".join(map(str, nan_models)), "n": int(g["n"].sum())}
         for kind in ("pearson", "spearman"):
             lo, hi = _ci(_mean_replicates([boots[(m, a, b)][kind] for m in g["model"]]))
             row.update({f"{kind}_metric": g[f"{kind}_metric"].mean(), f"{kind}_versus": g[f"{kind}_versus"].mean(),
