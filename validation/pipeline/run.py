@@ -31,6 +31,7 @@ from validation.pipeline.table import (
     chunk_is_done,
     chunk_stem,
     config_hash,
+    config_label,
     merge_run,
     read_json,
     sha256_file,
@@ -95,8 +96,7 @@ class MapConfig:
 
     @property
     def label(self) -> str:
-        text = self.method if self.layer == NO_LAYER else f"{self.method}@{self.layer}"
-        return text if self.mix == IDENTITY else f"{text}+{self.mix}"
+        return config_label(self.method, self.layer, self.mix)
 
 
 def map_configs(methods: Sequence[str], layers: Sequence[str], mixes: Sequence[str],

@@ -213,7 +213,7 @@ def package_versions() -> dict:
     return out
 
 
-def _config_label(method: str, layer: str, mix: str) -> str:
+def config_label(method: str, layer: str, mix: str) -> str:
     """The label ``run`` gives a configuration (``gradcam@stage1+product``)."""
     text = method if layer == NO_LAYER else f"{method}@{layer}"
     return text if mix == IDENTITY else f"{text}+{mix}"
@@ -256,7 +256,7 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
                              f"recompute it (delete the chunk) or merge it into its own run")
         per_config = info.get("images")
         if per_config is None:  # chunks written before the count was recorded: images with rows
-            per_config = (chunk.assign(config=[_config_label(*k) for k in zip(chunk["method"], chunk["layer"],
+            per_config = (chunk.assign(config=[config_label(*k) for k in zip(chunk["method"], chunk["layer"],
                                                                                 chunk["mix"])])
                           .groupby("config")["image"].nunique().to_dict())
         for cfg, seconds in info.get("seconds", {}).items():
