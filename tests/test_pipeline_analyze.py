@@ -142,17 +142,24 @@ def test_validity_point_estimates_equal_scipy(table):
     assert np.isnan(t.loc[("m_a", "noise", "pairs"), "pearson_std"])  # one model: no spread
 
 
-def test_mean_over_models_counts_only_models_with_a_correlation():
-    rng = np.random.default_rng(5)
+def _three_models(seed, values):
+    """Results of models A, B, C on 12 images x REAL: gt_cosine plus ``values(model, gt, rng)``,
+    a {metric: value} dict per (image, configuration)."""
+    rng = np.random.default_rng(seed)
     rows = []
     for model in ("A", "B", "C"):
         for img in range(12):
             for k, (method, layer) in enumerate(REAL):
                 gt = 0.1 * k + rng.random()
-                m = {"A": gt + 0.01 * rng.random(), "B": -gt, "C": 0.5}[model]  # C: constant, no r
-                rows += [dict(image=img, model=model, method=method, layer=layer, metric="gt_cosine", value=gt),
-                         dict(image=img, model=model, method=method, layer=layer, metric="m", value=m)]
-    t = A.table_validity(make_results_frame(rows), n_boot=30).set_index(["model", "metric", "level"])
+                rows += [dict(image=img, model=model, method=method, layer=layer, metric=m, value=v)
+                         for m, v in {"gt_cosine": gt, **values(model, gt, rng)}.items()]
+    return make_results_frame(rows)
+
+
+def test_mean_over_models_counts_only_models_with_a_correlation():
+    # C: constant, no correlation
+    frame = _three_models(5, lambda model, gt, rng: {"m": {"A": gt + 0.01 * rng.random(), "B": -gt, "C": 0.5}[model]})
+    t = A.table_validity(frame, n_boot=30).set_index(["model", "metric", "level"])
     for level in ("pairs", "method_means"):
         per = t.loc[[("A", "m", level), ("B", "m", level), ("C", "m", level)]]
         assert per["pearson"].iloc[0] > 0.9 and per["pearson"].iloc[1] == pytest.approx(-1.0)
@@ -165,17 +172,11 @@ def test_mean_over_models_counts_only_models_with_a_correlation():
 
 
 def test_paired_mean_counts_only_models_with_both_correlations():
-    rng = np.random.default_rng(6)
-    rows = []
-    for model in ("A", "B", "C"):
-        for img in range(12):
-            for k, (method, layer) in enumerate(REAL):
-                gt = 0.1 * k + rng.random()
-                good = gt + 0.01 * rng.random()
-                bad = {"A": rng.random(), "B": -gt, "C": 0.5}[model]  # C: constant, no correlation
-                rows += [dict(image=img, model=model, method=method, layer=layer, metric=m, value=v)
-                         for m, v in (("gt_cosine", gt), ("good", good), ("bad", bad))]
-    t = A.table_paired(make_results_frame(rows), n_boot=30, pairs=[("good", "bad")]).set_index("model")
+    def values(model, gt, rng):
+        good = gt + 0.01 * rng.random()
+        return {"good": good, "bad": {"A": rng.random(), "B": -gt, "C": 0.5}[model]}  # C: constant
+
+    t = A.table_paired(_three_models(6, values), n_boot=30, pairs=[("good", "bad")]).set_index("model")
     assert np.isnan(t.loc["C", "pearson_diff"]) and t.loc[["A", "B"], "pearson_diff"].notna().all()
     mean = t.loc["mean"]
     assert mean["n_models"] == 2 and mean["models_nan"] == "C"
