@@ -434,3 +434,70 @@ def test_warm_start_copies_weights_across_image_sizes(disk_run, tmp_path):
     meta = fit(_tiny_cfg(tmp_path / "warm", image_size=64, init_from=str(out), synth={"size_bands": BANDS}))
     assert meta["init_from"] == str(out) and meta["image_size"] == 64
     assert "warm-started from" in (tmp_path / "warm" / "MODEL_CARD.md").read_text()
+
+
+# --------------------------------------------------------------------------- weight averaging (EMA)
+class _RecordWeights(Callback):
+    """The raw weights after every optimiser step (float64 copies)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps.append({k: v.detach().double().clone() for k, v in pl_module.model.state_dict().items()})
+
+
+def test_ema_model_is_the_moving_average_of_the_steps(tiny_data, tmp_path):
+    decay = 0.6
+    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=16, ema_decay=decay)
+    rec = _RecordWeights()
+    meta = fit(_tiny_cfg(tmp_path / "ema", **kw), callbacks=[rec])
+    assert len(rec.steps) == 8  # 64 images / 16, two epochs
+    # torch's AveragedModel: the first update copies, then ema <- decay * ema + (1 - decay) * w
+    ema = dict(rec.steps[0])
+    for w in rec.steps[1:]:
+        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+    best = torch.load(tmp_path / "ema/checkpoints/best.ckpt", weights_only=True)
+    steps_at_best = best["global_step"]
+    ema_at_best = dict(rec.steps[0])
+    for w in rec.steps[1:steps_at_best]:
+        ema_at_best = {k: decay * ema_at_best[k] + (1 - decay) * w[k] for k in ema_at_best}
+    exported = load_file(str(tmp_path / "ema/model.safetensors"))
+    raw = rec.steps[steps_at_best - 1]
+    moved = 0
+    for k, v in exported.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        assert torch.allclose(v.double(), ema_at_best[k], rtol=1e-5, atol=1e-6), k
+        moved += not torch.allclose(v.double(), raw[k], rtol=1e-5, atol=1e-6)
+    assert moved > len(exported) // 2  # the average is not the raw weights
+    last = torch.load(tmp_path / "ema/checkpoints/last.ckpt", weights_only=True)
+    for k, v in last["state_dict"].items():
+        if k.startswith("model.") and not k.endswith("num_batches_tracked"):
+            assert torch.allclose(v.double(), ema[k[len("model."):]], rtol=1e-5, atol=1e-6), k
+    # the recorded accuracy is the average's, re-derived from the exported model
+    model, _ = load_model(tmp_path / "ema")
+    test_set = ShapesDataset(tiny_data, "test")
+    x = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
+    y = torch.stack([test_set[i]["label"] for i in range(len(test_set))])
+    with torch.no_grad():
+        assert meta["test_accuracy"] == pytest.approx((model(x).argmax(1) == y).float().mean().item())
+
+
+def test_ema_run_resumes_to_the_same_end_state(tiny_data, tmp_path):
+    kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=32, ema_decay=0.5)
+    fit(_tiny_cfg(tmp_path / "a", **kw))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=3)])
+    fit(_tiny_cfg(tmp_path / "b", **kw))
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    for part in ("state_dict", "current_model_state"):  # the average and the raw weights
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_ema_decay_must_lie_in_the_open_unit_interval(tmp_path):
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            _tiny_cfg(tmp_path, ema_decay=bad)

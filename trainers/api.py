@@ -75,6 +75,10 @@ class TrainConfig:
     stochastic_depth: float | None = None
     pct_start: float = 0.15
     label_smoothing: float = 0.05
+    # exponential moving average of the weights (and BatchNorm statistics), per optimiser step, with
+    # this decay (e.g. 0.998: a ~500-step horizon); validation, checkpoints and the exported model
+    # use the average. None: off
+    ema_decay: float | None = None
     scheduler: str = "onecycle"
     channels_last: bool = True
     batch_size: int = 64
@@ -106,6 +110,8 @@ class TrainConfig:
         if self.train_crop is not None and self.arch == "swin_t":
             raise ValueError(f"train_crop does not apply to swin_t: its attention window is chosen for "
                              f"image_size {self.image_size} and need not tile a {self.train_crop} px crop")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie strictly between 0 and 1 (or be None), got {self.ema_decay!r}")
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
 
@@ -155,6 +161,12 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     # Lightning stops only when the metric EXCEEDS the threshold; "reaches" is what we mean
     threshold = None if cfg.stop_at_val_acc is None else cfg.stop_at_val_acc - 1e-6  # > float32 eps
     stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience, stopping_threshold=threshold)
+    if cfg.ema_decay is not None:
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        # Lightning swaps the average in for validation and writes it as the checkpoints' state_dict
+        # (the raw weights travel as current_model_state, which resume restores)
+        callbacks = (EMAWeightAveraging(decay=cfg.ema_decay), *callbacks)
     kwargs = dict(
         default_root_dir=str(out), max_epochs=cfg.max_epochs, max_time=cfg.max_time,
         precision=resolve_precision(cfg.precision, cfg.accelerator), accelerator=cfg.accelerator,
