@@ -191,10 +191,31 @@ def test_fit_refusals_are_one_line_errors_with_exit_2(tiny_data, disk_run, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("shapesynth-train: error:") and "cannot initialise convnext_tiny" in err
     assert len(err.splitlines()) == 1
+    # options the trainer or the model would only reject once training starts
+    for flags, says in ((["--precision", "bf17"], "bf17"), (["--scheduler", "cosine"], "scheduler")):
+        assert main(["fit", "--out", str(tmp_path / "p"), "--synth", "{size_bands: [[0.3, 0.4]]}", *common,
+                     *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("shapesynth-train: error:") and says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()  # nothing written before the checks pass
     # the help says what evaluate() does without --data: the model's own training recipe
     with pytest.raises(SystemExit):
         main(["test", "--help"])
     assert "the recipe the model was trained with" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_error_during_training_keeps_its_traceback(tmp_path, monkeypatch):
+    # a fault after the checks (here a ValueError from a training step) is not reported as bad input
+    from trainers.module import ShapeClassifierModule
+
+    def broken_step(self, batch, batch_idx):
+        raise ValueError("fault inside training")
+
+    monkeypatch.setattr(ShapeClassifierModule, "training_step", broken_step)
+    with pytest.raises(ValueError, match="fault inside training"):
+        main(["fit", "--out", str(tmp_path / "f"), "--image-size", "32", "--precision", "32-true",
+              "--num-workers", "0", "--progress-bar", "false", "--train-length", "32", "--val-length", "8",
+              "--synth", "{size_bands: [[0.3, 0.4]]}"])
 
 
 # --------------------------------------------------------------------------- data module

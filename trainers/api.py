@@ -112,6 +112,8 @@ class TrainConfig:
                              f"image_size {self.image_size} and need not tile a {self.train_crop} px crop")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie strictly between 0 and 1 (or be None), got {self.ema_decay!r}")
+        if self.scheduler not in ("onecycle", "constant"):
+            raise ValueError(f"scheduler must be 'onecycle' or 'constant', got {self.scheduler!r}")
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
 
@@ -225,12 +227,23 @@ def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
                              f"{cfg.arch} at {cfg.image_size} px (use another --out or --resume never)")
 
 
-def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> dict:
-    """Train, test the best checkpoint, export ``model.safetensors`` + ``model.json`` + card.
+@dataclasses.dataclass
+class FitPlan:
+    """What `fit` checked and built before training: nothing is written yet."""
 
-    Every check (arch, dataset, image size, classes, resume compatibility) runs before training.
-    Returns the metadata written to ``model.json``.
-    """
+    cfg: TrainConfig
+    datamodule: ShapesDataModule
+    module: ShapeClassifierModule
+    resumed_from: str | None
+    trainer: object  # pl.Trainer
+    best_checkpoint: object  # its ModelCheckpoint on val_acc
+    clock: TrainClock
+
+
+def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> FitPlan:
+    """Every check `fit` runs before training (arch, dataset, image size, classes, resume
+    compatibility, warm start, trainer options), the seeded model and the trainer. Bad input raises
+    ValueError (DataError) or FileNotFoundError here, never once training has started."""
     import pytorch_lightning as pl
 
     out = Path(cfg.out)
@@ -247,14 +260,30 @@ def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -
     resumed_from = _resume_path(cfg, out)
     if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
+    clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
+    trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
+    return FitPlan(cfg, dm, module, resumed_from, trainer, ckpt, clock)
+
+
+def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> dict:
+    """Train, test the best checkpoint, export ``model.safetensors`` + ``model.json`` + card.
+
+    Every check runs before training (`plan_fit`). Returns the metadata written to ``model.json``.
+    """
+    return run_plan(plan_fit(cfg, callbacks, trainer_overrides))
+
+
+def run_plan(plan: FitPlan) -> dict:
+    """The training, test and export half of `fit`, for a plan from `plan_fit`."""
+    cfg, dm, module, resumed_from = plan.cfg, plan.datamodule, plan.module, plan.resumed_from
+    trainer, ckpt, clock = plan.trainer, plan.best_checkpoint, plan.clock
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, out / "config.yaml")
 
-    clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
-    trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
     trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")

@@ -142,15 +142,15 @@ def main(argv=None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from trainers.api import fit
-    from trainers.data import DataError
+    from trainers.api import plan_fit, run_plan
 
+    # bad input is found before training starts (DataError is a ValueError); an error raised once
+    # training runs is a fault, not a usage error, and keeps its traceback
     try:
-        meta = fit(cfg)
-    # ValueError: the checks fit runs before training (resume compatibility, warm start, model
-    # options), like test's
-    except (DataError, ValueError, FileNotFoundError) as err:
+        plan = plan_fit(cfg)
+    except (ValueError, FileNotFoundError) as err:
         return _usage_error(err)
+    meta = run_plan(plan)
     if meta:
         print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px); "
               f"model: {cfg.out}/model.safetensors, card: {cfg.out}/MODEL_CARD.md")
