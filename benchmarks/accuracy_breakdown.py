@@ -8,7 +8,10 @@ what the row names) with the model's own recipe, and prints one markdown table:
 - one row per ``--difficulty`` on the test pool (``SynthConfig.with_difficulty``: 0 easy,
   0.5 the defaults, 1 hard): how much of the error the clutter causes.
 
-    .venv/bin/python benchmarks/accuracy_breakdown.py --model outputs/ref/r18_128_e10
+With ``--errors``, it then lists the misclassified images of the test-pool row (true and predicted
+class, shape size, and the hole across an empty shape, ``shapes.hole_px``).
+
+    .venv/bin/python benchmarks/accuracy_breakdown.py --model outputs/ref/r18_128_e10 --errors
 """
 
 from __future__ import annotations
@@ -18,23 +21,42 @@ import argparse
 import torch
 from torch.utils.data import DataLoader
 
-from shapesynth import SynthConfig
+from shapesynth import CLASS_NAMES, SynthConfig
+from shapesynth.shapes import hole_px
 from shapesynth.torchdata import SynthStream
 from trainers import load_model
 
 
-def accuracy_by_band(model, cfg: SynthConfig, split: str, n: int, batch_size: int) -> tuple[float, list[float]]:
+def predict(model, cfg: SynthConfig, split: str, n: int, batch_size: int):
+    """(placements, labels, predictions) of ``n`` rendered images of ``split``."""
     stream = SynthStream(cfg, split, n)
-    # the placement alone names the band: no second render of each image
-    bands = torch.tensor([stream.synth.placement(split, i, epoch=stream.epoch, n=n).band for i in range(n)])
-    hits = []
+    # the placement alone names the band and size: no second render of each image
+    placements = [stream.synth.placement(split, i, epoch=stream.epoch, n=n) for i in range(n)]
+    labels, preds = [], []
     with torch.inference_mode():
         for batch in DataLoader(stream, batch_size=batch_size):
-            hits.append(model(batch["image"]).argmax(1) == batch["label"])
-    hit = torch.cat(hits).float()
-    per_band = [hit[bands == b].mean().item() if (bands == b).any() else float("nan")
-                for b in range(len(cfg.size_bands))]
+            labels.append(batch["label"])
+            preds.append(model(batch["image"]).argmax(1))
+    return placements, torch.cat(labels), torch.cat(preds)
+
+
+def accuracy_by_band(placements, labels, preds, n_bands: int) -> tuple[float, list[float]]:
+    bands = torch.tensor([pl.band for pl in placements])
+    hit = (preds == labels).float()
+    per_band = [hit[bands == b].mean().item() if (bands == b).any() else float("nan") for b in range(n_bands)]
     return hit.mean().item(), per_band
+
+
+def error_rows(cfg: SynthConfig, placements, labels, preds) -> list[str]:
+    rows = []
+    for pl, y, p in zip(placements, labels.tolist(), preds.tolist()):
+        if y == p:
+            continue
+        name = CLASS_NAMES[y]
+        kind = name.split("_", 1)[1]
+        hole = f"{hole_px(kind, pl.size, cfg.stroke_px(pl.size)):.1f}" if name.startswith("empty") else ""
+        rows.append(f"| {pl.index} | {name} | {CLASS_NAMES[p]} | {pl.size} | {hole} |")
+    return rows
 
 
 def main(argv=None) -> None:
@@ -45,6 +67,7 @@ def main(argv=None) -> None:
                    help="extra test rows at these clutter difficulties")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--errors", action="store_true", help="list the test-pool row's misclassified images")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -56,10 +79,19 @@ def main(argv=None) -> None:
     print("|---|---:|" + "---:|" * len(bands))
     rows = [(f"{split} pool, recipe clutter", cfg, split) for split in ("train", "val", "test")]
     rows += [(f"test pool, difficulty {d}", cfg.with_difficulty(d), "test") for d in args.difficulty]
+    errors = []
     for name, row_cfg, split in rows:
-        acc, per_band = accuracy_by_band(model, row_cfg, split, args.images, args.batch_size)
+        placements, labels, preds = predict(model, row_cfg, split, args.images, args.batch_size)
+        acc, per_band = accuracy_by_band(placements, labels, preds, len(cfg.size_bands))
         print(f"| {name} | {100 * acc:.1f} % | " + " | ".join(f"{100 * a:.1f} %" for a in per_band) + " |",
               flush=True)
+        if name == "test pool, recipe clutter":
+            errors = error_rows(row_cfg, placements, labels, preds)
+    if args.errors:
+        print(f"\n# misclassified images of the test-pool row ({len(errors)})")
+        print("| index | true | predicted | size px | hole px (empty shapes) |")
+        print("|---:|---|---|---:|---:|")
+        print("\n".join(errors))
 
 
 if __name__ == "__main__":
