@@ -250,3 +250,24 @@ def test_position_sums_are_exact(n):
     weights[3] -= torch.randint(0, 2, (n,), generator=g)  # -1/0/1, as localisation_auc uses it
     exact = (weights * torch.arange(n)).sum(1)
     assert torch.equal(_position_sums(weights.float()), exact.double())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32])
+def test_row_sort_and_kth_largest_match_torch_on_any_thread_count(threads, dtype):
+    # the CPU path sorts/partitions blocks of rows in parallel threads; every row must come back in
+    # place (67 rows: blocks of unequal size) and the input must stay untouched
+    from validation.metrics.localisation import _kth_largest, sort_rows
+
+    g = torch.Generator().manual_seed(5)
+    flat = (torch.rand(67, 301, generator=g, dtype=torch.float64) * 50).round().to(dtype)  # many ties
+    before = flat.clone()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(sort_rows(flat), flat.sort(dim=1).values)
+        for k in (1, 7, 301):
+            assert torch.equal(_kth_largest(flat, k), flat.topk(k, dim=1).values[:, -1:])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(flat, before)

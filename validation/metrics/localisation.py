@@ -20,6 +20,8 @@ Nothing is normalised across the batch.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -69,12 +71,36 @@ def _numpy_view(flat: torch.Tensor):
     return None
 
 
+def _by_row_blocks(fn, array: np.ndarray) -> np.ndarray:
+    """``fn(array)`` for a row-wise numpy ``fn``, on blocks of rows in torch's intra-op thread count
+    (numpy's sort and partition run on one core and release the GIL)."""
+    threads = min(torch.get_num_threads(), len(array) // 8)
+    if threads < 2:
+        return fn(array)
+    blocks = np.array_split(array, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        return np.concatenate(list(pool.map(fn, blocks)))
+
+
+def _sorted_copy(array: np.ndarray) -> np.ndarray:
+    """Rows sorted ascending in one copy of ``array``, sorted in place by blocks of rows in parallel."""
+    out = array.copy()
+    threads = min(torch.get_num_threads(), len(out) // 8)
+    if threads < 2:
+        out.sort(axis=1)
+        return out
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda block: block.sort(axis=1), np.array_split(out, threads)))
+    return out
+
+
 def sort_rows(flat: torch.Tensor) -> torch.Tensor:
     """Each row sorted ascending. On CPU numpy's vectorised sort (a zero-copy view, no transfer)
-    is ~12x faster than torch.sort here (0.06 s vs 0.74 s for 256 x 128^2); elsewhere torch.sort."""
+    is 2-12x faster than torch.sort here (0.06-0.08 s vs 0.16-0.74 s for 256 x 128^2), on blocks
+    of rows in parallel; elsewhere torch.sort."""
     array = _numpy_view(flat)
     if array is not None:
-        return torch.from_numpy(np.sort(array, axis=1))
+        return torch.from_numpy(_sorted_copy(array))
     return flat.sort(dim=1).values
 
 
@@ -83,7 +109,7 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     array = _numpy_view(flat)
     if array is not None:
         n = array.shape[1]
-        return torch.from_numpy(np.partition(array, n - k, axis=1)[:, n - k:n - k + 1])
+        return torch.from_numpy(_by_row_blocks(lambda a: np.partition(a, n - k, axis=1)[:, n - k:n - k + 1], array))
     return flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
 
 
