@@ -71,21 +71,25 @@ def _numpy_view(flat: torch.Tensor):
     return None
 
 
+def _row_threads(rows: int) -> int:
+    """Threads for a row-wise numpy sort or partition (both single-core, both release the GIL):
+    torch's intra-op thread count, with at least 8 rows per thread."""
+    return min(torch.get_num_threads(), rows // 8)
+
+
 def _by_row_blocks(fn, array: np.ndarray) -> np.ndarray:
-    """``fn(array)`` for a row-wise numpy ``fn``, on blocks of rows in torch's intra-op thread count
-    (numpy's sort and partition run on one core and release the GIL)."""
-    threads = min(torch.get_num_threads(), len(array) // 8)
+    """``fn(array)`` for a row-wise numpy ``fn``, on blocks of rows in parallel threads."""
+    threads = _row_threads(len(array))
     if threads < 2:
         return fn(array)
-    blocks = np.array_split(array, threads)
     with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(fn, blocks)))
+        return np.concatenate(list(pool.map(fn, np.array_split(array, threads))))
 
 
 def _sorted_copy(array: np.ndarray) -> np.ndarray:
     """Rows sorted ascending in one copy of ``array``, sorted in place by blocks of rows in parallel."""
     out = array.copy()
-    threads = min(torch.get_num_threads(), len(out) // 8)
+    threads = _row_threads(len(out))
     if threads < 2:
         out.sort(axis=1)
         return out
