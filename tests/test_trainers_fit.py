@@ -474,15 +474,17 @@ def test_ema_model_is_the_moving_average_of_the_steps(tiny_data, tmp_path):
     rec = _RecordWeights()
     meta = fit(_tiny_cfg(tmp_path / "ema", **kw), callbacks=[rec])
     assert len(rec.steps) == 8  # 64 images / 16, two epochs
-    # torch's AveragedModel: the first update copies, then ema <- decay * ema + (1 - decay) * w
-    ema = dict(rec.steps[0])
-    for w in rec.steps[1:]:
-        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
-    best = torch.load(tmp_path / "ema/checkpoints/best.ckpt", weights_only=True)
-    steps_at_best = best["global_step"]
-    ema_at_best = dict(rec.steps[0])
-    for w in rec.steps[1:steps_at_best]:
-        ema_at_best = {k: decay * ema_at_best[k] + (1 - decay) * w[k] for k in ema_at_best}
+
+    def moving_average(steps):
+        # torch's AveragedModel: the first update copies, then ema <- decay * ema + (1 - decay) * w
+        ema = dict(steps[0])
+        for w in steps[1:]:
+            ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+        return ema
+
+    ema = moving_average(rec.steps)
+    steps_at_best = torch.load(tmp_path / "ema/checkpoints/best.ckpt", weights_only=True)["global_step"]
+    ema_at_best = moving_average(rec.steps[:steps_at_best])
     exported = load_file(str(tmp_path / "ema/model.safetensors"))
     raw = rec.steps[steps_at_best - 1]
     moved = 0
