@@ -71,31 +71,14 @@ def _numpy_view(flat: torch.Tensor):
     return None
 
 
-def _row_threads(rows: int) -> int:
-    """Threads for a row-wise numpy sort or partition (both single-core, both release the GIL):
-    torch's intra-op thread count, with at least 8 rows per thread."""
-    return min(torch.get_num_threads(), rows // 8)
-
-
-def _by_row_blocks(fn, array: np.ndarray) -> np.ndarray:
-    """``fn(array)`` for a row-wise numpy ``fn``, on blocks of rows in parallel threads."""
-    threads = _row_threads(len(array))
+def _on_row_blocks(fn, array: np.ndarray) -> list:
+    """``fn`` on blocks of ``array``'s rows in parallel threads (numpy's sort and partition run on
+    one core and release the GIL): torch's intra-op thread count, at least 8 rows per thread."""
+    threads = min(torch.get_num_threads(), len(array) // 8)
     if threads < 2:
-        return fn(array)
+        return [fn(array)]
     with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(fn, np.array_split(array, threads))))
-
-
-def _sorted_copy(array: np.ndarray) -> np.ndarray:
-    """Rows sorted ascending in one copy of ``array``, sorted in place by blocks of rows in parallel."""
-    out = array.copy()
-    threads = _row_threads(len(out))
-    if threads < 2:
-        out.sort(axis=1)
-        return out
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda block: block.sort(axis=1), np.array_split(out, threads)))
-    return out
+        return list(pool.map(fn, np.array_split(array, threads)))
 
 
 def sort_rows(flat: torch.Tensor) -> torch.Tensor:
@@ -104,7 +87,9 @@ def sort_rows(flat: torch.Tensor) -> torch.Tensor:
     of rows in parallel; elsewhere torch.sort."""
     array = _numpy_view(flat)
     if array is not None:
-        return torch.from_numpy(_sorted_copy(array))
+        out = array.copy()
+        _on_row_blocks(lambda block: block.sort(axis=1), out)  # in place, on views of the copy
+        return torch.from_numpy(out)
     return flat.sort(dim=1).values
 
 
@@ -113,7 +98,8 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     array = _numpy_view(flat)
     if array is not None:
         n = array.shape[1]
-        return torch.from_numpy(_by_row_blocks(lambda a: np.partition(a, n - k, axis=1)[:, n - k:n - k + 1], array))
+        blocks = _on_row_blocks(lambda a: np.partition(a, n - k, axis=1)[:, n - k:n - k + 1], array)
+        return torch.from_numpy(np.concatenate(blocks))
     return flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
 
 
