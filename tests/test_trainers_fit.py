@@ -2,6 +2,7 @@
 CLI and every bad input the issue names."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -524,3 +525,28 @@ def test_ema_decay_must_lie_in_the_open_unit_interval(tmp_path):
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="ema_decay"):
             _tiny_cfg(tmp_path, ema_decay=bad)
+
+
+def test_num_workers_auto_is_inline_on_cpu_and_a_few_beside_a_gpu(monkeypatch, capsys):
+    from trainers.data import resolve_num_workers
+
+    assert resolve_num_workers("auto", "cpu") == 0
+    assert resolve_num_workers(3, "cpu") == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_num_workers("auto", "auto") == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert resolve_num_workers("auto", "auto") == 4
+    assert resolve_num_workers("auto", "cpu") == 0  # asked for the CPU although a GPU exists
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert resolve_num_workers("auto", "gpu") == 1
+    for bad in ("many", -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers"):
+            TrainConfig(num_workers=bad)
+    # the CLI takes a count or the word, and names a bad word
+    assert main(["fit", "--recipe", "resnet18_128", "--num-workers", "2", "--print-config"]) == 0
+    assert "num_workers: 2" in capsys.readouterr().out
+    assert main(["fit", "--recipe", "resnet18_128", "--num-workers", "auto", "--print-config"]) == 0
+    assert "num_workers: auto" in capsys.readouterr().out
+    assert main(["fit", "--recipe", "resnet18_128", "--num-workers", "some", "--print-config"]) == 2
+    assert "num_workers" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import yaml
 from shapesynth import CLASS_NAMES
 
 from trainers.clock import TrainClock
-from trainers.data import ShapesDataModule
+from trainers.data import ShapesDataModule, resolve_num_workers
 from trainers.export import load_model, save_model, write_json
 from trainers.models import _check_arch, build_model
 from trainers.module import ShapeClassifierModule, per_class_accuracy
@@ -93,7 +93,9 @@ class TrainConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    num_workers: int = 1
+    # DataLoader workers; "auto": none on CPU (rendering inline beats a worker that competes with
+    # torch's threads for the same cores, see resolve_num_workers), a few beside a GPU
+    num_workers: int | str = "auto"
     threads: int | None = None
     seed: int = 0
     resume: str = "auto"  # "auto": out/checkpoints/last.ckpt if present; "never"; or a .ckpt path
@@ -116,6 +118,7 @@ class TrainConfig:
             raise ValueError(f"scheduler must be 'onecycle' or 'constant', got {self.scheduler!r}")
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
+        resolve_num_workers(self.num_workers, "cpu")  # validates the value
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -144,7 +147,8 @@ def _datamodule(cfg: TrainConfig, stage: str) -> ShapesDataModule:
         image_size=cfg.image_size, data=cfg.data, train_source=cfg.train_source if stage == "fit" else "stream",
         synth=cfg.synth, train_length=cfg.train_length, val_length=cfg.val_length, test_length=cfg.test_length,
         curriculum_epochs=cfg.curriculum_epochs, curriculum_start=cfg.curriculum_start,
-        batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+        batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        num_workers=resolve_num_workers(cfg.num_workers, cfg.accelerator),
         seed=cfg.seed, class_names=CLASS_NAMES, train_synth=cfg.train_synth if stage == "fit" else None,
         train_crop=cfg.train_crop if stage == "fit" else None, train_crop_epochs=cfg.train_crop_epochs)
 

@@ -43,6 +43,10 @@ def _none_or(kind):
     return parse
 
 
+def _int_or_word(text: str):
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from trainers.api import TrainConfig
 
@@ -57,6 +61,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elif hints[f.name] is bool:
             # --pretrained alone means true; --pretrained false also works
             p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+        elif "int" in hint and "str" in hint:  # num_workers: a count or "auto"
+            p.add_argument(flag, dest=f.name, type=_int_or_word, default=argparse.SUPPRESS,
+                           help=f"an integer or 'auto' (default {f.default})")
         else:
             kind = int if "int" in hint else float if "float" in hint else str
             kind = _none_or(kind) if "None" in hint else kind

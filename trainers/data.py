@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -105,6 +106,24 @@ class ShapeCrops(Dataset):
         left = self._offset(max(0, x1 - c), min(x0, w - c), g)
         window = (..., slice(top, top + c), slice(left, left + c))
         return {**item, **{k: item[k][window] for k in ("image", "mask", "region")}}
+
+
+def resolve_num_workers(num_workers: int | str = "auto", accelerator: str = "auto") -> int:
+    """DataLoader workers for ``num_workers`` ("auto" or a count >= 0).
+
+    "auto" is 0 when training on the CPU: a rendering worker then runs on the cores that torch's
+    intra-op threads use, and the oversubscription slows every step by more than rendering the
+    batch inline costs (ResNet18, 128 px, batch 64, 2 cores, bf16: 885 ms per step with one
+    worker against 735 ms + 44 ms of inline rendering; benchmarks/RESULTS.md). Beside a CUDA
+    device the CPU is otherwise idle: min(4, CPUs - 1) workers keep the device fed.
+    """
+    if num_workers == "auto":
+        if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+            return max(1, min(4, (os.cpu_count() or 2) - 1))
+        return 0
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+    return num_workers
 
 
 def curriculum_config(target: SynthConfig, progress: float, start: float) -> SynthConfig:
