@@ -550,3 +550,24 @@ def test_num_workers_auto_is_inline_on_cpu_and_a_few_beside_a_gpu(monkeypatch, c
     assert "num_workers: auto" in capsys.readouterr().out
     assert main(["fit", "--recipe", "resnet18_128", "--num-workers", "some", "--print-config"]) == 2
     assert "num_workers" in capsys.readouterr().err
+
+
+def test_loader_workers_see_each_epochs_draws_in_a_fit(tmp_path):
+    """Workers (what num_workers 'auto' gives beside a GPU) fork after the epoch's set_epoch, so a fit
+    trains on exactly the batches an inline (0-worker) fit does, new ones every epoch."""
+    class FirstBatches(Callback):
+        def __init__(self):
+            self.sums = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 0:
+                self.sums.append(batch["image"].double().sum().item())
+
+    seen = {}
+    for workers in (0, 2):
+        record = FirstBatches()
+        fit(_tiny_cfg(tmp_path / f"w{workers}", num_workers=workers, max_epochs=3, train_length=16,
+                      batch_size=8, curriculum_epochs=2, stop_at_val_acc=None), callbacks=[record])
+        seen[workers] = record.sums
+    assert len(seen[0]) == 3 and len(set(seen[0])) == 3
+    assert seen[2] == seen[0]
