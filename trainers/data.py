@@ -41,6 +41,7 @@ from shapesynth.shapes import circumradius
 from shapesynth.torchdata import ShapesDataset, SynthStream
 
 from trainers.models import IMAGENET_MEAN, IMAGENET_STD
+from trainers.precision import cuda_selected
 
 
 class DataError(ValueError):
@@ -118,7 +119,7 @@ def resolve_num_workers(num_workers: int | str = "auto", accelerator: str = "aut
     device the CPU is otherwise idle: min(4, CPUs - 1) workers keep the device fed.
     """
     if num_workers == "auto":
-        if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        if cuda_selected(accelerator):
             return max(1, min(4, (os.cpu_count() or 2) - 1))
         return 0
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

@@ -63,11 +63,16 @@ def _cpu_auto() -> str:
     return "bf16-mixed" if cpu_bf16_speedup() >= MIN_SPEEDUP else "32-true"
 
 
+def cuda_selected(accelerator: str = "auto") -> bool:
+    """Whether Lightning's ``accelerator`` setting trains on a CUDA device on this machine."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(precision: str = "auto", accelerator: str = "auto") -> str:
     """The Lightning precision string for ``precision`` ("auto" is decided here, once per process)."""
     precision = str(precision)
     if precision != "auto":
         return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    if cuda_selected(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return _cpu_auto()
