@@ -156,3 +156,35 @@ def test_profile_extends_merges_sections_one_level_deep(tmp_path):
     (tmp_path / "bad.yaml").write_text("extends: nope\n")
     with pytest.raises(FileNotFoundError, match="built-in profiles"):
         R.load_profile(str(tmp_path / "bad.yaml"))
+
+
+def test_sigterm_stops_the_reproduction_and_the_step_it_is_running(tmp_path):
+    """`kill <pid>` of `reproduce` must not orphan its child (here a generate step that would run
+    for a minute): the child is terminated and reaped, and the command exits 128 + SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    prof = yaml.safe_load(_profile(tmp_path).read_text())
+    prof["data"]["command"] = [sys.executable, "-c",
+                               "import os,sys,time; open(sys.argv[1],'w').write(str(os.getpid())); time.sleep(60)",
+                               str(pid_file)]
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(prof))
+    parent = subprocess.Popen([sys.executable, "-m", "validation", "reproduce", "--profile", str(tmp_path / "slow.yaml"),
+                               "--out", str(tmp_path / "out"), "--no-progress"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, parent.stderr.read()
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone, not running on and not left a zombie

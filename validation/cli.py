@@ -146,11 +146,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def cmd_reproduce(args) -> int:
+    import signal
+
     from validation.reproduce import reproduce
 
-    result = reproduce(args.profile, args.out, steps=_csv_list(args.steps) if args.steps else None,
-                       progress=not args.no_progress)
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the trainer and shard workers
+    # this command started are stopped with it rather than left running
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        result = reproduce(args.profile, args.out, steps=_csv_list(args.steps) if args.steps else None,
+                           progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps({k: v for k, v in result.items() if k != "timings"}, default=str))
     return 0
 

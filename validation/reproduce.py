@@ -66,15 +66,36 @@ def _fill(args, **values) -> list[str]:
     return [str(a).format(**values) for a in args]
 
 
+def _stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """Terminate the child processes still running (SIGTERM, then SIGKILL after ``grace`` s).
+
+    A reproduction stopped by an exception, Ctrl-C or SIGTERM must not leave its trainer or
+    shard workers running: a rerun would then train or evaluate beside them."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _run_command(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait()
+        finally:
+            _stop([proc])
+    if returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"command failed (exit {done.returncode}): {' '.join(cmd)}\n"
+        raise RuntimeError(f"command failed (exit {returncode}): {' '.join(cmd)}\n"
                            f"--- last lines of {log} ---\n{tail}")
 
 
@@ -269,16 +290,20 @@ class Reproduction:
             base += ["--model", m]
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        procs = []
-        for i in range(workers):
-            cmd = base + ["--shard", f"{i}/{workers}"] + ([] if (self.progress and i == 0) else ["--no-progress"])
-            log = open(logs / f"run_shard{i}.log", "a")
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT), log, cmd))
-        failed = []
-        for proc, log, cmd in procs:
-            if proc.wait() != 0:
-                failed.append(" ".join(cmd))
-            log.close()
+        procs, failed = [], []
+        try:
+            for i in range(workers):
+                cmd = base + ["--shard", f"{i}/{workers}"] + ([] if (self.progress and i == 0) else ["--no-progress"])
+                log = open(logs / f"run_shard{i}.log", "a")
+                procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT),
+                              log, cmd))
+            for proc, _, cmd in procs:
+                if proc.wait() != 0:
+                    failed.append(" ".join(cmd))
+        finally:
+            _stop([proc for proc, _, _ in procs])
+            for _, log, _ in procs:
+                log.close()
         if failed:
             raise RuntimeError(f"{len(failed)} shard process(es) failed (see {logs}/run_shard*.log): {failed[0]}")
         manifest = merge_run(self.run_dir)
