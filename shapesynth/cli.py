@@ -121,7 +121,7 @@ def _add_generate(sub) -> None:
         p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split")
     p.add_argument(
         "--size-bands", type=_size_bands,
-        help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19,0.08-0.094 (the default)",
+        help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19 (default: the paper's 80-99, 40-49 and 20-24 px of 256, i.e. 0.3125-0.3867,0.1563-0.1914,0.0781-0.0938)",
     )
     p.add_argument("--size-band-weights", type=_weights,
                    help="odds of each size band, e.g. 1,1,2 (default: equal)")
@@ -138,7 +138,7 @@ def _add_generate(sub) -> None:
         help="procedural clutter preset: easy, medium (default), hard, or a number in [0, 1]",
     )
     p.add_argument("--min-contrast", type=float)
-    p.add_argument("--clutter", type=float, help="procedural clutter density (1 = default)")
+    p.add_argument("--clutter", type=float, help="procedural clutter density (default 0.65, the medium preset; hard = 1)")
     p.add_argument("--clutter-contrast", type=float, help="procedural clutter contrast in [0, 1]")
     p.add_argument(
         "--num-proc", type=int, default=min(os.cpu_count() or 1, 8),

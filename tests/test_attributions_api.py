@@ -264,6 +264,12 @@ def test_bad_images_layers_methods_and_options(resnet):
         get_explainer("gradcam", resnet, interpolation="cubic")
     with pytest.raises(ValueError, match="mix"):
         get_explainer("refinecam", resnet, mix="sum")
+    # the base's options are checked like any method's; RefineCAM's own post-processing ones refused
+    with pytest.raises(TypeError, match=r"unknown base_options \['n_mask'\] for scorecam.*batch_size"):
+        get_explainer("refinecam", resnet, base="scorecam", base_options={"n_mask": 3})
+    with pytest.raises(TypeError, match=r"unknown base_options \['interpolation'\]"):
+        get_explainer("refinecam", resnet, base_options={"interpolation": "nearest"})
+    assert get_explainer("refinecam", resnet, base="scorecam", base_options={"batch_size": 8}).base.batch_size == 8
     with pytest.raises(ValueError, match="variant"):
         get_explainer("scorecam", resnet, variant="fast")
     with pytest.raises(ValueError, match="not among the listed layers"):

@@ -251,6 +251,19 @@ def test_refine_and_aggregators(table):
     row = d[(d.model == "mean") & (d.metric == "arcc")].iloc[0]
     assert list(d.columns[4:7]) == ["identity", "product", "geomean"]
     assert row["best"] == "product"
+    assert row["best_gain"] == pytest.approx(row["product"] - row["identity"])
+    # the best aggregator is chosen among the aggregators even where refining hurts (identity
+    # highest), and layers without refined scores have none
+    worse = table.copy()
+    hit = (worse.mix == "identity") & (worse.method == "gradcampp") & (worse.metric == "arcc")
+    worse.loc[hit, "value"] += 10.0
+    deepest = worse[hit].assign(layer="layer4")  # an unrefined layer: identity only
+    worse = pd.concat([worse, deepest], ignore_index=True)
+    d2 = A.table_aggregators(worse, {"layers": ["layer1", "layer4"]})
+    row2 = d2[(d2.model == "mean") & (d2.metric == "arcc") & (d2.layer == "layer1")].iloc[0]
+    assert row2["best"] == "product" and row2["best_gain"] < 0
+    deep = d2[(d2.metric == "arcc") & (d2.layer == "layer4")]
+    assert len(deep) and deep["best"].isna().all() and deep["best_gain"].isna().all()
 
 
 def test_localisation_and_road_curves(table):

@@ -113,6 +113,7 @@ def test_lower_is_better_metric_is_oriented(run_dir):
     res = audit_run(run_dir, "user_metrics_mod:gt_distance", n_boot=20, components=S.components(), progress=False)
     a = res["tables"]["a_validity"].set_index(["model", "metric", "level"])
     assert a.loc[("mean+-std", "gt_distance", "pairs"), "pearson"] == pytest.approx(-1.0, abs=1e-9)
+    assert (a.xs("gt_distance", level="metric")["better"] == "lower").all()  # the table says so too
     assert "tracks the ground truth: Pearson r = 1.00 (oriented" in res["verdict"]
 
 

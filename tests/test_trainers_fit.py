@@ -124,8 +124,9 @@ def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_pat
         fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=3)])  # 2 steps/epoch: mid epoch 2
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    with pytest.raises(FileNotFoundError, match=r"did not finish \(resume it with `shapesynth-train fit --config .*config.yaml`"):
         load_model(tmp_path / "b")
+    assert (tmp_path / "b" / "config.yaml").is_file()  # the hint's file: the run's full config
     meta_b = fit(_tiny_cfg(tmp_path / "b", **kw))  # same command: resumes from last.ckpt
     a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
@@ -199,6 +200,9 @@ def test_fit_refusals_are_one_line_errors_with_exit_2(tiny_data, disk_run, tmp_p
         err = capsys.readouterr().err
         assert err.startswith("shapesynth-train: error:") and says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p").exists()  # nothing written before the checks pass
+    assert main(["fit", "--recipe", "quick_resnet19", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth-train: error: unknown recipe 'quick_resnet19'; bundled:") and "quick_resnet18" in err
     # the help says what evaluate() does without --data: the model's own training recipe
     with pytest.raises(SystemExit):
         main(["test", "--help"])

@@ -294,6 +294,7 @@ def run_plan(plan: FitPlan) -> dict:
     seconds = clock.seconds
     write_json(out / "train_time.json", {"seconds": seconds})
 
+    # no val_acc was ever logged (e.g. zero validation batches): the last checkpoint, recorded as such
     best = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
     best_module = ShapeClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
     # same trainer: under DDP every rank tests a shard and the confusion matrices are summed
@@ -311,7 +312,7 @@ def run_plan(plan: FitPlan) -> dict:
             "train_seconds_complete": resumed_from is None or clock.restored,
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
             "pretrained": bool(cfg.pretrained), "init_from": cfg.init_from, "config": cfg.to_dict(),
-            "checkpoint": str(out / "checkpoints" / "best.ckpt"), "torch": torch.__version__}
+            "checkpoint": str(best), "torch": torch.__version__}
     save_model(best_module.model.to(memory_format=torch.contiguous_format), out, meta)
     write_json(out / "test_metrics.json", results)
     _atomic_text(out / "MODEL_CARD.md", model_card(meta))

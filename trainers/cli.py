@@ -1,11 +1,12 @@
-"""``shapesynth-train`` (= ``python -m trainers``): ``fit`` (alias ``train``), ``test``, ``archs``.
+"""``shapesynth-train`` (= ``python -m trainers``): ``fit`` (alias ``train``), ``test``, ``archs``,
+``recipes``.
 
 ``fit`` takes a YAML recipe (``--config``, or a bundled one by name: ``--recipe quick_resnet18``)
 and ``--flags`` named after every `TrainConfig` field; flags win over the YAML. Examples::
 
     shapesynth-train fit --recipe quick_resnet18 --out outputs/models/resnet18
-    shapesynth-train train --arch vgg11_bn --data outputs/quick/data --out outputs/models/vgg11_bn --image-size 64
-    shapesynth-train test --model outputs/models/resnet18 --data outputs/quick/data
+    shapesynth-train train --arch vgg11_bn --data outputs/data64 --out outputs/models/vgg11_bn --image-size 64
+    shapesynth-train test --model outputs/models/resnet18 --data outputs/data64   # data at the model's size
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _int_or_word(text: str):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from trainers.api import TrainConfig
+    from trainers.api import DEFAULT_LR, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -67,8 +68,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             kind = int if "int" in hint else float if "float" in hint else str
             kind = _none_or(kind) if "None" in hint else kind
-            p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                           help=f"(default {f.default if f.default is not dataclasses.MISSING else '{}'})")
+            default = f.default if f.default is not dataclasses.MISSING else "{}"
+            if f.name == "lr":
+                default = "per arch: " + ", ".join(f"{a} {v:g}" for a, v in DEFAULT_LR.items())
+            p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=f"(default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +105,7 @@ def resolve_config(args: argparse.Namespace):
     if args.recipe:
         path = RECIPES / f"{args.recipe}.yaml"
         if not path.is_file():
-            raise SystemExit(f"unknown recipe {args.recipe!r}; bundled: {', '.join(available_recipes())}")
+            raise ValueError(f"unknown recipe {args.recipe!r}; bundled: {', '.join(available_recipes())}")
         values.update(yaml.safe_load(path.read_text()) or {})
     if args.config:
         path = Path(args.config)

@@ -59,7 +59,7 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
         if (path / WEIGHTS).is_file():
             return path / WEIGHTS, path / META
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}: training did not finish (resume it with "
-                                f"`shapesynth-train fit --out {path}`), or this is not a run folder")
+                                f"`shapesynth-train fit --config {path / 'config.yaml'}`), or this is not a run folder")
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     if path.suffix == ".safetensors":

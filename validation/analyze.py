@@ -261,13 +261,15 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
 
 # ----------------------------------------------------------------------------- table a
 def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: int = 1000,
-                   seed: int = 0, metrics: list[str] | None = None) -> pd.DataFrame:
+                   seed: int = 0, metrics: list[str] | None = None, lower_is_better=()) -> pd.DataFrame:
     """Table a. One row per (model, metric, level) plus ``model = "mean+-std"`` summary rows.
 
     ``level`` is ``pairs`` (every (image, configuration) pair of real methods) or
     ``method_means`` (one point per configuration: its mean over images). Intervals are
     percentile image-bootstrap 95 % intervals; for the summary row the bootstrap replicates of
     the models are averaged replicate by replicate (models fixed, images resampled).
+    ``better`` says which direction of each metric is better: the built-in metrics' own, and
+    "lower" for the names in ``lower_is_better`` (e.g. an audited metric).
     """
     df = real_rows(df)
     if reference not in set(df["metric"]):
@@ -321,7 +323,7 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     # a spread over models needs two of them: one model has none (NaN, not 0)
     out = pd.concat([out.assign(n_models=1, models_nan="", pearson_std=np.nan, spearman_std=np.nan),
                      pd.DataFrame(summary)], ignore_index=True)
-    out["better"] = ["lower" if orientation(m) < 0 else "higher" for m in out["metric"]]
+    out["better"] = ["lower" if orientation(m) < 0 or m in set(lower_is_better) else "higher" for m in out["metric"]]
     cols = ["model", "metric", "better", "level", "n_models", "models_nan", "n", "n_dropped", "pearson",
             "pearson_std", "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
     return out[cols]
@@ -498,7 +500,11 @@ def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "produ
 
 def table_aggregators(df: pd.DataFrame, config: dict | None = None,
                       metrics=REFINE_METRICS) -> pd.DataFrame:
-    """Table d. Mean score per method, layer and aggregator (columns), per model and mean over models."""
+    """Table d. Mean score per method, layer and aggregator (columns), per model and mean over models.
+
+    ``best``: the aggregator (identity excluded: it is the unrefined map, not an aggregator) with
+    the highest mean; ``best_gain``: its mean minus identity's (> 0: refining with it helps). Both
+    NaN on rows without a refined score (e.g. the deepest layer, which nothing refines)."""
     methods = refined_methods(df)
     sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["status"] == "ok")]
     if sub.empty:
@@ -513,7 +519,10 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
     out = out.sort_values(["model", "metric", "method", "_l"], kind="mergesort").drop(columns="_l")
     refined = [x for x in mixes if x != IDENTITY]
     if refined:
-        out["best"] = out[mixes].idxmax(axis=1)
+        scored = out[refined].notna().any(axis=1)
+        out["best"] = None
+        out.loc[scored, "best"] = out.loc[scored, refined].idxmax(axis=1)
+        out["best_gain"] = out[refined].max(axis=1) - (out[IDENTITY] if IDENTITY in out.columns else float("nan"))
     return out.reset_index(drop=True)
 
 

@@ -212,9 +212,10 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     df = pd.concat([base[base.image.isin(set(mine.image))] if n_images else base, mine],
                    ignore_index=True)
     metrics = [m for m in (name,) + COMPARED if m in set(df.metric)]
-    validity = A.table_validity(df[df.metric.isin(metrics + [A.REFERENCE_METRIC])], n_boot=n_boot)
     lower_flag = getattr(fn, "lower_is_better", False) if lower_is_better is None else lower_is_better
     lower = {name} if lower_flag else set()
+    validity = A.table_validity(df[df.metric.isin(metrics + [A.REFERENCE_METRIC])], n_boot=n_boot,
+                                lower_is_better=lower)
     per_model, verdicts = A.table_trivial(df, metrics=metrics, lower_is_better=lower)
     # the paired comparison: against AD, ADCC, ROAD and ARCC, or every other metric of a run without them
     rivals = [m for m in COMPARED if m in set(df.metric)] or [

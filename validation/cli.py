@@ -40,7 +40,7 @@ def _options(text: str | None) -> dict:
 def all_methods() -> list[str]:
     from validation.attributions import available_methods
 
-    # refinecam is reached through --mix; guidedbackprop is Guided Grad-CAM's ingredient
+    # refinecam is reached through --mix (any layer method refined with any aggregator)
     return [m for m in available_methods() if m not in ("refinecam",)]
 
 
@@ -68,9 +68,9 @@ def _add_run(sub):
     p.add_argument("--chunk-size", type=int, default=16,
                    help="images per batch and per resumable chunk (part of the run's identity)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method-options", help="JSON or YAML file: {method: {option: value}}")
-    p.add_argument("--metric-options", help="JSON or YAML file: options passed to evaluate()")
-    p.add_argument("--method-grid", help="JSON or YAML file: per-method layers/mixes overrides")
+    p.add_argument("--method-options", help="JSON text or a JSON/YAML file: {method: {option: value}}")
+    p.add_argument("--metric-options", help="JSON text or a JSON/YAML file: options passed to evaluate()")
+    p.add_argument("--method-grid", help="JSON text or a JSON/YAML file: per-method {layers, mixes, max_images} overrides")
     p.add_argument("--save-maps", type=int, default=8, help="keep the maps of the first N images for the report")
     p.add_argument("--shard", help="i/n: compute only shard i of n (merge afterwards)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")

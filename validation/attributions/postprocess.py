@@ -1,8 +1,9 @@
 """Post-processing shared by every method (Score-CAM's official variant swaps steps 1 and 2, as
 its authors do), in this order:
 
-1. rectify: ``relu`` where the method defines it (CAMs), ``abs`` for signed pixel attributions,
-   nothing for maps that are already non-negative by construction (LaFAM, RELAX, baselines);
+1. rectify: ``relu`` where the method defines it (CAMs); nothing for pixel attributions (their
+   ``reduce`` over channels sets the sign convention, e.g. ``sum_abs``) and for maps that are
+   non-negative by construction (LaFAM, RELAX, baselines);
 2. upsample to the input size: bilinear (``align_corners=False``, no antialiasing) by default,
    ``nearest`` (centre-aligned, ``nearest-exact``) on request;
 3. per-sample min-max to [0, 1]; a constant map (max == min up to float rounding) becomes all

@@ -18,7 +18,7 @@ import torch
 
 from .base import Explainer, LayerExplainer
 from .postprocess import minmax
-from .registry import METHODS, canonical_name, register
+from .registry import METHODS, _accepted_options, canonical_name, register
 
 MIXES = ("product", "geomean", "invexp")
 
@@ -49,7 +49,15 @@ class RefineCAM(Explainer):
         cls = METHODS[canonical_name(base)]
         if not issubclass(cls, LayerExplainer):
             raise ValueError(f"RefineCAM needs a layer method as base, {cls.name!r} is not one")
-        self.base = cls(model, layers[0], interpolation=self.interpolation, **(base_options or {}))
+        base_options = dict(base_options or {})
+        # RefineCAM itself upsamples and normalises the fused map: the base's own settings for
+        # that would be ignored or clash, so they are refused like any unknown option
+        accepted = _accepted_options(cls) - {"layer", "interpolation", "raw"}
+        unknown = sorted(set(base_options) - accepted)
+        if unknown:
+            raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {sorted(accepted)} "
+                            f"(interpolation and raw are RefineCAM's own options)")
+        self.base = cls(model, layers[0], interpolation=self.interpolation, **base_options)
         self.layers = self.base.resolve(layers)
         if len({id(l.module) for l in self.layers}) != len(self.layers):
             raise ValueError("layers must be distinct modules")

@@ -4,7 +4,7 @@ uncertainty U = sum_n m_n (s_n - R)^2 / sum_n m_n (a weighted variance; ``uncert
 keeps the reference code's unnormalised sum_n m_n (s_n - R)^2).
 
 Masks: a ``cells`` x ``cells`` Bernoulli(p) grid upsampled bilinearly to the image, reflect-padded
-by ``shift`` pixels and cropped at a random offset in [0, 2 * shift] (reference: 7 cells, 3 px),
+(replicate when ``shift`` >= the image side) by ``shift`` pixels and cropped at a random offset in [0, 2 * shift] (reference: 7 cells, 3 px),
 all from a seeded torch.Generator. Embedding: the input of the model's last nn.Linear (the
 penultimate features) by default, or the flattened output of ``embedding_layer``.
 """
@@ -40,7 +40,7 @@ def relax_mask_params(n: int, generator: torch.Generator, cells: int = 7, p: flo
 
 
 def render_masks(grid: torch.Tensor, offsets: torch.Tensor, size: tuple[int, int], shift: int) -> torch.Tensor:
-    """Upsample grids bilinearly to ``size``, reflect-pad by ``shift`` and crop at ``offsets``."""
+    """Upsample grids bilinearly to ``size``, reflect-pad (replicate when too small to reflect) by ``shift`` and crop at ``offsets``."""
     H, W = size
     n, device = grid.shape[0], grid.device
     up = F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
