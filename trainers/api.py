@@ -3,6 +3,8 @@
 Run folder (``out``)::
 
     config.yaml            the resolved TrainConfig (re-run: shapesynth-train fit --config out/config.yaml)
+    config.json            the same config as JSON
+    train_time.json        training seconds, summed over the sessions of a resumed run
     checkpoints/last.ckpt  every epoch end (resume after an interruption: rerun the same command)
     checkpoints/best.ckpt  best val_acc
     logs/version_N/metrics.csv  CSVLogger, one folder per session (resumes add one)
