@@ -30,8 +30,23 @@ def resnet():
 # ---------------------------------------------------------------------------------------------
 # ShapleyCAM
 
-def _fd_shapley_raw(model, layer, x, target, eps=1e-4):
-    """sum_k mean_ij(g - 1/2 H A)_k A_k with H A from central differences of g along A."""
+def _logit(logits, t):
+    return logits.gather(1, t[:, None])[:, 0]
+
+
+# the scores written independently of validation.attributions.base.class_score
+SCORES = {
+    "logit": _logit,
+    "softmax": lambda z, t: F.softmax(z, dim=1).gather(1, t[:, None])[:, 0],
+    "log_softmax": lambda z, t: -F.cross_entropy(z, t, reduction="none"),
+    # ShapleyCAM's ReST: the logit minus the cross-entropy loss
+    "rest": lambda z, t: _logit(z, t) - F.cross_entropy(z, t, reduction="none"),
+}
+
+
+def _fd_shapley_raw(model, layer, x, target, eps=1e-4, score=_logit):
+    """sum_k mean_ij(g - 1/2 H A)_k A_k with H A from central differences of g along A;
+    g = d score(logits, target) / dA."""
     scale = {"s": 0.0}
 
     def hook(m, args, out):
@@ -45,7 +60,7 @@ def _fd_shapley_raw(model, layer, x, target, eps=1e-4):
         store.clear()
         handle = layer.register_forward_hook(hook)
         try:
-            y = model(x).gather(1, target[:, None]).sum()
+            y = score(model(x), target).sum()
             y.backward()
         finally:
             handle.remove()
@@ -87,13 +102,32 @@ def test_shapleycam_equals_gradcam_when_the_head_is_piecewise_linear(resnet):
     assert (e - g).abs().max() > 1e-3 * g.abs().max()
 
 
-def test_shapleycam_multi_layer_has_no_cross_layer_terms():
+@pytest.mark.parametrize("score", ["rest", "softmax", "log_softmax"])
+@pytest.mark.parametrize("nonlinear_head", [True, False])
+def test_shapleycam_non_logit_scores_match_finite_differences(score, nonlinear_head):
+    """The default ReST score (and the other non-logit scores) against finite differences of the
+    score written by hand; with a linear head the whole Hessian term comes from the softmax."""
+    model = TinyNet(nonlinear_head=nonlinear_head).double().eval()
+    x = images(2, 16).double()
+    t = torch.tensor([1, 4])
+    expected, gradcam_raw = _fd_shapley_raw(model, model.feat, x, t, score=SCORES[score])
+    opts = {} if score == "rest" else {"score": score}  # "rest" through the default path
+    ours = explain(model, x, t, method="shapleycam", layer="feat", raw=True, **opts)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-8 * expected.abs().max().item())
+    assert (ours.double() - gradcam_raw).abs().max() > 1e-3 * gradcam_raw.abs().max()  # the Hessian term is live
+    # the score is the hand-written one: Grad-CAM of the same score is the reference's g term
+    torch.testing.assert_close(explain(model, x, t, method="gradcam", layer="feat", raw=True, score=score).double(),
+                               gradcam_raw, rtol=1e-6, atol=1e-10 * gradcam_raw.abs().max().item())
+
+
+@pytest.mark.parametrize("score", ["logit", "rest"])
+def test_shapleycam_multi_layer_has_no_cross_layer_terms(score):
     model = TinyNet(nonlinear_head=True).double().eval()
     x = images(2, 16).double()
-    ex = get_explainer("shapleycam", model, layer="feat", score="logit")  # the reference differentiates the logit
+    ex = get_explainer("shapleycam", model, layer="feat", score=score)
     joint, _, _ = ex.layer_maps(x, [1, 4], ["feat", "act"])
     for raw, layer in zip(joint, ["feat", "act"]):
-        alone, _ = _fd_shapley_raw(model, model.get_submodule(layer), x, torch.tensor([1, 4]))
+        alone, _ = _fd_shapley_raw(model, model.get_submodule(layer), x, torch.tensor([1, 4]), score=SCORES[score])
         torch.testing.assert_close(raw, alone, rtol=1e-5, atol=1e-8)
 
 
@@ -427,6 +461,83 @@ def test_inputxgradient_and_integrated_gradients(resnet):
     with torch.no_grad():
         delta = resnet(x).gather(1, t[:, None])[:, 0] - resnet(torch.zeros_like(x)).gather(1, t[:, None])[:, 0]
     torch.testing.assert_close(ig.sum((1, 2)), delta, rtol=0.05, atol=0.05 * delta.abs().max().item())
+
+
+def test_integrated_gradients_is_gauss_legendre_quadrature_in_float64():
+    """sum_k w_k grad f(b + a_k (x - b)) (x - b), b = 0, with Gauss-Legendre nodes and weights
+    on [0, 1] from numpy, in float64, against captum's float32 run. A non-linear head makes the
+    quadrature (and its step count) matter."""
+    import numpy as np
+
+    model = TinyNet(nonlinear_head=True).eval()
+    ref_model = copy.deepcopy(model).double()
+    x = images(2, 16, seed=2)
+    t = torch.tensor([2, 5])
+    n = 5
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    alphas, w = (nodes + 1) / 2, weights / 2  # [-1, 1] -> [0, 1]
+    xd = x.double()
+    base = torch.zeros_like(xd)
+    total = torch.zeros_like(xd)
+    for a_k, w_k in zip(alphas.tolist(), w.tolist()):
+        point = (base + a_k * (xd - base)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(ref_model(point).gather(1, t[:, None]).sum(), point)
+        total += w_k * grad
+    expected = (total * (xd - base)).sum(1)
+    for ibs in (None, 3):  # internal batches that split the 2 x 5 scaled images unevenly
+        ours = explain(model, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=n,
+                       internal_batch_size=ibs)
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    # not a tautology: a midpoint rule with as many steps, or Gauss-Legendre with one fewer, differ
+    mid = torch.zeros_like(xd)
+    for k in range(n):
+        point = ((k + 0.5) / n * xd).requires_grad_(True)
+        mid += torch.autograd.grad(ref_model(point).gather(1, t[:, None]).sum(), point)[0] / n
+    assert ((mid * xd).sum(1) - expected).abs().max() > 1e-3 * expected.abs().max()
+    fewer = explain(model, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=n - 1)
+    assert (fewer.double() - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_every_channel_reduction_by_hand():
+    from validation.attributions.pixel import REDUCTIONS, reduce_channels
+
+    # (B=1, C=2, 2, 3): channel sums 3, -1, 0, -7, 2, 0.5
+    a = torch.tensor([[[[1.0, -3.0, 2.0], [-4.0, 0.0, 0.5]],
+                       [[2.0, 2.0, -2.0], [-3.0, 2.0, 0.0]]]])
+    hand = {
+        "sum": [[3.0, -1.0, 0.0], [-7.0, 2.0, 0.5]],
+        "sum_abs": [[3.0, 1.0, 0.0], [7.0, 2.0, 0.5]],
+        "sum_relu": [[3.0, 0.0, 0.0], [0.0, 2.0, 0.5]],
+        "abs_sum": [[3.0, 5.0, 4.0], [7.0, 2.0, 0.5]],
+        "max_abs": [[2.0, 3.0, 2.0], [4.0, 2.0, 0.5]],
+    }
+    assert set(REDUCTIONS) == set(hand)  # a new reduction needs its hand check here
+    for name, values in hand.items():
+        torch.testing.assert_close(reduce_channels(a, name), torch.tensor([values]), rtol=0, atol=0)
+    torch.testing.assert_close(reduce_channels(a), torch.tensor([hand["sum_abs"]]), rtol=0, atol=0)  # the default
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        reduce_channels(a, "mean")
+
+
+def test_inputxgradient_default_path_is_minmax_of_abs_channel_sum():
+    """explain() with no options: |sum_c x dlogit_t/dx| (no ReLU, no upsampling), min-maxed per
+    sample; a map that is constant (target with zero head weights: zero gradient) is all zeros."""
+    model = TinyNet(nonlinear_head=True).eval()
+    with torch.no_grad():
+        model.fc.weight[4] = 0  # logit 4 = bias: no gradient
+    x = images(2, 16, seed=3)
+    t = torch.tensor([1, 4])
+    xi = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xi).gather(1, t[:, None]).sum(), xi)
+    signed = (x * grad).sum(1)
+    assert (signed[0] > 0).any() and (signed[0] < 0).any()  # the absolute value matters
+    m = signed[0].abs()
+    expected = torch.stack([(m - m.min()) / (m.max() - m.min()), torch.zeros(16, 16)])
+    assert torch.equal(signed[1], torch.zeros(16, 16))
+    out = get_explainer("inputxgradient", model).explain(x, t)
+    torch.testing.assert_close(out.maps, expected, rtol=1e-5, atol=1e-6)
+    assert out.degenerate.tolist() == [False, True]
+    torch.testing.assert_close(explain(model, x, t, method="inputxgradient"), expected, rtol=1e-5, atol=1e-6)
 
 
 GRID_2X2 = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])  # 2x2 grid on 4x4 px

@@ -36,3 +36,19 @@ def test_forwards_and_maps_agree_with_nchw_and_leave_the_weights_alone():
     expected = (g.mean((2, 3), keepdim=True) * acts["a"]).sum(1).detach()
     torch.testing.assert_close(cams, expected, rtol=1e-4, atol=1e-5)
     assert [p.is_contiguous() for p in model.parameters()] == formats
+
+
+def test_models_receive_channels_last_images_on_cpu():
+    """The layout change must actually reach the model, in the metrics' forwards and the methods'."""
+    model = resnet18(0)
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        assert not x.is_contiguous(memory_format=torch.channels_last)
+        class_probabilities(model, x, torch.tensor([0, 1]))
+        explain(model, x, torch.tensor([0, 1]), method="gradcam", layer="stage4")
+    finally:
+        hook.remove()
+    assert len(seen) >= 2 and all(seen)

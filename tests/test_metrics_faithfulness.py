@@ -227,6 +227,13 @@ def test_evaluate_matches_functionals_and_shares_forwards():
     assert torch.allclose(res["road"], road(model, x, t, maps), atol=1e-6)
     assert torch.allclose(res["adcc"], adcc(model, x, t, maps, ex), atol=1e-6)
     assert torch.allclose(res["arcc"], arcc(model, x, t, maps, ex), atol=1e-6)
+    assert torch.allclose(res["complexity"], complexity(maps))
+    assert torch.allclose(res["coherency"], coherency(x, t, maps, ex), atol=1e-6, equal_nan=True)
+    from validation.metrics import gt_cosine, localisation_auc, sparseness
+
+    assert torch.allclose(res["gt_cosine"], gt_cosine(maps, gt))
+    assert torch.allclose(res["sparseness"], sparseness(maps))
+    assert torch.allclose(res["localisation_auc"], localisation_auc(maps, gt))
     assert res.road_morf.shape == (3, 4) and res.prediction.shape == (3,)
     assert set(res.reasons) == set(res)
     rows = res.records(sample_ids=["a", "b", "c"])
@@ -243,6 +250,10 @@ def test_evaluate_road_alone_and_localisation_only():
     gt = (maps > 0.3).float()
     loc = evaluate(None, None, None, maps, metrics=("pointing_game", "sparseness"), gt=gt)
     assert loc.probability is None and set(loc) == {"pointing_game", "sparseness"}
+    from validation.metrics import pointing_game, sparseness
+
+    assert torch.equal(loc["pointing_game"], pointing_game(maps, gt))
+    assert torch.allclose(loc["sparseness"], sparseness(maps))
 
 
 def test_evaluate_localisation_outputs_match_their_functionals_with_options():
@@ -294,7 +305,9 @@ def test_class_forms_accumulate():
     for seed in range(2):
         metric.update(model, smooth_images(2, 3, 16, 16, seed=seed), torch.tensor([0, 1]), cam_maps(2, 16, 16, seed))
     out = metric.compute()
-    assert out["values"].shape == (4,) and out["nan"] == 0
+    expected = torch.cat([average_drop(model, smooth_images(2, 3, 16, 16, seed=seed), torch.tensor([0, 1]),
+                                       cam_maps(2, 16, 16, seed)) for seed in range(2)])
+    assert torch.allclose(out["values"], expected) and out["nan"] == 0
     assert torch.isclose(out["mean"], out["values"].mean())
     r = ROAD(noise=0.0)
     x, maps = smooth_images(1, 3, 16, 16), cam_maps(1, 16, 16)

@@ -428,3 +428,139 @@ def test_paired_expectation_removes_the_row_set_confound():
     row = paired[(paired.model == "mean") & (paired.metric == "road") & (paired.versus == "arcc")].iloc[0]
     assert row["pearson_diff_hi"] < 0  # ROAD significantly worse on the common rows
     assert "on the same maps arcc - road = +" in exp.loc["ARCC correlates best with the ground-truth cosine (Fig. 3a)", "found"]
+
+
+# ----------------------------------------------------------------------------- intervals, explicitly
+def _real_wide(frame, model):
+    """(image, method, layer, mix) x metric values of one model's real methods, NaN kept."""
+    real = frame[~frame.method.isin(A.BASELINES) & (frame.model == model)]
+    return real.set_index(["image", "method", "layer", "mix", "metric"])["value"].unstack("metric")
+
+
+def _resampled_rows(images, counts_row):
+    """Row positions of one explicit bootstrap sample: image i's rows repeated counts_row[i] times
+    (the counts index every image of the model, 0..n_images-1, even those without rows here)."""
+    return np.concatenate([np.tile(np.flatnonzero(images == i), int(c)) for i, c in enumerate(counts_row)])
+
+
+def _explicit_pair_replicates(w, metric, counts, sign=1.0, reference="gt_cosine"):
+    """Per replicate: resample images (rows of an image move together), scipy on the sample."""
+    w = w.dropna(subset=[metric, reference])
+    images = w.index.get_level_values("image").to_numpy()
+    x, y = sign * w[metric].to_numpy(), w[reference].to_numpy()
+    pear, spear = [], []
+    for row in counts:
+        idx = _resampled_rows(images, row)
+        pear.append(stats.pearsonr(x[idx], y[idx])[0])
+        spear.append(stats.spearmanr(x[idx], y[idx])[0])
+    return np.array(pear), np.array(spear)
+
+
+def _explicit_means_correlation(w, metric, counts, reference="gt_cosine"):
+    """Per replicate: each configuration's mean over the resampled images (with multiplicity,
+    over the images where both the metric and the reference are finite), scipy across configs."""
+    n_cfg = len(w.groupby(level=["method", "layer", "mix"]))
+    w = w[[metric, reference]].dropna()
+    images = w.index.get_level_values("image").to_numpy()
+    pear, spear = [], []
+    for row in counts:
+        means = w.iloc[_resampled_rows(images, row)].groupby(level=["method", "layer", "mix"]).mean()
+        ok = len(means) == n_cfg  # a configuration with no image drawn: no correlation
+        pear.append(stats.pearsonr(means[metric], means[reference])[0] if ok else np.nan)
+        spear.append(stats.spearmanr(means[metric], means[reference])[0] if ok else np.nan)
+    return np.array(pear), np.array(spear)
+
+
+def _percentile_ci(boot):
+    boot = boot[np.isfinite(boot)]  # as _ci: replicates without a correlation are left out
+    return tuple(np.percentile(boot, [2.5, 97.5]))  # numpy's default (linear), as _ci
+
+
+N_BOOT = 120
+
+
+def test_pairs_interval_is_the_95_percentile_interval_of_explicit_replicates(table):
+    t = A.table_validity(table, n_boot=N_BOOT, seed=0, metrics=["noise"]).set_index(["model", "metric", "level"])
+    counts = A.image_bootstrap_counts(40, N_BOOT, 0)
+    row = t.loc[("m_a", "noise", "pairs")]
+    pear, spear = _explicit_pair_replicates(_real_wide(table, "m_a"), "noise", counts)
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pear), abs=1e-10)
+    assert (row["spearman_lo"], row["spearman_hi"]) == pytest.approx(_percentile_ci(spear), abs=1e-10)
+
+
+def test_summary_interval_averages_explicit_replicates_over_models(table):
+    t = A.table_validity(table, n_boot=N_BOOT, seed=0, metrics=["noise"]).set_index(["model", "metric", "level"])
+    counts = A.image_bootstrap_counts(40, N_BOOT, 0)  # the same images drawn for every model
+    per_model = [_explicit_pair_replicates(_real_wide(table, m), "noise", counts) for m in ("m_a", "m_b")]
+    row = t.loc[("mean+-std", "noise", "pairs")]
+    pear = np.mean([p for p, _ in per_model], axis=0)
+    spear = np.mean([s for _, s in per_model], axis=0)
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pear), abs=1e-10)
+    assert (row["spearman_lo"], row["spearman_hi"]) == pytest.approx(_percentile_ci(spear), abs=1e-10)
+
+
+@pytest.mark.parametrize("plant_nan", [False, True])
+def test_method_means_point_and_interval_equal_explicit_resampling(table, plant_nan):
+    frame = table.copy()
+    if plant_nan:
+        # 'noise' missing on a few (image, configuration) pairs of m_a; the documented rule: a
+        # configuration's mean uses only the images where both the metric and the reference are finite
+        hit = ((frame.model == "m_a") & (frame.metric == "noise")
+               & (((frame.method == "gradcam") & (frame.layer == "layer1") & (frame.image < 6))
+                  | ((frame.method == "lime") & frame.image.isin([3, 17]))))
+        frame.loc[hit, ["value", "status"]] = [np.nan, "nan"]
+    t = A.table_validity(frame, n_boot=N_BOOT, seed=0, metrics=["noise"]).set_index(["model", "metric", "level"])
+    row = t.loc[("m_a", "noise", "method_means")]
+    w = _real_wide(frame, "m_a")
+    (p0,), (s0,) = _explicit_means_correlation(w, "noise", np.ones((1, 40)))
+    assert row["n"] == 8
+    assert row["pearson"] == pytest.approx(p0, abs=1e-12)
+    assert row["spearman"] == pytest.approx(s0, abs=1e-12)
+    if plant_nan:  # the rule matters here: the reference's mean over all images gives another r
+        means = w.groupby(level=["method", "layer", "mix"]).mean()  # each column skips its own NaN
+        assert abs(stats.pearsonr(means["noise"], means["gt_cosine"])[0] - p0) > 1e-4
+    pear, spear = _explicit_means_correlation(w, "noise", A.image_bootstrap_counts(40, N_BOOT, 0))
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pear), abs=1e-10)
+    assert (row["spearman_lo"], row["spearman_hi"]) == pytest.approx(_percentile_ci(spear), abs=1e-10)
+
+
+def test_paired_spearman_columns_equal_scipy_on_common_rows(table):
+    t = table.copy()
+    t.loc[(t.metric == "noise") & (t.image % 5 == 0), ["value", "status"]] = [np.nan, "nan"]
+    out = A.table_paired(t, n_boot=N_BOOT, seed=0, pairs=[("noise", "average_drop")])
+    row = out[(out.model == "m_a") & (out.metric == "noise") & (out.versus == "average_drop")].iloc[0]
+    common = _real_wide(t, "m_a").dropna(subset=["noise", "average_drop", "gt_cosine"])
+    assert row["n"] == len(common)
+    s_noise = stats.spearmanr(common["noise"], common["gt_cosine"])[0]
+    s_ad = -stats.spearmanr(common["average_drop"], common["gt_cosine"])[0]  # lower is better: flipped
+    assert row["spearman_metric"] == pytest.approx(s_noise, abs=1e-12)
+    assert row["spearman_versus"] == pytest.approx(s_ad, abs=1e-12) and s_ad == pytest.approx(1.0)
+    assert row["spearman_diff"] == pytest.approx(s_noise - s_ad, abs=1e-12)
+    # the difference's interval: both correlations on the same explicit resample of the common rows
+    counts = A.image_bootstrap_counts(40, N_BOOT, 0)
+    _, s_a = _explicit_pair_replicates(common, "noise", counts)
+    _, s_b = _explicit_pair_replicates(common, "average_drop", counts, sign=-1.0)
+    assert (row["spearman_diff_lo"], row["spearman_diff_hi"]) == pytest.approx(_percentile_ci(s_a - s_b), abs=1e-10)
+
+
+def test_refine_delta_and_improved_frac_use_images_with_both_values(table):
+    t = table.copy()
+    sel = (t.model == "m_a") & (t.method == "gradcampp") & (t.layer == "layer1") & (t.metric == "gt_cosine")
+    t.loc[sel & (t.mix == "product") & (t.image < 7), ["value", "status"]] = [np.nan, "nan"]
+    t.loc[sel & (t.mix == "identity") & (t.image == 20), ["value", "status"]] = [np.nan, "nan"]
+    c = A.table_refine(t, {"layers": ["layer1", "layer4"]}).set_index(["model", "method", "layer", "metric"])
+    row = c.loc[("m_a", "gradcampp", "layer1", "gt_cosine")]
+    p = t[sel].pivot_table(index="image", columns="mix", values="value", dropna=False)
+    both = p.dropna(subset=["identity", "product"])
+    assert len(both) == 40 - 7 - 1
+    d = both["product"] - both["identity"]
+    assert row["delta"] == pytest.approx(d.mean(), abs=1e-12)
+    assert row["improved_frac"] == pytest.approx((d > 0).mean(), abs=1e-12)
+    assert row["base"] == pytest.approx(both["identity"].mean(), abs=1e-12)
+    assert row["refined"] == pytest.approx(both["product"].mean(), abs=1e-12)
+    assert row["n"] == len(both)
+    assert 0.3 < row["improved_frac"] < 0.95  # a real fraction (gt_cosine: product only +0.1)
+    other = c.loc[("m_b", "gradcampp", "layer1", "gt_cosine")]
+    mean = c.loc[("mean", "gradcampp", "layer1", "gt_cosine")]
+    assert mean["delta"] == pytest.approx((row["delta"] + other["delta"]) / 2)
+    assert mean["improved_frac"] == pytest.approx((row["improved_frac"] + other["improved_frac"]) / 2)

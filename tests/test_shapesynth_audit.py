@@ -30,6 +30,13 @@ def test_clean_data_passes_every_test(clean_meta):
     assert audit_passed(tests), audit_table(tests)
     assert {t.variable for t in tests} >= {"colour", "size band", "position", "background"}
     assert all(0 <= t.p_value <= 1 for t in tests)
+    # Bonferroni: each test passes iff p >= alpha / (number of tests), for any alpha
+    for alpha in (0.01, 0.5):
+        tests = shortcut_audit(clean_meta, alpha=alpha)
+        assert all(t.passed == (t.p_value >= alpha / len(tests)) for t in tests)
+    p_min = min(t.p_value for t in tests)
+    strict = shortcut_audit(clean_meta, alpha=1.01 * p_min * len(tests))  # the smallest p now fails
+    assert sum(not t.passed for t in strict) >= 1
 
 
 def test_planted_colour_coupling_of_the_public_code_is_caught(clean_meta):

@@ -111,6 +111,10 @@ def test_folder_is_dealt_into_disjoint_pools_by_pixel_hash(tmp_path):
     pools = build_pools(_folder_cfg(tmp_path / "bgs"))
     assert sum(len(p) for p in pools.values()) == 30
     assert all(len(p) >= 1 for p in pools.values())
+    splits = sorted(pools)
+    for i, a in enumerate(splits):  # no image in two pools
+        for b in splits[i + 1:]:
+            assert not set(pools[a].hashes) & set(pools[b].hashes), (a, b)
     # renaming files changes nothing: pools depend on pixels only
     for p in sorted((tmp_path / "bgs").iterdir()):
         p.rename(p.with_name("x_" + p.name))

@@ -299,6 +299,23 @@ def test_metadata_columns(hub_dir):
     counts = meta["label"].value_counts()
     assert counts.max() - counts.min() <= 1
     assert sorted(meta["index"]) == list(range(30))
+    # mask_area and bbox describe the stored mask: area within the 8-bit quantisation, and the
+    # box holds every nonzero mask pixel, at most 1 px wider per side (alpha below half a grey
+    # level rounds to 0 on disk)
+    from shapesynth.torchdata import ShapesDataset
+
+    ds = ShapesDataset(str(hub_dir), "train")
+    by_index = meta.set_index("index")
+    for i in range(len(ds)):
+        item = ds[i]
+        mask = item["mask"][0].numpy()
+        row = by_index.loc[item["index"]]
+        h, w = mask.shape
+        assert abs(mask.sum() / (h * w) - row["mask_area"]) <= (mask > 0).sum() * 0.5 / 255 / (h * w) + 1e-7
+        x0, y0, x1, y1 = row["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+        assert xs.min() - x0 <= 1 and x1 - 1 - xs.max() <= 1 and ys.min() - y0 <= 1 and y1 - 1 - ys.max() <= 1
 
 
 def test_card_has_yaml_counts_pools_grid_and_audit(hub_dir):

@@ -317,8 +317,20 @@ def test_precision_auto_on_cuda(monkeypatch):
     assert prec.resolve_precision("auto", accelerator="cpu") in ("32-true", "bf16-mixed")
 
 
-def test_bf16_probe_measures_something():
-    assert prec.cpu_bf16_speedup(reps=1) > 0
+def test_bf16_probe_is_fp32_time_over_bf16_time(monkeypatch):
+    """The probe times the same step with and without bf16 autocast and returns fp32 / bf16: a
+    fake clock that charges 3 s per fp32 step and 1 s per bf16 step must give exactly 3."""
+    now = [0.0]
+    monkeypatch.setattr(prec.time, "perf_counter", lambda: now[0])
+    real_autocast = torch.autocast
+
+    class ChargingAutocast(real_autocast):
+        def __enter__(self):
+            now[0] += 1.0 if self._enabled else 3.0
+            return super().__enter__()
+
+    monkeypatch.setattr(prec.torch, "autocast", ChargingAutocast)
+    assert prec.cpu_bf16_speedup(reps=2) == pytest.approx(3.0)
 
 
 # --------------------------------------------------------------------------- bad input, before any work
