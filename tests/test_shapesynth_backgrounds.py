@@ -98,6 +98,9 @@ def test_every_mode_decodes_to_rgb(tmp_path):
         with Image.open(tmp_path / name) as im:
             out = to_rgb(im)
         assert out.dtype == np.uint8 and out.shape == (20, 24, 3), name
+        if name in ("grey.png", "bits.bmp", "rgba.png"):  # lossless: exact pixels
+            want = np.repeat(rgb[..., :1], 3, axis=2) if name == "grey.png" else rgb
+            assert np.array_equal(out, want), name
     with Image.open(tmp_path / "sixteen.png") as im:
         out = to_rgb(im)
     expected = np.rint(grey16.astype(np.float64) / 65535 * 255).astype(np.uint8)

@@ -177,6 +177,9 @@ def test_resume_refuses_another_arch(tiny_data, disk_run):
     cfg = _tiny_cfg(out, arch="vgg11", data=str(tiny_data), train_source="disk", synth={})
     with pytest.raises(ValueError, match="cannot resume"):
         fit(cfg)
+    # the same arch at another image size is refused too, naming both sizes
+    with pytest.raises(ValueError, match=r"holds a resnet18 run at 32 px; cannot resume it as resnet18 at 64 px"):
+        fit(_tiny_cfg(out, image_size=64))
 
 
 def test_fit_refusals_are_one_line_errors_with_exit_2(tiny_data, disk_run, tmp_path, capsys):
