@@ -344,6 +344,19 @@ def test_oracle_and_centre_prior(resnet):
     torch.testing.assert_close(centre[1], (g - g.min()) / (g.max() - g.min()))
 
 
+def test_oracle_clips_the_ground_truth_to_the_unit_interval(resnet):
+    """A soft or mis-scaled gt (e.g. -0.5 or 1.7, a 0..255 mask) becomes a map in [0, 1]: values
+    outside are clipped, not min-maxed, so values inside stay as they are."""
+    x = images(1, 4)
+    gt = torch.tensor([[-0.5, 0.0, 0.3, 1.7], [255.0, 1.0, 0.5, -3.0],
+                       [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[0.0, 0.0, 0.3, 1.0], [1.0, 1.0, 0.5, 0.0],
+                             [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    for g in (gt[None], gt[None, None]):
+        torch.testing.assert_close(explain(resnet, x, 0, method="oracle", gt=g), expected[None], rtol=0, atol=0)
+        raw = get_explainer("oracle", resnet, raw=True).explain(x, 0, gt=g).maps
+        torch.testing.assert_close(raw, expected[None], rtol=0, atol=0)
+
 @pytest.mark.parametrize("size", [1, 2])
 def test_centre_prior_of_a_constant_gaussian_is_flagged_not_nan(resnet, size):
     """On a 1x1 or 2x2 image every pixel is equally central: 0/0 in a naive min-max."""

@@ -315,6 +315,59 @@ def test_relax_masks_are_shifted_bilinear_grids():
     assert len({tuple(mm[0].round(decimals=3).tolist()) for mm in m}) > 150
 
 
+def _np_bilinear(grid, H, W):
+    """align_corners=False bilinear upsampling in numpy: source coordinate (i + 0.5) n / H - 0.5,
+    clamped at 0, neighbours clamped at the last cell."""
+    import numpy as np
+
+    def axis(out, n):
+        src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    r0, r1, fr = axis(H, grid.shape[0])
+    c0, c1, fc = axis(W, grid.shape[1])
+    top = grid[r0][:, c0] * (1 - fc) + grid[r0][:, c1] * fc
+    bottom = grid[r1][:, c0] * (1 - fc) + grid[r1][:, c1] * fc
+    return top * (1 - fr[:, None]) + bottom * fr[:, None]
+
+
+@pytest.mark.parametrize("size,shift,pad_mode", [((5, 7), 2, "reflect"), ((3, 4), 3, "edge")])
+def test_relax_masks_by_hand(size, shift, pad_mode):
+    """Fixed grids and crop offsets through the renderer against numpy: bilinear upsampling,
+    np.pad by shift (reflect, or edge once shift >= the shorter side), and the crop
+    [row offset : + H, col offset : + W]."""
+    import numpy as np
+
+    from validation.attributions import relax as relax_module
+
+    H, W = size
+    grid = torch.tensor([[[[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]],
+                         [[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]]])
+    offsets = torch.tensor([[0, 2 * shift], [2 * shift - 1, 1]])  # (row, col) x 2 masks, rows != cols
+    ours = relax_module.render_masks(grid, offsets, size, shift)
+    up0 = _np_bilinear(grid[0, 0].numpy().astype(np.float64), H, W)
+    torch.testing.assert_close(torch.as_tensor(up0), F.interpolate(grid[:1].double(), size=size, mode="bilinear",
+                                                                  align_corners=False)[0, 0])
+    for k in range(2):
+        up = _np_bilinear(grid[k, 0].numpy().astype(np.float64), H, W)
+        padded = np.pad(up, shift, mode=pad_mode)
+        r, c = offsets[:, k].tolist()
+        expected = torch.as_tensor(padded[r:r + H, c:c + W])
+        torch.testing.assert_close(ours[k].double(), expected, rtol=0, atol=1e-6)
+    # relax_masks draws grids then offsets from the generator and renders them the same way
+    g = torch.Generator().manual_seed(5)
+    masks = relax_module.relax_masks(3, size, g, cells=3, shift=shift)
+    g = torch.Generator().manual_seed(5)
+    grids = (torch.rand(3, 1, 3, 3, generator=g) < 0.5).float()
+    offs = torch.randint(0, 2 * shift + 1, (2, 3), generator=g)
+    for k in range(3):
+        up = _np_bilinear(grids[k, 0].numpy().astype(np.float64), H, W)
+        r, c = offs[:, k].tolist()
+        expected = torch.as_tensor(np.pad(up, shift, mode=pad_mode)[r:r + H, c:c + W])
+        torch.testing.assert_close(masks[k].double(), expected, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # RefineCAM
 
@@ -447,6 +500,49 @@ def test_deeplift_on_resnet_with_reused_relus_is_complete(resnet):
     modules = list(resnet.modules())
     explain(resnet, x, t, method="deeplift")
     assert list(resnet.modules()) == modules  # the split ReLUs are gone again
+
+
+def test_deeplift_rescale_rule_by_hand_on_a_one_hidden_layer_mlp():
+    """input -> Linear -> ReLU -> Linear, baseline an image b: the Rescale rule gives
+    attr_i = (x_i - b_i) sum_j W2[t, j] (dh_j / dz_j) W1[j, i], dh/dz the ReLU's secant slope
+    between x and b (not its gradient at either end)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = images(2, 2, seed=4)                                   # (2, 3, 2, 2): 12 inputs
+    b = torch.rand(1, 3, 2, 2, generator=g)
+    t = torch.tensor([0, 2])
+    W1, b1, W2 = model[1].weight.double(), model[1].bias.double(), model[3].weight.double()
+    dx = (x - b).double().flatten(1)                           # (2, 12)
+    z, z0 = x.double().flatten(1) @ W1.T + b1, b.double().flatten(1) @ W1.T + b1
+    assert (z - z0).abs().min() > 1e-2                         # no 0/0 secant
+    assert ((z > 0) != (z0 > 0)).any()                         # some unit crosses the kink: secant != gradient
+    slope = (z.clamp_min(0) - z0.clamp_min(0)) / (z - z0)
+    expected = (dx * ((W2[t] * slope) @ W1)).view(2, 3, 2, 2).sum(1)
+    ours = explain(model, x, t, method="deeplift", baseline=b, reduce="sum", raw=True)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+    # not a tautology: gradient x (input - baseline) at x differs
+    grad_rule = (dx * ((W2[t] * (z > 0)) @ W1)).view(2, 3, 2, 2).sum(1)
+    assert (grad_rule - expected).abs().max() > 0.1
+
+
+def test_deeplift_equals_captum_called_directly_on_a_net_without_reused_relus():
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    model = TinyNet(nonlinear_head=True).eval()                 # one ReLU, used once; a Softplus head
+    x = images(2, 8, seed=5)
+    t = torch.tensor([3, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = CaptumDeepLift(copy.deepcopy(model)).attribute(
+            x.clone().requires_grad_(), baselines=torch.full_like(x, 0.3), target=t).detach().sum(1)
+    ours = explain(model, x, t, method="deeplift", baseline=0.3, reduce="sum", raw=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    # the baseline matters (a wrapper that dropped it would pass a 0-baseline comparison)
+    zero = explain(model, x, t, method="deeplift", reduce="sum", raw=True)
+    assert (zero - ref).abs().max() > 1e-2 * ref.abs().max()
 
 
 def test_inputxgradient_and_integrated_gradients(resnet):
@@ -586,6 +682,67 @@ def test_superpixel_methods_against_exact_shapley_values(method, atol):
         torch.testing.assert_close(ours.double(), ref, rtol=0, atol=atol)
     assert (maps[(3, 5)] - maps[(0, 1)]).abs().amax((1, 2)).min() > 1  # each image's map follows its target
 
+
+# an arbitrary game over the 4 cells of GRID_2X2 (index 8 z0 + 4 z1 + 2 z2 + z3, z_k = cell k kept):
+# far from additive, so its Shapley values, plain occlusion and a uniformly weighted fit all differ
+GAME = torch.tensor([0., 1., 1., -2., 0., -2., -2., 2., -2., 1., 2., 0., 2., -1., -2., -1.])
+
+
+class CellGame(nn.Module):
+    """Logit 0 = GAME of which 2x2 cells of a 4x4 image have a mean above 0.075 (the test images
+    are >= 0.1, the baselines <= 0.05); logit 1 = -logit 0."""
+
+    def forward(self, x):
+        kept = (F.avg_pool2d(x.mean(1, keepdim=True), 2).flatten(1) > 0.075).long()
+        v = GAME[kept @ torch.tensor([8, 4, 2, 1])]
+        return torch.stack([v, -v], 1)
+
+
+def test_kernelshap_on_a_non_additive_game_is_the_shapley_value():
+    """captum's KernelShap samples coalitions from the Shapley kernel (not exact for a finite
+    n_samples): with 3000 samples the error is ~0.1, while the fit under uniform coalition
+    weights (a wrong kernel) is >= 0.6 off and plain occlusion 2.25 off."""
+    model = CellGame().eval()
+    x = images(1, 4, seed=1) + 0.1                              # every cell non-zero: kept != removed
+    phi = _exact_shapley(model, x, 0)
+    torch.testing.assert_close(phi, torch.tensor([-0.75, -7 / 12, 1 / 12, 0.25], dtype=torch.float64))
+    with torch.no_grad():
+        occlusion = torch.stack([model(x)[0, 0] - model(x * (GRID_2X2 != k))[0, 0] for k in range(4)])
+    assert (occlusion.double() - phi).abs().max() > 2
+    ours = explain(model, x, 0, method="kernelshap", superpixels="grid", grid_cells=2, n_samples=3000,
+                   perturbations_per_eval=1000, raw=True, reduce="sum", seed=0)[0]
+    cells = ours.view(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(4, 4)  # (cell, pixel in cell)
+    assert torch.equal(cells, cells[:, :1].expand(4, 4))      # constant on each cell
+    torch.testing.assert_close(cells[:, 0].double(), 3 * phi, rtol=0, atol=3 * 0.25)  # 3 colour channels
+    # efficiency (summation to f(x) - f(baseline)) is enforced by the kernel's infinite weights
+    assert abs(cells[:, 0].sum().item() / 3 - (-1.0)) < 1e-3
+
+
+def test_lime_equals_an_independent_weighted_lasso_on_the_same_samples():
+    """captum's LIME with our options, rebuilt by hand: from torch.manual_seed(seed), n_samples
+    draws of Bernoulli(0.5) cell masks, removed cells set to the baseline, weights
+    exp(-(1 - cos(x, x'))^2 / 2) (cosine kernel, width 1), and an sklearn Lasso(alpha=0.01) fit with
+    an intercept. One image per call: in a batch captum fits the images in turn on one random
+    stream (with draws of its own between them), so image i's map depends on the images before it."""
+    from sklearn.linear_model import Lasso
+
+    model = CellGame().eval()
+    n, seed, base = 60, 3, 0.05
+    for img_seed, target in ((1, 0), (2, 1)):
+        x = images(1, 4, seed=img_seed)[0] + 0.1
+        ours = explain(model, x[None], target, method="lime", superpixels="grid", grid_cells=2, n_samples=n,
+                       baseline=base, raw=True, reduce="sum", seed=seed)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            z = torch.cat([torch.bernoulli(torch.full((1, 4), 0.5)) for _ in range(n)])
+        keep = z[:, GRID_2X2][:, None]                            # (n, 1, 4, 4)
+        pert = x * keep + base * (1 - keep)
+        with torch.no_grad():
+            y = model(pert)[:, target]
+        w = torch.exp(-(1 - F.cosine_similarity(pert.flatten(1), x.flatten()[None], dim=1)) ** 2 / 2)
+        coef = torch.as_tensor(Lasso(alpha=0.01).fit(z.numpy(), y.numpy(), sample_weight=w.numpy()).coef_)
+        assert coef.abs().max() > 0.1
+        torch.testing.assert_close(ours.double(), 3 * coef[GRID_2X2].double(), rtol=1e-4, atol=1e-5)
 
 @pytest.mark.parametrize("method", ["lime", "kernelshap"])
 def test_superpixel_methods_are_seeded_and_piecewise_constant(resnet, method):

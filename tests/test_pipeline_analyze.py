@@ -564,3 +564,76 @@ def test_refine_delta_and_improved_frac_use_images_with_both_values(table):
     mean = c.loc[("mean", "gradcampp", "layer1", "gt_cosine")]
     assert mean["delta"] == pytest.approx((row["delta"] + other["delta"]) / 2)
     assert mean["improved_frac"] == pytest.approx((row["improved_frac"] + other["improved_frac"]) / 2)
+
+
+def _trivial_frame():
+    """One model, two images; every mean is a dyadic fraction, so ties are exact.
+
+    gt_cosine (higher better), complexity (lower better), custom (lower better only when told):
+    real means 0.25 / 0.5 / 0.75 (custom: 0.25 / 0.75), the oracle and the NaN/error rows must
+    not count."""
+    real = {"gradcam": (0.125, 0.375), "lime": (0.5, 0.5), "rise": (0.75, 0.75)}
+    trivial = {"gt_cosine": {"halfcam": 0.25, "randomcam": 0.125, "all1scam": 0.5},
+               "complexity": {"halfcam": 0.75, "randomcam": 0.875, "all1scam": 0.25},
+               "custom": {"halfcam": 0.25, "randomcam": 0.875}}
+    rows = []
+    for metric in trivial:
+        for method, values in real.items():
+            if metric == "custom" and method == "lime":
+                continue
+            for img, v in enumerate(values):
+                rows.append(dict(image=img, model="m", method=method, layer="-", mix="identity",
+                                 metric=metric, value=v))
+        rows.append(dict(image=2, model="m", method="gradcam", layer="-", mix="identity", metric=metric,
+                         value=np.nan, status="error", reason="x"))
+        for img in range(2):
+            rows.append(dict(image=img, model="m", method="oracle", layer="-", mix="identity",
+                             metric=metric, value=5.0 if metric == "gt_cosine" else -5.0))
+            for method, v in trivial[metric].items():
+                rows.append(dict(image=img, model="m", method=method, layer="-", mix="identity",
+                                 metric=metric, value=v))
+    df = pd.DataFrame(rows)
+    return make_results_frame(df.assign(status=df["status"].fillna("ok"), reason=df["reason"].fillna("")))
+
+
+def test_trivial_real_beaten_and_ties_hand_computed():
+    per_model, verdict = A.table_trivial(_trivial_frame(), lower_is_better=("custom",))
+    t = per_model.set_index(["metric", "trivial"])
+    cols = ["better", "real_worst", "real_median", "real_best", "n_real", "trivial_score", "real_beaten", "fooled"]
+    expect = {  # (metric, trivial): better, worst, median, best, n_real, score, beaten, fooled
+        ("gt_cosine", "halfcam"): ("higher", 0.25, 0.5, 0.75, 3, 0.25, 1, True),  # tie with the worst
+        ("gt_cosine", "randomcam"): ("higher", 0.25, 0.5, 0.75, 3, 0.125, 0, False),
+        ("gt_cosine", "all1scam"): ("higher", 0.25, 0.5, 0.75, 3, 0.5, 2, True),  # tie with the median
+        ("complexity", "halfcam"): ("lower", 0.75, 0.5, 0.25, 3, 0.75, 1, True),  # tie with the worst
+        ("complexity", "randomcam"): ("lower", 0.75, 0.5, 0.25, 3, 0.875, 0, False),
+        ("complexity", "all1scam"): ("lower", 0.75, 0.5, 0.25, 3, 0.25, 3, True),  # tie with the best
+        ("custom", "halfcam"): ("lower", 0.75, 0.5, 0.25, 2, 0.25, 2, True),
+        ("custom", "randomcam"): ("lower", 0.75, 0.5, 0.25, 2, 0.875, 0, False),
+    }
+    assert sorted(t.index) == sorted(expect)
+    for key, values in expect.items():
+        assert tuple(t.loc[key, cols]) == values, key
+    v = verdict.set_index(["metric", "trivial"])
+    assert v.loc[("gt_cosine", "halfcam"), "verdict"] == "fooled"
+    assert v.loc[("complexity", "randomcam"), "verdict"] == "not fooled"
+    assert v.loc[("complexity", "halfcam"), "models_fooled"] == 1 == v.loc[("complexity", "halfcam"), "models"]
+    # without lower_is_better the custom metric is read as higher-is-better: the verdicts flip
+    t2 = A.table_trivial(_trivial_frame())[0].set_index(["metric", "trivial"])
+    assert t2.loc[("custom", "halfcam"), "better"] == "higher"
+    assert tuple(t2.loc[("custom", "halfcam"), ["real_beaten", "fooled"]]) == (1, True)  # 0.25 ties the worst
+    assert tuple(t2.loc[("custom", "randomcam"), ["real_beaten", "fooled"]]) == (2, True)
+
+
+def test_written_csv_round_trips_17_digit_floats(tmp_path):
+    floats = [0.1 + 0.2, 1 / 3, np.pi * 1e-300, 1.7976931348623157e308, 5e-324, -2 / 3, np.nan, 123456789.12345679]
+    table = pd.DataFrame({"model": [f"m{i}" for i in range(len(floats))], "metric": "gt_cosine",
+                          "value": floats, "n": np.arange(len(floats)), "fooled": [True, False] * 4,
+                          "verdict": ["mixed (1/2 models fooled)", "not fooled"] * 4})
+    assert any(f"{v:.15g}" != repr(v) for v in floats if np.isfinite(v))  # 15 digits would not do
+    A.write_tables({"b_trivial": table, "empty": pd.DataFrame()}, tmp_path)
+    back = pd.read_csv(tmp_path / "b_trivial.csv")
+    pd.testing.assert_frame_equal(back, table, check_dtype=False, check_exact=True)
+    md = (tmp_path / "tables.md").read_text()
+    assert "## b_trivial: " + A.TABLES["b_trivial"] in md and "_no rows" in md
+    assert "| m0 | gt_cosine | 0.300 | 0 | True | mixed (1/2 models fooled) |" in md
+    assert "| m6 | gt_cosine | nan |" in md

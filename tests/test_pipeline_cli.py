@@ -25,6 +25,47 @@ def test_run_arguments_parse_into_lists():
     assert args.models == ["a", "b"] and args.n_images == 10 and args.shard == "1/2"
 
 
+def _run_config(monkeypatch, argv):
+    """The RunConfig `run` builds from ``argv`` (run_eval replaced by a recorder)."""
+    import validation.pipeline.run as run_module
+
+    seen = {}
+
+    def record(config, out, **kwargs):
+        seen.update(config=config, out=out, **kwargs)
+        return {}
+
+    monkeypatch.setattr(run_module, "run_eval", record)
+    assert main(["run", "--data", "d", "--model", "a", "--out", "o", "--no-progress"] + argv) == 0
+    return seen
+
+
+def test_run_comma_lists_and_all_become_the_run_config(monkeypatch, capsys):
+    from validation.attributions import available_methods
+    from validation.pipeline.run import DEFAULT_METRICS
+
+    seen = _run_config(monkeypatch, ["--methods", "gradcam, lime,,", "--metrics", "gt_cosine,road",
+                                     "--layers", "stage1,stage4", "--mix", "identity,product",
+                                     "--refine-layers", "stage1,stage2,stage4", "--images", "10:30",
+                                     "--shard", "1/2"])
+    cfg = seen["config"]
+    assert cfg.methods == ["gradcam", "lime"] and cfg.metrics == ["gt_cosine", "road"]
+    assert cfg.layers == ["stage1", "stage4"] and cfg.mixes == ["identity", "product"]
+    assert cfg.refine_layers == ["stage1", "stage2", "stage4"] and cfg.image_range == (10, 30)
+    assert seen["shard"] == (1, 2) and seen["progress"] is False and seen["overwrite"] is False
+    # defaults: "all" methods (refinecam only through --mix), every metric, four stages, four mixes
+    seen = _run_config(monkeypatch, ["--overwrite"])
+    cfg = seen["config"]
+    assert seen["overwrite"] is True and seen["shard"] == (0, 1)
+    methods = [m for m in available_methods() if m != "refinecam"]
+    assert cfg.methods == methods and len(methods) > 5 and "gradcam" in methods
+    assert cfg.metrics == list(DEFAULT_METRICS) and "gt_cosine" in cfg.metrics
+    assert cfg.layers == cfg.refine_layers == ["stage1", "stage2", "stage3", "stage4"]
+    assert cfg.mixes == ["identity", "product", "geomean", "invexp"] and cfg.image_range == (0, 200)
+    explicit = _run_config(monkeypatch, ["--methods", "all", "--metrics", "all"])
+    assert explicit["config"].methods == methods and explicit["config"].metrics == list(DEFAULT_METRICS)
+
+
 def test_bad_shard_and_missing_model_are_one_line_errors(tmp_path, capsys):
     code = main(["run", "--data", str(tmp_path), "--model", str(tmp_path / "m"), "--methods", "gradcam",
                  "--metrics", "gt_cosine", "--shard", "2/2", "--out", str(tmp_path / "o"), "--no-progress"])

@@ -324,3 +324,133 @@ def test_tables_merged_before_newer_chunks_are_refused(models, tmp_path):
         load_results(out)
     merge_run(out)
     assert len(load_results(out)) > 0
+
+
+def _cam_run(models, out, components=None, **kw):
+    torch.set_num_threads(1)
+    return run_eval(S.config(models, methods=["cam"]), out, components=components or S.components(),
+                    progress=False, **kw)
+
+
+def test_resume_with_changed_dataset_fingerprint_is_refused(models, tmp_path):
+    out = tmp_path / "run"
+    _cam_run(models, out)
+    before = {p: p.read_bytes() for p in (out / "chunks").glob("*/*")}
+    comps = S.components()
+    comps.fingerprint = lambda path: "regenerated-fingerprint"
+    with pytest.raises(ValueError, match=r"dataset changed since this run started \(fingerprint "
+                                         r"tiny-fingerprint -> regenerated-fingerprint\).*--overwrite"):
+        _cam_run(models, out, comps)
+    assert {p: p.read_bytes() for p in (out / "chunks").glob("*/*")} == before  # nothing touched
+    assert json.loads((out / "run_config.json").read_text())["data_fingerprint"] == "tiny-fingerprint"
+
+
+def test_overwrite_discards_old_chunks_and_equals_a_fresh_run(models, tmp_path):
+    out = tmp_path / "run"
+    _cam_run(models, out)
+    markers = {p: p.stat().st_mtime_ns for p in (out / "chunks").glob("*/*.done.json")}
+    old = load_results(out)
+    stray = out / "chunks" / "alpha" / "c0000099-0000103.results.parquet"
+    stray.write_bytes(b"left over from the old run")
+
+    def retrained(path):  # other network at the same path, and a regenerated dataset
+        model, meta = S.load_model(path)
+        return S.TinyNet(sum(Path(path).name.encode()) + 1).eval(), meta
+
+    def comps():
+        c = S.components()
+        c.load_model, c.fingerprint = retrained, (lambda path: "regenerated-fingerprint")
+        return c
+
+    summary = _cam_run(models, out, comps(), overwrite=True)
+    assert summary["chunks_computed"] == 10 and summary["chunks_skipped"] == 0
+    assert not stray.exists()
+    for p, ns in markers.items():
+        assert p.stat().st_mtime_ns > ns, p
+    assert json.loads((out / "run_config.json").read_text())["data_fingerprint"] == "regenerated-fingerprint"
+    fresh = tmp_path / "fresh"
+    _cam_run(models, fresh, comps())
+    for name in ("results.parquet", "results.csv", "predictions.csv"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert not load_results(out).equals(old)  # the stand-in model really changed the values
+
+
+def test_sharded_overwrite_redoes_its_own_chunks_and_never_merges_stale_ones(models, tmp_path):
+    """`--overwrite --shard i/n` must not delete the other shards' chunks (they may be running),
+    and the other shards' chunks of the old run are recomputed, never merged."""
+    out = tmp_path / "run"
+    _cam_run(models, out)
+
+    def retrained(path):
+        model, meta = S.load_model(path)
+        return S.TinyNet(sum(Path(path).name.encode()) + 1).eval(), meta
+
+    def comps():
+        c = S.components()
+        c.load_model, c.fingerprint = retrained, (lambda path: "regenerated-fingerprint")
+        return c
+
+    before = sorted(p.name for p in (out / "chunks").rglob("*.done.json"))
+    first = _cam_run(models, out, comps(), overwrite=True, shard=(0, 2))
+    assert first["chunks_computed"] == first["chunks_in_shard"]  # its own chunks, recomputed
+    assert sorted(p.name for p in (out / "chunks").rglob("*.done.json")) == before  # others kept
+    with pytest.raises(RuntimeError, match=r"computed for another configuration or dataset"):
+        merge_run(out)  # shard 1's chunks still belong to the old run
+    # shard 1 without --overwrite: its old chunks do not count as done for the new run
+    second = _cam_run(models, out, comps(), shard=(1, 2))
+    assert second["chunks_computed"] == second["chunks_in_shard"] and second["chunks_skipped"] == 0
+    merge_run(out)
+    fresh = tmp_path / "fresh"
+    _cam_run(models, fresh, comps())
+    for name in ("results.parquet", "results.csv", "predictions.csv"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+def test_chunk_without_marker_is_recomputed_and_not_merged(models, tmp_path):
+    out = tmp_path / "run"
+    _cam_run(models, out)
+    stem = out / "chunks" / "alpha" / "c0000004-0000008"
+    good = Path(f"{stem}.results.parquet").read_bytes()
+    # a crash between the results and the marker: results of an earlier attempt, no marker
+    stale = pd.read_parquet(f"{stem}.results.parquet").assign(value=-1.0)
+    stale.to_parquet(f"{stem}.results.parquet", index=False)
+    Path(f"{stem}.done.json").unlink()
+    with pytest.raises(RuntimeError, match=r"1 of 10 chunks are not finished \(alpha\[4:8\]\)"):
+        merge_run(out)
+    man = merge_run(out, allow_partial=True)
+    assert man["chunks"]["missing"] == [["alpha", 4, 8]]
+    partial = load_results(out)  # the stale rows of the unmarked chunk are never merged
+    assert not partial[partial.model == "alpha"].image.between(4, 7).any() and (partial.value != -1.0).all()
+    assert partial[partial.model == "beta"].image.between(4, 7).any()
+    calls = []
+    summary = _cam_run(models, out, S.components(counter=calls))
+    assert summary["chunks_computed"] == 1 and summary["chunks_skipped"] == 9 and len(calls) > 0
+    assert Path(f"{stem}.results.parquet").read_bytes() == good
+    assert Path(f"{stem}.done.json").exists()
+    fresh = tmp_path / "fresh"
+    _cam_run(models, fresh)
+    assert (out / "results.parquet").read_bytes() == (fresh / "results.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("fail_at", ["write", "replace"])
+def test_atomic_write_bytes_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_at):
+    from validation.pipeline import table
+
+    target = tmp_path / "f.bin"
+    table.atomic_write_bytes(target, b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    if fail_at == "replace":
+        monkeypatch.setattr(os, "replace", boom)
+    else:  # the data is partly written, then the disk fills up
+        def fsync_after_partial(fd):
+            assert os.fstat(fd).st_size == len(b"new, longer content")
+            boom()
+
+        monkeypatch.setattr(os, "fsync", fsync_after_partial)
+    with pytest.raises(OSError, match="disk full"):
+        table.atomic_write_bytes(target, b"new, longer content")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]

@@ -5,7 +5,9 @@ InputXGradient, IntegratedGradients. Attributions (B, 3, H, W) are reduced to a 
 LIME/KernelShap features: SLIC superpixels (scikit-image, 100 segments, compactness 10,
 sigma 1, as the paper's code) or a square ``grid``. Their sampling draws from torch's global
 generator inside captum, so each call runs in ``torch.random.fork_rng`` seeded with ``seed``:
-results are reproducible and the caller's random state is left untouched.
+results are reproducible and the caller's random state is left untouched. captum fits a
+batch's images one after another from that stream, so an image's map depends on the images
+before it in the batch.
 """
 
 from __future__ import annotations

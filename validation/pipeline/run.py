@@ -28,12 +28,14 @@ from validation.pipeline.shards import chunk_ranges, shard_chunks
 from validation.pipeline.table import (
     IDENTITY,
     NO_LAYER,
+    VOLATILE_KEYS,
     chunk_is_done,
     chunk_stem,
     config_hash,
     config_label,
     merge_run,
     read_json,
+    run_identity,
     sha256_file,
     write_chunk,
     write_json,
@@ -50,7 +52,7 @@ REFINABLE = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guid
 # Baselines that need the ground truth to build their map.
 NEEDS_GT = ("oracle",)
 # Config fields that do not change the results (excluded from the resume check).
-_VOLATILE = ("shard", "progress", "threads", "model_meta", "data_fingerprint")
+_VOLATILE = VOLATILE_KEYS
 
 
 @dataclass
@@ -389,8 +391,12 @@ class Runner:
                 raise ValueError(f"--model {path}: the model's classes {list(meta['class_names'])} differ "
                                  f"from the classes of {where}: {list(classes)}")
 
-    def _check_or_write_config(self, d: dict) -> None:
+    def _check_or_write_config(self, d: dict, shard: tuple[int, int], own_chunks) -> None:
+        """Refuse a run directory holding another run; with ``overwrite``, discard this shard's
+        chunks (all of them for an unsharded run: other shards' chunks are theirs to redo, and
+        chunks of an older configuration are recomputed anyway, see `run_identity`)."""
         path = self.out / "run_config.json"
+        self.run_id = run_identity(d)
         stable = {k: v for k, v in d.items() if k not in _VOLATILE}
         if path.exists() and not self.overwrite:
             old = read_json(path)
@@ -412,9 +418,16 @@ class Runner:
                                  f"(fingerprint {fp_old} -> {fp_new}); {self.conflict_hint}")
             return
         if self.overwrite and (self.out / "chunks").exists():
-            import shutil
+            if shard[1] == 1:
+                import shutil
 
-            shutil.rmtree(self.out / "chunks")
+                shutil.rmtree(self.out / "chunks")
+            else:
+                for name in self.config.model_names:
+                    for start, stop in own_chunks:
+                        stem = chunk_stem(self.out, name, start, stop)
+                        for f in stem.parent.glob(f"{stem.name}.*"):
+                            f.unlink()
         write_json(path, d)
 
     # -- main ----------------------------------------------------------------------------
@@ -431,10 +444,10 @@ class Runner:
         self._check_models_fit(dataset, metas)
         cfg_dict = self._prepare_config(metas)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_or_write_config(cfg_dict)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
+        self._check_or_write_config(cfg_dict, shard, chunks)
         todo = [(name, model, s, e) for name, model in zip(self.config.model_names, models)
-                for s, e in chunks if not chunk_is_done(self.out, name, s, e)]
+                for s, e in chunks if not chunk_is_done(self.out, name, s, e, self.run_id)]
         summary = {"chunks_in_shard": len(chunks) * len(models), "chunks_computed": 0,
                    "chunks_skipped": len(chunks) * len(models) - len(todo), "errors": 0}
         bar = None
@@ -520,7 +533,7 @@ class Runner:
         write_chunk(self.out, name, start, stop, rows, preds,
                     {"n_images": stop - start, "n_correct": len(images), "seconds": seconds,
                      "images": n_images, "errors": n_err, "seed": seed,
-                     "model_weights": weights})
+                     "model_weights": weights, "run_id": self.run_id})
         return n_err
 
     def _image_limit(self, cfg: MapConfig) -> float:

@@ -120,6 +120,20 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# run_config.json keys that may differ between the processes of one run or between its resumes
+VOLATILE_KEYS = ("shard", "progress", "threads", "model_meta", "data_fingerprint")
+
+
+def run_identity(config: Mapping) -> str:
+    """What a chunk belongs to: the run's configuration (less its volatile keys) and dataset.
+
+    Every chunk marker records it, so chunks left from another configuration or dataset (e.g.
+    other shards' chunks after one shard reran with ``--overwrite``) are recomputed on resume
+    and never merged."""
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    return config_hash({**stable, "data_fingerprint": config.get("data_fingerprint")})
+
+
 # ----------------------------------------------------------------------------- schema
 def make_results_frame(records: Iterable[Mapping] | pd.DataFrame) -> pd.DataFrame:
     """Build a result frame with the canonical columns, dtypes and status/value consistency.
@@ -176,8 +190,12 @@ def chunk_stem(run_dir: str | os.PathLike, model: str, start: int, stop: int) ->
     return Path(run_dir) / "chunks" / model / f"c{start:07d}-{stop:07d}"
 
 
-def chunk_is_done(run_dir, model: str, start: int, stop: int) -> bool:
-    return Path(f"{chunk_stem(run_dir, model, start, stop)}.done.json").exists()
+def chunk_is_done(run_dir, model: str, start: int, stop: int, run_id: str | None = None) -> bool:
+    """The chunk's marker exists (and, with ``run_id``, belongs to that run identity)."""
+    marker = Path(f"{chunk_stem(run_dir, model, start, stop)}.done.json")
+    if not marker.exists():
+        return False
+    return run_id is None or (read_json(marker) or {}).get("run_id") == run_id
 
 
 def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFrame,
@@ -190,9 +208,12 @@ def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFram
     write_json(f"{stem}.done.json", {"model": model, "start": start, "stop": stop, **info})
 
 
-def list_done_chunks(run_dir) -> list[tuple[str, int, int]]:
+def list_done_chunks(run_dir, run_id: str | None = None) -> list[tuple[str, int, int]]:
+    """(model, start, stop) of every finished chunk (with ``run_id``: of that run identity only)."""
     out = []
     for marker in sorted((Path(run_dir) / "chunks").glob("*/c*.done.json")):
+        if run_id is not None and (read_json(marker) or {}).get("run_id") != run_id:
+            continue
         start, stop = marker.name[1:].split(".")[0].split("-")
         out.append((marker.parent.name, int(start), int(stop)))
     return out
@@ -234,15 +255,25 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     run_dir = Path(run_dir)
     config = read_json(run_dir / "run_config.json")
     wanted = expected_chunks(config)
-    done = set(list_done_chunks(run_dir))
+    weights = config.get("model_weights") or {}
+    done = set(list_done_chunks(run_dir, run_identity(config)))
     missing = [c for c in wanted if c not in done]
+    stale = sorted(set(missing) & set(list_done_chunks(run_dir)))  # finished, for another run
+    for model, a, b in stale:
+        stem = chunk_stem(run_dir, model, a, b)
+        info = read_json(f"{stem}.done.json") or {}
+        if info.get("model_weights") and weights.get(model) and info["model_weights"] != weights[model]:
+            raise ValueError(f"{stem}.done.json: chunk computed with other weights of model {model!r} "
+                             f"({info['model_weights']}) than the run's ({weights[model]}); "
+                             f"recompute it (delete the chunk) or merge it into its own run")
     if missing and not allow_partial:
         shown = ", ".join(f"{m}[{a}:{b}]" for m, a, b in missing[:8])
+        why = (f"; {len(stale)} of them were computed for another configuration or dataset (e.g. "
+               f"before a shard reran with --overwrite): rerun their shards" if stale else "")
         raise RuntimeError(
             f"{run_dir}: {len(missing)} of {len(wanted)} chunks are not finished ({shown}"
-            f"{' ...' if len(missing) > 8 else ''}); run the missing shards or pass --allow-partial")
+            f"{' ...' if len(missing) > 8 else ''}){why}; run the missing shards or pass --allow-partial")
     present = [c for c in wanted if c in done]
-    weights = config.get("model_weights") or {}
     results, preds, timings = [], [], []
     for model, a, b in present:
         stem = chunk_stem(run_dir, model, a, b)
@@ -250,10 +281,6 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
         results.append(chunk)
         preds.append(pd.read_parquet(f"{stem}.predictions.parquet"))
         info = read_json(f"{stem}.done.json")
-        if info.get("model_weights") and weights.get(model) and info["model_weights"] != weights[model]:
-            raise ValueError(f"{stem}.done.json: chunk computed with other weights of model {model!r} "
-                             f"({info['model_weights']}) than the run's ({weights[model]}); "
-                             f"recompute it (delete the chunk) or merge it into its own run")
         per_config = info.get("images")
         if per_config is None:  # chunks written before the count was recorded: images with rows
             per_config = (chunk.assign(config=[config_label(*k) for k in zip(chunk["method"], chunk["layer"],
