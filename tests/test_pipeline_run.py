@@ -345,6 +345,17 @@ def test_resume_with_changed_dataset_fingerprint_is_refused(models, tmp_path):
     assert json.loads((out / "run_config.json").read_text())["data_fingerprint"] == "tiny-fingerprint"
 
 
+def _retrained_components():
+    """Stand-ins for another network at the same model paths and a regenerated dataset."""
+    def retrained(path):
+        model, meta = S.load_model(path)
+        return S.TinyNet(sum(Path(path).name.encode()) + 1).eval(), meta
+
+    c = S.components()
+    c.load_model, c.fingerprint = retrained, (lambda path: "regenerated-fingerprint")
+    return c
+
+
 def test_overwrite_discards_old_chunks_and_equals_a_fresh_run(models, tmp_path):
     out = tmp_path / "run"
     _cam_run(models, out)
@@ -353,23 +364,14 @@ def test_overwrite_discards_old_chunks_and_equals_a_fresh_run(models, tmp_path):
     stray = out / "chunks" / "alpha" / "c0000099-0000103.results.parquet"
     stray.write_bytes(b"left over from the old run")
 
-    def retrained(path):  # other network at the same path, and a regenerated dataset
-        model, meta = S.load_model(path)
-        return S.TinyNet(sum(Path(path).name.encode()) + 1).eval(), meta
-
-    def comps():
-        c = S.components()
-        c.load_model, c.fingerprint = retrained, (lambda path: "regenerated-fingerprint")
-        return c
-
-    summary = _cam_run(models, out, comps(), overwrite=True)
+    summary = _cam_run(models, out, _retrained_components(), overwrite=True)
     assert summary["chunks_computed"] == 10 and summary["chunks_skipped"] == 0
     assert not stray.exists()
     for p, ns in markers.items():
         assert p.stat().st_mtime_ns > ns, p
     assert json.loads((out / "run_config.json").read_text())["data_fingerprint"] == "regenerated-fingerprint"
     fresh = tmp_path / "fresh"
-    _cam_run(models, fresh, comps())
+    _cam_run(models, fresh, _retrained_components())
     for name in ("results.parquet", "results.csv", "predictions.csv"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
     assert not load_results(out).equals(old)  # the stand-in model really changed the values
@@ -381,27 +383,18 @@ def test_sharded_overwrite_redoes_its_own_chunks_and_never_merges_stale_ones(mod
     out = tmp_path / "run"
     _cam_run(models, out)
 
-    def retrained(path):
-        model, meta = S.load_model(path)
-        return S.TinyNet(sum(Path(path).name.encode()) + 1).eval(), meta
-
-    def comps():
-        c = S.components()
-        c.load_model, c.fingerprint = retrained, (lambda path: "regenerated-fingerprint")
-        return c
-
     before = sorted(p.name for p in (out / "chunks").rglob("*.done.json"))
-    first = _cam_run(models, out, comps(), overwrite=True, shard=(0, 2))
+    first = _cam_run(models, out, _retrained_components(), overwrite=True, shard=(0, 2))
     assert first["chunks_computed"] == first["chunks_in_shard"]  # its own chunks, recomputed
     assert sorted(p.name for p in (out / "chunks").rglob("*.done.json")) == before  # others kept
     with pytest.raises(RuntimeError, match=r"computed for another configuration or dataset"):
         merge_run(out)  # shard 1's chunks still belong to the old run
     # shard 1 without --overwrite: its old chunks do not count as done for the new run
-    second = _cam_run(models, out, comps(), shard=(1, 2))
+    second = _cam_run(models, out, _retrained_components(), shard=(1, 2))
     assert second["chunks_computed"] == second["chunks_in_shard"] and second["chunks_skipped"] == 0
     merge_run(out)
     fresh = tmp_path / "fresh"
-    _cam_run(models, fresh, comps())
+    _cam_run(models, fresh, _retrained_components())
     for name in ("results.parquet", "results.csv", "predictions.csv"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
 
