@@ -121,7 +121,7 @@ def _add_generate(sub) -> None:
         p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split")
     p.add_argument(
         "--size-bands", type=_size_bands,
-        help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19 (default: the paper's 80-99, 40-49 and 20-24 px of 256, i.e. 0.3125-0.3867,0.1563-0.1914,0.0781-0.0938)",
+        help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19 (default: the paper's 80-99, 40-49 and 20-24 px of 256, i.e. 0.3125-0.38671875,0.15625-0.19140625,0.078125-0.09375)",
     )
     p.add_argument("--size-band-weights", type=_weights,
                    help="odds of each size band, e.g. 1,1,2 (default: equal)")
