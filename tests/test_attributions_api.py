@@ -53,7 +53,7 @@ def test_every_method_returns_unit_maps_on_the_input_device(resnet, method):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp", "layercam", "scorecam", "guidedgradcam", "lafam",
-                                    "deeplift", "inputxgradient"])
+                                    "deeplift", "inputxgradient", "lime", "kernelshap"])
 def test_a_batch_equals_its_images_one_at_a_time(resnet, method):
     x = images(3, 32, seed=4)
     t = torch.tensor([5, 0, 2])

@@ -722,8 +722,8 @@ def test_lime_equals_an_independent_weighted_lasso_on_the_same_samples():
     """captum's LIME with our options, rebuilt by hand: from torch.manual_seed(seed), n_samples
     draws of Bernoulli(0.5) cell masks, removed cells set to the baseline, weights
     exp(-(1 - cos(x, x'))^2 / 2) (cosine kernel, width 1), and an sklearn Lasso(alpha=0.01) fit with
-    an intercept. One image per call: in a batch captum fits the images in turn on one random
-    stream (with draws of its own between them), so image i's map depends on the images before it."""
+    an intercept. Every image of a batch is fitted from its own stream seeded with ``seed`` (a batch
+    equals its images one at a time: tests/test_attributions_api.py)."""
     from sklearn.linear_model import Lasso
 
     model = CellGame().eval()

@@ -5,9 +5,9 @@ InputXGradient, IntegratedGradients. Attributions (B, 3, H, W) are reduced to a 
 LIME/KernelShap features: SLIC superpixels (scikit-image, 100 segments, compactness 10,
 sigma 1, as the paper's code) or a square ``grid``. Their sampling draws from torch's global
 generator inside captum, so each call runs in ``torch.random.fork_rng`` seeded with ``seed``:
-results are reproducible and the caller's random state is left untouched. captum fits a
-batch's images one after another from that stream, so an image's map depends on the images
-before it in the batch.
+results are reproducible and the caller's random state is left untouched. Each image is fitted
+from its own stream seeded with ``seed`` (captum would fit a batch's images one after another
+from one stream), so a batch equals its images one at a time.
 """
 
 from __future__ import annotations
@@ -197,12 +197,18 @@ class _SuperpixelExplainer(CaptumExplainer):
         return slic_segments(x, self.n_segments)
 
     def _attribute(self, method, x, target):
-        mask = self.features(x)
+        mask, baseline = self.features(x), _baseline(self.baseline, x)
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            return method.attribute(x, baselines=_baseline(self.baseline, x), target=target, feature_mask=mask,
-                                    n_samples=self.n_samples, perturbations_per_eval=self.perturbations_per_eval)
+        maps = []
+        # captum fits the images of a call one after another from one random stream; reseeding per
+        # image makes an image's map independent of the others in its batch (captum loops anyway)
+        for i in range(x.shape[0]):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                maps.append(method.attribute(x[i:i + 1], baselines=baseline[i:i + 1], target=target[i:i + 1],
+                                             feature_mask=mask[i:i + 1], n_samples=self.n_samples,
+                                             perturbations_per_eval=self.perturbations_per_eval))
+        return torch.cat(maps)
 
 
 @register("lime")
