@@ -7,7 +7,7 @@ from validation.metrics.imputation import linear_impute, noisy_linear_impute
 from test_metrics_helpers import cam_maps, smooth_images, spsolve_impute
 
 
-def _check(x, removed, atol=1e-4):
+def _check(x, removed, atol=2e-5):  # the spec asks 1e-4; measured ~4e-6; no iterations: 2.3e-4
     out = linear_impute(x, removed)
     for i in range(x.shape[0]):
         ref = spsolve_impute(x[i].double().numpy(), removed[i].numpy())
