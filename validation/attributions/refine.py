@@ -18,7 +18,7 @@ import torch
 
 from .base import Explainer, LayerExplainer
 from .postprocess import minmax
-from .registry import METHODS, _accepted_options, canonical_name, register
+from .registry import METHODS, canonical_name, register, unknown_options
 
 MIXES = ("product", "geomean", "invexp")
 
@@ -52,10 +52,9 @@ class RefineCAM(Explainer):
         base_options = dict(base_options or {})
         # RefineCAM itself upsamples and normalises the fused map: the base's own settings for
         # that would be ignored or clash, so they are refused like any unknown option
-        accepted = _accepted_options(cls) - {"layer", "interpolation", "raw"}
-        unknown = sorted(set(base_options) - accepted)
+        unknown, accepted = unknown_options(cls, base_options, reserved=("layer", "interpolation", "raw"))
         if unknown:
-            raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {sorted(accepted)} "
+            raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {accepted} "
                             f"(interpolation and raw are RefineCAM's own options)")
         self.base = cls(model, layers[0], interpolation=self.interpolation, **base_options)
         self.layers = self.base.resolve(layers)

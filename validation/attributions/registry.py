@@ -52,13 +52,19 @@ def _accepted_options(cls: type) -> set[str]:
     return names
 
 
+def unknown_options(cls: type, options, reserved=()) -> tuple[list[str], list[str]]:
+    """(the ``options`` that ``cls`` does not take, the ones it takes), both sorted; ``reserved``
+    options count as not taken."""
+    accepted = _accepted_options(cls) - set(reserved)
+    return sorted(set(options) - accepted), sorted(accepted)
+
+
 def get_explainer(method: str, model: nn.Module, **options: Any) -> Explainer:
     """Build a reusable explainer: ``get_explainer("gradcampp", model, layer="stage2")``."""
     cls = METHODS[canonical_name(method)]
-    accepted = _accepted_options(cls)
-    unknown = sorted(set(options) - accepted)
+    unknown, accepted = unknown_options(cls, options)
     if unknown:
-        raise TypeError(f"{cls.name}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")
+        raise TypeError(f"{cls.name}: unknown option(s) {unknown}; accepted: {accepted}")
     return cls(model, **options)
 
 

@@ -51,8 +51,6 @@ LAYER_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "
 REFINABLE = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam")
 # Baselines that need the ground truth to build their map.
 NEEDS_GT = ("oracle",)
-# Config fields that do not change the results (excluded from the resume check).
-_VOLATILE = VOLATILE_KEYS
 
 
 @dataclass
@@ -365,7 +363,7 @@ class Runner:
         d["model_meta"] = {n: {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
                            for n, m in zip(cfg.model_names, metas)}
         d["data_fingerprint"] = _data_fingerprint(cfg.data, self.c)
-        # stable (not in _VOLATILE): chunks of other weights at the same path must not be merged
+        # stable (not in VOLATILE_KEYS): chunks of other weights at the same path must not be merged
         d["model_weights"] = {n: _weights_fingerprint(p) for n, p in zip(cfg.model_names, cfg.models)}
         d["configs"] = [c.label for c in self.configs]
         return d
@@ -397,10 +395,10 @@ class Runner:
         chunks of an older configuration are recomputed anyway, see `run_identity`)."""
         path = self.out / "run_config.json"
         self.run_id = run_identity(d)
-        stable = {k: v for k, v in d.items() if k not in _VOLATILE}
+        stable = {k: v for k, v in d.items() if k not in VOLATILE_KEYS}
         if path.exists() and not self.overwrite:
             old = read_json(path)
-            old_stable = {k: v for k, v in old.items() if k not in _VOLATILE}
+            old_stable = {k: v for k, v in old.items() if k not in VOLATILE_KEYS}
             old_w, new_w = old.get("model_weights") or {}, d.get("model_weights") or {}
             changed = sorted(n for n in new_w if n in old_w and old_w[n] != new_w[n])
             if changed:

@@ -190,12 +190,10 @@ def chunk_stem(run_dir: str | os.PathLike, model: str, start: int, stop: int) ->
     return Path(run_dir) / "chunks" / model / f"c{start:07d}-{stop:07d}"
 
 
-def chunk_is_done(run_dir, model: str, start: int, stop: int, run_id: str | None = None) -> bool:
-    """The chunk's marker exists (and, with ``run_id``, belongs to that run identity)."""
+def chunk_is_done(run_dir, model: str, start: int, stop: int, run_id: str) -> bool:
+    """The chunk's marker exists and belongs to the run identity ``run_id``."""
     marker = Path(f"{chunk_stem(run_dir, model, start, stop)}.done.json")
-    if not marker.exists():
-        return False
-    return run_id is None or (read_json(marker) or {}).get("run_id") == run_id
+    return marker.exists() and (read_json(marker) or {}).get("run_id") == run_id
 
 
 def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFrame,
@@ -208,14 +206,12 @@ def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFram
     write_json(f"{stem}.done.json", {"model": model, "start": start, "stop": stop, **info})
 
 
-def list_done_chunks(run_dir, run_id: str | None = None) -> list[tuple[str, int, int]]:
-    """(model, start, stop) of every finished chunk (with ``run_id``: of that run identity only)."""
-    out = []
+def read_chunk_markers(run_dir) -> dict[tuple[str, int, int], dict]:
+    """(model, start, stop) -> the ``.done.json`` marker of every finished chunk, read once."""
+    out = {}
     for marker in sorted((Path(run_dir) / "chunks").glob("*/c*.done.json")):
-        if run_id is not None and (read_json(marker) or {}).get("run_id") != run_id:
-            continue
         start, stop = marker.name[1:].split(".")[0].split("-")
-        out.append((marker.parent.name, int(start), int(stop)))
+        out[(marker.parent.name, int(start), int(stop))] = read_json(marker) or {}
     return out
 
 
@@ -256,12 +252,12 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     config = read_json(run_dir / "run_config.json")
     wanted = expected_chunks(config)
     weights = config.get("model_weights") or {}
-    done = set(list_done_chunks(run_dir, run_identity(config)))
+    markers, run_id = read_chunk_markers(run_dir), run_identity(config)
+    done = {c for c, info in markers.items() if info.get("run_id") == run_id}
     missing = [c for c in wanted if c not in done]
-    stale = sorted(set(missing) & set(list_done_chunks(run_dir)))  # finished, for another run
+    stale = [c for c in missing if c in markers]  # finished, for another run
     for model, a, b in stale:
-        stem = chunk_stem(run_dir, model, a, b)
-        info = read_json(f"{stem}.done.json") or {}
+        info, stem = markers[(model, a, b)], chunk_stem(run_dir, model, a, b)
         if info.get("model_weights") and weights.get(model) and info["model_weights"] != weights[model]:
             raise ValueError(f"{stem}.done.json: chunk computed with other weights of model {model!r} "
                              f"({info['model_weights']}) than the run's ({weights[model]}); "
@@ -280,7 +276,7 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
         chunk = pd.read_parquet(f"{stem}.results.parquet")
         results.append(chunk)
         preds.append(pd.read_parquet(f"{stem}.predictions.parquet"))
-        info = read_json(f"{stem}.done.json")
+        info = markers[(model, a, b)]
         per_config = info.get("images")
         if per_config is None:  # chunks written before the count was recorded: images with rows
             per_config = (chunk.assign(config=[config_label(*k) for k in zip(chunk["method"], chunk["layer"],
