@@ -61,8 +61,11 @@ def _model_and_step(arch: str, size: int, bf16: bool, device: str):
 
 
 def measure(arch: str, size: int, batch: int, bf16: bool, warmup: int, steps: int, device: str,
-            pixels: int | None = None) -> tuple[float, float]:
-    """Training and inference images/s of a model built for ``size`` on ``pixels`` px inputs (default size)."""
+            pixels: int | None = None, inference: bool = True) -> tuple[float, float | None]:
+    """Training and inference images/s of a model built for ``size`` on ``pixels`` px inputs (default size).
+
+    ``inference=False`` skips the inference timing and returns None in its place.
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, pixels or size, pixels or size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,), generator=g).to(device)
@@ -74,6 +77,8 @@ def measure(arch: str, size: int, batch: int, bf16: bool, warmup: int, steps: in
 
     model.train()
     t_train = _bench(lambda: train_step(x, y), warmup, steps)
+    if not inference:
+        return batch / t_train, None
     model.eval()
     t_infer = _bench(infer, warmup, steps)
     return batch / t_train, batch / t_infer
@@ -117,8 +122,9 @@ def _loader_table(args, bf16: bool) -> int:
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for arch in args.archs:
-        rows = [("fixed batch (step only)", 0.0, args.batch / measure(arch, args.size, args.batch, bf16, args.warmup,
-                                                                      args.steps, args.device, args.crop)[0])]
+        train_rate, _ = measure(arch, args.size, args.batch, bf16, args.warmup, args.steps, args.device, args.crop,
+                                inference=False)
+        rows = [("fixed batch (step only)", 0.0, args.batch / train_rate)]
         for w in args.workers:
             wait, step = measure_loader(arch, args.size, args.batch, args.crop, w, bf16, args.warmup, args.steps,
                                         args.device)
