@@ -1,0 +1,112 @@
+"""Every command the README and docs show still parses: subcommands and flags exist, and the
+complete commands of shell blocks pass argparse as written (types, choices, required flags)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import shapesynth.cli
+import trainers.cli
+import validation.cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
+PARSERS = {"shapesynth": shapesynth.cli.build_parser, "shapesynth-train": trainers.cli.build_parser,
+           "shapesynth-eval": validation.cli.build_parser}
+MODULES = {"shapesynth": "shapesynth", "trainers": "shapesynth-train", "validation": "shapesynth-eval"}
+SHELL_FENCES = {"bash", "sh", "shell", "console"}
+ELISION = {"...", "…"}
+
+
+def _shell_text(text: str) -> tuple[list[str], list[str]]:
+    """(lines of shell fences with continuations joined, inline code spans of the prose)."""
+    fenced, spans, fence = [], [], None
+    for line in text.splitlines():
+        opener = re.match(r"\s*```(\w*)", line)
+        if opener:
+            fence = (opener.group(1) or "text") if fence is None else None
+        elif fence in SHELL_FENCES:
+            fenced.append(line)
+        elif fence is None:
+            spans += re.findall(r"`([^`]+)`", line)
+    return re.sub(r"\\\n\s*", " ", "\n".join(fenced)).splitlines(), spans
+
+
+def _invocations(line: str):
+    """(program, args) for each of our CLIs called on a shell line (after env vars, nohup, nice)."""
+    line = line.split(" #")[0].strip()
+    if line.startswith("#"):
+        return
+    for part in re.split(r"&&|;|\|\|?", line):
+        try:
+            tokens = shlex.split(part)
+        except ValueError:  # prose in backticks with an apostrophe: not a command
+            continue
+        while tokens and (re.match(r"^\w+=", tokens[0]) or tokens[0] in ("nohup", "time", "nice", "-n", "19")):
+            tokens = tokens[1:]
+        if not tokens:
+            continue
+        program = tokens[0].split("/")[-1]
+        if program.startswith("python") and len(tokens) > 2 and tokens[1] == "-m" and tokens[2] in MODULES:
+            yield MODULES[tokens[2]], tokens[3:]
+        elif program in PARSERS:
+            yield program, tokens[1:]
+
+
+def _commands():
+    for doc in DOCS:
+        fenced, spans = _shell_text(doc.read_text())
+        for complete, lines in ((True, fenced), (False, spans)):
+            for line in lines:
+                for program, args in _invocations(line):
+                    args = [a for a in args if a != "&"]
+                    elided = any(a in ELISION for a in args)
+                    yield pytest.param(program, [a for a in args if a not in ELISION], complete and not elided,
+                                       id=f"{doc.relative_to(ROOT)}: {program} {' '.join(args)}"[:120])
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+COMMANDS = list(_commands())
+
+
+def test_the_docs_show_commands_of_every_cli():
+    shown = {p.values[0] for p in COMMANDS}
+    assert shown == set(PARSERS), f"no documented command found for {set(PARSERS) - shown}"
+    assert sum(p.values[2] for p in COMMANDS) >= 15, "the shell blocks' complete commands were not found"
+
+
+@pytest.mark.parametrize("program, args, complete", COMMANDS)
+def test_documented_command_parses(program, args, complete):
+    parser = PARSERS[program]()
+    if not args:
+        return  # the bare program name in prose
+    sub = _subparser(parser, args[0])
+    assert sub is not None, f"{program} has no subcommand {args[0]!r}"
+    known = _option_strings(sub)
+    flags = [a.strip("[]").split("=")[0] for a in args[1:] if a.strip("[]").startswith("--")]
+    unknown = [f for f in flags if f not in known]
+    assert not unknown, f"{program} {args[0]} has no option(s) {unknown}"
+    if complete:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                parser.parse_args(args)
+            except SystemExit as exit_:
+                assert not exit_.code, err.getvalue().strip().splitlines()[-1]
