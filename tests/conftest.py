@@ -24,3 +24,25 @@ def tmp_out(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     return out
+
+
+@pytest.fixture(scope="session")
+def save_untrained_model():
+    """save_untrained_model(folder, seed=0, **meta): a seeded, untrained 32 px ResNet18 saved as a
+    model folder (what `trainers.save_model` writes), for tests of code that loads one."""
+    import torch
+
+    from shapesynth import CLASS_NAMES
+    from trainers import build_model, save_model
+    from trainers.export import META_KEYS
+
+    def save(folder, seed: int = 0, **meta):
+        torch.manual_seed(seed)
+        model = build_model("resnet18", num_classes=len(CLASS_NAMES), image_size=32)
+        full = {k: None for k in META_KEYS}
+        full.update(arch="resnet18", image_size=32, class_names=list(CLASS_NAMES), test_accuracy=0.0)
+        full.update(meta)
+        save_model(model, folder, full)
+        return folder
+
+    return save

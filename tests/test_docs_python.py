@@ -17,9 +17,8 @@ import torch
 import trainers
 from shapesynth import CLASS_NAMES, SynthConfig
 from shapesynth.generate import generate
-from trainers import build_model, save_model
+from trainers import build_model
 from trainers.api import TrainConfig
-from trainers.export import META_KEYS
 from validation.attributions import get_explainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +32,13 @@ def _python_blocks(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, save_untrained_model):
     """A tiny dataset folder and a saved model folder to stand in for the documented paths."""
     root = tmp_path_factory.mktemp("docs")
     cfg = SynthConfig(image_size=32, size_bands=BANDS, split_sizes={"train": 8, "val": 4, "test": 6},
                       bg_pool_sizes={"train": 2, "val": 1, "test": 1})
     generate(cfg, root / "data", progress=False)
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=len(CLASS_NAMES), image_size=32)
-    meta = {k: None for k in META_KEYS}
-    meta.update(arch="resnet18", image_size=32, class_names=list(CLASS_NAMES), test_accuracy=0.0,
-                data={"synth": cfg.to_dict()})
-    save_model(model, root / "model", meta)
+    save_untrained_model(root / "model", data={"synth": cfg.to_dict()})
     return {DATA_PATH: str(root / "data"), MODEL_PATH: str(root / "model")}
 
 

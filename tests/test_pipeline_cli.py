@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import test_pipeline_standins as S
-from shapesynth import CLASS_NAMES as S_CLASS_NAMES
 from validation.cli import build_parser, main
 from validation.pipeline.run import run_eval
 
@@ -87,22 +86,15 @@ def test_merge_command_after_shards(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_run_on_a_saved_model_two_shards_equal_one_process(tmp_path):
+def test_cli_run_on_a_saved_model_two_shards_equal_one_process(tmp_path, save_untrained_model):
     """The real path end to end: generator CLI, trainers.save_model/load_model, attribution
     methods, metrics, `run --shard` in two processes, `merge`: byte-identical tables."""
-    from trainers import build_model, save_model
-    from trainers.export import META_KEYS
-
     data = tmp_path / "data"
     done = subprocess.run([sys.executable, "-m", "shapesynth", "generate", "--out", str(data), "--image-size", "32",
                            "--size-bands", "0.31-0.39,0.16-0.19", "--train-size", "8", "--val-size", "8", "--test-size", "32", "--no-progress"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    torch.manual_seed(3)
-    model = build_model("resnet18", num_classes=6, image_size=32)
-    meta = {k: None for k in META_KEYS}
-    meta.update(arch="resnet18", image_size=32, class_names=list(S_CLASS_NAMES), test_accuracy=0.2)
-    save_model(model, tmp_path / "model", meta)
+    save_untrained_model(tmp_path / "model", seed=3, test_accuracy=0.2)
     args = [sys.executable, "-m", "validation", "run", "--data", str(data), "--model", str(tmp_path / "model"),
             "--methods", "gradcampp,lafam,halfcam", "--metrics", "all", "--layers", "stage1,stage4",
             "--mix", "identity,product", "--n-images", "32", "--threads", "1", "--no-progress"]

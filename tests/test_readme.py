@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shapesynth import CLASS_NAMES, SynthConfig
+from shapesynth import SynthConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL_DIR = "outputs/models/resnet18"
@@ -24,17 +24,9 @@ def _python_example() -> str:
     return code
 
 
-def test_readme_python_example_runs(tmp_path):
-    from trainers import build_model, save_model
-    from trainers.export import META_KEYS
-
+def test_readme_python_example_runs(tmp_path, save_untrained_model):
     recipe = SynthConfig(image_size=32, size_bands=((0.31, 0.39), (0.16, 0.19)))
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=len(CLASS_NAMES), image_size=32)
-    meta = {k: None for k in META_KEYS}
-    meta.update(arch="resnet18", image_size=32, class_names=list(CLASS_NAMES), test_accuracy=0.0,
-                data={"synth": recipe.to_dict()})
-    save_model(model, tmp_path / "model", meta)
+    save_untrained_model(tmp_path / "model", data={"synth": recipe.to_dict()})
 
     code = _python_example().replace(f'"{MODEL_DIR}"', repr(str(tmp_path / "model")))
     namespace: dict = {}
