@@ -1,10 +1,12 @@
 """Every command the README and docs show still parses: subcommands and flags exist, and the
-complete commands of shell blocks pass argparse as written (types, choices, required flags)."""
+complete commands of shell blocks pass argparse as written (types, choices, required flags).
+The repository paths and dotted Python names they cite in backticks exist."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -17,7 +19,8 @@ import trainers.cli
 import validation.cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md",
+        *sorted((ROOT / "data_cards").glob("*.md"))]
 PARSERS = {"shapesynth": shapesynth.cli.build_parser, "shapesynth-train": trainers.cli.build_parser,
            "shapesynth-eval": validation.cli.build_parser}
 MODULES = {"shapesynth": "shapesynth", "trainers": "shapesynth-train", "validation": "shapesynth-eval"}
@@ -110,3 +113,34 @@ def test_documented_command_parses(program, args, complete):
                 parser.parse_args(args)
             except SystemExit as exit_:
                 assert not exit_.code, err.getvalue().strip().splitlines()[-1]
+
+
+FILE_SUFFIXES = ("py", "yaml", "md", "csv", "json", "txt", "png", "jpg", "html")
+CITED_PATH = re.compile(r"(?<![\w/])((?:shapesynth|trainers|validation|tests|benchmarks|docs|data_cards|\.ci)/[\w./-]+\."
+                        rf"(?:{'|'.join(FILE_SUFFIXES)}))\b")
+DOTTED_NAME = re.compile(r"((?:shapesynth|trainers|validation)(?:\.\w+)+)(?:\(.*\))?")
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cited_paths_and_names_exist(doc):
+    spans = re.findall(r"`([^`\n]+)`", doc.read_text())
+    missing = [p for span in spans for p in CITED_PATH.findall(span) if "*" not in p and not (ROOT / p).exists()]
+    unknown = [span for span in spans if (m := DOTTED_NAME.fullmatch(span.strip()))
+               and not m.group(1).endswith(tuple(f".{s}" for s in FILE_SUFFIXES)) and not _resolves(m.group(1))]
+    assert not missing, f"{doc.name} cites files that do not exist: {missing}"
+    assert not unknown, f"{doc.name} cites Python names that do not exist: {unknown}"
