@@ -447,3 +447,35 @@ def test_atomic_write_bytes_failure_keeps_old_file_and_leaves_no_temp(tmp_path, 
         table.atomic_write_bytes(target, b"new, longer content")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_models_are_evaluated_as_inference_copies_unless_no_fold(models, tmp_path):
+    seen = []
+    base = S.components()
+
+    def recording_explainer(model, cfg, layers, options, seed):
+        seen.append(model)
+        return base.explainer(model, cfg, layers, options, seed)
+
+    comps = S.Components(**{**base.__dict__, "explainer": recording_explainer})
+    torch.set_num_threads(1)
+    run_eval(S.config(models), tmp_path / "folded", components=comps, progress=False)
+    assert seen and all(hasattr(m, "inference_folds") for m in seen)
+    assert json.loads((tmp_path / "folded" / "run_config.json").read_text())["fold"] is True
+    seen.clear()
+    run_eval(S.config(models, fold=False), tmp_path / "as_loaded", components=comps, progress=False)
+    assert seen and not any(hasattr(m, "inference_folds") for m in seen)
+
+
+def test_a_run_from_before_folding_resumes_only_unfolded(models, tmp_path):
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_eval(S.config(models, fold=False), out, components=S.components(), progress=False)
+    path = out / "run_config.json"
+    old = json.loads(path.read_text())
+    del old["fold"]  # what a run folder written before the option existed holds (its chunks too)
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"different configuration \(differs in \['fold'\]\)"):
+        run_eval(S.config(models), out, components=S.components(), progress=False)
+    summary = run_eval(S.config(models, fold=False), out, components=S.components(), progress=False)
+    assert summary["chunks_computed"] == 0 and summary["chunks_skipped"] == 10

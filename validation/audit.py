@@ -189,6 +189,7 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
             raise ValueError(f"{path}: the weights of model {model!r} changed since the run "
                              f"{run_dir} was computed; the audit would score other maps")
     keep = {k: cfg[k] for k in RunConfig.__dataclass_fields__ if k in cfg}
+    keep.setdefault("fold", False)  # a run from before folding existed evaluated unfolded models
     # the audit evaluator takes no options; the function's identity goes in their place, so the
     # run's config check (stable part) tells cached chunks of edited code from current ones
     source = {"audited_metric": {"source": metric_source_hash(fn)}}

@@ -75,6 +75,9 @@ def _add_run(sub):
     p.add_argument("--shard", help="i/n: compute only shard i of n (merge afterwards)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--no-fold", action="store_true",
+                   help="evaluate the models as loaded, without folding batch norm and VGG's pooled "
+                        "classifier into their neighbours (folding: same outputs to float rounding, faster)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -98,7 +101,7 @@ def cmd_run(args) -> int:
         split=args.split, chunk_size=args.chunk_size, seed=args.seed,
         method_options=_options(args.method_options), metric_options=_options(args.metric_options),
         method_grid=_options(args.method_grid), device=args.device,
-        save_maps=args.save_maps)
+        save_maps=args.save_maps, fold=not args.no_fold)
     shard = parse_shard(args.shard)
     summary = run_eval(config, args.out, shard=shard, progress=not args.no_progress,
                        overwrite=args.overwrite)

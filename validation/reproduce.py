@@ -251,7 +251,8 @@ class Reproduction:
             image_range=(0, int(ev.get("n_images", 200))), split=ev.get("split", "test"),
             chunk_size=int(ev.get("chunk_size", 16)), seed=int(ev.get("seed", 0)),
             method_options=ev.get("method_options") or {}, metric_options=ev.get("metric_options") or {},
-            save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")))
+            save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")),
+            fold=bool(ev.get("fold", True)))
         workers = int(ev.get("workers", 1))
         if workers > 1:
             summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
@@ -286,6 +287,8 @@ class Reproduction:
                 "--method-grid", str(opts / "method_grid.json"),
                 "--save-maps", str(config.save_maps), "--threads", str(threads), "--device", config.device,
                 "--out", str(self.run_dir)]
+        if not config.fold:
+            base.append("--no-fold")
         for m in config.models:
             base += ["--model", m]
         logs = self.out / "logs"

@@ -28,7 +28,7 @@ from validation.pipeline.shards import chunk_ranges, shard_chunks
 from validation.pipeline.table import (
     IDENTITY,
     NO_LAYER,
-    VOLATILE_KEYS,
+    stable_config,
     chunk_is_done,
     chunk_stem,
     config_hash,
@@ -77,6 +77,9 @@ class RunConfig:
     save_maps: int = 8  # images (from the start of the range) whose maps are kept for the report
     model_names: list[str] = field(default_factory=list)
     device: str = "cpu"  # "cuda" on a GPU machine; maps and metrics stay on it
+    # evaluate ``trainers.inference.inference_copy`` of each model: batch norm and VGG's pooled
+    # classifier folded into their neighbours (same outputs to float rounding, VGG ~1.5x faster)
+    fold: bool = True
 
     def __post_init__(self):
         if not self.refine_layers:
@@ -351,6 +354,10 @@ class Runner:
             if not Path(path).exists():
                 raise FileNotFoundError(f"--model {path}: no such checkpoint or run directory")
             model, meta = self.c.load_model(path)
+            if self.config.fold:
+                from trainers.inference import inference_copy
+
+                model = inference_copy(model)
             models.append(model.to(self.config.device).eval())
             metas.append(dict(meta or {}))
         return models, metas
@@ -395,10 +402,10 @@ class Runner:
         chunks of an older configuration are recomputed anyway, see `run_identity`)."""
         path = self.out / "run_config.json"
         self.run_id = run_identity(d)
-        stable = {k: v for k, v in d.items() if k not in VOLATILE_KEYS}
+        stable = stable_config(d)
         if path.exists() and not self.overwrite:
             old = read_json(path)
-            old_stable = {k: v for k, v in old.items() if k not in VOLATILE_KEYS}
+            old_stable = stable_config(old)
             old_w, new_w = old.get("model_weights") or {}, d.get("model_weights") or {}
             changed = sorted(n for n in new_w if n in old_w and old_w[n] != new_w[n])
             if changed:

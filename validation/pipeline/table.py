@@ -124,14 +124,24 @@ def config_hash(config: Mapping) -> str:
 VOLATILE_KEYS = ("shard", "progress", "threads", "model_meta", "data_fingerprint")
 
 
+# run_config.json keys added after run folders existed, with the value those older runs had
+# implicitly: at that value a key is left out of the identity, so older run folders resume
+LEGACY_DEFAULTS = {"fold": False}
+
+
+def stable_config(config: Mapping) -> dict:
+    """The keys that must match for chunks to belong to one run (see ``run_identity``)."""
+    return {k: v for k, v in config.items()
+            if k not in VOLATILE_KEYS and not (k in LEGACY_DEFAULTS and v == LEGACY_DEFAULTS[k])}
+
+
 def run_identity(config: Mapping) -> str:
     """What a chunk belongs to: the run's configuration (less its volatile keys) and dataset.
 
     Every chunk marker records it, so chunks left from another configuration or dataset (e.g.
     other shards' chunks after one shard reran with ``--overwrite``) are recomputed on resume
     and never merged."""
-    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
-    return config_hash({**stable, "data_fingerprint": config.get("data_fingerprint")})
+    return config_hash({**stable_config(config), "data_fingerprint": config.get("data_fingerprint")})
 
 
 # ----------------------------------------------------------------------------- schema
