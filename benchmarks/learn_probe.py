@@ -10,6 +10,7 @@ white square of the same area on black, at a random place (two classes; chance l
 
     .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --steps 480 --bands large
     .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --task toy --image-size 32 --steps 300
+    .venv/bin/python benchmarks/learn_probe.py --arch convnext_tiny --task toy --image-size 32 --steps 200 --fixed-batch
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main(argv=None) -> None:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="train on the first batch at every step: can the arch fit (memorise) it at all?")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -79,11 +82,16 @@ def main(argv=None) -> None:
         loader = toy_batches(args.image_size, args.batch, args.steps, args.seed)
     else:
         loader = DataLoader(SynthStream(cfg, "train", args.steps * args.batch), batch_size=args.batch)
+    if args.fixed_batch:
+        first = next(iter(loader))
+        loader = (first for _ in range(args.steps))
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr)  # the trainer's groups
     model.train()
     start, losses, hits = time.time(), [], []
     data, chance = (("toy disc vs square", "loss 0.693, accuracy 0.5") if args.task == "toy"
                     else (f"bands {args.bands}", "loss 1.792, accuracy 0.167"))
+    if args.fixed_batch:
+        data += ", one fixed batch"
     print(f"# {args.arch} {args.image_size} px, {data}, lr {args.lr} constant, batch {args.batch}, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, layer scale {args.layer_scale}, "
           f"stochastic depth {args.stochastic_depth}; chance: {chance}")

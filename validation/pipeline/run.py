@@ -78,7 +78,7 @@ class RunConfig:
     model_names: list[str] = field(default_factory=list)
     device: str = "cpu"  # "cuda" on a GPU machine; maps and metrics stay on it
     # evaluate ``trainers.inference.inference_copy`` of each model: batch norm and VGG's pooled
-    # classifier folded into their neighbours (same outputs to float rounding, VGG ~1.5x faster)
+    # classifier folded into their neighbours (same outputs to float rounding, VGG 1.4x faster at 64 px)
     fold: bool = True
 
     def __post_init__(self):
