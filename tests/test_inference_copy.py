@@ -127,3 +127,13 @@ def test_an_untraceable_model_is_copied_unfolded():
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x))
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "swin_t"])
+def test_archs_without_batchnorm_are_copied_unchanged(arch):
+    model = build_model(arch, image_size=32, stochastic_depth=0.0).eval()
+    fast = inference_copy(model)
+    assert fast.inference_folds == [] and fast is not model
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
