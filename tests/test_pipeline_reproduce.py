@@ -188,3 +188,24 @@ def test_sigterm_stops_the_reproduction_and_the_step_it_is_running(tmp_path):
             parent.kill()
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # gone, not running on and not left a zombie
+
+
+def test_a_run_from_before_folding_is_resumed_unfolded_not_refused(tmp_path, fake_io, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    prof = _profile(tmp_path)
+    legacy = yaml.safe_load(prof.read_text())
+    legacy["eval"]["fold"] = False
+    prof_unfolded = tmp_path / "unfolded.yaml"
+    prof_unfolded.write_text(yaml.safe_dump(legacy))
+    R.reproduce(str(prof_unfolded), out, progress=False, components=S.components())
+    cfg_path = out / "run" / "run_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["fold"]  # what the main job's folder holds when it ran before the option existed
+    cfg_path.write_text(json.dumps(cfg))
+    rec = R.reproduce(str(prof), out, progress=False, components=S.components())
+    assert rec["steps"]["run"]["chunks_computed"] == 0 and rec["steps"]["run"]["chunks_skipped"] == 6
+    assert "from before models were folded for inference; resuming it unfolded" in capsys.readouterr().out
+    # a new folder folds
+    R.reproduce(str(prof), tmp_path / "new", progress=False, components=S.components(), steps=["generate", "train", "run"])
+    assert json.loads((tmp_path / "new" / "run" / "run_config.json").read_text())["fold"] is True

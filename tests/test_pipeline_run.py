@@ -475,7 +475,8 @@ def test_a_run_from_before_folding_resumes_only_unfolded(models, tmp_path):
     old = json.loads(path.read_text())
     del old["fold"]  # what a run folder written before the option existed holds (its chunks too)
     path.write_text(json.dumps(old))
-    with pytest.raises(ValueError, match=r"different configuration \(differs in \['fold'\]\)"):
+    with pytest.raises(ValueError, match=r"different configuration \(differs in \['fold'\]\); it was computed "
+                                         r"before models were folded for inference: resume it with --no-fold"):
         run_eval(S.config(models), out, components=S.components(), progress=False)
     summary = run_eval(S.config(models, fold=False), out, components=S.components(), progress=False)
     assert summary["chunks_computed"] == 0 and summary["chunks_skipped"] == 10

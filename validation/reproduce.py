@@ -252,7 +252,7 @@ class Reproduction:
             chunk_size=int(ev.get("chunk_size", 16)), seed=int(ev.get("seed", 0)),
             method_options=ev.get("method_options") or {}, metric_options=ev.get("metric_options") or {},
             save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")),
-            fold=bool(ev.get("fold", True)))
+            fold=bool(ev.get("fold", self._existing_run_fold())))
         workers = int(ev.get("workers", 1))
         if workers > 1:
             summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
@@ -267,6 +267,16 @@ class Reproduction:
                     "budget_notes": self.p.get("budget_notes")})
         summary.pop("manifest", None)
         return summary
+
+    def _existing_run_fold(self) -> bool:
+        """Fold unless this folder holds a run from before folding existed: that run resumes as it
+        started (unfolded), so an upgrade does not stop the main job from reusing its chunks."""
+        path = self.run_dir / "run_config.json"
+        if path.exists() and "fold" not in read_json(path):
+            print(f"[reproduce] run: {path} is from before models were folded for inference; "
+                  f"resuming it unfolded (delete {self.run_dir} to recompute folded)", flush=True)
+            return False
+        return True
 
     def _run_sharded(self, config, workers: int, threads: int) -> dict:
         """Split the run over ``workers`` local processes (``run --shard i/n``), then merge."""

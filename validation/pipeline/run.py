@@ -414,9 +414,11 @@ class Runner:
                                  f"since this run started; {self.conflict_hint}")
             if config_hash(old_stable) != config_hash(stable):
                 diff = sorted(k for k in set(old_stable) | set(stable) if old_stable.get(k) != stable.get(k))
+                legacy = ("; it was computed before models were folded for inference: resume it "
+                          "with --no-fold (profile: eval.fold: false)") if "fold" in diff and "fold" not in old else ""
                 raise ValueError(
                     f"{path}: this run directory holds a run with a different configuration "
-                    f"(differs in {diff}); {self.conflict_hint}")
+                    f"(differs in {diff}){legacy}; {self.conflict_hint}")
             fp_old, fp_new = old.get("data_fingerprint"), d.get("data_fingerprint")
             if fp_old and fp_new and fp_old != fp_new:
                 raise ValueError(f"{path}: the dataset changed since this run started "
