@@ -153,3 +153,28 @@ def test_edited_metric_code_is_recomputed(run_dir, tmp_path, monkeypatch):
     assert (audit("") == first).all() and markers() == before  # unchanged code: cached chunks reused
     again = audit(" * 2 + 1  # edited")
     np.testing.assert_allclose(again.to_numpy(), 2 * first.to_numpy() + 1)
+
+
+def test_the_audit_folds_the_models_as_the_run_did(run_dir, tmp_path):
+    import json
+    import shutil
+
+    def audited_models(folder):
+        seen, base = [], S.components()
+
+        def recording_explainer(model, cfg, layers, options, seed):
+            seen.append(model)
+            return base.explainer(model, cfg, layers, options, seed)
+
+        comps = S.Components(**{**base.__dict__, "explainer": recording_explainer})
+        audit_run(folder, "user_metrics_mod:gt_copy", name="fold_probe", n_images=4, n_boot=10, components=comps, progress=False)
+        assert seen
+        return seen
+
+    assert all(hasattr(m, "inference_folds") for m in audited_models(run_dir))
+    legacy = tmp_path / "legacy_run"
+    shutil.copytree(run_dir, legacy, ignore=shutil.ignore_patterns("audit"))
+    cfg = json.loads((legacy / "run_config.json").read_text())
+    del cfg["fold"]  # a run from before folding existed evaluated the models as loaded
+    (legacy / "run_config.json").write_text(json.dumps(cfg))
+    assert not any(hasattr(m, "inference_folds") for m in audited_models(legacy))
