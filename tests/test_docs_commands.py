@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from markdown_blocks import split_markdown
 
 import shapesynth.cli
 import trainers.cli
@@ -30,16 +31,10 @@ ELISION = {"...", "…"}
 
 def _shell_text(text: str) -> tuple[list[str], list[str]]:
     """(lines of shell fences with continuations joined, inline code spans of the prose)."""
-    fenced, spans, fence = [], [], None
-    for line in text.splitlines():
-        opener = re.match(r"\s*```(\w*)", line)
-        if opener:
-            fence = (opener.group(1) or "text") if fence is None else None
-        elif fence in SHELL_FENCES:
-            fenced.append(line)
-        elif fence is None:
-            spans += re.findall(r"`([^`]+)`", line)
-    return re.sub(r"\\\n\s*", " ", "\n".join(fenced)).splitlines(), spans
+    blocks, prose = split_markdown(text)
+    fenced = "".join(body for lang, body in blocks if lang in SHELL_FENCES)
+    spans = [span for line in prose for span in re.findall(r"`([^`]+)`", line)]
+    return re.sub(r"\\\n\s*", " ", fenced).splitlines(), spans
 
 
 def _invocations(line: str):
@@ -144,3 +139,12 @@ def test_cited_paths_and_names_exist(doc):
                and not m.group(1).endswith(tuple(f".{s}" for s in FILE_SUFFIXES)) and not _resolves(m.group(1))]
     assert not missing, f"{doc.name} cites files that do not exist: {missing}"
     assert not unknown, f"{doc.name} cites Python names that do not exist: {unknown}"
+
+
+def test_split_markdown_reads_fences_like_a_renderer():
+    text = ("intro `a`\n```bash\nx \\\n  --y\n```\n- item\n  ```python\n  import os\n  ```\n"
+            "```\nplain\n```\nafter `b`\n```sh\nunclosed\n")
+    blocks, prose = split_markdown(text)
+    assert blocks == [("bash", "x \\\n  --y\n"), ("python", "import os\n"), ("text", "plain\n"), ("sh", "unclosed\n")]
+    assert prose == ["intro `a`", "- item", "after `b`"]
+    assert _shell_text(text) == (["x  --y", "unclosed"], ["a", "b"])

@@ -8,10 +8,10 @@ and ``fit`` for a stand-in that checks its config (training is tested in test_tr
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
+from markdown_blocks import split_markdown
 import torch
 
 import trainers
@@ -28,7 +28,7 @@ DATA_PATH, MODEL_PATH = "outputs/quick/data", "outputs/models/quick_resnet18"
 
 
 def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    return [body for lang, body in split_markdown(text)[0] if lang == "python"]
 
 
 @pytest.fixture(scope="module")
