@@ -206,6 +206,10 @@ def test_a_run_from_before_folding_is_resumed_unfolded_not_refused(tmp_path, fak
     rec = R.reproduce(str(prof), out, progress=False, components=S.components())
     assert rec["steps"]["run"]["chunks_computed"] == 0 and rec["steps"]["run"]["chunks_skipped"] == 6
     assert "from before models were folded for inference; resuming it unfolded" in capsys.readouterr().out
+    cfg_path.write_text(json.dumps({**cfg, "fold": False}))  # started unfolded on purpose: resumes so, quietly
+    rec = R.reproduce(str(prof), out, progress=False, components=S.components())
+    assert rec["steps"]["run"]["chunks_computed"] == 0
+    assert "resuming it unfolded" not in capsys.readouterr().out
     # a new folder folds
     R.reproduce(str(prof), tmp_path / "new", progress=False, components=S.components(), steps=["generate", "train", "run"])
     assert json.loads((tmp_path / "new" / "run" / "run_config.json").read_text())["fold"] is True

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from validation import analyze as A
-from validation.pipeline.table import atomic_write_text, load_results, read_json
+from validation.pipeline.table import LEGACY_DEFAULTS, atomic_write_text, load_results, read_json
 
 COMPARED = ("average_drop", "adcc", "road", "arcc")
 
@@ -188,8 +188,9 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
         if was and Path(path).exists() and _weights_fingerprint(path) != was:
             raise ValueError(f"{path}: the weights of model {model!r} changed since the run "
                              f"{run_dir} was computed; the audit would score other maps")
+    # a key the run's config predates takes the value that run had implicitly (e.g. unfolded models)
+    cfg = {**LEGACY_DEFAULTS, **cfg}
     keep = {k: cfg[k] for k in RunConfig.__dataclass_fields__ if k in cfg}
-    keep.setdefault("fold", False)  # a run from before folding existed evaluated unfolded models
     # the audit evaluator takes no options; the function's identity goes in their place, so the
     # run's config check (stable part) tells cached chunks of edited code from current ones
     source = {"audited_metric": {"source": metric_source_hash(fn)}}

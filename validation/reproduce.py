@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from validation.pipeline.table import read_json, write_json
+from validation.pipeline.table import LEGACY_DEFAULTS, read_json, write_json
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 STEPS = ("generate", "train", "run", "analyze", "report")
@@ -269,14 +269,17 @@ class Reproduction:
         return summary
 
     def _existing_run_fold(self) -> bool:
-        """Fold unless this folder holds a run from before folding existed: that run resumes as it
-        started (unfolded), so an upgrade does not stop the main job from reusing its chunks."""
+        """Fold, unless this folder holds a run that started unfolded: it resumes as it started
+        (a run from before folding existed has no ``fold`` and was unfolded), so an upgrade does not
+        stop the main job from reusing its chunks."""
         path = self.run_dir / "run_config.json"
-        if path.exists() and "fold" not in read_json(path):
+        if not path.exists():
+            return True
+        old = read_json(path)
+        if "fold" not in old:
             print(f"[reproduce] run: {path} is from before models were folded for inference; "
                   f"resuming it unfolded (delete {self.run_dir} to recompute folded)", flush=True)
-            return False
-        return True
+        return bool({**LEGACY_DEFAULTS, **old}["fold"])
 
     def _run_sharded(self, config, workers: int, threads: int) -> dict:
         """Split the run over ``workers`` local processes (``run --shard i/n``), then merge."""
