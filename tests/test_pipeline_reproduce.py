@@ -213,3 +213,20 @@ def test_a_run_from_before_folding_is_resumed_unfolded_not_refused(tmp_path, fak
     # a new folder folds
     R.reproduce(str(prof), tmp_path / "new", progress=False, components=S.components(), steps=["generate", "train", "run"])
     assert json.loads((tmp_path / "new" / "run" / "run_config.json").read_text())["fold"] is True
+
+
+def test_a_profile_that_sets_fold_is_obeyed_without_asking_the_run_folder(tmp_path, fake_io, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    prof = _profile(tmp_path)
+    unfolded = yaml.safe_load(prof.read_text())
+    unfolded["eval"]["fold"] = False
+    prof.write_text(yaml.safe_dump(unfolded))
+    R.reproduce(str(prof), out, progress=False, components=S.components(), steps=["generate", "train", "run"])
+    cfg_path = out / "run" / "run_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["fold"]
+    cfg_path.write_text(json.dumps(cfg))
+    rec = R.reproduce(str(prof), out, progress=False, components=S.components(), steps=["run"])
+    assert rec["steps"]["run"]["chunks_computed"] == 0
+    assert "resuming it unfolded" not in capsys.readouterr().out  # the profile decided, no note

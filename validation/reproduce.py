@@ -252,7 +252,7 @@ class Reproduction:
             chunk_size=int(ev.get("chunk_size", 16)), seed=int(ev.get("seed", 0)),
             method_options=ev.get("method_options") or {}, metric_options=ev.get("metric_options") or {},
             save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")),
-            fold=bool(ev.get("fold", self._existing_run_fold())))
+            fold=bool(ev["fold"]) if "fold" in ev else self._existing_run_fold())
         workers = int(ev.get("workers", 1))
         if workers > 1:
             summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
