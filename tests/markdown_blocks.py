@@ -16,17 +16,22 @@ def split_markdown(text: str) -> tuple[list[tuple[str, str]], list[str]]:
     """
     blocks, prose = [], []
     lang, indent, body = None, "", []
+
+    def close():
+        code = "\n".join(body) + "\n"
+        blocks.append((lang, textwrap.dedent(code) if indent else code))
+
     for line in text.splitlines():
         fence = _FENCE.match(line)
         if fence and lang is None:
             indent, lang, body = fence.group(1), fence.group(2) or "text", []
         elif fence:
-            blocks.append((lang, textwrap.dedent("\n".join(body)) + "\n" if indent else "\n".join(body) + "\n"))
+            close()
             lang = None
         elif lang is None:
             prose.append(line)
         else:
             body.append(line)
     if lang is not None:
-        blocks.append((lang, "\n".join(body) + "\n"))
+        close()
     return blocks, prose
