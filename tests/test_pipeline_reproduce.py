@@ -190,19 +190,28 @@ def test_sigterm_stops_the_reproduction_and_the_step_it_is_running(tmp_path):
         os.kill(child, 0)  # gone, not running on and not left a zombie
 
 
+def _legacy_unfolded_run(tmp_path, out):
+    """A run folder as the main job left it before folding existed: unfolded chunks, no ``fold``
+    in its config. Returns (profile without eval.fold, profile with eval.fold: false, config path)."""
+    prof = _profile(tmp_path)
+    unfolded = yaml.safe_load(prof.read_text())
+    unfolded["eval"]["fold"] = False
+    prof_unfolded = tmp_path / "unfolded.yaml"
+    prof_unfolded.write_text(yaml.safe_dump(unfolded))
+    R.reproduce(str(prof_unfolded), out, progress=False, components=S.components(),
+                steps=["generate", "train", "run"])
+    cfg_path = out / "run" / "run_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["fold"]
+    cfg_path.write_text(json.dumps(cfg))
+    return prof, prof_unfolded, cfg_path
+
+
 def test_a_run_from_before_folding_is_resumed_unfolded_not_refused(tmp_path, fake_io, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "out"
-    prof = _profile(tmp_path)
-    legacy = yaml.safe_load(prof.read_text())
-    legacy["eval"]["fold"] = False
-    prof_unfolded = tmp_path / "unfolded.yaml"
-    prof_unfolded.write_text(yaml.safe_dump(legacy))
-    R.reproduce(str(prof_unfolded), out, progress=False, components=S.components())
-    cfg_path = out / "run" / "run_config.json"
+    prof, _, cfg_path = _legacy_unfolded_run(tmp_path, out)
     cfg = json.loads(cfg_path.read_text())
-    del cfg["fold"]  # what the main job's folder holds when it ran before the option existed
-    cfg_path.write_text(json.dumps(cfg))
     rec = R.reproduce(str(prof), out, progress=False, components=S.components())
     assert rec["steps"]["run"]["chunks_computed"] == 0 and rec["steps"]["run"]["chunks_skipped"] == 6
     assert "from before models were folded for inference; resuming it unfolded" in capsys.readouterr().out
@@ -218,15 +227,8 @@ def test_a_run_from_before_folding_is_resumed_unfolded_not_refused(tmp_path, fak
 def test_a_profile_that_sets_fold_is_obeyed_without_asking_the_run_folder(tmp_path, fake_io, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "out"
-    prof = _profile(tmp_path)
-    unfolded = yaml.safe_load(prof.read_text())
-    unfolded["eval"]["fold"] = False
-    prof.write_text(yaml.safe_dump(unfolded))
-    R.reproduce(str(prof), out, progress=False, components=S.components(), steps=["generate", "train", "run"])
-    cfg_path = out / "run" / "run_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    del cfg["fold"]
-    cfg_path.write_text(json.dumps(cfg))
-    rec = R.reproduce(str(prof), out, progress=False, components=S.components(), steps=["run"])
+    _, prof_unfolded, _ = _legacy_unfolded_run(tmp_path, out)
+    capsys.readouterr()
+    rec = R.reproduce(str(prof_unfolded), out, progress=False, components=S.components(), steps=["run"])
     assert rec["steps"]["run"]["chunks_computed"] == 0
     assert "resuming it unfolded" not in capsys.readouterr().out  # the profile decided, no note
