@@ -271,3 +271,36 @@ def test_row_sort_and_kth_largest_match_torch_on_any_thread_count(threads, dtype
     finally:
         torch.set_num_threads(old)
     assert torch.equal(flat, before)
+
+
+@pytest.mark.parametrize("threads, path", [(1, "numpy"), (2, "numpy"), (2, "torch")])
+def test_per_row_kth_largest_and_auc_on_row_blocks(threads, path, monkeypatch):
+    # the CPU paths of rank accuracy (per-row k) and AUC sort blocks of rows in parallel threads and
+    # reduce each block there: 37 rows give blocks of unequal size, heavy ties exercise the keys;
+    # "torch" is the path other devices take (no numpy view)
+    from sklearn.metrics import roc_auc_score
+
+    from validation.metrics import localisation
+    from validation.metrics.localisation import _kth_largest
+
+    if path == "torch":
+        monkeypatch.setattr(localisation, "_numpy_view", lambda flat: None)
+
+    g = torch.Generator().manual_seed(11)
+    maps = torch.randint(0, 5, (37, 9, 11), generator=g).float() / 4
+    gt = (torch.rand(37, 9, 11, generator=g) < 0.3).float()
+    gt[0] = 0
+    gt[0, 4, 4] = 1  # a one-pixel mask: k = 1
+    flat = maps.flatten(1)
+    k = gt.flatten(1).sum(1).long()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kth = _kth_largest(flat, k)
+        auc = localisation_auc(maps, gt)
+    finally:
+        torch.set_num_threads(old)
+    expected_kth = torch.stack([flat[i].sort(descending=True).values[k[i] - 1] for i in range(37)])
+    assert torch.equal(kth[:, 0], expected_kth)
+    for i in range(37):
+        assert auc[i].item() == pytest.approx(roc_auc_score(gt[i].flatten().numpy(), flat[i].numpy()), abs=1e-6)

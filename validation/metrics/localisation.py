@@ -71,14 +71,22 @@ def _numpy_view(flat: torch.Tensor):
     return None
 
 
-def _on_row_blocks(fn, array: np.ndarray) -> list:
-    """``fn`` on blocks of ``array``'s rows in parallel threads (numpy's sort and partition run on
-    one core and release the GIL): torch's intra-op thread count, at least 8 rows per thread."""
-    threads = min(torch.get_num_threads(), len(array) // 8)
+def _on_row_blocks(fn, *arrays: np.ndarray) -> list:
+    """``fn`` on aligned blocks of the ``arrays``' rows in parallel threads (numpy's sort and
+    partition run on one core and release the GIL): torch's intra-op thread count, at least 8 rows
+    per thread. Returns the blocks' results in row order."""
+    rows = len(arrays[0])
+    threads = min(torch.get_num_threads(), rows // 8)
     if threads < 2:
-        return [fn(array)]
+        return [fn(*arrays)]
+    splits = [np.array_split(array, threads) for array in arrays]
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, np.array_split(array, threads)))
+        return list(pool.map(fn, *splits))
+
+
+def _rows_result(fn, *arrays: np.ndarray) -> torch.Tensor:
+    """``fn`` on blocks of rows (``_on_row_blocks``), its per-row results concatenated."""
+    return torch.from_numpy(np.concatenate(_on_row_blocks(fn, *arrays)))
 
 
 def sort_rows(flat: torch.Tensor) -> torch.Tensor:
@@ -93,14 +101,23 @@ def sort_rows(flat: torch.Tensor) -> torch.Tensor:
     return flat.sort(dim=1).values
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, 1) k-th largest value of every row (numpy's introselect on CPU: ~3x faster than topk)."""
+def _kth_largest(flat: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """(B, 1) k-th largest value of every row; k is an int or a (B,) tensor of per-row k >= 1.
+
+    On CPU numpy in parallel row blocks: one introselect for a common k (~3x faster than topk),
+    for per-row k a sort whose k-th values are picked in the same thread (the sorted rows are
+    never gathered into one tensor)."""
     array = _numpy_view(flat)
+    n = flat.shape[1]
+    if isinstance(k, int):
+        if array is not None:
+            return _rows_result(lambda a: np.partition(a, n - k, axis=1)[:, n - k:n - k + 1], array)
+        return flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    position = (n - k.long().clamp_min(1))[:, None]
     if array is not None:
-        n = array.shape[1]
-        blocks = _on_row_blocks(lambda a: np.partition(a, n - k, axis=1)[:, n - k:n - k + 1], array)
-        return torch.from_numpy(np.concatenate(blocks))
-    return flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+        return _rows_result(lambda a, i: np.take_along_axis(np.sort(a, axis=1), i, axis=1),
+                            array, position.cpu().numpy())
+    return flat.sort(dim=1).values.gather(1, position)
 
 
 def _constant(flat: torch.Tensor) -> torch.Tensor:
@@ -109,11 +126,7 @@ def _constant(flat: torch.Tensor) -> torch.Tensor:
 
 def _expected_topk_hits(flat: torch.Tensor, inside: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """E|top_k(L) & S| under a uniformly random order of ties; k is an int or (B,) tensor >= 1."""
-    if isinstance(k, int):
-        t = _kth_largest(flat, k)
-    else:
-        ascending = sort_rows(flat)
-        t = ascending.gather(1, (flat.shape[1] - k.long().clamp_min(1))[:, None])
+    t = _kth_largest(flat, k)
     above = _indicator(torch.gt, flat, t)
     tied = _indicator(torch.eq, flat, t)
     n_above, n_tied = above.sum(1).double(), tied.sum(1).double()
@@ -193,6 +206,26 @@ def _position_sums(weights: torch.Tensor) -> torch.Tensor:
     return partial[:, 0] * 256 + partial[:, 1]
 
 
+def _odd_key_position_difference(keys: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: per row, the summed positions of the odd keys in the row sorted ascending,
+    minus the same for ``keys ^ 1`` (exact). On CPU both sorts and sums run in the row-block
+    threads, with int64 sums; elsewhere torch.sort and ``_position_sums``."""
+    array = _numpy_view(keys)
+    if array is None:
+        odd = (keys.sort(dim=1).values & 1) - ((keys ^ 1).sort(dim=1).values & 1)
+        return _position_sums(odd.float())
+    j = np.arange(keys.shape[1], dtype=np.int64)
+
+    def block(rows):
+        ordered = np.sort(rows, axis=1)
+        first = np.einsum("ij,j->i", ordered & 1, j)
+        np.bitwise_xor(rows, 1, out=ordered)
+        ordered.sort(axis=1)
+        return first - np.einsum("ij,j->i", ordered & 1, j)
+
+    return _rows_result(block, array).double()
+
+
 def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float = 0.5,
                      return_reasons: bool = False):
     """ROC AUC of L as a score for S, ties counting half (0.5 for a constant map)."""
@@ -206,17 +239,13 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
     # own bits in int64 (below 2^62), since rounding to float32 would merge distinct values.
     flat = _working_precision(_flat(maps)) + 0.0
     key_dtype = torch.int64 if flat.dtype == torch.float64 else torch.int32
-    bits = flat.contiguous().view(key_dtype) * 2
-    label = inside.to(key_dtype)
-    n = bits.shape[1]
+    keys = flat.contiguous().view(key_dtype) * 2 + inside.to(key_dtype)  # negatives first in a tie
+    n = keys.shape[1]
     n_pos = inside.sum(1).double()
     n_neg = n - n_pos
-    positive_in_negatives_first = sort_rows(bits + label) & 1
-    negative_in_positives_first = sort_rows(bits + (1 - label)) & 1
-    # positions of the positives summed over both orders; sum_j j = n(n - 1)/2 turns the second
-    # order's negatives into its positives
-    rank_sum = (_position_sums((positive_in_negatives_first - negative_in_positives_first).float())
-                + n * (n - 1) / 2)
+    # keys ^ 1 puts the positives first in a tie; the second order's odd keys are its negatives,
+    # and sum_j j = n(n - 1)/2 turns their positions into the positives'
+    rank_sum = _odd_key_position_difference(keys) + n * (n - 1) / 2
     u = rank_sum / 2 - n_pos * (n_pos - 1) / 2
     value = (u / (n_pos * n_neg).clamp_min(1)).to(maps.dtype)
     return finish(value, [(EMPTY_MASK, n_pos == 0), (FULL_MASK, n_neg == 0)], return_reasons)
@@ -225,9 +254,9 @@ def localisation_auc(maps: torch.Tensor, gt: torch.Tensor, *, threshold: float =
 def sparseness(maps: torch.Tensor, *, return_reasons: bool = False):
     """Gini index of |L|: sum_i (2i - n - 1) a_(i) / (n sum a), a ascending (0 constant, (n-1)/n one-hot)."""
     maps = check_maps(maps)
-    flat = sort_rows(_working_precision(_flat(maps)).abs())
+    flat = _working_precision(_flat(maps))  # in [0, 1] after check_maps: |L| = L
     n = flat.shape[1]
     i = torch.arange(1, n + 1, device=flat.device, dtype=flat.dtype)
     total = flat.sum(1).double()
-    value = (flat @ (2 * i - n - 1)).double() / (n * torch.where(total > 0, total, torch.ones_like(total)))
+    value = (sort_rows(flat) @ (2 * i - n - 1)).double() / (n * torch.where(total > 0, total, torch.ones_like(total)))
     return finish(value.to(maps.dtype), [(ZERO_MAP, total <= 0)], return_reasons)
