@@ -12,6 +12,11 @@ and image: by default they run on --slow-images images (maps/s stays comparable)
 
     python benchmarks/attributions.py                 # short default run
     python benchmarks/attributions.py --reps 5 --full --methods gradcam scorecam
+
+After the table, the floors: the least work any implementation of the gradient CAMs (a forward
+pass and the gradient to the layer) and of Score-CAM (one masked forward per image and channel)
+must do on the same batch, timed beside the peer; peer / floor is the largest speed-up over the
+peer that any fp32 code could reach.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from trainers import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from validation._layout import fast_layout  # noqa: E402
 from validation.attributions import get_explainer, resolve_layer  # noqa: E402
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -142,6 +148,71 @@ def peer_runner(method, model, x, target, layer, args):
     return None
 
 
+def floor_runners(model, x, layer, args) -> dict:
+    """The least work any implementation of a method family must do on this batch, as callables:
+    a layer-gradient CAM needs one forward pass and the gradient of the class scores with respect
+    to the layer's output (no parameter gradients, nothing below the layer); Score-CAM needs one
+    forward pass of a masked input per image and channel of the layer (the masks' values do not
+    change the cost). Timing these beside the peer bounds the speed-up any fp32 code can reach.
+    Inputs go in the fastest layout (``fast_layout``, as ours runs), so a floor is never slower
+    than it needs to be."""
+    module = resolve_layer(model, layer)
+    x = fast_layout(x)
+    with torch.no_grad():
+        captured = {}
+        handle = module.register_forward_hook(lambda m, i, out: captured.setdefault("a", out))
+        try:
+            model(x[:1])
+        finally:
+            handle.remove()
+    channels = captured["a"].shape[1] if captured["a"].ndim == 4 else captured["a"].shape[-1]
+    n_score = min(args.slow_images, args.batch) if not args.full else args.batch
+    masked = fast_layout(torch.rand(args.scorecam_batch, *x.shape[1:],
+                                    generator=torch.Generator().manual_seed(1)).to(x.device))
+
+    def gradient_to_layer():
+        leaf = {}
+
+        def hook(m, i, out):
+            leaf["a"] = out.detach().requires_grad_()
+            return leaf["a"]
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                scores = model(x)[:, 0].sum()
+                torch.autograd.grad(scores, leaf["a"])
+        finally:
+            handle.remove()
+
+    def masked_forwards():
+        with torch.no_grad():
+            for start in range(0, n_score * channels, args.scorecam_batch):
+                model(masked[:min(args.scorecam_batch, n_score * channels - start)])
+
+    return {"gradient": (x.shape[0], gradient_to_layer), "scorecam": (n_score, masked_forwards)}
+
+
+def print_floors(model, x, args, peer_seconds_per_map: dict, device) -> None:
+    """Floors beside the peer: peer / floor is the largest speed-up over the peer possible."""
+    floors = floor_runners(model, x, args.layer, args)
+    families = [("gradient", ("gradcam", "gradcampp", "layercam"),
+                 f"forward + gradient to {args.layer} (no parameter gradients)"),
+                ("scorecam", ("scorecam",), f"images x channels masked forwards (batches of {args.scorecam_batch})")]
+    rows = [(key, methods, what) for key, methods, what in families
+            if any(m in peer_seconds_per_map for m in methods)]
+    if not rows:
+        return
+    timings = measure([floors[key][1] for key, _, _ in rows], args.reps, device)
+    print("\nFloors: the least work any fp32 implementation must do (interleaved, same batch)")
+    print("| floor | images | maps/s | peer method | peer maps/s | peer / floor (largest possible speed-up) |")
+    print("|" + "---|" * 6)
+    for (key, methods, what), (seconds, _) in zip(rows, timings):
+        n = floors[key][0]
+        for method in (m for m in methods if m in peer_seconds_per_map):
+            peer = peer_seconds_per_map[method]
+            print(f"| {what} | {n} | {n / seconds:.1f} | {method} | {1 / peer:.1f} | {peer * n / seconds:.2f}x |")
+
+
 def _probe_memory(conn, method, lib, argv):
     """Child process: peak RSS increase (MiB) of one call, measured from a fresh heap."""
     args, model, x_all, t_all = setup(argv)
@@ -200,6 +271,7 @@ def parse(argv):
     p.add_argument("--ig-steps", type=int, default=50)
     p.add_argument("--lime-samples", type=int, default=200)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor table (least work any code must do)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one process each)")
     return p.parse_args(argv)
 
@@ -232,7 +304,7 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()} torch {torch.__version__} reps {args.reps}")
     print("| method | images | ours maps/s | ours peak MiB | peer maps/s | peer peak MiB | speed-up |")
     print("|" + "---|" * 7)
-    results = {}
+    results, peer_results = {}, {}
     for method in args.methods:
         n = n_images(method, args)
         x, t = x_all[:n], t_all[:n]
@@ -251,11 +323,14 @@ def main(argv=None) -> int:
         peer_txt = "- | - | -"
         if peer is not None:
             peer_s = timings[1][0]
+            peer_results[method] = peer_s / n
             peer_txt = f"{n / peer_s:.1f} | {mem['peer']:.0f} | {peer_s / ours_s:.2f}x"
         results[method] = ours_s / n
         print(f"| {method} | {n} | {n / ours_s:.1f} | {mem['ours']:.0f} | {peer_txt} |", flush=True)
     if "refinecam" in results and "gradcampp" in results:
         print(f"\nRefineCAM (4 layers) / Grad-CAM++ (1 layer) time: {results['refinecam'] / results['gradcampp']:.2f}")
+    if not args.no_floor:
+        print_floors(model, x_all, args, peer_results, device)
     return 0
 
 
