@@ -38,6 +38,8 @@ from trainers import build_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from validation._layout import fast_layout  # noqa: E402
 from validation.attributions import get_explainer, resolve_layer  # noqa: E402
+from validation.attributions.base import to_nchw  # noqa: E402
+from validation.attributions.layers import resolve_layer_full  # noqa: E402
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
@@ -156,7 +158,8 @@ def floor_runners(model, x, layer, args) -> dict:
     change the cost). Timing these beside the peer bounds the speed-up any fp32 code can reach.
     Inputs go in the fastest layout (``fast_layout``, as ours runs), so a floor is never slower
     than it needs to be."""
-    module = resolve_layer(model, layer)
+    resolved = resolve_layer_full(model, layer)
+    module = resolved.module
     x = fast_layout(x)
     with torch.no_grad():
         captured = {}
@@ -165,7 +168,7 @@ def floor_runners(model, x, layer, args) -> dict:
             model(x[:1])
         finally:
             handle.remove()
-    channels = captured["a"].shape[1] if captured["a"].ndim == 4 else captured["a"].shape[-1]
+    channels = to_nchw(captured["a"], resolved).shape[1]  # Swin-T's stages are (B, h, w, C)
     n_score = min(args.slow_images, args.batch) if not args.full else args.batch
     masked = fast_layout(torch.rand(args.scorecam_batch, *x.shape[1:],
                                     generator=torch.Generator().manual_seed(1)).to(x.device))
