@@ -6,7 +6,7 @@ Run folder (``out``)::
     config.json            the same config as JSON
     train_time.json        training seconds, summed over the sessions of a resumed run
     checkpoints/last.ckpt  every epoch end (resume after an interruption: rerun the same command)
-    checkpoints/best.ckpt  best val_acc
+    checkpoints/best.ckpt  best val_acc (ties: the later epoch)
     logs/version_N/metrics.csv  CSVLogger, one folder per session (resumes add one)
     model.safetensors      best weights (tensors only) ...
     model.json             ... and metadata: what `trainers.load_model` reads
@@ -160,8 +160,10 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                           save_top_k=1, auto_insert_metric_name=False)
+    from .checkpointing import LatestBestCheckpoint
+
+    ckpt = LatestBestCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_acc", mode="max",
+                                save_top_k=1, auto_insert_metric_name=False)
     # Lightning >= 2.5 writes save_last only when a top-k save happened in the same step, so
     # "last" is its own unmonitored checkpoint, rewritten at every epoch end (what resume reads)
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
