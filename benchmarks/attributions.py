@@ -38,7 +38,7 @@ from trainers import build_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from validation._layout import fast_layout  # noqa: E402
 from validation.attributions import get_explainer, resolve_layer  # noqa: E402
-from validation.attributions.base import to_nchw  # noqa: E402
+from validation.attributions.base import ModelGuard, to_nchw  # noqa: E402
 from validation.attributions.layers import resolve_layer_full  # noqa: E402
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -161,14 +161,10 @@ def floor_runners(model, x, layer, args) -> dict:
     resolved = resolve_layer_full(model, layer)
     module = resolved.module
     x = fast_layout(x)
-    with torch.no_grad():
-        captured = {}
-        handle = module.register_forward_hook(lambda m, i, out: captured.setdefault("a", out))
-        try:
-            model(x[:1])
-        finally:
-            handle.remove()
-    channels = to_nchw(captured["a"], resolved).shape[1]  # Swin-T's stages are (B, h, w, C)
+    with torch.no_grad(), ModelGuard(model) as guard:
+        capture = guard.capture([resolved], stop_early=True)
+        capture.forward(model, x[:1])
+        channels = to_nchw(capture.raw()[0], resolved).shape[1]  # Swin-T's stages are (B, h, w, C)
     n_score = min(args.slow_images, args.batch) if not args.full else args.batch
     masked = fast_layout(torch.rand(args.scorecam_batch, *x.shape[1:],
                                     generator=torch.Generator().manual_seed(1)).to(x.device))

@@ -26,10 +26,7 @@ class LatestBestCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         # the same key as a plain ModelCheckpoint, so runs started before this class resume their
         # best score instead of starting the comparison afresh
-        return "ModelCheckpoint" + repr({"monitor": self.monitor, "mode": self.mode,
-                                         "every_n_train_steps": self._every_n_train_steps,
-                                         "every_n_epochs": self._every_n_epochs,
-                                         "train_time_interval": self._train_time_interval})
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def check_monitor_top_k(self, trainer, current: torch.Tensor | None = None) -> bool:
         if current is None:
