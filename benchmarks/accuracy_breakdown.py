@@ -12,11 +12,18 @@ With ``--errors``, it then lists the misclassified images of the test-pool row (
 class, shape size, and the hole across an empty shape, ``shapes.hole_px``).
 
     .venv/bin/python benchmarks/accuracy_breakdown.py --model outputs/ref/r18_128_e10 --errors
+
+``--model`` takes a run folder, its ``model.safetensors`` or one of its Lightning checkpoints
+(``RUN/checkpoints/last.ckpt``: a checkpoint holds no data recipe, so the run folder's
+``model.json`` gives it). ``--images 3000`` estimates a model's accuracy ~2.2x more precisely than
+the recipe's 600 test images (binomial standard error at 99 %: 0.18 against 0.41 points).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -59,6 +66,17 @@ def error_rows(cfg: SynthConfig, placements, labels, preds) -> list[str]:
     return rows
 
 
+def data_recipe(model_path: str, meta: dict) -> SynthConfig:
+    """The SynthConfig a model was trained and tested on, from its metadata or its run folder."""
+    if "data" in meta:
+        return SynthConfig.from_dict(meta["data"]["synth"])
+    run_meta = Path(model_path).resolve().parent.parent / "model.json"  # RUN/checkpoints/x.ckpt
+    if not run_meta.is_file():
+        raise SystemExit(f"{model_path}: a checkpoint holds no data recipe and {run_meta} does not exist; "
+                         f"pass the run folder or a checkpoint inside one")
+    return SynthConfig.from_dict(json.loads(run_meta.read_text())["data"]["synth"])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a trained run folder (shapesynth-train fit --out)")
@@ -72,7 +90,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.model)
-    cfg = SynthConfig(image_size=meta["image_size"], **(meta["config"].get("synth") or {}))
+    cfg = data_recipe(args.model, meta)
     bands = [f"{lo}-{hi} px" for lo, hi in (cfg.band_px(b) for b in range(len(cfg.size_bands)))]
     print(f"# {args.model}: {meta['arch']} at {meta['image_size']} px, {args.images} rendered images per row")
     print("| images from | accuracy | " + " | ".join(bands) + " |")
