@@ -62,6 +62,10 @@ def test_run_folder_holds_everything_and_loads_safely(disk_run, tiny_data):
     assert loaded["class_names"] == list(CLASS_NAMES)
     assert loaded["dataset_fingerprint"] == dataset_fingerprint(tiny_data)
     assert loaded["mean"] == pytest.approx([0.485, 0.456, 0.406]) and len(loaded["std"]) == 3
+    assert loaded["max_epochs"] == 1 and (loaded["stopped_by"] == "the schedule's end"
+                                          or loaded["stopped_by"].startswith("early stopping"))
+    assert f"| epochs / steps | 1 of 1 / {loaded['global_step']} (stopped by {loaded['stopped_by']}) |" in (
+        out / "MODEL_CARD.md").read_text()
 
     # test accuracy re-derived independently: the loaded model over the disk test split
     test_set = ShapesDataset(tiny_data, "test")

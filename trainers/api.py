@@ -28,7 +28,7 @@ import yaml
 
 from shapesynth import CLASS_NAMES
 
-from trainers.clock import TrainClock
+from trainers.clock import CapForecast, TrainClock, max_time_seconds
 from trainers.data import ShapesDataModule, resolve_num_workers
 from trainers.export import load_model, save_model, write_json
 from trainers.models import _check_arch, build_model
@@ -121,6 +121,8 @@ class TrainConfig:
         if self.train_source not in ("stream", "disk"):
             raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
         resolve_num_workers(self.num_workers, "cpu")  # validates the value
+        if self.max_time is not None:
+            max_time_seconds(self.max_time)  # validates the value
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -269,7 +271,11 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
     if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
-    trainer, ckpt = _trainer(cfg, out, (clock, *callbacks), **(trainer_overrides or {}))
+    callbacks = (clock, *callbacks)
+    if cfg.max_time is not None:
+        full_from = cfg.train_crop_epochs if cfg.train_crop is not None else None
+        callbacks = (*callbacks, CapForecast(clock, cfg.max_epochs, max_time_seconds(cfg.max_time), full_from))
+    trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
     return FitPlan(cfg, dm, module, resumed_from, trainer, ckpt, clock)
 
 
@@ -311,7 +317,8 @@ def run_plan(plan: FitPlan) -> dict:
             "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": dm.fingerprint(),
             "test_accuracy": results["test_accuracy"], "per_class_accuracy": results["per_class_accuracy"],
             "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
-            "epochs": trainer.current_epoch, "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
+            "epochs": trainer.current_epoch, "max_epochs": cfg.max_epochs, "stopped_by": stop_reason(trainer, cfg),
+            "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
             # False: resumed from a checkpoint written before the clock existed (last session only)
             "train_seconds_complete": resumed_from is None or clock.restored,
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
@@ -395,6 +402,27 @@ def _origin(meta: dict) -> str:
     return "ImageNet-pretrained, fine-tuned" if meta.get("pretrained") else "trained from scratch"
 
 
+def stop_reason(trainer, cfg: TrainConfig) -> str:
+    """Why training ended: the schedule's end, early stopping (with Lightning's reason) or the time cap."""
+    from pytorch_lightning.callbacks import EarlyStopping, Timer
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stop is not None and stop.stopping_reason.name != "NOT_STOPPED":
+        return f"early stopping ({stop.stopping_reason_message or stop.stopping_reason.name.lower()})"
+    if trainer.current_epoch >= cfg.max_epochs:
+        return "the schedule's end"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and (timer.time_remaining() or 0.0) <= 0.0:
+        return f"the max_time cap ({cfg.max_time}), before the schedule's end"
+    return "before the schedule's end (a step or batch limit)"
+
+
+def _epochs_text(meta: dict) -> str:
+    if "max_epochs" not in meta:  # written before the schedule and stop reason were recorded
+        return f"{meta['epochs']} / {meta['global_step']}"
+    return f"{meta['epochs']} of {meta['max_epochs']} / {meta['global_step']} (stopped by {meta['stopped_by']})"
+
+
 def _train_time_text(meta: dict) -> str:
     text = f"{meta['train_seconds'] / 60:.1f} min"
     if meta.get("train_seconds_complete", True):
@@ -434,7 +462,7 @@ def model_card(meta: dict) -> str:
 | data | {source} |
 | dataset fingerprint | `{meta['dataset_fingerprint']}` |
 | **test accuracy** | **{meta['test_accuracy']:.4f}** (best checkpoint by val accuracy, {meta['best_val_accuracy']}) |
-| epochs / steps | {meta['epochs']} / {meta['global_step']} |
+| epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |
 | precision | {meta['precision']} |
 | hardware | {meta['hardware']} |

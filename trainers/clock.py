@@ -1,15 +1,19 @@
-"""Training wall time that survives interruptions: carried inside every checkpoint.
+"""Training wall time: a clock that survives interruptions, and a forecast against ``max_time``.
 
 A run killed after epoch 9 and resumed in a later session must report the time of both
 sessions. The elapsed seconds travel in the checkpoint (Lightning saves a callback's
 ``state_dict`` with it and restores it on resume), so the total counts the work up to each
 checkpoint; time spent after the last checkpoint of an interrupted session is redone, and
 counted once, in the session that redoes it.
+
+``CapForecast`` warns when the pace says the ``max_time`` cap will stop the run before the
+schedule's end (the schedule does not shrink to fit the cap).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 from pytorch_lightning.callbacks import Callback
 
@@ -34,3 +38,67 @@ class TrainClock(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._prior = float(state_dict["seconds"])
         self.restored = True
+
+
+def max_time_seconds(text: str) -> float:
+    """Seconds of a Lightning ``max_time`` string "DD:HH:MM:SS"; ValueError naming the value otherwise."""
+    parts = str(text).split(":")
+    try:
+        days, hours, minutes, seconds = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"max_time must be 'DD:HH:MM:SS' (e.g. 00:01:00:00 for one hour), got {text!r}") from None
+    if min(days, hours, minutes, seconds) < 0:
+        raise ValueError(f"max_time must not be negative, got {text!r}")
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def cap_forecast(seconds_done: float, epochs_done: int, last_epoch_seconds: float, max_epochs: int,
+                 budget_seconds: float, full_from_epoch: int | None = None) -> str | None:
+    """Why the time cap will cut the schedule, at the pace of the last epoch; None if it fits.
+
+    The schedule does not shrink to fit ``max_time``: a cap reached early cuts the one-cycle
+    anneal and, with crops, may stop the run before its first full-image epoch.
+    """
+    remaining = max_epochs - epochs_done
+    if remaining <= 0 or last_epoch_seconds <= 0:
+        return None
+    needed = seconds_done + remaining * last_epoch_seconds
+    if needed <= budget_seconds:
+        return None
+    stop_at = epochs_done + int(max(budget_seconds - seconds_done, 0.0) // last_epoch_seconds)
+    text = (f"at {last_epoch_seconds:.0f} s per epoch the {max_epochs}-epoch schedule needs ~{needed / 60:.0f} min, "
+            f"more than the max_time cap of {budget_seconds / 60:.0f} min: the run will stop after ~{stop_at} "
+            f"epochs, before the learning rate has annealed")
+    if full_from_epoch is not None and stop_at < full_from_epoch:
+        text += f" and before the full-image epochs (from epoch {full_from_epoch})"
+    return text + ("; a shorter schedule (--max-epochs, --train-crop-epochs) fits the cap, "
+                   "or raise --max-time")
+
+
+class CapForecast(Callback):
+    """Warns once, from the end of the second epoch on, when the pace says the cap will cut the schedule.
+
+    The first epoch is skipped: it carries the start-up costs. ``clock`` is the run's `TrainClock`,
+    so a resumed run counts its earlier sessions (as Lightning's own timer does).
+    """
+
+    def __init__(self, clock: TrainClock, max_epochs: int, budget_seconds: float,
+                 full_from_epoch: int | None = None):
+        self.clock, self.max_epochs, self.budget_seconds = clock, int(max_epochs), float(budget_seconds)
+        self.full_from_epoch = full_from_epoch
+        self.message: str | None = None
+        self._epoch_start: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = self.clock.seconds
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.message is not None or self._epoch_start is None or trainer.current_epoch < 1:
+            return
+        now = self.clock.seconds
+        message = cap_forecast(now, trainer.current_epoch + 1, now - self._epoch_start, self.max_epochs,
+                               self.budget_seconds, self.full_from_epoch)
+        if message is not None:
+            self.message = message
+            if trainer.is_global_zero:
+                warnings.warn(message, UserWarning, stacklevel=2)
