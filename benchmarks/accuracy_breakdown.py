@@ -32,6 +32,7 @@ from shapesynth import CLASS_NAMES, SynthConfig
 from shapesynth.shapes import hole_px
 from shapesynth.torchdata import SynthStream
 from trainers import load_model
+from trainers.export import META
 
 
 def predict(model, cfg: SynthConfig, split: str, n: int, batch_size: int):
@@ -70,7 +71,7 @@ def data_recipe(model_path: str, meta: dict) -> SynthConfig:
     """The SynthConfig a model was trained and tested on, from its metadata or its run folder."""
     if "data" in meta:
         return SynthConfig.from_dict(meta["data"]["synth"])
-    run_meta = Path(model_path).resolve().parent.parent / "model.json"  # RUN/checkpoints/x.ckpt
+    run_meta = Path(model_path).resolve().parent.parent / META  # RUN/checkpoints/x.ckpt
     if not run_meta.is_file():
         raise SystemExit(f"{model_path}: a checkpoint holds no data recipe and {run_meta} does not exist; "
                          f"pass the run folder or a checkpoint inside one")

@@ -405,14 +405,15 @@ def _origin(meta: dict) -> str:
 def stop_reason(trainer, cfg: TrainConfig) -> str:
     """Why training ended: the schedule's end, early stopping (with Lightning's reason) or the time cap."""
     from pytorch_lightning.callbacks import EarlyStopping, Timer
+    from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
     stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-    if stop is not None and stop.stopping_reason.name != "NOT_STOPPED":
+    if stop is not None and stop.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
         return f"early stopping ({stop.stopping_reason_message or stop.stopping_reason.name.lower()})"
     if trainer.current_epoch >= cfg.max_epochs:
         return "the schedule's end"
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is not None and (timer.time_remaining() or 0.0) <= 0.0:
+    remaining = next((c.time_remaining() for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if remaining is not None and remaining <= 0.0:
         return f"the max_time cap ({cfg.max_time}), before the schedule's end"
     return "before the schedule's end (a step or batch limit)"
 

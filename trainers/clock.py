@@ -41,15 +41,15 @@ class TrainClock(Callback):
 
 
 def max_time_seconds(text: str) -> float:
-    """Seconds of a Lightning ``max_time`` string "DD:HH:MM:SS"; ValueError naming the value otherwise."""
-    parts = str(text).split(":")
+    """Seconds of a ``max_time`` string "DD:HH:MM:SS", parsed by Lightning's own `Timer` (so what
+    passes here is what the Trainer accepts); ValueError naming the value otherwise."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.callbacks import Timer
+
     try:
-        days, hours, minutes, seconds = (int(p) for p in parts)
-    except ValueError:
+        return float(Timer(duration=str(text), verbose=False).time_remaining())
+    except MisconfigurationException:
         raise ValueError(f"max_time must be 'DD:HH:MM:SS' (e.g. 00:01:00:00 for one hour), got {text!r}") from None
-    if min(days, hours, minutes, seconds) < 0:
-        raise ValueError(f"max_time must not be negative, got {text!r}")
-    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
 def cap_forecast(seconds_done: float, epochs_done: int, last_epoch_seconds: float, max_epochs: int,
