@@ -37,7 +37,7 @@ from test_metrics_helpers import resnet18, spsolve_impute, spsolve_system  # noq
 from validation.metrics import (localisation_auc, pointing_game, relevance_mass_accuracy,  # noqa: E402
                                 relevance_rank_accuracy, removal_masks, road, sparseness, topk_intersection)
 from validation.metrics import road_images  # noqa: E402
-from validation.metrics.imputation import linear_impute  # noqa: E402
+from validation.metrics.imputation import linear_impute, linear_impute_complementary  # noqa: E402
 
 
 def best_of(fn, repeats):
@@ -85,26 +85,38 @@ def bench_imputation(args):
     ms = masks.flatten(0, 1)
     n = ms.shape[0]
     out = linear_impute(xs, ms)
-    err = max(np.abs(out[i].double().numpy() - spsolve_impute(xs[i].double().numpy(), ms[i].numpy())).max()
-              for i in range(n))
+    references = [spsolve_impute(xs[i].double().numpy(), ms[i].numpy()) for i in range(n)]
+    err = max(np.abs(out[i].double().numpy() - references[i]).max() for i in range(n))
+    # ROAD's pairs: MoRF at k (even mask index 2f) with LeRF at 1 - k (odd index 2(F-1-f)+1)
+    fractions = masks.shape[1] // 2
+    morf_index = [8 * b + 2 * f for b in range(args.images) for f in range(fractions)]
+    lerf_index = [8 * b + 2 * (fractions - 1 - f) + 1 for b in range(args.images) for f in range(fractions)]
+    assert torch.equal(~ms[morf_index], ms[lerf_index])
+    pair_x, pair_m = xs[morf_index], ms[morf_index]
+    pairs = linear_impute_complementary(pair_x, pair_m)
+    pair_err = max(np.abs(pairs[k, side].double().numpy() - references[index[k]]).max()
+                   for side, index in ((0, morf_index), (1, lerf_index)) for k in range(len(morf_index)))
     # scipy on every mask (all fractions, MoRF and LeRF: system sizes 20 % to 80 % of the pixels)
     # of the first --spsolve-images images; the systems are prebuilt, only the solves are timed
     sub = range(min(n, 8 * args.spsolve_images))
     systems = [scipy_system(xs[i].double().numpy(), ms[i].numpy()) for i in sub]
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
     imputer = NoisyLinearImputer(noise=0.0)
-    times = {"ours": [], "spsolve": [], "splu": [], "reference": []}
+    times = {"ours": [], "pairs": [], "spsolve": [], "splu": [], "reference": []}
     for _ in range(args.repeats):  # interleaved, so that load changes hit every method alike
         times["ours"].append(_timed(lambda: linear_impute(xs, ms)) / n)
+        times["pairs"].append(_timed(lambda: linear_impute_complementary(pair_x, pair_m)) / n)
         times["spsolve"].append(np.mean([spsolve_only(s) for s in systems]))
         times["splu"].append(np.mean([splu_symmetric_only(s) for s in systems]))
         times["reference"].append(np.mean([_timed(lambda i=i: imputer(xs[i], (~ms[i]).float())) for i in sub]))
-    ours, sps, splu, ref = (float(np.median(times[k])) for k in ("ours", "spsolve", "splu", "reference"))
+    ours, paired, sps, splu, ref = (float(np.median(times[k])) for k in ("ours", "pairs", "spsolve", "splu", "reference"))
     print(f"\n## Noisy linear imputation, {args.size} px, {args.images} images x 8 masks (CAM-like maps), "
           f"median of {args.repeats} interleaved repeats")
     print("| method | ms per image and fraction | speed-up vs spsolve | max abs error vs spsolve |")
     print("|---|---:|---:|---:|")
     print(f"| ours (FMG + MG-preconditioned CG, one call for {n} systems) | {1000 * ours:.2f} | {sps / ours:.1f}x | {err:.1e} |")
+    print(f"| ours, ROAD's complementary pairs (MoRF k with LeRF 1-k: one call for {n // 2} pairs) | "
+          f"{1000 * paired:.2f} | {sps / paired:.1f}x | {pair_err:.1e} |")
     print(f"| scipy spsolve (prebuilt CSC, solve only, {len(systems)} systems) | {1000 * sps:.2f} | 1.0x | 0 |")
     print(f"| scipy splu, MMD(A+A^T) symmetric mode (solve only) | {1000 * splu:.2f} | {sps / splu:.1f}x | - |")
     print(f"| reference NoisyLinearImputer (build + spsolve) | {1000 * ref:.2f} | {sps / ref:.2f}x | - |")

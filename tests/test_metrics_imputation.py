@@ -128,3 +128,51 @@ def test_full_multigrid_start_and_warning_when_max_iter_reached():
         guess = linear_impute(x, removed, max_iter=0, tol=1e-12)
     ref = np.stack([spsolve_impute(x[i].double().numpy(), removed[i].numpy()) for i in range(2)])
     assert np.abs(guess.double().numpy() - ref).max() < 2e-3  # measured 2.3e-4
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 40), (5, 7)])
+def test_complementary_pair_matches_spsolve_on_both_sides(size):
+    from validation.metrics.imputation import linear_impute_complementary
+    h, w = size
+    g = torch.Generator().manual_seed(21)
+    x = smooth_images(4, 3, h, w, seed=22)
+    removed = torch.rand(4, h, w, generator=g) < torch.tensor([0.1, 0.4, 0.7, 0.95]).view(-1, 1, 1)
+    removed[:, 0, 0], removed[:, -1, -1] = True, False  # both sides non-empty
+    both = linear_impute_complementary(x, removed)
+    assert both.shape == (4, 2, 3, h, w)
+    for i in range(4):
+        for side, mask in enumerate((removed[i], ~removed[i])):
+            ref = spsolve_impute(x[i].double().numpy(), mask.numpy())
+            err = np.abs(both[i, side].double().numpy() - ref).max()
+            assert err <= 2e-5, f"sample {i}, side {side}: max abs error {err:.2e}"
+            kept = ~mask[None].expand(3, h, w)
+            assert torch.equal(both[i, side][kept], x[i][kept])
+
+
+def test_complementary_pair_on_cam_holes_and_whole_border():
+    from validation.metrics.imputation import linear_impute_complementary
+    from validation.metrics.road import removal_masks
+    maps = cam_maps(2, 48, 48, seed=23)
+    morf = removal_masks(maps)[:, :, 0].flatten(0, 1)  # (8, H, W): MoRF at 0.2 ... 0.8
+    border = torch.zeros(1, 48, 48, dtype=torch.bool)
+    border[0, :2], border[0, -2:], border[0, :, :2], border[0, :, -2:] = True, True, True, True
+    removed = torch.cat([morf, border, torch.zeros_like(border)])
+    removed[-1, 20, 30] = True  # a single removed pixel: its complement is all but one pixel
+    x = smooth_images(10, 3, 48, 48, seed=24)
+    both = linear_impute_complementary(x, removed)
+    plain = linear_impute(torch.cat([x, x]), torch.cat([removed, ~removed]))
+    assert (both[:, 0] - plain[:10]).abs().max() <= 2e-5
+    assert (both[:, 1] - plain[10:]).abs().max() <= 2e-5
+    for i in (0, 7, 8, 9):
+        ref = spsolve_impute(x[i].double().numpy(), (~removed[i]).numpy())
+        assert np.abs(both[i, 1].double().numpy() - ref).max() <= 2e-5
+
+
+def test_complementary_pair_needs_a_removed_and_a_kept_pixel():
+    from validation.metrics.imputation import linear_impute_complementary
+    x = torch.rand(3, 3, 8, 8)
+    removed = torch.zeros(3, 8, 8, dtype=torch.bool)
+    removed[0, 2, 2] = True
+    removed[2] = True
+    with pytest.raises(ValueError, match=r"every pixel or none of sample\(s\) \[1, 2\]"):
+        linear_impute_complementary(x, removed)

@@ -239,3 +239,28 @@ def test_return_reasons_and_class_form():
     assert torch.equal(metric.update(model, x, t, maps), values)
     out = metric.compute()
     assert torch.equal(out["values"], values) and out["nan"] == 0 and not out["reasons"]
+
+
+def test_complementary_pairs_of_fractions():
+    from validation.metrics.road import complementary_pairs, removal_counts
+    assert complementary_pairs(removal_counts((0.2, 0.4, 0.6, 0.8), 128, 128), 128 * 128) == \
+        [(0, 3), (1, 2), (2, 1), (3, 0)]
+    assert complementary_pairs([3, 7, 3], 10) == [(0, 1), (1, 0)]  # the second 3 finds no free 7
+    assert complementary_pairs([5, 5], 10) == [(0, 0), (1, 1)]  # MoRF 0.5 pairs with LeRF 0.5
+    assert complementary_pairs([2, 3], 10) == []
+
+
+def test_paired_imputation_equals_separate_solves(monkeypatch):
+    # MoRF at k and LeRF at 1 - k are solved as one complementary system; the images must equal
+    # those of separate solves (a fraction without partner, 0.3, is solved alone)
+    import importlib
+    road_module = importlib.import_module("validation.metrics.road")  # the package exports road()
+    x = smooth_images(3, 3, 32, 32, seed=5)
+    maps = cam_maps(3, 32, 32, seed=6)
+    fractions = (0.2, 0.3, 0.5, 0.8)
+    paired = road_images(x, maps, fractions, noise=0.0, impute_batch_size=5)
+    monkeypatch.setattr(road_module, "complementary_pairs", lambda counts, pixels: [])
+    separate = road_images(x, maps, fractions, noise=0.0)
+    assert (paired - separate).abs().max() <= 2e-5
+    removed = removal_masks(maps, fractions)[:, :, :, None].expand_as(paired)
+    assert torch.equal(paired[~removed], x[:, None, None].expand_as(paired)[~removed])

@@ -7,7 +7,7 @@ return ``(values, reasons)``, one string per sample ("" when defined, else why i
 from .evaluate import EXPLAINER_METRICS, GT_METRICS, METRIC_NAMES, MODEL_METRICS, EvaluationResult, evaluate
 from .faithfulness import adcc, arcc, average_drop, coherency, complexity, harmonic_mean
 from .ground_truth import gt_cosine
-from .imputation import linear_impute, noisy_linear_impute
+from .imputation import linear_impute, linear_impute_complementary, noisy_linear_impute
 from .localisation import (default_topk, localisation_auc, pointing_game, relevance_mass_accuracy,
                            relevance_rank_accuracy, sparseness, topk_intersection)
 from .modules import (ADCC, ARCC, ROAD, AverageDrop, Coherency, Complexity, GTCosine, LocalisationAUC, Metric,
@@ -37,7 +37,7 @@ def available_metrics() -> list[str]:
 __all__ = sorted(METRICS) + [
     "evaluate", "EvaluationResult", "METRIC_NAMES", "MODEL_METRICS", "GT_METRICS", "EXPLAINER_METRICS",
     "METRICS", "get_metric", "available_metrics", "harmonic_mean", "default_topk", "linear_impute",
-    "noisy_linear_impute", "removal_masks", "road_images", "RoadResult", "DEFAULT_FRACTIONS",
+    "linear_impute_complementary", "noisy_linear_impute", "removal_masks", "road_images", "RoadResult", "DEFAULT_FRACTIONS",
     "Metric", "AverageDrop", "Complexity", "Coherency", "ADCC", "ROAD", "ARCC", "GTCosine", "PointingGame",
     "Sparseness", "RelevanceMassAccuracy", "RelevanceRankAccuracy", "TopKIntersection", "LocalisationAUC",
 ]

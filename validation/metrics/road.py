@@ -19,9 +19,9 @@ import torch
 
 from ._checks import check_images, check_maps, check_target
 from ._forward import class_probabilities
-from .imputation import linear_impute
+from .imputation import linear_impute, linear_impute_complementary
 
-__all__ = ["road", "removal_masks", "road_images", "RoadResult", "DEFAULT_FRACTIONS"]
+__all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "RoadResult", "DEFAULT_FRACTIONS"]
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 
@@ -72,6 +72,19 @@ def removal_counts(fractions: Sequence[float], height: int, width: int) -> list[
     return counts
 
 
+def complementary_pairs(counts: Sequence[int], pixels: int) -> list[tuple[int, int]]:
+    """(i, j) pairs of fractions whose MoRF (removing counts[i] pixels) and LeRF (removing
+    counts[j] = pixels - counts[i]) remove complementary sets; each fraction used at most once."""
+    free = list(range(len(counts)))
+    pairs = []
+    for i, count in enumerate(counts):
+        match = next((j for j in free if counts[j] == pixels - count), None)
+        if match is not None:
+            free.remove(match)
+            pairs.append((i, match))
+    return pairs
+
+
 def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
                   tie_seed: int = 0) -> torch.Tensor:
     """(B, H, W) maps -> (B, F, 2, H, W) bool masks, True = removed; [:, :, 0] MoRF, [:, :, 1] LeRF.
@@ -104,11 +117,30 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
         raise ValueError(f"noise must be >= 0, got {noise}")
     fractions = check_fractions(fractions)
     b, c, h, w = x.shape
-    masks = removal_masks(maps, fractions, tie_seed=tie_seed).reshape(-1, 1, h, w)
-    images = x[:, None].expand(b, 2 * len(fractions), c, h, w).reshape(-1, c, h, w)
-    work = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    filled = torch.cat([linear_impute(work[s:s + impute_batch_size], masks[s:s + impute_batch_size], tol=tol)
-                        for s in range(0, work.shape[0], impute_batch_size)]) if work.shape[0] else work
+    masks = removal_masks(maps, fractions, tie_seed=tie_seed)  # (B, F, 2, H, W)
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    filled = work.new_empty(b, len(fractions), 2, c, h, w)
+    pairs = complementary_pairs(removal_counts(fractions, h, w), h * w)
+    if pairs and b:
+        # MoRF at k and LeRF at 1 - k remove complementary pixel sets: one solve gives both
+        morf, lerf = (list(index) for index in zip(*pairs))
+        images = work[:, None].expand(b, len(pairs), c, h, w).reshape(-1, c, h, w)
+        removed = masks[:, morf, 0].reshape(-1, h, w)
+        step = max(1, impute_batch_size // 2)
+        both = torch.cat([linear_impute_complementary(images[s:s + step], removed[s:s + step], tol=tol)
+                          for s in range(0, images.shape[0], step)]).view(b, len(pairs), 2, c, h, w)
+        filled[:, morf, 0] = both[:, :, 0]
+        filled[:, lerf, 1] = both[:, :, 1]
+    paired = {(i, 0) for i, _ in pairs} | {(j, 1) for _, j in pairs}
+    alone = [(i, side) for i in range(len(fractions)) for side in (0, 1) if (i, side) not in paired]
+    if alone and b:
+        index_f, index_side = (list(index) for index in zip(*alone))
+        images = work[:, None].expand(b, len(alone), c, h, w).reshape(-1, c, h, w)
+        removed = masks[:, index_f, index_side].reshape(-1, h, w)
+        filled[:, index_f, index_side] = torch.cat(
+            [linear_impute(images[s:s + impute_batch_size], removed[s:s + impute_batch_size], tol=tol)
+             for s in range(0, images.shape[0], impute_batch_size)]).view(b, len(alone), c, h, w)
+    masks = masks.reshape(-1, 1, h, w)
     filled = filled.view(b, 2 * len(fractions), c, h, w)
     if noise > 0:
         # one field for the batch, drawn on the CPU in float32: a draw of shape (B, ...) would tie
