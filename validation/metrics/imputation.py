@@ -188,9 +188,11 @@ class _FineOperator:
     Plain systems (``side=None``): the active pixels are the removed ones and, for x = m x,
     neighbours(x) = K * x, one depthwise conv (callers mask it: the value on kept pixels is
     unused). Complementary pairs (``side`` = the removed mask m): every in-image pixel is active
-    and sees only the neighbours on its own side of m, neighbours(x) = m K(m x) + q K(q x) =
-    q K(x) + s K(m x) with q = 1 - m and s = m - q: one system holds both the imputation of m and
-    that of its complement.
+    and sees only the neighbours on its own side of m, so one system holds both the imputation of
+    m and that of its complement. With q = 1 - m and the sign s = m - q (0 off the image),
+    neighbours(x) = m K(m x) + q K(q x) = (K x + s K(s x)) / 2, two convolutions with K / 2 (exact:
+    the scaled weights are 2 and 1). (Subtracting a gathered list of the terms that cross the
+    interface from K x was measured 2.4x slower even on tie-free CAM masks.)
     """
 
     def __init__(self, active: torch.Tensor, diag: torch.Tensor, side: torch.Tensor | None = None):
@@ -199,8 +201,10 @@ class _FineOperator:
         self._weight = _depthwise_weight(_neighbour_kernel(active.dtype, active.device), active.shape[0])
         self.side = None if side is None else _pack(side)
         if self.side is not None:
-            self.other = self.mask - self.side
-            self.sign = self.side - self.other
+            self.sign = 2 * self.side - self.mask
+            self._half_weight = self._weight / 2
+            # (K x + s K(s x)) / 2 is K x / 2 on the padding (s = 0): zeroed there explicitly
+            self._image_shape = (int(active[0, 0, :, 0].sum()), int(active[0, 0, 0, :].sum()))
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """K * x: the weighted sum of the 8 neighbours (zero outside the image)."""
@@ -210,7 +214,14 @@ class _FineOperator:
     def neighbours(self, x: torch.Tensor) -> torch.Tensor:
         if self.side is None:
             return self.conv(x)
-        return torch.addcmul(self.other * self.conv(x), self.sign, self.conv(self.side * x))
+        groups = self._weight.shape[0]
+        half = _from_conv(F.conv2d(_as_conv(x), self._half_weight, padding=1, groups=groups))
+        signed = _from_conv(F.conv2d(_as_conv(self.sign * x), self._half_weight, padding=1, groups=groups))
+        total = half.addcmul_(self.sign, signed)
+        h, w = self._image_shape
+        total[:, h:] = 0
+        total[:, :, w:] = 0
+        return total
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.side is None:
