@@ -43,13 +43,6 @@ _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index o = 3 *
 _CENTRE = 4
 
 
-def _shift(field: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """field[p + (dy, dx)] at every p, zero outside the image."""
-    h, w = field.shape[-2:]
-    padded = F.pad(field, (1, 1, 1, 1))
-    return padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-
-
 # The system is scaled by 12 so that every fine-level coefficient is a small integer (2 for edge,
 # 1 for diagonal neighbours, 12/8/5 on the diagonal): float32 then represents the operator
 # exactly and its rows sum to exactly zero inside holes. With the float32 weights 1/6 and 1/12
@@ -58,11 +51,49 @@ def _shift(field: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 _SCALE = 12.0
 
 
-def _neighbour_kernel(dtype, device) -> torch.Tensor:
-    kernel = torch.zeros(3, 3, dtype=dtype, device=device)
+def _make_neighbour_kernel() -> torch.Tensor:
+    kernel = torch.zeros(3, 3, dtype=torch.float64)
     for (dy, dx), weight in NEIGHBOUR_WEIGHTS.items():
         kernel[dy + 1, dx + 1] = round(weight * _SCALE)
     return kernel
+
+
+def _make_galerkin_kernel() -> torch.Tensor:
+    """Weights K[D, o, t] with A_c^D(I) = sum_{o,t} K[D, o, t] a^o(2I + t - 1): P^T A P as a conv."""
+    p = _make_bilinear_kernel()
+    kernel = torch.zeros(9, 9, 3, 3, dtype=torch.float64)
+    for d_idx, (ddy, ddx) in enumerate(_OFFSETS):
+        for o_idx, (ody, odx) in enumerate(_OFFSETS):
+            for sy in (-1, 0, 1):
+                for sx in (-1, 0, 1):
+                    qy, qx = sy + ody - 2 * ddy, sx + odx - 2 * ddx
+                    if abs(qy) <= 1 and abs(qx) <= 1:
+                        kernel[d_idx, o_idx, sy + 1, sx + 1] = p[sy + 1, sx + 1] * p[qy + 1, qx + 1]
+    return kernel
+
+
+def _make_bilinear_kernel() -> torch.Tensor:
+    k1 = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
+    return torch.outer(k1, k1)
+
+
+# constants, built once (float64, CPU) and converted per call
+_NEIGHBOUR_KERNEL = _make_neighbour_kernel()
+_NEIGHBOUR_WEIGHTS_8 = _NEIGHBOUR_KERNEL.flatten()[[o for o in range(9) if o != _CENTRE]]
+_BILINEAR_KERNEL = _make_bilinear_kernel()
+_GALERKIN_KERNEL = _make_galerkin_kernel()
+
+
+def _neighbour_kernel(dtype, device) -> torch.Tensor:
+    return _NEIGHBOUR_KERNEL.to(dtype=dtype, device=device)
+
+
+def _bilinear_kernel(dtype, device) -> torch.Tensor:
+    return _BILINEAR_KERNEL.to(dtype=dtype, device=device)
+
+
+def _galerkin_kernel(dtype, device) -> torch.Tensor:
+    return _GALERKIN_KERNEL.to(dtype=dtype, device=device)
 
 
 def _depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -70,6 +101,19 @@ def _depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     weight = kernel.expand(c, 1, 3, 3).contiguous(memory_format=torch.channels_last)
     return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, padding=1, groups=c)
+
+
+def _shifted(field: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) -> (N, 8, H, W): field[p + offset] for the 8 neighbour offsets (0 outside)."""
+    h, w = field.shape[-2:]
+    padded = F.pad(field, (1, 1, 1, 1))
+    return torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in _OFFSETS if (dy, dx) != (0, 0)],
+                     dim=1)
+
+
+def _stencil(neighbour_coef: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """(N, 8, H, W) neighbour coefficients and (N, 1, H, W) diagonal -> (N, 9, H, W) in _OFFSETS order."""
+    return torch.cat([neighbour_coef[:, :_CENTRE], centre, neighbour_coef[:, _CENTRE:]], dim=1)
 
 
 def imputation_system(images: torch.Tensor, removed: torch.Tensor):
@@ -81,13 +125,9 @@ def imputation_system(images: torch.Tensor, removed: torch.Tensor):
     rows of kept pixels are all zero.
     """
     m = removed.to(images.dtype)
-    kernel = _neighbour_kernel(images.dtype, images.device)
-    coef = torch.zeros(m.shape[0], 9, *m.shape[-2:], dtype=m.dtype, device=m.device)
-    for o, (dy, dx) in enumerate(_OFFSETS):
-        if o != _CENTRE:
-            coef[:, o:o + 1] = -kernel[dy + 1, dx + 1] * m * _shift(m, dy, dx)
-    coef[:, _CENTRE:_CENTRE + 1] = m * _diagonal(m)
-    rhs = m * _depthwise(images * (1 - m), kernel)
+    weights = -_NEIGHBOUR_WEIGHTS_8.to(dtype=m.dtype, device=m.device).view(1, 8, 1, 1)
+    coef = _stencil(_shifted(m) * (m * weights), m * _diagonal(m))
+    rhs = m * _depthwise(images * (1 - m), _neighbour_kernel(images.dtype, images.device))
     return coef, rhs
 
 
@@ -96,15 +136,16 @@ def complementary_system(images: torch.Tensor, removed: torch.Tensor):
     (same scaling and layout as ``imputation_system``): a pixel is coupled to its in-image
     neighbours on its own side of the mask, and the other side's pixels are its known data."""
     m = removed.to(images.dtype)
-    kept = 1 - m
-    kernel = _neighbour_kernel(images.dtype, images.device)
-    coef = torch.zeros(m.shape[0], 9, *m.shape[-2:], dtype=m.dtype, device=m.device)
-    for o, (dy, dx) in enumerate(_OFFSETS):
-        if o != _CENTRE:
-            same_side = m * _shift(m, dy, dx) + kept * _shift(kept, dy, dx)
-            coef[:, o:o + 1] = -kernel[dy + 1, dx + 1] * same_side
-    coef[:, _CENTRE:_CENTRE + 1] = _diagonal(m).expand_as(m)
-    rhs = m * _depthwise(images * kept, kernel) + kept * _depthwise(images * m, kernel)
+    sign = 2 * m - 1
+    weights = -_NEIGHBOUR_WEIGHTS_8.to(dtype=m.dtype, device=m.device).view(1, 8, 1, 1)
+    # same side: inside (1 - m) - shifted(m) (1 - 2m), i.e. 1 where both or neither are removed
+    inside = _shifted(torch.ones_like(m[:1]))
+    same_side = torch.addcmul(inside * (1 - m), _shifted(m), sign)
+    coef = _stencil(same_side * weights, _diagonal(m).expand_as(m))
+    # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m), s = 2m - 1
+    c = images.shape[1]
+    both = _depthwise(torch.cat([images, images * m], dim=1), _neighbour_kernel(images.dtype, images.device))
+    rhs = torch.addcmul(m * both[:, :c], sign, both[:, c:], value=-1)
     return coef, rhs
 
 
@@ -112,25 +153,6 @@ def _diagonal(m: torch.Tensor) -> torch.Tensor:
     """Sum of the (scaled) weights of the in-image neighbours of every pixel: 12, 8 or 5."""
     ones = torch.ones_like(m[:1])
     return _depthwise(ones, _neighbour_kernel(m.dtype, m.device))
-
-
-def _bilinear_kernel(dtype, device) -> torch.Tensor:
-    k1 = torch.tensor([0.5, 1.0, 0.5], dtype=dtype, device=device)
-    return torch.outer(k1, k1)
-
-
-def _galerkin_kernel(dtype, device) -> torch.Tensor:
-    """Weights K[D, o, t] with A_c^D(I) = sum_{o,t} K[D, o, t] a^o(2I + t - 1): P^T A P as a conv."""
-    p = _bilinear_kernel(torch.float64, "cpu")
-    kernel = torch.zeros(9, 9, 3, 3, dtype=torch.float64)
-    for d_idx, (ddy, ddx) in enumerate(_OFFSETS):
-        for o_idx, (ody, odx) in enumerate(_OFFSETS):
-            for sy in (-1, 0, 1):
-                for sx in (-1, 0, 1):
-                    qy, qx = sy + ody - 2 * ddy, sx + odx - 2 * ddx
-                    if abs(qy) <= 1 and abs(qx) <= 1:
-                        kernel[d_idx, o_idx, sy + 1, sx + 1] = p[sy + 1, sx + 1] * p[qy + 1, qx + 1]
-    return kernel.to(dtype=dtype, device=device)
 
 
 def _pad_odd(field: torch.Tensor) -> torch.Tensor:
