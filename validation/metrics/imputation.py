@@ -245,6 +245,10 @@ class _FineOperator:
         total[:, :, w:] = 0
         return total
 
+    def masked_neighbours(self, x: torch.Tensor) -> torch.Tensor:
+        """neighbours(x), zero off the active pixels (for pairs it is already)."""
+        return self.mask * self.conv(x) if self.side is None else self.neighbours(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.side is None:
             return torch.addcmul(self.diag * x, self.mask, self.conv(x), value=-1)
@@ -396,7 +400,7 @@ class _Multigrid:
         x = scaled
         for _ in range(self.sweeps - 1):
             x = _sweep(scaled, inv_diag, op.neighbours(x))
-        coarse_r = self._restrict(op.subtract_from(r, x) if self.sweeps > 1 else op.mask * op.neighbours(x))
+        coarse_r = self._restrict(op.subtract_from(r, x) if self.sweeps > 1 else op.masked_neighbours(x))
         x = torch.addcmul(x, op.mask, self._prolong(self(coarse_r, 1), x))
         for _ in range(self.sweeps):
             x = _sweep(scaled, inv_diag, op.neighbours(x))
@@ -428,7 +432,9 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
     The cheap recursive residual drives the iteration; whenever it meets ``tol`` it is replaced
     by the exactly computed residual, and the solve stops only when that one meets ``tol``.
     """
-    precondition = _Multigrid(op, coef)
+    # one Jacobi sweep each way on the fine level of complementary pairs (each sweep costs two
+    # convolutions there): 6 cheaper iterations instead of 5, ~8 % faster; two for plain systems
+    precondition = _Multigrid(op, coef, sweeps=2 if op.side is None else 1)
 
     def next_direction(r, p, rz):
         """Preconditioned residual z = M r, then p <- z + (r.z / r_old.z_old) p."""
@@ -437,11 +443,11 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
         return z.addcmul_(_safe_div(rz_new, rz), p), rz_new
 
     x = precondition.full(rhs)
-    r = op.residual(rhs, x)
+    r = op.subtract_from(rhs, x)  # CG goes on from here: the exact residual is needed only to stop
     z = precondition(r)
     p = z
     rz = _dot(r, z)
-    iterations, residual, exact = 0, r.abs().amax().item(), True
+    iterations, residual, exact = 0, r.abs().amax().item(), False
     for iterations in range(1, max_iter + 1):
         if residual <= tol:
             if exact:
