@@ -21,7 +21,9 @@ preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on th
 * CG starts from one full-multigrid pass (coarsest solve, then prolongation plus one V-cycle per
   level) and on CPU runs on cache-sized groups of systems (``_CPU_CHUNK_VALUES``);
 * CG runs on the cheap recursive residual and replaces it by the exactly computed residual
-  (hi/lo split, see ``_FineOperator.residual``) before stopping, so float32 reaches ~1e-6.
+  (hi/lo split, see ``_FineOperator.residual``) before stopping, so float32 reaches ~1e-6;
+* ``linear_impute_complementary`` solves a mask and its complement (ROAD's MoRF at k and LeRF at
+  1 - k) as one system on every pixel, each pixel coupled only to its own side of the mask.
 """
 from __future__ import annotations
 
