@@ -176,3 +176,16 @@ def test_complementary_pair_needs_a_removed_and_a_kept_pixel():
     removed[2] = True
     with pytest.raises(ValueError, match=r"every pixel or none of sample\(s\) \[1, 2\]"):
         linear_impute_complementary(x, removed)
+
+
+def test_tolerance_below_float32_floor_stops_early_with_a_warning():
+    # float32 stalls at a max residual of ~2e-6: asking for 1e-9 must warn after a few stalled
+    # iterations (not run to max_iter, where CG iterates can drift) and still return a close result
+    x = smooth_images(4, 3, 48, 48, seed=15)
+    removed = torch.rand(4, 48, 48, generator=torch.Generator().manual_seed(16)) < 0.7
+    stats = {}
+    with pytest.warns(RuntimeWarning, match=r"stopped after \d+ iterations"):
+        out = linear_impute(x, removed, tol=1e-9, max_iter=60, stats=stats)
+    assert stats["iterations"] < 20
+    ref = np.stack([spsolve_impute(x[i].double().numpy(), removed[i].numpy()) for i in range(4)])
+    assert np.abs(out.double().numpy() - ref).max() <= 2e-5
