@@ -81,7 +81,6 @@ def _make_bilinear_kernel() -> torch.Tensor:
 
 # constants, built once (float64, CPU) and converted per call
 _NEIGHBOUR_KERNEL = _make_neighbour_kernel()
-_NEIGHBOUR_WEIGHTS_8 = _NEIGHBOUR_KERNEL.flatten()[[o for o in range(9) if o != _CENTRE]]
 _BILINEAR_KERNEL = _make_bilinear_kernel()
 _GALERKIN_KERNEL = _make_galerkin_kernel()
 
@@ -113,9 +112,54 @@ def _shifted(field: torch.Tensor) -> torch.Tensor:
                      dim=1)
 
 
-def _stencil(neighbour_coef: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """(N, 8, H, W) neighbour coefficients and (N, 1, H, W) diagonal -> (N, 9, H, W) in _OFFSETS order."""
-    return torch.cat([neighbour_coef[:, :_CENTRE], centre, neighbour_coef[:, _CENTRE:]], dim=1)
+def _odd(size: int) -> int:
+    return size + 1 - size % 2
+
+
+def _odd_padded(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An uninitialised (..., height, width) -> odd-sized tensor like ``field``, its padding zeroed."""
+    out = field.new_empty(*field.shape[:-2], _odd(height), _odd(width))
+    out[..., height:, :] = 0
+    out[..., :, width:] = 0
+    return out
+
+
+def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
+    """coef (N, 9, H', W') of the scaled system on the grid zero-padded to odd sizes H', W'
+    (vertex-centred coarsening), and rhs (N, C, H, W). Every coefficient is written once, in
+    place: no stacked or padded copies of the (N, 9, H, W) stencil."""
+    h, w = images.shape[-2:]
+    coef = _odd_padded(m.new_empty(m.shape[0], 9, h, w), h, w)
+    image_part = coef[..., :h, :w]
+    padded_m = F.pad(m, (1, 1, 1, 1))
+    kernel = _neighbour_kernel(images.dtype, images.device)
+    if complementary:
+        # same side: inside (1 - m) + shifted(m) s with s = 2m - 1 (1 where both or neither are removed)
+        kept, sign = 1 - m, 2 * m - 1
+        inside = _shifted(torch.ones_like(m[:1]))
+    else:
+        negative_m = -m
+    neighbours = [(o, dy, dx) for o, (dy, dx) in enumerate(_OFFSETS) if o != _CENTRE]
+    for j, (o, dy, dx) in enumerate(neighbours):
+        target = image_part[:, o:o + 1]
+        shifted = padded_m[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        weight = kernel[dy + 1, dx + 1]
+        if complementary:
+            torch.mul(kept, inside[:, j:j + 1] * -weight, out=target)
+            target.addcmul_(shifted, sign * -weight)
+        else:
+            torch.mul(shifted, negative_m * weight, out=target)
+    diagonal = _diagonal(m)
+    if complementary:
+        image_part[:, _CENTRE:_CENTRE + 1] = diagonal
+        # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m)
+        c = images.shape[1]
+        both = _depthwise(torch.cat([images, images * m], dim=1), kernel)
+        rhs = torch.addcmul(m * both[:, :c], sign, both[:, c:], value=-1)
+    else:
+        torch.mul(m, diagonal, out=image_part[:, _CENTRE:_CENTRE + 1])
+        rhs = m * _depthwise(images * (1 - m), kernel)
+    return coef, rhs
 
 
 def imputation_system(images: torch.Tensor, removed: torch.Tensor):
@@ -126,29 +170,18 @@ def imputation_system(images: torch.Tensor, removed: torch.Tensor):
     ``x[p + offset_o]`` (offsets in row-major order over {-1, 0, 1}^2) in the row of pixel ``p``;
     rows of kept pixels are all zero.
     """
-    m = removed.to(images.dtype)
-    weights = -_NEIGHBOUR_WEIGHTS_8.to(dtype=m.dtype, device=m.device).view(1, 8, 1, 1)
-    coef = _stencil(_shifted(m) * (m * weights), m * _diagonal(m))
-    rhs = m * _depthwise(images * (1 - m), _neighbour_kernel(images.dtype, images.device))
-    return coef, rhs
+    h, w = images.shape[-2:]
+    coef, rhs = _system(images, removed.to(images.dtype), complementary=False)
+    return coef[..., :h, :w], rhs
 
 
 def complementary_system(images: torch.Tensor, removed: torch.Tensor):
     """The imputation systems of ``removed`` and of its complement as one system on every pixel
     (same scaling and layout as ``imputation_system``): a pixel is coupled to its in-image
     neighbours on its own side of the mask, and the other side's pixels are its known data."""
-    m = removed.to(images.dtype)
-    sign = 2 * m - 1
-    weights = -_NEIGHBOUR_WEIGHTS_8.to(dtype=m.dtype, device=m.device).view(1, 8, 1, 1)
-    # same side: inside (1 - m) - shifted(m) (1 - 2m), i.e. 1 where both or neither are removed
-    inside = _shifted(torch.ones_like(m[:1]))
-    same_side = torch.addcmul(inside * (1 - m), _shifted(m), sign)
-    coef = _stencil(same_side * weights, _diagonal(m).expand_as(m))
-    # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m), s = 2m - 1
-    c = images.shape[1]
-    both = _depthwise(torch.cat([images, images * m], dim=1), _neighbour_kernel(images.dtype, images.device))
-    rhs = torch.addcmul(m * both[:, :c], sign, both[:, c:], value=-1)
-    return coef, rhs
+    h, w = images.shape[-2:]
+    coef, rhs = _system(images, removed.to(images.dtype), complementary=True)
+    return coef[..., :h, :w], rhs
 
 
 def _diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -564,23 +597,29 @@ _CPU_CHUNK_VALUES = 16 * 3 * 128 * 128
 
 def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, stats: dict | None) -> torch.Tensor:
     h, w = images.shape[-2:]
-    coef, rhs = imputation_system(images, m)
-    diag = coef[:, _CENTRE:_CENTRE + 1]
-    # one zero row/column of inactive pixels makes the grid odd-sized (vertex-centred coarsening)
-    op = _FineOperator(_pad_odd(m), _pad_odd(diag))
-    x = _solve(op, _pad_odd(coef), _pack(_pad_odd(rhs)), tol=tol, max_iter=max_iter, stats=stats)
+    coef, rhs = _system(images, m, complementary=False)
+    op = _FineOperator(_pad_odd(m), coef[:, _CENTRE:_CENTRE + 1])
+    x = _solve(op, coef, _pack_odd(rhs), tol=tol, max_iter=max_iter, stats=stats)
     return torch.addcmul(images * (1 - m), _unpack(x)[..., :h, :w], m).contiguous()
 
 
 def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
                           stats: dict | None) -> torch.Tensor:
     h, w = images.shape[-2:]
-    coef, rhs = complementary_system(images, m)
-    diag = coef[:, _CENTRE:_CENTRE + 1]
-    op = _FineOperator(_pad_odd(torch.ones_like(m)), _pad_odd(diag), side=_pad_odd(m))
-    x = _unpack(_solve(op, _pad_odd(coef), _pack(_pad_odd(rhs)), tol=tol, max_iter=max_iter, stats=stats))
-    x = x[..., :h, :w]
+    coef, rhs = _system(images, m, complementary=True)
+    op = _FineOperator(_pad_odd(torch.ones_like(m)), coef[:, _CENTRE:_CENTRE + 1], side=_pad_odd(m))
+    x = _unpack(_solve(op, coef, _pack_odd(rhs), tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
     return torch.stack([torch.addcmul(images * (1 - m), x, m), torch.addcmul(images * m, x, 1 - m)], dim=1)
+
+
+def _pack_odd(field: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> packed (C, H', W', N) on the odd-padded grid, in one copy."""
+    n, c, h, w = field.shape
+    packed = field.new_empty(c, _odd(h), _odd(w), n)
+    packed[:, h:] = 0
+    packed[:, :, w:] = 0
+    packed[:, :h, :w].copy_(field.permute(1, 2, 3, 0))
+    return packed
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
