@@ -609,7 +609,12 @@ def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max
     coef, rhs = _system(images, m, complementary=True)
     op = _FineOperator(_pad_odd(torch.ones_like(m)), coef[:, _CENTRE:_CENTRE + 1], side=_pad_odd(m))
     x = _unpack(_solve(op, coef, _pack_odd(rhs), tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
-    return torch.stack([torch.addcmul(images * (1 - m), x, m), torch.addcmul(images * m, x, 1 - m)], dim=1)
+    n, c = images.shape[:2]
+    out = images.new_empty(n, 2, c, h, w)
+    removed = (m != 0).expand(n, c, h, w)
+    torch.where(removed, x, images, out=out[:, 0])
+    torch.where(removed, images, x, out=out[:, 1])
+    return out
 
 
 def _pack_odd(field: torch.Tensor) -> torch.Tensor:

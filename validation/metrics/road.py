@@ -148,8 +148,8 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
         # by image), a draw on x.device to the device's generator
         generator = torch.Generator(device="cpu").manual_seed(seed)
         eps = torch.randn((2 * len(fractions), c, h, w), generator=generator, dtype=torch.float32)
-        filled = torch.addcmul(filled, eps.to(device=filled.device, dtype=filled.dtype),
-                               masks.view(b, 2 * len(fractions), 1, h, w).to(filled.dtype), value=noise)
+        filled.addcmul_(eps.to(device=filled.device, dtype=filled.dtype),
+                        masks.view(b, 2 * len(fractions), 1, h, w).to(filled.dtype), value=noise)
     return filled.view(b, len(fractions), 2, c, h, w).to(x.dtype)
 
 
