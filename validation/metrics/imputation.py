@@ -320,15 +320,19 @@ class _StencilOperator:
         self.shape = self.diag.shape[1:3]
 
     def subtract_from(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return r - self(x)
+        """r - A x, accumulated onto r - diag x (no separate A x field)."""
+        return self._accumulate(torch.addcmul(r, self.diag, x, value=-1), x, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._accumulate(self.diag * x, x, 1)
+
+    def _accumulate(self, y: torch.Tensor, x: torch.Tensor, sign: int) -> torch.Tensor:
+        """y += sign * (off-diagonal part of A) x, in place."""
         h, w = x.shape[1:3]
         padded = F.pad(x, (0, 0, 1, 1, 1, 1))
-        y = self.diag * x
         for o, (dy, dx) in enumerate(_OFFSETS):
             if o != _CENTRE:
-                y.addcmul_(self.coef[o], padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+                y.addcmul_(self.coef[o], padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w], value=sign)
         return y
 
 
@@ -406,11 +410,11 @@ class _Multigrid:
         inv_diag = self.inv_diag[depth]
         x = inv_diag * r
         for _ in range(self.coarse_sweeps - 1):
-            x = x + inv_diag * (r - op(x))
-        coarse_r = self._restrict(r - op(x))
-        x = torch.addcmul(x, op.mask, self._prolong(self(coarse_r, depth + 1), x))
+            x.addcmul_(inv_diag, op.subtract_from(r, x))
+        coarse_r = self._restrict(op.subtract_from(r, x))
+        x.addcmul_(op.mask, self._prolong(self(coarse_r, depth + 1), x))
         for _ in range(self.coarse_sweeps):
-            x = x + inv_diag * (r - op(x))
+            x.addcmul_(inv_diag, op.subtract_from(r, x))
         return x
 
     def full(self, rhs: torch.Tensor) -> torch.Tensor:
