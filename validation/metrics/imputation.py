@@ -126,8 +126,8 @@ def _odd_padded(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
     """coef (N, 9, H', W') of the scaled system on the grid zero-padded to odd sizes H', W'
-    (vertex-centred coarsening), and rhs (N, C, H, W). Every coefficient is written once, in
-    place: no stacked or padded copies of the (N, 9, H, W) stencil."""
+    (vertex-centred coarsening) and the packed rhs (C, H', W', N). Every coefficient is written
+    once, in place: no stacked or padded copies of the (N, 9, H, W) stencil."""
     h, w = images.shape[-2:]
     coef = _odd_padded(m.new_empty(m.shape[0], 9, h, w), h, w)
     image_part = coef[..., :h, :w]
@@ -152,13 +152,25 @@ def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
     diagonal = _diagonal(m)
     if complementary:
         image_part[:, _CENTRE:_CENTRE + 1] = diagonal
-        # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m)
-        c = images.shape[1]
-        both = _depthwise(torch.cat([images, images * m], dim=1), kernel)
-        rhs = torch.addcmul(m * both[:, :c], sign, both[:, c:], value=-1)
     else:
         torch.mul(m, diagonal, out=image_part[:, _CENTRE:_CENTRE + 1])
-        rhs = m * _depthwise(images * (1 - m), kernel)
+    # the right-hand side, computed in the packed layout (where the convolutions are fast) and
+    # written straight into the odd-padded packed field the solver takes
+    n, c = images.shape[:2]
+    rhs = images.new_empty(c, _odd(h), _odd(w), n)
+    rhs[:, h:] = 0
+    rhs[:, :, w:] = 0
+    packed_images, packed_m = _pack(images), _pack(m)
+    weight = _depthwise_weight(kernel, n)
+
+    def conv(field):
+        return _from_conv(F.conv2d(_as_conv(field), weight, padding=1, groups=n))
+    if complementary:
+        # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m)
+        torch.mul(packed_m, conv(packed_images), out=rhs[:, :h, :w])
+        rhs[:, :h, :w].addcmul_(_pack(sign), conv(packed_images * packed_m), value=-1)
+    else:
+        torch.mul(packed_m, conv(packed_images * (1 - packed_m)), out=rhs[:, :h, :w])
     return coef, rhs
 
 
@@ -172,7 +184,7 @@ def imputation_system(images: torch.Tensor, removed: torch.Tensor):
     """
     h, w = images.shape[-2:]
     coef, rhs = _system(images, removed.to(images.dtype), complementary=False)
-    return coef[..., :h, :w], rhs
+    return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
 def complementary_system(images: torch.Tensor, removed: torch.Tensor):
@@ -181,7 +193,7 @@ def complementary_system(images: torch.Tensor, removed: torch.Tensor):
     neighbours on its own side of the mask, and the other side's pixels are its known data."""
     h, w = images.shape[-2:]
     coef, rhs = _system(images, removed.to(images.dtype), complementary=True)
-    return coef[..., :h, :w], rhs
+    return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
 def _diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -606,7 +618,7 @@ def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, st
     h, w = images.shape[-2:]
     coef, rhs = _system(images, m, complementary=False)
     op = _FineOperator(_pad_odd(m), coef[:, _CENTRE:_CENTRE + 1])
-    x = _solve(op, coef, _pack_odd(rhs), tol=tol, max_iter=max_iter, stats=stats)
+    x = _solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats)
     return torch.addcmul(images * (1 - m), _unpack(x)[..., :h, :w], m).contiguous()
 
 
@@ -615,23 +627,13 @@ def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max
     h, w = images.shape[-2:]
     coef, rhs = _system(images, m, complementary=True)
     op = _FineOperator(_pad_odd(torch.ones_like(m)), coef[:, _CENTRE:_CENTRE + 1], side=_pad_odd(m))
-    x = _unpack(_solve(op, coef, _pack_odd(rhs), tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
+    x = _unpack(_solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
     n, c = images.shape[:2]
     out = images.new_empty(n, 2, c, h, w)
     removed = (m != 0).expand(n, c, h, w)
     torch.where(removed, x, images, out=out[:, 0])
     torch.where(removed, images, x, out=out[:, 1])
     return out
-
-
-def _pack_odd(field: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> packed (C, H', W', N) on the odd-padded grid, in one copy."""
-    n, c, h, w = field.shape
-    packed = field.new_empty(c, _odd(h), _odd(w), n)
-    packed[:, h:] = 0
-    packed[:, :, w:] = 0
-    packed[:, :h, :w].copy_(field.permute(1, 2, 3, 0))
-    return packed
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
