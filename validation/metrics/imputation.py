@@ -165,6 +165,7 @@ def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
 
     def conv(field):
         return _from_conv(F.conv2d(_as_conv(field), weight, padding=1, groups=n))
+
     if complementary:
         # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m)
         torch.mul(packed_m, conv(packed_images), out=rhs[:, :h, :w])
