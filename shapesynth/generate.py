@@ -39,7 +39,7 @@ class GenerateSummary:
             f"output      {self.out} ({self.format})",
             f"written     {self.written} samples in {self.written_shards} shard(s), {self.seconds:.1f} s ({rate:.0f} samples/s)",
             f"resumed     {self.resumed_shards} finished shard(s) kept",
-            f"splits      " + ", ".join(f"{k}={v}" for k, v in self.counts.items()),
+            "splits      " + ", ".join(f"{k}={v}" for k, v in self.counts.items()),
             f"backgrounds {len(self.skipped_backgrounds)} file(s) skipped",
         ]
         out += [f"  skipped {name}: {reason}" for name, reason in self.skipped_backgrounds[:20]]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from test_attributions_common import TinyNet, build, images
-from validation.attributions import explain, get_explainer, mix_maps, resolve_layer
+from validation.attributions import explain, get_explainer, mix_maps
 from validation.attributions.relax import relax_masks
 
 T3 = torch.tensor([0, 3, 5])

@@ -17,7 +17,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, GuidedBackpropReLUModel, 
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from test_attributions_common import build, images
-from validation.attributions import explain, get_explainer, resolve_layer
+from validation.attributions import explain, resolve_layer
 
 PEERS = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "layercam": LayerCAM, "scorecam": ScoreCAM}
 OPTIONS = {"scorecam": {"variant": "pytorch-grad-cam", "batch_size": 50}}

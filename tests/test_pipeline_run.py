@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import test_pipeline_standins as S
-from validation.pipeline.run import MapConfig, map_configs, run_eval
+from validation.pipeline.run import map_configs, run_eval
 from validation.pipeline.shards import chunk_ranges, parse_range, parse_shard, shard_chunks
 from validation.pipeline.table import load_predictions, load_results, merge_run
 

@@ -182,8 +182,6 @@ def test_upload_list_skips_hidden_and_work_files(generated):
 
 
 def test_difficulty_flag_sets_the_preset_and_flags_still_win(tmp_path):
-    import json
-
     from shapesynth import SynthConfig
     from shapesynth.cli import build_parser, config_from_args
 

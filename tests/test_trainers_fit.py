@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from shapesynth import CLASS_NAMES, SynthConfig, dataset_fingerprint
 from shapesynth.generate import generate
-from shapesynth.torchdata import ShapesDataset, SynthStream
+from shapesynth.torchdata import ShapesDataset
 from trainers import load_model
 from trainers import precision as prec
 from trainers.api import TrainConfig, evaluate, fit

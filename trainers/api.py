@@ -31,7 +31,7 @@ from shapesynth import CLASS_NAMES
 from trainers.clock import CapForecast, TrainClock, max_time_seconds
 from trainers.data import ShapesDataModule, resolve_num_workers
 from trainers.export import load_model, save_model, write_json
-from trainers.models import _check_arch, build_model
+from trainers.models import _check_arch
 from trainers.module import ShapeClassifierModule, per_class_accuracy
 from trainers.precision import resolve_precision
 

@@ -16,7 +16,6 @@ argument lists the profile gives (placeholders ``{data}``, ``{model_dir}``, ``{a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

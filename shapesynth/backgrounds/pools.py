@@ -124,8 +124,6 @@ def draw_background(pool: BackgroundPool, u: np.ndarray, cfg: SynthConfig) -> tu
 # ---------------------------------------------------------------------- user images
 def to_rgb(image) -> np.ndarray:
     """A PIL image in any mode (grey, RGBA, palette, 16-bit, float) as RGB uint8 (H, W, 3)."""
-    from PIL import Image
-
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image)
         if image.mode.startswith("I;16"):
