@@ -143,12 +143,12 @@ def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
     for j, (o, dy, dx) in enumerate(neighbours):
         target = image_part[:, o:o + 1]
         shifted = padded_m[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-        weight = kernel[dy + 1, dx + 1]
+        k = kernel[dy + 1, dx + 1]
         if complementary:
-            torch.mul(kept, inside[:, j:j + 1] * -weight, out=target)
-            target.addcmul_(shifted, sign * -weight)
+            torch.mul(kept, inside[:, j:j + 1] * -k, out=target)
+            target.addcmul_(shifted, sign * -k)
         else:
-            torch.mul(shifted, negative_m * weight, out=target)
+            torch.mul(shifted, negative_m * k, out=target)
     diagonal = _diagonal(m)
     if complementary:
         image_part[:, _CENTRE:_CENTRE + 1] = diagonal
@@ -162,16 +162,12 @@ def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
     rhs[:, :, w:] = 0
     packed_images, packed_m = _pack(images), _pack(m)
     weight = _depthwise_weight(kernel, n)
-
-    def conv(field):
-        return _from_conv(F.conv2d(_as_conv(field), weight, padding=1, groups=n))
-
     if complementary:
         # m K(I (1 - m)) + (1 - m) K(I m) = m K(I) - s K(I m)
-        torch.mul(packed_m, conv(packed_images), out=rhs[:, :h, :w])
-        rhs[:, :h, :w].addcmul_(_pack(sign), conv(packed_images * packed_m), value=-1)
+        torch.mul(packed_m, _packed_conv(packed_images, weight), out=rhs[:, :h, :w])
+        rhs[:, :h, :w].addcmul_(_pack(sign), _packed_conv(packed_images * packed_m, weight), value=-1)
     else:
-        torch.mul(packed_m, conv(packed_images * (1 - packed_m)), out=rhs[:, :h, :w])
+        torch.mul(packed_m, _packed_conv(packed_images * (1 - packed_m), weight), out=rhs[:, :h, :w])
     return coef, rhs
 
 
@@ -245,7 +241,13 @@ def _depthwise_weight(kernel: torch.Tensor, channels: int) -> torch.Tensor:
     return kernel.expand(channels, 1, 3, 3).contiguous(memory_format=torch.channels_last)
 
 
+def _packed_conv(field: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """3x3 depthwise convolution of a packed (C, H, W, N) field, zero outside the grid."""
+    return _from_conv(F.conv2d(_as_conv(field), weight, stride=stride, padding=1, groups=weight.shape[0]))
+
+
 def _pad_odd_packed(field: torch.Tensor) -> torch.Tensor:
+    """_pad_odd for a packed (C, H, W, N) field."""
     h, w = field.shape[1:3]
     if h % 2 and w % 2:
         return field
@@ -278,16 +280,13 @@ class _FineOperator:
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """K * x: the weighted sum of the 8 neighbours (zero outside the image)."""
-        # the stride-1 output is channels_last already: _from_conv copies nothing
-        return _from_conv(F.conv2d(_as_conv(x), self._weight, padding=1, groups=self._weight.shape[0]))
+        return _packed_conv(x, self._weight)  # channels_last output already: no copy
 
     def neighbours(self, x: torch.Tensor) -> torch.Tensor:
         if self.side is None:
             return self.conv(x)
-        groups = self._weight.shape[0]
-        half = _from_conv(F.conv2d(_as_conv(x), self._half_weight, padding=1, groups=groups))
-        signed = _from_conv(F.conv2d(_as_conv(self.sign * x), self._half_weight, padding=1, groups=groups))
-        total = half.addcmul_(self.sign, signed)
+        total = _packed_conv(x, self._half_weight)
+        total.addcmul_(self.sign, _packed_conv(self.sign * x, self._half_weight))
         h, w = self._image_shape
         total[:, h:] = 0
         total[:, :, w:] = 0
@@ -374,7 +373,7 @@ def _pseudo_inverse(dense: torch.Tensor) -> torch.Tensor:
 
 class _Multigrid:
     """Symmetric V-cycle: Jacobi smoothing, bilinear P, R = P^T, Galerkin coarse operators and an
-    exact (pseudo-inverse) solve on the coarsest grid. Fields are packed (H, W, N * C)."""
+    exact (pseudo-inverse) solve on the coarsest grid. Fields are packed (C, H, W, N)."""
 
     def __init__(self, fine: _FineOperator, coef: torch.Tensor, sweeps: int = 2, omega: float = 1.0,
                  coarse_omega: float = 1.7, coarsest: int = 5, coarse_sweeps: int = 2):
@@ -399,8 +398,7 @@ class _Multigrid:
         self.coarse_inverse = _pseudo_inverse(_dense(coef))
 
     def _restrict(self, r: torch.Tensor) -> torch.Tensor:
-        r = _pad_odd_packed(r)
-        return _from_conv(F.conv2d(_as_conv(r), self.kernel, stride=2, padding=1, groups=self.kernel.shape[0]))
+        return _packed_conv(_pad_odd_packed(r), self.kernel, stride=2)
 
     def _prolong(self, e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Bilinear interpolation from coarse point I at fine 2I, as the adjoint of _restrict
