@@ -5,9 +5,10 @@
 
 Prints three tables:
 1. noisy linear imputation per image and fraction: ours (one call for all images x 8 masks, and
-   one for ROAD's complementary pairs: MoRF at k with LeRF at 1 - k) beside scipy's spsolve on the same masks (system built vectorised, only the solve timed), a
-   faster SuperLU use (minimum degree on A + A^T, symmetric mode) and the reference implementation (pytorch-grad-cam's NoisyLinearImputer: Python build +
-   spsolve), with our max abs error against spsolve;
+   one for ROAD's complementary pairs: MoRF at k with LeRF at 1 - k) beside scipy's spsolve on
+   the same masks (system built vectorised, only the solve timed), a faster SuperLU use (minimum
+   degree on A + A^T, symmetric mode) and the reference implementation (pytorch-grad-cam's
+   NoisyLinearImputer: Python build + spsolve), with our max abs error against spsolve;
 2. ROAD per image on ResNet18 at 128 px: ours fp32 and bf16 beside pytorch-grad-cam's
    ROADCombined (fp32, percentiles 20/40/60/80), the imputation share, and the floor of 8
    forward passes (fp32 NCHW, fp32 channels_last input as ours runs, bf16 channels_last);
@@ -110,7 +111,8 @@ def bench_imputation(args):
         times["spsolve"].append(np.mean([spsolve_only(s) for s in systems]))
         times["splu"].append(np.mean([splu_symmetric_only(s) for s in systems]))
         times["reference"].append(np.mean([_timed(lambda i=i: imputer(xs[i], (~ms[i]).float())) for i in sub]))
-    ours, paired, sps, splu, ref = (float(np.median(times[k])) for k in ("ours", "pairs", "spsolve", "splu", "reference"))
+    ours, paired, sps, splu, ref = (float(np.median(times[k]))
+                                    for k in ("ours", "pairs", "spsolve", "splu", "reference"))
     print(f"\n## Noisy linear imputation, {args.size} px, {args.images} images x 8 masks (CAM-like maps), "
           f"median of {args.repeats} interleaved repeats")
     print("| method | ms per image and fraction | speed-up vs spsolve | max abs error vs spsolve |")

@@ -37,7 +37,8 @@ def available_metrics() -> list[str]:
 __all__ = sorted(METRICS) + [
     "evaluate", "EvaluationResult", "METRIC_NAMES", "MODEL_METRICS", "GT_METRICS", "EXPLAINER_METRICS",
     "METRICS", "get_metric", "available_metrics", "harmonic_mean", "default_topk", "linear_impute",
-    "linear_impute_complementary", "noisy_linear_impute", "removal_masks", "road_images", "RoadResult", "DEFAULT_FRACTIONS",
+    "linear_impute_complementary", "noisy_linear_impute", "removal_masks", "road_images", "RoadResult",
+    "DEFAULT_FRACTIONS",
     "Metric", "AverageDrop", "Complexity", "Coherency", "ADCC", "ROAD", "ARCC", "GTCosine", "PointingGame",
     "Sparseness", "RelevanceMassAccuracy", "RelevanceRankAccuracy", "TopKIntersection", "LocalisationAUC",
 ]

@@ -124,22 +124,16 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     if pairs and b:
         # MoRF at k and LeRF at 1 - k remove complementary pixel sets: one solve gives both
         morf, lerf = (list(index) for index in zip(*pairs))
-        images = work[:, None].expand(b, len(pairs), c, h, w).reshape(-1, c, h, w)
-        removed = masks[:, morf, 0].reshape(-1, h, w)
-        step = max(1, impute_batch_size // 2)
-        both = torch.cat([linear_impute_complementary(images[s:s + step], removed[s:s + step], tol=tol)
-                          for s in range(0, images.shape[0], step)]).view(b, len(pairs), 2, c, h, w)
+        both = _impute_in_batches(linear_impute_complementary, work, masks[:, morf, 0],
+                                  max(1, impute_batch_size // 2), tol).view(b, len(pairs), 2, c, h, w)
         filled[:, morf, 0] = both[:, :, 0]
         filled[:, lerf, 1] = both[:, :, 1]
     paired = {(i, 0) for i, _ in pairs} | {(j, 1) for _, j in pairs}
     alone = [(i, side) for i in range(len(fractions)) for side in (0, 1) if (i, side) not in paired]
     if alone and b:
         index_f, index_side = (list(index) for index in zip(*alone))
-        images = work[:, None].expand(b, len(alone), c, h, w).reshape(-1, c, h, w)
-        removed = masks[:, index_f, index_side].reshape(-1, h, w)
-        filled[:, index_f, index_side] = torch.cat(
-            [linear_impute(images[s:s + impute_batch_size], removed[s:s + impute_batch_size], tol=tol)
-             for s in range(0, images.shape[0], impute_batch_size)]).view(b, len(alone), c, h, w)
+        filled[:, index_f, index_side] = _impute_in_batches(
+            linear_impute, work, masks[:, index_f, index_side], impute_batch_size, tol).view(b, len(alone), c, h, w)
     masks = masks.reshape(-1, 1, h, w)
     filled = filled.view(b, 2 * len(fractions), c, h, w)
     if noise > 0:
@@ -151,6 +145,16 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
         filled.addcmul_(eps.to(device=filled.device, dtype=filled.dtype),
                         masks.view(b, 2 * len(fractions), 1, h, w).to(filled.dtype), value=noise)
     return filled.view(b, len(fractions), 2, c, h, w).to(x.dtype)
+
+
+def _impute_in_batches(impute, x: torch.Tensor, removed: torch.Tensor, batch_size: int, tol: float) -> torch.Tensor:
+    """impute(images, masks) for every image of x (B, C, H, W) and each of its K masks in removed
+    (B, K, H, W), in calls of ``batch_size`` systems, concatenated image-major."""
+    b, c, h, w = x.shape
+    images = x[:, None].expand(b, removed.shape[1], c, h, w).reshape(-1, c, h, w)
+    removed = removed.reshape(-1, h, w)
+    return torch.cat([impute(images[s:s + batch_size], removed[s:s + batch_size], tol=tol)
+                      for s in range(0, images.shape[0], batch_size)])
 
 
 def road_from_probabilities(probs: torch.Tensor, fractions: tuple) -> RoadResult:
