@@ -605,7 +605,7 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1
     if nothing_kept:
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
                          "linear imputation needs at least one kept pixel")
-    return _in_groups(_impute, images, m, tol, max_iter, stats)
+    return _in_groups(_impute, images, m, tol, max_iter, stats, torch.empty_like(images))
 
 
 def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1e-5,
@@ -623,7 +623,8 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     if one_sided:
         raise ValueError(f"removed mask removes every pixel or none of sample(s) {one_sided}: the "
                          "complementary imputation needs at least one removed and one kept pixel")
-    return _in_groups(_impute_complementary, images, m, tol, max_iter, stats)
+    n, c, h, w = images.shape
+    return _in_groups(_impute_complementary, images, m, tol, max_iter, stats, images.new_empty(n, 2, c, h, w))
 
 
 def _checked_mask(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -640,19 +641,19 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
 
 
 def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-               stats: dict | None) -> torch.Tensor:
+               stats: dict | None, out: torch.Tensor) -> torch.Tensor:
+    """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``."""
     chunk = images.shape[0] if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // images[0].numel())
-    if images.shape[0] <= chunk:
-        return impute(images, m, tol, max_iter, stats)
     # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
-    parts, iterations = [], 0
+    iterations = 0
     for start in range(0, images.shape[0], chunk):
         part_stats = {}
-        parts.append(impute(images[start:start + chunk], m[start:start + chunk], tol, max_iter, part_stats))
+        part = slice(start, start + chunk)
+        impute(images[part], m[part], tol, max_iter, part_stats, out[part])
         iterations = max(iterations, part_stats["iterations"])
     if stats is not None:
         stats["iterations"] = iterations
-    return torch.cat(parts)
+    return out
 
 
 # Systems per CPU group: 16 three-channel 128 x 128 images (a few MiB of working set) measured
@@ -660,26 +661,26 @@ def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_it
 _CPU_CHUNK_VALUES = 16 * 3 * 128 * 128
 
 
-def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, stats: dict | None) -> torch.Tensor:
+def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, stats: dict | None,
+            out: torch.Tensor) -> None:
+    """The imputation of a group of systems, written into ``out`` (like images)."""
     h, w = images.shape[-2:]
     coef, rhs = _system(images, m, complementary=False)
     op = _FineOperator(_pad_odd(m), coef[:, _CENTRE:_CENTRE + 1])
-    x = _solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats)
-    return torch.addcmul(images * (1 - m), _unpack(x)[..., :h, :w], m).contiguous()
+    x = _unpack(_solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
+    torch.where((m != 0).expand_as(images), x, images, out=out)
 
 
 def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-                          stats: dict | None) -> torch.Tensor:
+                          stats: dict | None, out: torch.Tensor) -> None:
+    """Both imputations of a group of pairs, written into ``out`` (N, 2, C, H, W)."""
     h, w = images.shape[-2:]
     coef, rhs = _system(images, m, complementary=True)
     op = _FineOperator(_pad_odd(torch.ones_like(m)), coef[:, _CENTRE:_CENTRE + 1], side=_pad_odd(m))
     x = _unpack(_solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
-    n, c = images.shape[:2]
-    out = images.new_empty(n, 2, c, h, w)
-    removed = (m != 0).expand(n, c, h, w)
+    removed = (m != 0).expand_as(images)
     torch.where(removed, x, images, out=out[:, 0])
     torch.where(removed, images, x, out=out[:, 1])
-    return out
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,

@@ -119,23 +119,27 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     b, c, h, w = x.shape
     masks = removal_masks(maps, fractions, tie_seed=tie_seed)  # (B, F, 2, H, W)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    filled = work.new_empty(b, len(fractions), 2, c, h, w)
+    slots = {}  # (fraction, side) -> its (B, C, H, W) imputed images
     pairs = complementary_pairs(removal_counts(fractions, h, w), h * w)
     if pairs and b:
         # MoRF at k and LeRF at 1 - k remove complementary pixel sets: one solve gives both
-        morf, lerf = (list(index) for index in zip(*pairs))
+        morf = [i for i, _ in pairs]
         both = _impute_in_batches(linear_impute_complementary, work, masks[:, morf, 0],
                                   max(1, impute_batch_size // 2), tol).view(b, len(pairs), 2, c, h, w)
-        filled[:, morf, 0] = both[:, :, 0]
-        filled[:, lerf, 1] = both[:, :, 1]
-    paired = {(i, 0) for i, _ in pairs} | {(j, 1) for _, j in pairs}
-    alone = [(i, side) for i in range(len(fractions)) for side in (0, 1) if (i, side) not in paired]
+        for p, (i, j) in enumerate(pairs):
+            slots[i, 0], slots[j, 1] = both[:, p, 0], both[:, p, 1]
+    alone = [(i, side) for i in range(len(fractions)) for side in (0, 1) if (i, side) not in slots]
     if alone and b:
         index_f, index_side = (list(index) for index in zip(*alone))
-        filled[:, index_f, index_side] = _impute_in_batches(
-            linear_impute, work, masks[:, index_f, index_side], impute_batch_size, tol).view(b, len(alone), c, h, w)
+        single = _impute_in_batches(linear_impute, work, masks[:, index_f, index_side], impute_batch_size,
+                                    tol).view(b, len(alone), c, h, w)
+        for a, slot in enumerate(alone):
+            slots[slot] = single[:, a]
+    if b:
+        filled = torch.stack([slots[i, side] for i in range(len(fractions)) for side in (0, 1)], dim=1)
+    else:
+        filled = work.new_empty(0, 2 * len(fractions), c, h, w)
     masks = masks.reshape(-1, 1, h, w)
-    filled = filled.view(b, 2 * len(fractions), c, h, w)
     if noise > 0:
         # one field for the batch, drawn on the CPU in float32: a draw of shape (B, ...) would tie
         # a sample's noise to its batch and position (the pipeline retries a failed batch image
@@ -153,8 +157,9 @@ def _impute_in_batches(impute, x: torch.Tensor, removed: torch.Tensor, batch_siz
     b, c, h, w = x.shape
     images = x[:, None].expand(b, removed.shape[1], c, h, w).reshape(-1, c, h, w)
     removed = removed.reshape(-1, h, w)
-    return torch.cat([impute(images[s:s + batch_size], removed[s:s + batch_size], tol=tol)
-                      for s in range(0, images.shape[0], batch_size)])
+    parts = [impute(images[s:s + batch_size], removed[s:s + batch_size], tol=tol)
+             for s in range(0, images.shape[0], batch_size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def road_from_probabilities(probs: torch.Tensor, fractions: tuple) -> RoadResult:
