@@ -244,3 +244,12 @@ def test_stress_mask_families_match_spsolve(size):
             ref = spsolve_impute(x[i].double().numpy(), mask.numpy())
             err = np.abs(out.double().numpy() - ref).max()
             assert err <= 5e-5, f"{size} mask {i} {name}: max abs error {err:.2e}"
+
+
+def test_empty_batch_gives_empty_results():
+    # an empty batch (e.g. an empty image-range shard) crashed with an IndexError
+    from validation.metrics.imputation import linear_impute_complementary
+    x, removed = torch.rand(0, 3, 8, 8), torch.zeros(0, 8, 8, dtype=torch.bool)
+    assert linear_impute(x, removed).shape == (0, 3, 8, 8)
+    assert noisy_linear_impute(x, removed).shape == (0, 3, 8, 8)
+    assert linear_impute_complementary(x, removed).shape == (0, 2, 3, 8, 8)

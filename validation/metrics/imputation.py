@@ -643,10 +643,11 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
 def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
                stats: dict | None, out: torch.Tensor) -> torch.Tensor:
     """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``."""
-    chunk = images.shape[0] if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // images[0].numel())
+    n = images.shape[0]
+    chunk = n if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // max(1, images[0:1].numel()))
     # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
     iterations = 0
-    for start in range(0, images.shape[0], chunk):
+    for start in range(0, n, max(1, chunk)):
         part_stats = {}
         part = slice(start, start + chunk)
         impute(images[part], m[part], tol, max_iter, part_stats, out[part])
