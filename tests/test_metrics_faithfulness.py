@@ -335,3 +335,26 @@ def test_input_errors_name_the_sample():
         complexity(torch.rand(3, 2, 16, 16))
     with pytest.raises(ValueError, match="target"):
         average_drop(model, x, torch.tensor([0, 1]), cam_maps(3, 16, 16))
+
+
+def test_images_of_another_dtype_than_the_model_raise_a_clear_error():
+    # torch's own "Input type (double) and bias type (float)" names neither argument nor fix
+    model = TinyConv()
+    x, maps, target = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
+    for metric in (average_drop, road):
+        with pytest.raises(ValueError, match=r"images x are torch.float64 but the model's weights are torch.float32"):
+            metric(model, x.double(), target, maps)
+    assert torch.equal(average_drop(model, x.double().float(), target, maps), average_drop(model, x, target, maps))
+    with pytest.raises(ValueError, match="images x are torch.float64"):  # autocast casts float32 only
+        road(model, x.double(), target, maps, bf16=True)
+
+    class CastsItsInput(torch.nn.Module):  # checked only on failure: a model may cast its input
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images):
+            return self.inner(images.float())
+
+    assert torch.allclose(average_drop(CastsItsInput(), x.double(), target, maps).float(),
+                          average_drop(model, x, target, maps))
