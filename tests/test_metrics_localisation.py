@@ -304,3 +304,15 @@ def test_per_row_kth_largest_and_auc_on_row_blocks(threads, path, monkeypatch):
     assert torch.equal(kth[:, 0], expected_kth)
     for i in range(37):
         assert auc[i].item() == pytest.approx(roc_auc_score(gt[i].flatten().numpy(), flat[i].numpy()), abs=1e-6)
+
+
+def test_half_precision_maps_are_computed_in_float32():
+    # float16 sums of 1024 values keep ~3 digits; the metrics convert half maps to float32
+    maps, gt = _tie_free()
+    half = maps.half()
+    for metric in (relevance_mass_accuracy, localisation_auc, pointing_game, topk_intersection, sparseness):
+        args = (half,) if metric is sparseness else (half, gt)
+        out = metric(*args)
+        assert out.dtype == torch.float32, metric.__name__
+        ref = metric(*((half.float(),) if metric is sparseness else (half.float(), gt)))
+        assert torch.equal(out, ref), metric.__name__

@@ -29,7 +29,7 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.T
         raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}")
     if shape is not None and tuple(maps.shape) != tuple(shape):
         raise ValueError(f"{name} shape {tuple(maps.shape)} does not match the expected (B, H, W) = {tuple(shape)}")
-    if not maps.is_floating_point():
+    if maps.dtype not in (torch.float32, torch.float64):  # integer and half maps: computed in float32
         maps = maps.float()
     flat = maps.flatten(1)
     lo, hi = flat.amin(1), flat.amax(1)  # NaN and Inf propagate into the extremes
