@@ -316,6 +316,22 @@ def test_class_forms_accumulate():
     assert torch.equal(cmx.update(maps), complexity(maps)) and cmx.compute()["values"].shape == (1,)
 
 
+def test_road_class_form_accumulates_curves_with_or_without_return_curves():
+    # ROAD(return_curves=True).update used to crash on RoadResult.detach
+    model, target = TinyConv(), torch.tensor([0, 1, 2, 3])
+    x, maps = smooth_images(4, 3, 16, 16, seed=3), cam_maps(4, 16, 16, seed=3)
+    full = road(model, x, target, maps, return_curves=True)
+    for options in ({}, {"return_curves": True}):
+        metric = ROAD(**options)
+        first = metric.update(model, x[:3], target[:3], maps[:3])
+        metric.update(model, x[3:], target[3:], maps[3:])
+        assert isinstance(first, torch.Tensor) != bool(options)
+        out = metric.compute()
+        assert torch.allclose(out["values"], full.score)
+        assert torch.allclose(out["morf"], full.morf) and torch.allclose(out["lerf"], full.lerf)
+        assert out["fractions"] == full.fractions and out["nan"] == 0
+
+
 def test_every_functional_takes_return_reasons():
     """One contract for all: (values, reasons) with return_reasons=True (the class forms rely on it)."""
     import inspect

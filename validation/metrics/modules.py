@@ -55,8 +55,38 @@ AverageDrop = _metric("AverageDrop", faithfulness.average_drop)
 Complexity = _metric("Complexity", faithfulness.complexity)
 Coherency = _metric("Coherency", faithfulness.coherency)
 ADCC = _metric("ADCC", faithfulness.adcc)
-ROAD = _metric("ROAD", road_module.road)
 ARCC = _metric("ARCC", faithfulness.arcc)
+
+
+class ROAD(Metric):
+    """Stateful form of :func:`validation.metrics.road.road`; ``compute()`` also returns the
+    accumulated curves: ``"morf"`` and ``"lerf"`` (N, F) and ``"fractions"``."""
+
+    function = staticmethod(road_module.road)
+
+    def reset(self) -> None:
+        super().reset()
+        self._curves: list[road_module.RoadResult] = []
+
+    def update(self, *args, **kwargs):
+        """Accumulates scores, reasons and curves; returns what ``road`` returns with the same
+        options (scores, or a RoadResult with ``return_curves=True``)."""
+        options = {**self.options, **kwargs}
+        result, reasons = road_module.road(*args, **{**options, "return_curves": True, "return_reasons": True})
+        self._values.append(result.score.detach())
+        self._curves.append(result)
+        self._reasons.extend(reasons)
+        return result if options.get("return_curves") else result.score
+
+    def compute(self) -> dict:
+        out = super().compute()
+        if self._curves:
+            out["morf"] = torch.cat([c.morf.detach() for c in self._curves])
+            out["lerf"] = torch.cat([c.lerf.detach() for c in self._curves])
+            out["fractions"] = self._curves[0].fractions
+        return out
+
+
 GTCosine = _metric("GTCosine", ground_truth.gt_cosine)
 PointingGame = _metric("PointingGame", localisation.pointing_game)
 Sparseness = _metric("Sparseness", localisation.sparseness)
