@@ -330,6 +330,8 @@ def test_road_class_form_accumulates_curves_with_or_without_return_curves():
         assert torch.allclose(out["values"], full.score)
         assert torch.allclose(out["morf"], full.morf) and torch.allclose(out["lerf"], full.lerf)
         assert out["fractions"] == full.fractions and out["nan"] == 0
+    with pytest.raises(ValueError, match="fractions"):
+        metric.update(model, x, target, maps, fractions=(0.5,))
 
 
 def test_every_functional_takes_return_reasons():

@@ -73,6 +73,9 @@ class ROAD(Metric):
         options (scores, or a RoadResult with ``return_curves=True``)."""
         options = {**self.options, **kwargs}
         result, reasons = road_module.road(*args, **{**options, "return_curves": True, "return_reasons": True})
+        if self._curves and result.fractions != self._curves[0].fractions:
+            raise ValueError(f"ROAD.update: fractions {result.fractions} differ from the accumulated "
+                             f"{self._curves[0].fractions}; reset() first or use one ROAD per set of fractions")
         self._values.append(result.score.detach())
         self._curves.append(result)
         self._reasons.extend(reasons)
