@@ -135,6 +135,17 @@ def test_coherency_nan_reasons():
     assert reasons == ["constant_map", "constant_recomputed_map"]
 
 
+def test_coherency_explainer_errors_are_clear():
+    x, maps, target = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="explainer returned ndarray"):  # was numpy's "order must be str"
+        coherency(x, target, maps, lambda xx, t: xx.mean(1).numpy())
+    with pytest.raises(ValueError, match=r"shape \(2, 8, 16\), expected \(2, 16, 16\)"):
+        coherency(x, target, maps, lambda xx, t: xx.mean(1)[:, :8])
+    # Pearson is scale-free: unnormalised recomputed maps (raw gradients) are fine
+    assert torch.allclose(coherency(x, target, maps, lambda xx, t: xx.mean(1) * 5 - 2),
+                          coherency(x, target, maps, lambda xx, t: xx.mean(1)))
+
+
 def test_harmonic_mean_definition_clipping_and_zero():
     a, b, c = torch.tensor([0.5, 0.0, 1.2, 0.3]), torch.tensor([0.25, 0.9, 1.0, -0.1]), torch.tensor([1.0, 0.5, 1.0, 0.4])
     h = harmonic_mean(a, b, c)

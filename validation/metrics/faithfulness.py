@@ -70,6 +70,8 @@ def recompute_maps(explainer, x: torch.Tensor, target: torch.Tensor) -> torch.Te
             raise TypeError("explainer must have .attribute(x, target) or be a callable (x, target) -> maps")
         attribute = explainer
     maps = attribute(x, target)
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"explainer returned {type(maps).__name__}, expected a (B, H, W) torch.Tensor")
     if maps.ndim == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if tuple(maps.shape) != (x.shape[0], *x.shape[-2:]):
