@@ -364,6 +364,13 @@ def test_input_errors_name_the_sample():
         complexity(torch.rand(3, 2, 16, 16))
     with pytest.raises(ValueError, match="target"):
         average_drop(model, x, torch.tensor([0, 1]), cam_maps(3, 16, 16))
+    # the forwards repeat each sample (AD: twice, ROAD: 2F times); the error names the sample, not the row
+    bad_class = torch.tensor([0, 6, 2])
+    for call in (lambda: average_drop(model, x, bad_class, cam_maps(3, 16, 16)),
+                 lambda: road(model, x, bad_class, cam_maps(3, 16, 16)),
+                 lambda: evaluate(model, x, bad_class, cam_maps(3, 16, 16), metrics=["average_drop", "road"])):
+        with pytest.raises(ValueError, match=r"target: sample\(s\) \[1\] have a class outside \[0, 6\)"):
+            call()
 
 
 def test_images_of_another_dtype_than_the_model_raise_a_clear_error():

@@ -106,7 +106,7 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
             targets.append(target.repeat_interleave(2 * len(fractions)))
         targets = torch.cat(targets)
         probs, predictions = probabilities_and_predictions(model, torch.cat(batches), targets,
-                                                           batch_size=batch_size, bf16=bf16)
+                                                           batch_size=batch_size, bf16=bf16, sample_target=target)
         base = probs[:b]
         result.probability, result.prediction = base, predictions[:b]
         offset = b

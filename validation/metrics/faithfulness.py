@@ -37,7 +37,7 @@ def average_drop(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Te
     x = check_images(x, maps)
     target = check_target(target, x.shape[0], x.device)
     probs = class_probabilities(model, torch.cat([x, x * maps[:, None].to(x.dtype)]), target.repeat(2),
-                                batch_size=batch_size, bf16=bf16)
+                                batch_size=batch_size, bf16=bf16, sample_target=target)
     base, masked = probs.chunk(2)
     return average_drop_from_probabilities(base, masked, return_reasons=return_reasons)
 

@@ -189,7 +189,7 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
                          impute_batch_size=impute_batch_size)
     per_image = 2 * len(fractions)
     probs = class_probabilities(model, images.flatten(0, 2), target.repeat_interleave(per_image),
-                                batch_size=batch_size, bf16=bf16)
+                                batch_size=batch_size, bf16=bf16, sample_target=target)
     result = road_from_probabilities(probs.view(x.shape[0], len(fractions), 2), fractions)
     values = result if return_curves else result.score
     return (values, [""] * x.shape[0]) if return_reasons else values
