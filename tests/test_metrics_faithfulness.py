@@ -364,6 +364,13 @@ def test_input_errors_name_the_sample():
         complexity(torch.rand(3, 2, 16, 16))
     with pytest.raises(ValueError, match="target"):
         average_drop(model, x, torch.tensor([0, 1]), cam_maps(3, 16, 16))
+    # ImageNet-normalised images (about [-2.1, 2.6]) would be normalised twice by the model: an error
+    normalised = x.clone()
+    normalised[1] = (normalised[1] - 0.45) / 0.225
+    for call in (lambda: average_drop(model, normalised, torch.tensor([0, 1, 2]), cam_maps(3, 16, 16)),
+                 lambda: road(model, normalised, torch.tensor([0, 1, 2]), cam_maps(3, 16, 16))):
+        with pytest.raises(ValueError, match=r"x: sample\(s\) \[1\] have values outside \[0, 1\]"):
+            call()
     # the forwards repeat each sample (AD: twice, ROAD: 2F times); the error names the sample, not the row
     bad_class = torch.tensor([0, 6, 2])
     for call in (lambda: average_drop(model, x, bad_class, cam_maps(3, 16, 16)),

@@ -51,9 +51,16 @@ def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     if (x.shape[0], *x.shape[-2:]) != tuple(maps.shape):
         raise ValueError(f"x shape {tuple(x.shape)} does not match maps shape {tuple(maps.shape)} "
                          "(need the same batch size and H, W)")
-    bad = _bad_samples(~torch.isfinite(x.flatten(1)).all(1))
+    lo, hi = x.flatten(1).aminmax(dim=1)  # NaN and Inf propagate into the extremes
+    bad = _bad_samples(~(torch.isfinite(lo) & torch.isfinite(hi)))
     if bad:
         raise ValueError(f"x: sample(s) {bad} contain NaN or Inf")
+    # normalised images (ImageNet mean/std: about [-2.1, 2.6]) would be normalised twice by the
+    # model and the ROAD noise would be on the wrong scale: a common, otherwise silent mistake
+    out_of_range = _bad_samples((lo < -RANGE_TOLERANCE) | (hi > 1 + RANGE_TOLERANCE))
+    if out_of_range:
+        raise ValueError(f"x: sample(s) {out_of_range} have values outside [0, 1]: the metrics take images "
+                         "in [0, 1] and the model normalises them (pass the images before normalisation)")
     return x
 
 
