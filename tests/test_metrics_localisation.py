@@ -316,3 +316,15 @@ def test_half_precision_maps_are_computed_in_float32():
         assert out.dtype == torch.float32, metric.__name__
         ref = metric(*((half.float(),) if metric is sparseness else (half.float(), gt)))
         assert torch.equal(out, ref), metric.__name__
+
+
+def test_option_errors():
+    # each used to return numbers: k=2.5 ran as k=2, threshold 0 put every pixel in S
+    maps, gt = _tie_free()
+    with pytest.raises(ValueError, match="k must be an integer, got 2.5"):
+        topk_intersection(maps, gt, k=2.5)
+    for threshold in (0.0, 1.5, -0.1):
+        for metric in (relevance_mass_accuracy, localisation_auc, pointing_game):
+            with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+                metric(maps, gt, threshold=threshold)
+    assert torch.equal(topk_intersection(maps, gt, k=20.0), topk_intersection(maps, gt, k=20))

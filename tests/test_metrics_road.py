@@ -264,3 +264,9 @@ def test_paired_imputation_equals_separate_solves(monkeypatch):
     assert (paired - separate).abs().max() <= 2e-5
     removed = removal_masks(maps, fractions)[:, :, :, None].expand_as(paired)
     assert torch.equal(paired[~removed], x[:, None, None].expand_as(paired)[~removed])
+
+
+def test_impute_batch_size_must_be_positive():
+    x, maps = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16)
+    with pytest.raises(ValueError, match="impute_batch_size must be >= 1, got 0"):
+        road_images(x, maps, impute_batch_size=0)

@@ -33,6 +33,8 @@ __all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "rel
 
 def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Validated (B, H*W) float32 0/1 mask S = gt >= threshold (float: reductions on it are fast)."""
+    if not 0 < threshold <= 1:  # 0 puts every pixel in S, above 1 none: always a mistake
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     gt = check_maps(gt, "gt", shape=maps.shape)
     return _indicator(torch.ge, gt.flatten(1), threshold)
 
@@ -156,6 +158,8 @@ def topk_intersection(maps: torch.Tensor, gt: torch.Tensor, *, k: int | None = N
     inside = ground_truth_set(gt, maps, threshold)
     flat = _flat(maps)
     n = flat.shape[1]
+    if k is not None and (isinstance(k, bool) or int(k) != k):  # int(2.5) would silently be 2
+        raise ValueError(f"k must be an integer, got {k!r}")
     k = default_topk(*maps.shape[-2:]) if k is None else int(k)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, H*W = {n}], got {k}")

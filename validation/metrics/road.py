@@ -115,6 +115,8 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     x = check_images(x, maps)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    if impute_batch_size < 1:
+        raise ValueError(f"impute_batch_size must be >= 1, got {impute_batch_size}")
     fractions = check_fractions(fractions)
     b, c, h, w = x.shape
     masks = removal_masks(maps, fractions, tie_seed=tie_seed)  # (B, F, 2, H, W)
