@@ -111,6 +111,20 @@ def test_bad_inputs_raise():
         linear_impute(x, torch.stack([torch.zeros(16, 16), torch.ones(16, 16)]))
     with pytest.raises(TypeError, match="floating"):
         linear_impute(x.to(torch.uint8), torch.zeros(2, 16, 16))
+    # each used to return a result (NaN everywhere in the group, or after a warning)
+    removed = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(3)) < 0.5
+    nan_image = x.clone()
+    nan_image[1, 0, 3, 3] = float("nan")
+    from validation.metrics.imputation import linear_impute_complementary
+    for impute in (linear_impute, linear_impute_complementary):
+        with pytest.raises(ValueError, match=r"images: sample\(s\) \[1\] contain NaN or Inf"):
+            impute(nan_image, removed)
+        with pytest.raises(ValueError, match="tol must be > 0"):
+            impute(x, removed, tol=0)
+        with pytest.raises(ValueError, match="max_iter must be >= 0"):
+            impute(x, removed, max_iter=-1)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        noisy_linear_impute(x, removed, noise=-0.1)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (4, 4), (5, 5), (12, 5), (96, 6), (3, 70)])

@@ -601,7 +601,7 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = 1
     images' dtype (float32: max abs error 1e-7 to 3e-6 against the exact solution on [0,1] images
     with CAM-shaped holes, up to ~3e-5 on the most ill-conditioned masks, one kept pixel).
     """
-    m = _checked_mask(images, removed)
+    m = _checked_mask(images, removed, tol, max_iter)
     nothing_kept = (m.flatten(1).amin(1) > 0).nonzero().flatten().tolist()
     if nothing_kept:
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
@@ -619,7 +619,7 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     storage per pair and one multigrid hierarchy instead of two. ROAD's MoRF at fraction k and
     LeRF at 1 - k are such a pair. Every sample must remove at least one pixel and keep one.
     """
-    m = _checked_mask(images, removed)
+    m = _checked_mask(images, removed, tol, max_iter)
     one_sided = ((m.flatten(1).amin(1) > 0) | (m.flatten(1).amax(1) == 0)).nonzero().flatten().tolist()
     if one_sided:
         raise ValueError(f"removed mask removes every pixel or none of sample(s) {one_sided}: the "
@@ -628,7 +628,12 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     return _in_groups(_impute_complementary, images, m, tol, max_iter, stats, images.new_empty(n, 2, c, h, w))
 
 
-def _checked_mask(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """The removed mask as 0/1 in the images' dtype (N, 1, H, W); clear errors for bad input."""
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if removed.ndim == 3:
@@ -638,6 +643,9 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
                          f"{tuple(images.shape)}: expected (N, H, W) or (N, 1, H, W)")
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point, got {images.dtype}")
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()
+    if bad:  # a NaN spreads through the whole solve of its group
+        raise ValueError(f"images: sample(s) {bad} contain NaN or Inf")
     return (removed != 0).to(images.dtype)
 
 
@@ -692,6 +700,8 @@ def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: f
     The noise is drawn from ``generator`` (a seeded ``torch.Generator`` on the images' device);
     with ``generator=None`` a generator seeded with 0 is used, so results are reproducible.
     """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     filled = linear_impute(images, removed, **solver)
     if noise == 0:
         return filled
