@@ -249,6 +249,8 @@ def test_evaluate_matches_functionals_and_shares_forwards():
     assert set(res.reasons) == set(res)
     rows = res.records(sample_ids=["a", "b", "c"])
     assert len(rows) == 9 * 3 and rows[0]["sample"] == "a"
+    with pytest.raises(ValueError, match="sample_ids has 2 entries for 3 samples"):  # zip dropped a row
+        res.records(sample_ids=["a", "b"])
 
 
 def test_evaluate_road_alone_and_localisation_only():

@@ -50,6 +50,8 @@ class EvaluationResult(dict):
         """Long table: one dict per (sample, metric) with value and reason."""
         rows = []
         for name, values in self.items():
+            if sample_ids is not None and len(sample_ids) != values.shape[0]:  # zip would drop rows
+                raise ValueError(f"sample_ids has {len(sample_ids)} entries for {values.shape[0]} samples")
             ids = range(values.shape[0]) if sample_ids is None else sample_ids
             for i, (sid, v) in enumerate(zip(ids, values.tolist())):
                 rows.append({"sample": sid, "metric": name, "value": v, "reason": self.reasons[name][i]})
