@@ -141,6 +141,10 @@ def test_coherency_explainer_errors_are_clear():
         coherency(x, target, maps, lambda xx, t: xx.mean(1).numpy())
     with pytest.raises(ValueError, match=r"shape \(2, 8, 16\), expected \(2, 16, 16\)"):
         coherency(x, target, maps, lambda xx, t: xx.mean(1)[:, :8])
+    with pytest.raises(ValueError, match=r"recomputed: NaN or Inf maps for sample\(s\) \[1\]"):
+        coherency(x, target, maps, None, recomputed=torch.stack([x[0].mean(0), torch.full((16, 16), float("nan"))]))
+    with pytest.raises(ValueError, match=r"recomputed: maps of shape \(1, 16, 16\)"):
+        coherency(x, target, maps, None, recomputed=x[:1].mean(1))
     # Pearson is scale-free: unnormalised recomputed maps (raw gradients) are fine
     assert torch.allclose(coherency(x, target, maps, lambda xx, t: xx.mean(1) * 5 - 2),
                           coherency(x, target, maps, lambda xx, t: xx.mean(1)))

@@ -69,17 +69,20 @@ def recompute_maps(explainer, x: torch.Tensor, target: torch.Tensor) -> torch.Te
         if not callable(explainer):
             raise TypeError("explainer must have .attribute(x, target) or be a callable (x, target) -> maps")
         attribute = explainer
-    maps = attribute(x, target)
+    return _checked_recomputed(attribute(x, target), x, "explainer returned")
+
+
+def _checked_recomputed(maps, x: torch.Tensor, source: str) -> torch.Tensor:
+    """M(X * L) as (B, H, W): any real values (Pearson is scale-free), clear errors otherwise."""
     if not isinstance(maps, torch.Tensor):
-        raise TypeError(f"explainer returned {type(maps).__name__}, expected a (B, H, W) torch.Tensor")
+        raise TypeError(f"{source} {type(maps).__name__}, expected a (B, H, W) torch.Tensor")
     if maps.ndim == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if tuple(maps.shape) != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"explainer returned maps of shape {tuple(maps.shape)}, expected "
-                         f"{(x.shape[0], *x.shape[-2:])}")
+        raise ValueError(f"{source} maps of shape {tuple(maps.shape)}, expected {(x.shape[0], *x.shape[-2:])}")
     bad = (~torch.isfinite(maps.flatten(1)).all(1)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"explainer returned NaN or Inf maps for sample(s) {bad} (on X * L)")
+        raise ValueError(f"{source} NaN or Inf maps for sample(s) {bad} (on X * L)")
     return maps
 
 
@@ -96,6 +99,8 @@ def coherency(x: torch.Tensor, target, maps: torch.Tensor, explainer, *, recompu
     target = check_target(target, x.shape[0], x.device)
     if recomputed is None:
         recomputed = recompute_maps(explainer, x * maps[:, None].to(x.dtype), target)
+    else:
+        recomputed = _checked_recomputed(recomputed, x, "recomputed:")
     r, flat_l, flat_m = pearson(maps, recomputed)
     value = ((r + 1) / 2).to(maps.dtype)
     return finish(value, [(CONSTANT_MAP, flat_l), (CONSTANT_RECOMPUTED_MAP, flat_m)], return_reasons)
