@@ -31,15 +31,7 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.T
         raise ValueError(f"{name} shape {tuple(maps.shape)} does not match the expected (B, H, W) = {tuple(shape)}")
     if maps.dtype not in (torch.float32, torch.float64):  # integer and half maps: computed in float32
         maps = maps.float()
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1), flat.amax(1)  # NaN and Inf propagate into the extremes
-    bad = _bad_samples(~(torch.isfinite(lo) & torch.isfinite(hi)))
-    if bad:
-        raise ValueError(f"{name}: sample(s) {bad} contain NaN or Inf")
-    out_of_range = _bad_samples((lo < -RANGE_TOLERANCE) | (hi > 1 + RANGE_TOLERANCE))
-    if out_of_range:
-        raise ValueError(f"{name}: sample(s) {out_of_range} have values outside [0, 1] "
-                         "(normalise each map per sample first)")
+    lo, hi = _finite_in_unit_range(maps, name, " (normalise each map per sample first)")
     if bool((lo < 0).any() or (hi > 1).any()):
         maps = maps.clamp(0, 1)
     return maps
@@ -51,17 +43,24 @@ def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     if (x.shape[0], *x.shape[-2:]) != tuple(maps.shape):
         raise ValueError(f"x shape {tuple(x.shape)} does not match maps shape {tuple(maps.shape)} "
                          "(need the same batch size and H, W)")
-    lo, hi = x.flatten(1).aminmax(dim=1)  # NaN and Inf propagate into the extremes
-    bad = _bad_samples(~(torch.isfinite(lo) & torch.isfinite(hi)))
-    if bad:
-        raise ValueError(f"x: sample(s) {bad} contain NaN or Inf")
     # normalised images (ImageNet mean/std: about [-2.1, 2.6]) would be normalised twice by the
     # model and the ROAD noise would be on the wrong scale: a common, otherwise silent mistake
+    _finite_in_unit_range(x, "x", ": the metrics take images in [0, 1] and the model normalises them "
+                                  "(pass the images before normalisation)")
+    return x
+
+
+def _finite_in_unit_range(values: torch.Tensor, name: str, hint: str):
+    """Per-sample (min, max) of values (B, ...); ValueError naming the samples with NaN or Inf,
+    then those outside [0, 1] beyond RANGE_TOLERANCE (``hint`` is appended to that message)."""
+    lo, hi = values.flatten(1).aminmax(dim=1)  # NaN and Inf propagate into the extremes
+    bad = _bad_samples(~(torch.isfinite(lo) & torch.isfinite(hi)))
+    if bad:
+        raise ValueError(f"{name}: sample(s) {bad} contain NaN or Inf")
     out_of_range = _bad_samples((lo < -RANGE_TOLERANCE) | (hi > 1 + RANGE_TOLERANCE))
     if out_of_range:
-        raise ValueError(f"x: sample(s) {out_of_range} have values outside [0, 1]: the metrics take images "
-                         "in [0, 1] and the model normalises them (pass the images before normalisation)")
-    return x
+        raise ValueError(f"{name}: sample(s) {out_of_range} have values outside [0, 1]{hint}")
+    return lo, hi
 
 
 def check_target(target, batch: int, device) -> torch.Tensor:

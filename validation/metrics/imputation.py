@@ -104,8 +104,7 @@ def _galerkin_kernel(dtype, device) -> torch.Tensor:
 def _depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """3x3 cross-correlation of every channel with ``kernel`` (channels_last: the fast CPU path)."""
     c = x.shape[1]
-    weight = kernel.expand(c, 1, 3, 3).contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, padding=1, groups=c)
+    return F.conv2d(x.contiguous(memory_format=torch.channels_last), _depthwise_weight(kernel, c), padding=1, groups=c)
 
 
 def _shifted(field: torch.Tensor) -> torch.Tensor:
@@ -169,10 +168,10 @@ def _system(images: torch.Tensor, m: torch.Tensor, complementary: bool):
     # each side's data is the convolution of the other side's pixels alone: the shorter
     # m K(I) - s K(I m) cancels two O(12) sums to ~1e-6 where the data is zero, an error the
     # ill-conditioned systems of tiny kept sets amplify to ~1e-4
-    kept_images = packed_images * (1 - packed_m)
-    torch.mul(packed_m, _packed_conv(kept_images, weight), out=rhs[:, :h, :w])
+    packed_kept = 1 - packed_m
+    torch.mul(packed_m, _packed_conv(packed_images * packed_kept, weight), out=rhs[:, :h, :w])
     if complementary:
-        rhs[:, :h, :w].addcmul_(1 - packed_m, _packed_conv(packed_images * packed_m, weight))
+        rhs[:, :h, :w].addcmul_(packed_kept, _packed_conv(packed_images * packed_m, weight))
     return coef, rhs
 
 
@@ -314,16 +313,17 @@ class _FineOperator:
     def neighbours(self, x: torch.Tensor) -> torch.Tensor:
         if self.side is None:
             return self.conv(x)
-        total = _packed_conv(x, self._half_weight)
-        total.addcmul_(self.sign, _packed_conv(self.sign * x, self._half_weight))
-        return self._zero_padding(total)
+        return self._same_side(x, self._half_weight)
 
-    def _zero_padding(self, field: torch.Tensor) -> torch.Tensor:
-        """Pairs' sums are K x / 2 on the odd-size padding (s = 0 there): zeroed."""
+    def _same_side(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Pairs: W x + s W(s x), each pixel summing only its own side's terms; zeroed on the
+        odd-size padding, where it is W x (s = 0 there)."""
+        total = _packed_conv(x, weight)
+        total.addcmul_(self.sign, _packed_conv(self.sign * x, weight))
         h, w = self._image_shape
-        field[:, h:] = 0
-        field[:, :, w:] = 0
-        return field
+        total[:, h:] = 0
+        total[:, :, w:] = 0
+        return total
 
     def masked_neighbours(self, x: torch.Tensor) -> torch.Tensor:
         """neighbours(x), zero off the active pixels (for pairs it is already)."""
@@ -332,11 +332,9 @@ class _FineOperator:
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
         """12 x - neighbours(x) (x zero off the active pixels), before the border correction;
         for plain systems not yet masked."""
-        total = _packed_conv(x, self._folded_weight)
         if self.side is None:
-            return total
-        total.addcmul_(self.sign, _packed_conv(self.sign * x, self._folded_weight))
-        return self._zero_padding(total)
+            return _packed_conv(x, self._folded_weight)
+        return self._same_side(x, self._folded_weight)
 
     def _correct_border(self, y: torch.Tensor, x: torch.Tensor, sign: int) -> torch.Tensor:
         """y += sign * (12 - d) x on the image border (the only pixels where d != 12)."""
