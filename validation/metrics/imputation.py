@@ -687,8 +687,10 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
                          f"{tuple(images.shape)}: expected (N, H, W) or (N, 1, H, W)")
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point, got {images.dtype}")
-    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()
-    if bad:  # a NaN spreads through the whole solve of its group
+    # a NaN spreads through the whole solve of its group; one aminmax pass (NaN and Inf reach the
+    # extremes) is ~10x cheaper than isfinite on every value, which runs only to name the samples
+    if images.numel() and not bool(torch.isfinite(torch.stack(images.aminmax())).all()):
+        bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()
         raise ValueError(f"images: sample(s) {bad} contain NaN or Inf")
     return (removed != 0).to(images.dtype)
 
