@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_images, check_maps, check_target
 from ._forward import class_probabilities
-from .imputation import linear_impute, linear_impute_complementary
+from .imputation import DEFAULT_TOL, linear_impute, linear_impute_complementary
 
 __all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "RoadResult", "DEFAULT_FRACTIONS"]
 
@@ -102,7 +102,7 @@ def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACT
 
 def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
                 noise: float = 0.01, seed: int = 0, tie_seed: int = 0, impute_batch_size: int = 64,
-                tol: float = 1e-5) -> torch.Tensor:
+                tol: float = DEFAULT_TOL) -> torch.Tensor:
     """All perturbed images, (B, F, 2, C, H, W): [:, :, 0] MoRF, [:, :, 1] LeRF, in [0, 1] units.
 
     Removed pixels get ``noise`` times one standard normal (C, H, W) field per (fraction,
