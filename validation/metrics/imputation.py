@@ -681,7 +681,8 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = D
     images: (N, C, H, W) floating; removed: (N, H, W) or (N, 1, H, W), nonzero/True where a pixel
     is imputed. Returns a tensor like ``images`` with kept pixels unchanged. The solve runs in the
     images' dtype (float32: max abs error up to ~2e-5 against the exact solution on [0,1] images
-    with CAM-shaped holes and on the most ill-conditioned masks tried, such as one kept pixel).
+    with CAM-shaped holes and on the most ill-conditioned masks tried up to 448 px; float32's
+    floor reaches 4.7e-5 for a kept 8x8 block in a 896 px image, where float64 images give 1e-7).
     """
     m = _checked_mask(images, removed, tol, max_iter)
     nothing_kept = (m.flatten(1).amin(1) > 0).nonzero().flatten().tolist()
