@@ -705,14 +705,15 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     one pixel and keep one.
     """
     m = _checked_mask(images, removed, tol, max_iter)
-    one_sided = ((m.flatten(1).amin(1) > 0) | (m.flatten(1).amax(1) == 0)).nonzero().flatten().tolist()
+    n, c, h, w = images.shape
+    removed_count = (m.flatten(1) != 0).sum(1)  # exact integers
+    smaller_side = torch.minimum(removed_count, h * w - removed_count)
+    one_sided = (smaller_side == 0).nonzero().flatten().tolist()
     if one_sided:
         raise ValueError(f"removed mask removes every pixel or none of sample(s) {one_sided}: the "
                          "complementary imputation needs at least one removed and one kept pixel")
-    n, c, h, w = images.shape
     out = images.new_empty(n, 2, c, h, w)
-    removed_count = m.flatten(1).sum(1)
-    lopsided = torch.minimum(removed_count, h * w - removed_count) < _LOPSIDED_FRACTION * h * w
+    lopsided = smaller_side < _LOPSIDED_FRACTION * h * w
     if not bool(lopsided.any()):
         return _in_groups(_impute_complementary, images, m, tol, max_iter, stats, out)
     paired, alone = (~lopsided).nonzero().flatten(), lopsided.nonzero().flatten()
