@@ -1,4 +1,7 @@
 """Noisy linear imputation against a float64 scipy spsolve reference and the reference code."""
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +185,42 @@ def test_full_multigrid_start_and_warning_when_max_iter_reached():
     ref = np.stack([spsolve_impute(x[i].double().numpy(), removed[i].numpy()) for i in range(2)])
     assert np.abs(guess.double().numpy() - ref).max() < 2e-3  # measured 2.3e-4
 
+
+
+def test_imputation_warning_names_the_samples_once_at_the_callers_line():
+    # float64, tol 1e-10, two iterations: the one-pixel hole is exact after one (met), the large
+    # hole is not. One warning per call (not one per group of systems), naming the sample and
+    # pointing at the user's line, also through noisy_linear_impute and ROAD's road_images.
+    from validation.metrics import road_images
+    from validation.metrics.imputation import linear_impute_complementary
+    x = smooth_images(3, 3, 32, 32, seed=13).double()
+    removed = torch.zeros(3, 32, 32, dtype=torch.bool)
+    removed[0, 5, 7] = True
+    removed[1] = torch.rand(32, 32, generator=torch.Generator().manual_seed(14)) < 0.6
+    removed[2, 20, 3] = True
+    lopsided = removed[:2].clone()
+    lopsided[0, 25, 25] = lopsided[0, 10, 28] = lopsided[0, 30, 1] = True
+    calls = {
+        "linear_impute": lambda: linear_impute(x, removed, tol=1e-10, max_iter=2),
+        "noisy_linear_impute": lambda: noisy_linear_impute(x, removed, tol=1e-10, max_iter=2),
+        # sample 0 is lopsided (four removed pixels): solved as two single systems, whose hard
+        # side (four kept pixels) falls short; sample 1 goes through the pair path
+        "linear_impute_complementary": lambda: linear_impute_complementary(x[:2], lopsided, tol=1e-10,
+                                                                           max_iter=2),
+    }
+    expected = {"linear_impute": r"sample\(s\) \[1\] of 3;", "noisy_linear_impute": r"sample\(s\) \[1\] of 3;",
+                "linear_impute_complementary": r"sample\(s\) \[0, 1\] of 2;"}
+    for name, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert len(caught) == 1, name
+        assert re.search(expected[name], str(caught[0].message)), (name, str(caught[0].message))
+        assert caught[0].filename == __file__, (name, caught[0].filename)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        road_images(x[1:2].float(), torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(3)), tol=1e-9)
+    assert caught and all(w.filename == __file__ and "stopped after" in str(w.message) for w in caught)
 
 @pytest.mark.parametrize("size", [(32, 32), (33, 40), (5, 7)])
 def test_complementary_pair_matches_spsolve_on_both_sides(size):

@@ -31,6 +31,8 @@ preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on th
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import torch
@@ -582,7 +584,7 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
-def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) -> torch.Tensor:
+def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, report: dict) -> torch.Tensor:
     """Multigrid-preconditioned CG with residual replacement on packed fields, every system
     stopping on its own.
 
@@ -602,6 +604,10 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
     residual of the initial guess. When a system's meets ``tol``, the plain float32 residual of
     its iterate is checked (its rounding, ~1e-6, is well below ``tol``); if that fails, the
     system goes on from its exactly computed residual.
+
+    Fills ``report`` (see ``_Report``): the iterations run, and which systems stopped without
+    meeting both limits (stalled near float32's floor or out of iterations), with their worst
+    residual and update.
     """
     # one Jacobi sweep each way on the fine level of complementary pairs (each sweep costs two
     # convolutions there): 6 cheaper iterations instead of 5, ~8 % faster; two for plain systems
@@ -659,19 +665,62 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, stats=None) 
         p, rz = next_direction(r, p, rz)
     # systems that gave up or ran out of iterations: their true residual, for the warning
     unmet = ~((residual <= tol) & (step <= step_tol))
-    if unmet.any():
+    short = bool(unmet.any())
+    if short:
         residual = torch.where(unmet, _system_max_abs(op.residual(rhs, x)), residual)
         unmet = ~((residual <= tol) & (step <= step_tol))
-    if unmet.any():
-        # inf: the update is measured only once the residual has met tol
-        worst_residual, worst_step = residual[unmet].max().item(), step[unmet].max().item()
-        warnings.warn(f"linear imputation stopped after {iterations} iterations with max residual "
-                      f"{worst_residual:.2e} (tol {tol:.0e}) and last update {worst_step:.2e} (limit "
-                      f"{step_tol:.0e}) in {int(unmet.sum())} of {unmet.numel()} systems; the result "
-                      "may be inaccurate", RuntimeWarning, stacklevel=4)
-    if stats is not None:
-        stats["iterations"] = iterations
+        short = bool(unmet.any())
+    report.update(iterations=iterations, unmet=unmet,
+                  worst_residual=residual[unmet].max().item() if short else 0.0,
+                  # inf: the update is measured only once the residual has met tol
+                  worst_step=step[unmet].max().item() if short else 0.0)
     return x
+
+
+class _Report:
+    """What the solves of one public call did, over all of its groups: the most iterations any
+    group ran, and the samples whose systems stopped without meeting the limits."""
+
+    def __init__(self, samples: int, device):
+        self.iterations = 0
+        self.unmet = torch.zeros(samples, dtype=torch.bool, device=device)
+        self.worst_residual = self.worst_step = 0.0
+
+    def add(self, group: dict, samples) -> None:
+        """Merge the report of one solve whose systems belong to ``samples`` (a slice or an index
+        tensor of this call's samples)."""
+        self.iterations = max(self.iterations, group["iterations"])
+        if torch.is_tensor(samples):  # may repeat a sample (both sides of a lopsided pair)
+            self.unmet[samples[group["unmet"]]] = True
+        else:
+            self.unmet[samples] |= group["unmet"]
+        self.worst_residual = max(self.worst_residual, group["worst_residual"])
+        self.worst_step = max(self.worst_step, group["worst_step"])
+
+    def finish(self, tol: float, stats: dict | None) -> None:
+        """Warn once for the whole call, at the user's line, if any sample's solve fell short."""
+        if stats is not None:
+            stats["iterations"] = self.iterations
+        if not bool(self.unmet.any()):
+            return
+        bad = self.unmet.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+        warnings.warn(f"linear imputation stopped after {self.iterations} iterations with max residual "
+                      f"{self.worst_residual:.2e} (tol {tol:.0e}) and last update {self.worst_step:.2e} "
+                      f"(limit {_STEP_TOL_PER_TOL * tol:.0e}) in sample(s) [{shown}] of {self.unmet.numel()}; "
+                      "their result may be inaccurate", RuntimeWarning, stacklevel=_stacklevel_outside_package())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` that makes a warning raised by our caller name the first frame outside
+    this package: the user's line, however deep in the library the warning was raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = DEFAULT_TOL,
@@ -689,7 +738,10 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = D
     if nothing_kept:
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
                          "linear imputation needs at least one kept pixel")
-    return _in_groups(_impute, images, m, tol, max_iter, stats, torch.empty_like(images))
+    report = _Report(images.shape[0], images.device)
+    out = _in_groups(_impute, images, m, tol, max_iter, report, slice(None), torch.empty_like(images))
+    report.finish(tol, stats)
+    return out
 
 
 def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, tol: float = DEFAULT_TOL,
@@ -713,22 +765,20 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
         raise ValueError(f"removed mask removes every pixel or none of sample(s) {one_sided}: the "
                          "complementary imputation needs at least one removed and one kept pixel")
     out = images.new_empty(n, 2, c, h, w)
+    report = _Report(n, images.device)
     lopsided = smaller_side < _LOPSIDED_FRACTION * h * w
     if not bool(lopsided.any()):
-        return _in_groups(_impute_complementary, images, m, tol, max_iter, stats, out)
-    paired, alone = (~lopsided).nonzero().flatten(), lopsided.nonzero().flatten()
-    iterations = 0
-    if paired.numel():
-        part = {}
-        out[paired] = _in_groups(_impute_complementary, images[paired], m[paired], tol, max_iter, part,
-                                 out.new_empty(paired.numel(), 2, c, h, w))
-        iterations = part["iterations"]
-    part, k = {}, alone.numel()
-    sides = _in_groups(_impute, images[alone].repeat(2, 1, 1, 1), torch.cat([m[alone], 1 - m[alone]]), tol,
-                       max_iter, part, images.new_empty(2 * k, c, h, w))
-    out[alone] = sides.view(2, k, c, h, w).transpose(0, 1)
-    if stats is not None:
-        stats["iterations"] = max(iterations, part["iterations"])
+        _in_groups(_impute_complementary, images, m, tol, max_iter, report, slice(None), out)
+    else:
+        paired, alone = (~lopsided).nonzero().flatten(), lopsided.nonzero().flatten()
+        if paired.numel():
+            out[paired] = _in_groups(_impute_complementary, images[paired], m[paired], tol, max_iter, report,
+                                     paired, out.new_empty(paired.numel(), 2, c, h, w))
+        k = alone.numel()
+        sides = _in_groups(_impute, images[alone].repeat(2, 1, 1, 1), torch.cat([m[alone], 1 - m[alone]]), tol,
+                           max_iter, report, alone.repeat(2), images.new_empty(2 * k, c, h, w))
+        out[alone] = sides.view(2, k, c, h, w).transpose(0, 1)
+    report.finish(tol, stats)
     return out
 
 
@@ -765,19 +815,18 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
 
 
 def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-               stats: dict | None, out: torch.Tensor) -> torch.Tensor:
-    """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``."""
+               report: _Report, samples, out: torch.Tensor) -> torch.Tensor:
+    """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``;
+    ``samples`` (a slice or an index tensor) says which of the call's samples these systems
+    belong to, for ``report``."""
     n = images.shape[0]
     chunk = n if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // max(1, images[0:1].numel()))
     # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
-    iterations = 0
     for start in range(0, n, max(1, chunk)):
-        part_stats = {}
+        group = {}
         part = slice(start, start + chunk)
-        impute(images[part], m[part], tol, max_iter, part_stats, out[part])
-        iterations = max(iterations, part_stats["iterations"])
-    if stats is not None:
-        stats["iterations"] = iterations
+        impute(images[part], m[part], tol, max_iter, group, out[part])
+        report.add(group, samples[part] if torch.is_tensor(samples) else part)
     return out
 
 
@@ -786,7 +835,7 @@ def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_it
 _CPU_CHUNK_VALUES = 16 * 3 * 128 * 128
 
 
-def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, stats: dict | None,
+def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, report: dict,
             out: torch.Tensor) -> None:
     """The imputation of a group of systems, written into ``out`` (like images).
 
@@ -801,17 +850,17 @@ def _impute(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int, st
     h, w = images.shape[-2:]
     coef, rhs, shift = _system(images, m, complementary=False, centred=True)
     op = _FineOperator(_pad_odd(m), coef[:, _CENTRE:_CENTRE + 1], (h, w))
-    solution = _solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats).add_(shift)
+    solution = _solve(op, coef, rhs, tol=tol, max_iter=max_iter, report=report).add_(shift)
     torch.where((m != 0).expand_as(images), _unpack(solution)[..., :h, :w], images, out=out)
 
 
 def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-                          stats: dict | None, out: torch.Tensor) -> None:
+                          report: dict, out: torch.Tensor) -> None:
     """Both imputations of a group of pairs, written into ``out`` (N, 2, C, H, W)."""
     h, w = images.shape[-2:]
     coef, rhs, _ = _system(images, m, complementary=True)
     op = _FineOperator(_pad_odd(torch.ones_like(m)), coef[:, _CENTRE:_CENTRE + 1], (h, w), side=_pad_odd(m))
-    x = _unpack(_solve(op, coef, rhs, tol=tol, max_iter=max_iter, stats=stats))[..., :h, :w]
+    x = _unpack(_solve(op, coef, rhs, tol=tol, max_iter=max_iter, report=report))[..., :h, :w]
     removed = (m != 0).expand_as(images)
     torch.where(removed, x, images, out=out[:, 0])
     torch.where(removed, images, x, out=out[:, 1])
