@@ -732,6 +732,12 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = D
     images' dtype (float32: max abs error up to ~2e-5 against the exact solution on [0,1] images
     with CAM-shaped holes and on the most ill-conditioned masks tried up to 448 px; float32's
     floor reaches 4.7e-5 for a kept 8x8 block in a 896 px image, where float64 images give 1e-7).
+
+    A system stops when its max abs residual (of the system scaled by 12) is at most ``tol`` and
+    its last update changed no pixel by more than ``5 tol``; after ``max_iter`` iterations, or
+    when its residual stalls, it stops anyway and one RuntimeWarning per call names the samples
+    that fell short. ``stats``, if a dict, receives ``"iterations"``: the most any group of
+    systems ran.
     """
     m = _checked_mask(images, removed, tol, max_iter)
     nothing_kept = (m.flatten(1).amin(1) > 0).nonzero().flatten().tolist()
@@ -754,7 +760,7 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     storage per pair and one multigrid hierarchy instead of two. ROAD's MoRF at fraction k and
     LeRF at 1 - k are such a pair. Pairs whose smaller side holds under 1 % of the pixels are
     solved as two single systems (see ``_LOPSIDED_FRACTION``). Every sample must remove at least
-    one pixel and keep one.
+    one pixel and keep one. Stopping, the warning and ``stats`` are as in ``linear_impute``.
     """
     m = _checked_mask(images, removed, tol, max_iter)
     n, c, h, w = images.shape
