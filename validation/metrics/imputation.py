@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear_impute", "linear_impute_complementary", "noisy_linear_impute", "imputation_system",
-           "complementary_system", "NEIGHBOUR_WEIGHTS", "DEFAULT_TOL"]
+           "complementary_system", "reported_linear_impute", "reported_linear_impute_complementary",
+           "SolveReport", "NEIGHBOUR_WEIGHTS", "DEFAULT_TOL"]
 
 # (dy, dx) -> weight, as in the reference implementation (road_evaluation/imputations.py)
 NEIGHBOUR_WEIGHTS = {
@@ -605,7 +606,7 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, report: dict
     its iterate is checked (its rounding, ~1e-6, is well below ``tol``); if that fails, the
     system goes on from its exactly computed residual.
 
-    Fills ``report`` (see ``_Report``): the iterations run, and which systems stopped without
+    Fills ``report`` (merged into a ``SolveReport``): the iterations run, and which systems stopped without
     meeting both limits (stalled near float32's floor or out of iterations), with their worst
     residual and update.
     """
@@ -677,28 +678,32 @@ def _solve(op: _FineOperator, coef, rhs, tol: float, max_iter: int, report: dict
     return x
 
 
-class _Report:
-    """What the solves of one public call did, over all of its groups: the most iterations any
-    group ran, and the samples whose systems stopped without meeting the limits."""
+class SolveReport:
+    """What the solves of one call did, over all of its groups: the most iterations any group ran,
+    and the samples whose systems stopped without meeting the limits (``unmet``, one flag per
+    sample), with the worst residual and last update among them."""
 
-    def __init__(self, samples: int, device):
+    def __init__(self, samples: int, tol: float, device=None):
+        self.tol = tol
         self.iterations = 0
         self.unmet = torch.zeros(samples, dtype=torch.bool, device=device)
         self.worst_residual = self.worst_step = 0.0
 
-    def add(self, group: dict, samples) -> None:
-        """Merge the report of one solve whose systems belong to ``samples`` (a slice or an index
-        tensor of this call's samples)."""
-        self.iterations = max(self.iterations, group["iterations"])
+    def add(self, group, samples) -> None:
+        """Merge the report of solves whose systems belong to ``samples`` (a slice or an index
+        tensor of this report's samples): a ``_solve`` dict or another ``SolveReport``."""
+        part = vars(group) if isinstance(group, SolveReport) else group
+        self.iterations = max(self.iterations, part["iterations"])
         if torch.is_tensor(samples):  # may repeat a sample (both sides of a lopsided pair)
-            self.unmet[samples[group["unmet"]]] = True
+            self.unmet[samples[part["unmet"]]] = True
         else:
-            self.unmet[samples] |= group["unmet"]
-        self.worst_residual = max(self.worst_residual, group["worst_residual"])
-        self.worst_step = max(self.worst_step, group["worst_step"])
+            self.unmet[samples] |= part["unmet"]
+        self.worst_residual = max(self.worst_residual, part["worst_residual"])
+        self.worst_step = max(self.worst_step, part["worst_step"])
 
-    def finish(self, tol: float, stats: dict | None) -> None:
-        """Warn once for the whole call, at the user's line, if any sample's solve fell short."""
+    def finish(self, stats: dict | None = None) -> None:
+        """Fill ``stats`` and warn once, at the first caller outside this package (the user's
+        line), if any sample's solve fell short."""
         if stats is not None:
             stats["iterations"] = self.iterations
         if not bool(self.unmet.any()):
@@ -706,9 +711,10 @@ class _Report:
         bad = self.unmet.nonzero().flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
         warnings.warn(f"linear imputation stopped after {self.iterations} iterations with max residual "
-                      f"{self.worst_residual:.2e} (tol {tol:.0e}) and last update {self.worst_step:.2e} "
-                      f"(limit {_STEP_TOL_PER_TOL * tol:.0e}) in sample(s) [{shown}] of {self.unmet.numel()}; "
-                      "their result may be inaccurate", RuntimeWarning, stacklevel=_stacklevel_outside_package())
+                      f"{self.worst_residual:.2e} (tol {self.tol:.0e}) and last update {self.worst_step:.2e} "
+                      f"(limit {_STEP_TOL_PER_TOL * self.tol:.0e}) in sample(s) [{shown}] of "
+                      f"{self.unmet.numel()}; their result may be inaccurate", RuntimeWarning,
+                      stacklevel=_stacklevel_outside_package())
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -739,15 +745,23 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = D
     that fell short. ``stats``, if a dict, receives ``"iterations"``: the most any group of
     systems ran.
     """
+    out, report = reported_linear_impute(images, removed, tol=tol, max_iter=max_iter)
+    report.finish(stats)
+    return out
+
+
+def reported_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = DEFAULT_TOL,
+                           max_iter: int = 60) -> tuple:
+    """``linear_impute`` without its warning: (imputed images, the call's ``SolveReport``), for
+    callers that name the samples in their own terms (ROAD names images, not systems)."""
     m = _checked_mask(images, removed, tol, max_iter)
     nothing_kept = (m.flatten(1).amin(1) > 0).nonzero().flatten().tolist()
     if nothing_kept:
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
                          "linear imputation needs at least one kept pixel")
-    report = _Report(images.shape[0], images.device)
+    report = SolveReport(images.shape[0], tol, images.device)
     out = _in_groups(_impute, images, m, tol, max_iter, report, slice(None), torch.empty_like(images))
-    report.finish(tol, stats)
-    return out
+    return out, report
 
 
 def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, tol: float = DEFAULT_TOL,
@@ -762,6 +776,15 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
     solved as two single systems (see ``_LOPSIDED_FRACTION``). Every sample must remove at least
     one pixel and keep one. Stopping, the warning and ``stats`` are as in ``linear_impute``.
     """
+    out, report = reported_linear_impute_complementary(images, removed, tol=tol, max_iter=max_iter)
+    report.finish(stats)
+    return out
+
+
+def reported_linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *,
+                                         tol: float = DEFAULT_TOL, max_iter: int = 60) -> tuple:
+    """``linear_impute_complementary`` without its warning: (both imputations, the call's
+    ``SolveReport``)."""
     m = _checked_mask(images, removed, tol, max_iter)
     n, c, h, w = images.shape
     removed_count = (m.flatten(1) != 0).sum(1)  # exact integers
@@ -771,7 +794,7 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
         raise ValueError(f"removed mask removes every pixel or none of sample(s) {one_sided}: the "
                          "complementary imputation needs at least one removed and one kept pixel")
     out = images.new_empty(n, 2, c, h, w)
-    report = _Report(n, images.device)
+    report = SolveReport(n, tol, images.device)
     lopsided = smaller_side < _LOPSIDED_FRACTION * h * w
     if not bool(lopsided.any()):
         _in_groups(_impute_complementary, images, m, tol, max_iter, report, slice(None), out)
@@ -784,8 +807,7 @@ def linear_impute_complementary(images: torch.Tensor, removed: torch.Tensor, *, 
         sides = _in_groups(_impute, images[alone].repeat(2, 1, 1, 1), torch.cat([m[alone], 1 - m[alone]]), tol,
                            max_iter, report, alone.repeat(2), images.new_empty(2 * k, c, h, w))
         out[alone] = sides.view(2, k, c, h, w).transpose(0, 1)
-    report.finish(tol, stats)
-    return out
+    return out, report
 
 
 # A pair whose smaller side holds less than this fraction of the pixels is solved as two single
@@ -821,7 +843,7 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
 
 
 def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-               report: _Report, samples, out: torch.Tensor) -> torch.Tensor:
+               report: SolveReport, samples, out: torch.Tensor) -> torch.Tensor:
     """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``;
     ``samples`` (a slice or an index tensor) says which of the call's samples these systems
     belong to, for ``report``."""

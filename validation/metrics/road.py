@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_images, check_maps, check_target
 from ._forward import class_probabilities
-from .imputation import DEFAULT_TOL, linear_impute, linear_impute_complementary
+from .imputation import DEFAULT_TOL, SolveReport, reported_linear_impute, reported_linear_impute_complementary
 
 __all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "RoadResult", "DEFAULT_FRACTIONS"]
 
@@ -109,7 +109,8 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     MoRF/LeRF), drawn in float32 from a CPU generator seeded with ``seed`` and applied to every
     image of the batch: an image's perturbed copies depend only on the image, its map and the
     seed (not on the batch, its position, ``impute_batch_size`` or the device). Each removed
-    pixel still gets N(0, noise^2). Imputed pixels are not clipped (as in the reference).
+    pixel still gets N(0, noise^2). Imputed pixels are not clipped (as in the reference). If an
+    imputation stops short of ``tol`` (see ``linear_impute``), one RuntimeWarning names the images.
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
@@ -122,21 +123,23 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     masks = removal_masks(maps, fractions, tie_seed=tie_seed)  # (B, F, 2, H, W)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     slots = {}  # (fraction, side) -> its (B, C, H, W) imputed images
+    report = SolveReport(b, tol, x.device)  # one warning for the call, naming images
     pairs = complementary_pairs(removal_counts(fractions, h, w), h * w)
     if pairs and b:
         # MoRF at k and LeRF at 1 - k remove complementary pixel sets: one solve gives both
         morf = [i for i, _ in pairs]
-        both = _impute_in_batches(linear_impute_complementary, work, masks[:, morf, 0],
-                                  max(1, impute_batch_size // 2), tol).view(b, len(pairs), 2, c, h, w)
+        both = _impute_in_batches(reported_linear_impute_complementary, work, masks[:, morf, 0],
+                                  max(1, impute_batch_size // 2), tol, report).view(b, len(pairs), 2, c, h, w)
         for p, (i, j) in enumerate(pairs):
             slots[i, 0], slots[j, 1] = both[:, p, 0], both[:, p, 1]
     alone = [(i, side) for i in range(len(fractions)) for side in (0, 1) if (i, side) not in slots]
     if alone and b:
         index_f, index_side = (list(index) for index in zip(*alone))
-        single = _impute_in_batches(linear_impute, work, masks[:, index_f, index_side], impute_batch_size,
-                                    tol).view(b, len(alone), c, h, w)
+        single = _impute_in_batches(reported_linear_impute, work, masks[:, index_f, index_side], impute_batch_size,
+                                    tol, report).view(b, len(alone), c, h, w)
         for a, slot in enumerate(alone):
             slots[slot] = single[:, a]
+    report.finish()
     if b:
         filled = torch.stack([slots[i, side] for i in range(len(fractions)) for side in (0, 1)], dim=1)
     else:
@@ -153,14 +156,21 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     return filled.view(b, len(fractions), 2, c, h, w).to(x.dtype)
 
 
-def _impute_in_batches(impute, x: torch.Tensor, removed: torch.Tensor, batch_size: int, tol: float) -> torch.Tensor:
+def _impute_in_batches(impute, x: torch.Tensor, removed: torch.Tensor, batch_size: int, tol: float,
+                       report: SolveReport) -> torch.Tensor:
     """impute(images, masks) for every image of x (B, C, H, W) and each of its K masks in removed
-    (B, K, H, W), in calls of ``batch_size`` systems, concatenated image-major."""
+    (B, K, H, W), in calls of ``batch_size`` systems, concatenated image-major; each call's
+    shortfalls go into ``report`` under their image's index."""
     b, c, h, w = x.shape
-    images = x[:, None].expand(b, removed.shape[1], c, h, w).reshape(-1, c, h, w)
+    k = removed.shape[1]
+    images = x[:, None].expand(b, k, c, h, w).reshape(-1, c, h, w)
     removed = removed.reshape(-1, h, w)
-    parts = [impute(images[s:s + batch_size], removed[s:s + batch_size], tol=tol)
-             for s in range(0, images.shape[0], batch_size)]
+    image_of_system = torch.arange(b, device=x.device).repeat_interleave(k)
+    parts = []
+    for s in range(0, images.shape[0], batch_size):
+        part, part_report = impute(images[s:s + batch_size], removed[s:s + batch_size], tol=tol)
+        report.add(part_report, image_of_system[s:s + batch_size])
+        parts.append(part)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
