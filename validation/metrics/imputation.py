@@ -760,7 +760,7 @@ def reported_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: 
         raise ValueError(f"removed mask removes every pixel of sample(s) {nothing_kept}: "
                          "linear imputation needs at least one kept pixel")
     report = SolveReport(images.shape[0], tol, images.device)
-    out = _in_groups(_impute, images, m, tol, max_iter, report, slice(None), torch.empty_like(images))
+    out = _in_groups(_impute, images, m, tol, max_iter, report, None, torch.empty_like(images))
     return out, report
 
 
@@ -797,7 +797,7 @@ def reported_linear_impute_complementary(images: torch.Tensor, removed: torch.Te
     report = SolveReport(n, tol, images.device)
     lopsided = smaller_side < _LOPSIDED_FRACTION * h * w
     if not bool(lopsided.any()):
-        _in_groups(_impute_complementary, images, m, tol, max_iter, report, slice(None), out)
+        _in_groups(_impute_complementary, images, m, tol, max_iter, report, None, out)
     else:
         paired, alone = (~lopsided).nonzero().flatten(), lopsided.nonzero().flatten()
         if paired.numel():
@@ -843,10 +843,10 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
 
 
 def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int,
-               report: SolveReport, samples, out: torch.Tensor) -> torch.Tensor:
+               report: SolveReport, samples: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """impute(images, m, ..., out) on groups of systems, each writing its slice of ``out``;
-    ``samples`` (a slice or an index tensor) says which of the call's samples these systems
-    belong to, for ``report``."""
+    ``samples`` holds the index in ``report`` of every system (None: the systems are the
+    report's samples, in order)."""
     n = images.shape[0]
     chunk = n if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // max(1, images[0:1].numel()))
     # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
@@ -854,7 +854,7 @@ def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_it
         group = {}
         part = slice(start, start + chunk)
         impute(images[part], m[part], tol, max_iter, group, out[part])
-        report.add(group, samples[part] if torch.is_tensor(samples) else part)
+        report.add(group, part if samples is None else samples[part])
     return out
 
 
