@@ -301,7 +301,6 @@ class _FineOperator:
     def __init__(self, active: torch.Tensor, diag: torch.Tensor, image_shape: tuple,
                  side: torch.Tensor | None = None):
         self.mask, self.diag = _pack(active), _pack(diag)
-        self.shape = self.mask.shape[1:3]
         self._image_shape = image_shape
         kernel = _neighbour_kernel(active.dtype, active.device)
         self._weight = _depthwise_weight(kernel, active.shape[0])
@@ -395,7 +394,6 @@ class _StencilOperator:
         self.coef = coef.permute(1, 2, 3, 0)[:, None].contiguous()
         self.diag = self.coef[_CENTRE]
         self.mask = (self.diag > 0).to(coef.dtype)
-        self.shape = self.diag.shape[1:3]
 
     def subtract_from(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """r - A x, accumulated onto r - diag x (no separate A x field)."""
