@@ -745,12 +745,15 @@ def test_lime_equals_an_independent_weighted_lasso_on_the_same_samples():
         torch.testing.assert_close(ours.double(), 3 * coef[GRID_2X2].double(), rtol=1e-4, atol=1e-5)
 
 @pytest.mark.parametrize("method", ["lime", "kernelshap"])
-def test_superpixel_methods_are_seeded_and_piecewise_constant(resnet, method):
+def test_superpixel_methods_are_seeded_and_piecewise_constant(resnet, method, monkeypatch):
     x = images(2, 32)
     opts = dict(superpixels="grid", grid_cells=4, n_samples=40, perturbations_per_eval=20, raw=True, reduce="sum")
     state = torch.get_rng_state()
+    cuda_seeds = []  # torch.manual_seed would also (lazily) reseed every CUDA device, for good
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
     a = explain(resnet, x, [1, 2], method=method, seed=7, **opts)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    assert cuda_seeds == []
     b = explain(resnet, x, [1, 2], method=method, seed=7, **opts)
     c = explain(resnet, x, [1, 2], method=method, seed=8, **opts)
     torch.testing.assert_close(a, b)

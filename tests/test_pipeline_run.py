@@ -251,6 +251,39 @@ def test_failing_metric_costs_only_its_own_rows(models, tmp_path):
         np.testing.assert_allclose(rec.value, 1.0, atol=1e-6)
 
 
+def test_metric_fallback_writes_each_shared_column_once(models, tmp_path):
+    """A failing metric makes the chunk retry metric by metric; ROAD and ARCC both return ROAD's
+    curves, which must still give one row per (image, metric), with the batch's values."""
+    out = tmp_path / "run"
+    metrics = ["road", "arcc", "fragile"]
+    run_eval(S.config(models, methods=["cam"], metrics=metrics), out, components=S.components(), progress=False)
+    res = load_results(out)
+    key = ["model", "image", "method", "layer", "mix", "metric"]
+    assert not res.duplicated(key).any()
+    curves = res[res.metric.str.startswith("road_")]
+    assert set(curves.metric) == {"road_morf@0.2", "road_morf@0.4", "road_lerf@0.2", "road_lerf@0.4"}
+    # every image has its 4 curve columns once, also in the chunk that took the fallback
+    assert (curves.groupby(["model", "image", "layer", "mix"]).size() == 4).all()
+    poisoned = res[res.image == S.POISON]
+    assert set(poisoned[poisoned.status == "error"].metric) == {"fragile"}
+    # the same values as a run without the failing metric (no fallback anywhere)
+    clean_out = tmp_path / "clean"
+    run_eval(S.config(models, methods=["cam"], metrics=["road", "arcc"]), clean_out, components=S.components(),
+             progress=False)
+    clean = load_results(clean_out).set_index(key).value
+    merged = res[res.metric != "fragile"].set_index(key).value
+    pd.testing.assert_series_equal(merged.sort_index(), clean.sort_index())
+
+
+def test_run_leaves_the_global_random_state_as_it_found_it(models, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    run_eval(S.config(models, methods=["cam", "randomcam"]), tmp_path / "run", components=S.components(),
+             progress=False)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_method_grid_max_images_limits_one_method(models, tmp_path):
     out = tmp_path / "run"
     cfg = S.config(models, methods=["cam", "grad"], method_grid={"grad": {"max_images": 6}})

@@ -66,3 +66,22 @@ def test_state_key_matches_modelcheckpoint_so_older_runs_resume_their_best_score
 def test_only_one_checkpoint_is_kept(tmp_path):
     with pytest.raises(ValueError, match="save_top_k=1"):
         LatestBestCheckpoint(dirpath=tmp_path, monitor="val_acc", save_top_k=3)
+
+
+def test_loading_a_model_leaves_the_global_random_state_alone(tmp_path):
+    """The architecture's random initialisation is overwritten by the weights: load_model must
+    not consume the caller's random stream."""
+    from trainers import load_model
+    from trainers.export import save_model
+    from trainers.models import build_model
+
+    model = build_model("resnet18", num_classes=3, image_size=32)
+    save_model(model, tmp_path / "m", {"class_names": ["a", "b", "c"], "dataset_fingerprint": None,
+                                       "test_accuracy": None})
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    loaded, _ = load_model(tmp_path / "m")
+    assert torch.equal(torch.rand(3), expected)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

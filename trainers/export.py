@@ -104,7 +104,10 @@ def load_model(path, map_location="cpu", image_size: int | None = None):
             raise ValueError(f"{meta_file or weights}: metadata lacks {key!r}")
     if image_size is not None and int(image_size) != int(meta["image_size"]):
         raise ValueError(f"{path}: the model was trained at {meta['image_size']} px, not {image_size} px")
-    model = build_model(meta["arch"], num_classes=len(meta["class_names"]), image_size=int(meta["image_size"]))
+    # the initialisation's draws are overwritten by the weights: they must not move the caller's
+    # random state either (loading a model is not a random event)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(meta["arch"], num_classes=len(meta["class_names"]), image_size=int(meta["image_size"]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -4,10 +4,10 @@ InputXGradient, IntegratedGradients. Attributions (B, 3, H, W) are reduced to a 
 
 LIME/KernelShap features: SLIC superpixels (scikit-image, 100 segments, compactness 10,
 sigma 1, as the paper's code) or a square ``grid``. Their sampling draws from torch's global
-generator inside captum, so each call runs in ``torch.random.fork_rng`` seeded with ``seed``:
-results are reproducible and the caller's random state is left untouched. Each image is fitted
-from its own stream seeded with ``seed`` (captum would fit a batch's images one after another
-from one stream), so a batch equals its images one at a time.
+generator inside captum, so each image is fitted from that generator seeded with ``seed`` and
+restored afterwards (``validation._rng.seeded_global_rng``): results are reproducible, a batch
+equals its images one at a time (captum would fit a batch's images one after another from one
+stream), and the caller's random state, CUDA's included, is left untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._rng import seeded_global_rng
 from .base import Explainer, ModelGuard, check_logits, resolve_target
 from .pixel import check_reduction, reduce_channels
 from .registry import register
@@ -198,13 +199,11 @@ class _SuperpixelExplainer(CaptumExplainer):
 
     def _attribute(self, method, x, target):
         mask, baseline = self.features(x), _baseline(self.baseline, x)
-        devices = [x.device] if x.device.type == "cuda" else []
         maps = []
         # captum fits the images of a call one after another from one random stream; reseeding per
         # image makes an image's map independent of the others in its batch (captum loops anyway)
         for i in range(x.shape[0]):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
+            with seeded_global_rng(self.seed, x.device):
                 maps.append(method.attribute(x[i:i + 1], baselines=baseline[i:i + 1], target=target[i:i + 1],
                                              feature_mask=mask[i:i + 1], n_samples=self.n_samples,
                                              perturbations_per_eval=self.perturbations_per_eval))

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from validation._rng import seeded_global_rng
 from validation.pipeline.shards import chunk_ranges, shard_chunks
 from validation.pipeline.table import (
     IDENTITY,
@@ -576,21 +577,21 @@ class Runner:
         return rows, full
 
     def _maps(self, model, cfg: MapConfig, x, y, gt, seed):
-        # Safety net for libraries that draw from torch's global RNG (e.g. captum's samplers):
-        # make their draws depend on the chunk only. Our own code uses explicit generators.
-        torch.manual_seed(seed)
-        explainer = self.c.explainer(model, cfg, self.config.refine_layers, self.config.method_options, seed)
-        if cfg.method in NEEDS_GT:
-            explainer = _BoundGroundTruth(explainer, gt)
-        maps = torch.as_tensor(explainer.attribute(x, y)).float()
+        # for methods that draw from torch's global generators (a user's, say): draws that depend
+        # on the chunk only, and the caller's random state back afterwards
+        with seeded_global_rng(seed, x.device):
+            explainer = self.c.explainer(model, cfg, self.config.refine_layers, self.config.method_options, seed)
+            if cfg.method in NEEDS_GT:
+                explainer = _BoundGroundTruth(explainer, gt)
+            maps = torch.as_tensor(explainer.attribute(x, y)).float()
         if maps.shape != (x.shape[0],) + tuple(x.shape[-2:]):
             raise ValueError(f"{cfg.label} returned maps of shape {tuple(maps.shape)}, "
                              f"expected {(x.shape[0],) + tuple(x.shape[-2:])}")
         return explainer, maps.detach()
 
     def _evaluate(self, model, explainer, x, y, gt, maps, metrics, seed) -> dict[str, np.ndarray]:
-        torch.manual_seed(seed)
-        result = self.c.evaluate(model, x, y, maps, list(metrics), explainer, gt, self.config.metric_options)
+        with seeded_global_rng(seed, x.device):
+            result = self.c.evaluate(model, x, y, maps, list(metrics), explainer, gt, self.config.metric_options)
         values = _flatten_metric_values(result, x.shape[0])
         missing = [m for m in metrics if m not in values]
         if missing:
@@ -604,25 +605,34 @@ class Runner:
             return self._rows(name, cfg, images, *self._evaluate(model, explainer, x, y, gt, maps, metrics, seed))
         except Exception:
             pass  # isolate the failure below: metric by metric, then image by image
-        rows = []
+        # one row per (image, metric): columns that several metrics return (ROAD's curves come
+        # with ROAD and with ARCC) are kept once, a value rather than an error where both exist
+        rows = {}
+
+        def keep(new_rows):
+            for row in new_rows:
+                key = (row["image"], row["metric"])
+                if key not in rows or (rows[key]["status"] == "error" and row["status"] != "error"):
+                    rows[key] = row
+
         for metric in metrics:
             try:
                 values = self._evaluate(model, explainer, x, y, gt, maps, [metric], seed)
-                rows.extend(self._rows(name, cfg, images, *values))
+                keep(self._rows(name, cfg, images, *values))
                 continue
             except Exception as err:
                 if len(images) == 1:
-                    rows.extend(self._error_rows(name, cfg, images, err, "metrics", [metric]))
+                    keep(self._error_rows(name, cfg, images, err, "metrics", [metric]))
                     continue
             for k, img in enumerate(images):
                 sl = slice(k, k + 1)
                 try:
                     values = self._evaluate(model, _subset_explainer(explainer, sl), x[sl], y[sl], gt[sl],
                                             maps[sl], [metric], seed)
-                    rows.extend(self._rows(name, cfg, [img], *values))
+                    keep(self._rows(name, cfg, [img], *values))
                 except Exception as err:
-                    rows.extend(self._error_rows(name, cfg, [img], err, "metrics", [metric]))
-        return rows
+                    keep(self._error_rows(name, cfg, [img], err, "metrics", [metric]))
+        return list(rows.values())
 
     @staticmethod
     def _rows(name, cfg: MapConfig, images, values: dict[str, np.ndarray], reasons: dict | None = None):
