@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import test_pipeline_standins as S
-from validation.pipeline.run import map_configs, run_eval
+from validation.pipeline.run import Components as run_components, map_configs, run_eval
 from validation.pipeline.shards import chunk_ranges, parse_range, parse_shard, shard_chunks
 from validation.pipeline.table import load_predictions, load_results, merge_run
 
@@ -173,6 +173,32 @@ def test_bad_inputs_are_clear(models, tmp_path):
     with pytest.raises(ValueError, match="more images"):
         run_eval(S.config(models, image_range=(0, 99)), tmp_path / "r2", components=S.components(),
                  progress=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["gradcma"]}, r"unknown method 'gradcma'; available: .*gradcam"),
+    ({"metrics": ["roadd"]}, r"unknown metric\(s\) \['roadd'\]; available: .*'road'"),
+    ({"metric_options": {"gt_treshold": 0.3}}, r"metric options: unknown option\(s\) \['gt_treshold'\]; "
+                                               r"accepted: .*'gt_threshold'"),
+    ({"method_options": {"gradcma": {"layer": "l1"}}}, r"method options: unknown method 'gradcma'"),
+    ({"method_options": {"relax": {"n_maks": 8}}}, r"method options for 'relax': unknown option\(s\) "
+                                                   r"\['n_maks'\]; accepted: .*'n_masks'"),
+    ({"method_options": {"gradcam": {"layer": "l2"}}}, r"'gradcam': the run sets the layer"),
+    ({"method_options": {"lime": 16}}, r"'lime': expected a mapping"),
+])
+def test_unknown_names_and_options_are_refused_before_any_work(models, tmp_path, change, message):
+    """With the project's own explainer and evaluate, a typo fails at once, not as error rows
+    after every image's retries (or, for a method's options, silently as the defaults)."""
+    loads = []
+    comps = S.components()
+    own = run_components(load_model=lambda path: loads.append(path) or S.load_model(path), dataset=comps.dataset,
+                         fingerprint=comps.fingerprint)
+    config = S.config(models, methods=["gradcam"], metrics=["gt_cosine"], layers=["l1"])
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=message):
+        run_eval(config, tmp_path / "run", components=own, progress=False)
+    assert loads == [] and not (tmp_path / "run").exists()
 
 
 def test_merge_refuses_missing_chunks(models, tmp_path):

@@ -14,6 +14,7 @@ small stand-ins; by default they are the project's own:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
 import traceback
@@ -347,6 +348,45 @@ class Runner:
             raise ValueError("nothing to compute: no metrics given")
         if not config.models:
             raise ValueError("no --model given")
+        self._refuse_unknown_names_and_options()
+
+    def _refuse_unknown_names_and_options(self):
+        """With the project's own explainer and evaluate, an unknown method, metric or option is
+        refused before any work: each would fail on every image, after the image-by-image retries
+        (a misspelt method among the method options would silently leave the defaults)."""
+        cfg = self.config
+        if self.c.explainer is _default_explainer:
+            from validation.attributions.registry import canonical_name, unknown_options
+
+            for method in cfg.methods:
+                canonical_name(method)  # ValueError listing the available methods
+            # options may name methods this run leaves out (a profile's, say), but real ones
+            for method, options in cfg.method_options.items():
+                try:
+                    canonical_name(method)
+                except ValueError as err:
+                    raise ValueError(f"method options: {err}") from None
+                if not isinstance(options, dict):
+                    raise ValueError(f"method options for {method!r}: expected a mapping of option to "
+                                     f"value, got {options!r}")
+                if "layer" in options:
+                    raise ValueError(f"method options for {method!r}: the run sets the layer from its "
+                                     "layers (--layers), not from the method options")
+                unknown, accepted = unknown_options(_method_class(method), options)
+                if unknown:
+                    raise ValueError(f"method options for {method!r}: unknown option(s) {unknown}; "
+                                     f"accepted: {accepted}")
+        if self.c.evaluate is _default_evaluate:
+            from validation.metrics import METRIC_NAMES, evaluate
+
+            unknown = [m for m in cfg.metrics if m not in METRIC_NAMES]
+            if unknown:
+                raise ValueError(f"unknown metric(s) {unknown}; available: {list(METRIC_NAMES)}")
+            accepted = sorted(name for name, p in inspect.signature(evaluate).parameters.items()
+                              if p.kind is p.KEYWORD_ONLY)
+            unknown = sorted(set(cfg.metric_options) - set(accepted))
+            if unknown:
+                raise ValueError(f"metric options: unknown option(s) {unknown}; accepted: {accepted}")
 
     # -- setup ---------------------------------------------------------------------------
     def _load_models(self):
