@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,6 +249,22 @@ def test_bad_option_values_are_refused_by_name(resnet, method, option, value):
         get_explainer(method, resnet, **{option: value})
 
 
+@pytest.mark.parametrize("method", ["gradcam", "guidedbackprop", "relax", "deeplift", "randomcam", "refinecam"])
+def test_per_call_inputs_are_refused_alike_by_every_method_but_the_oracle(resnet, method):
+    x = images(1, 16)
+    options = {"n_masks": 4} if method == "relax" else {}
+    with pytest.raises(TypeError, match=rf"^{method} takes no per-call inputs, got \['gt'\]$"):
+        get_explainer(method, resnet, **options).attribute(x, 0, gt=torch.ones(1, 16, 16))
+    with pytest.raises(TypeError, match=r"^oracle takes only the per-call input\(s\) \['gt'\], got \['mask'\]$"):
+        get_explainer("oracle", resnet).attribute(x, 0, mask=torch.ones(1, 16, 16))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guidedbackprop", "guidedgradcam", "shapleycam"])
+def test_an_unknown_score_is_refused_when_the_method_is_built(resnet, method):
+    with pytest.raises(ValueError, match=r"score must be one of 'logit', 'softmax', 'log_softmax', 'rest', got 'prob'"):
+        get_explainer(method, resnet, score="prob")
+
+
 def test_bad_images_layers_methods_and_options(resnet):
     with pytest.raises(ValueError, match=r"4-D \(B, C, H, W\), got shape \(3, 32, 32\)"):
         explain(resnet, torch.rand(3, 32, 32), 0)
@@ -329,6 +347,33 @@ def test_trivial_maps_as_the_paper_defines_them(resnet):
     assert rand.min() >= 0 and rand.max() <= 1 and abs(rand.mean().item() - 0.5) < 0.05
     torch.testing.assert_close(rand, explain(resnet, x, 0, method="randomcam", seed=1))
     assert not torch.equal(rand, explain(resnet, x, 0, method="randomcam", seed=2))
+
+
+@pytest.mark.parametrize("method", ["randomcam", "halfcam", "all1scam", "relax"])
+def test_random_maps_of_a_batch_equal_its_images_one_at_a_time(resnet, method):
+    """The pipeline retries a failed batch image by image, and which images form a batch depends
+    on which ones the model classifies correctly: an image's random map must not depend on them."""
+    x = images(3, 16, seed=2)
+    options = {"n_masks": 16} if method == "relax" else {}
+    # RELAX runs the model: batched forwards round differently from single ones
+    tol = dict(rtol=1e-4, atol=2e-5) if method == "relax" else dict(rtol=0, atol=0)
+    batch = explain(resnet, x, 0, method=method, seed=3, **options)
+    for i in range(3):
+        torch.testing.assert_close(explain(resnet, x[i:i + 1], 0, method=method, seed=3, **options), batch[i:i + 1],
+                                   **tol)
+    torch.testing.assert_close(explain(resnet, x.flip(0), 0, method=method, seed=3, **options), batch.flip(0), **tol)
+    if method != "relax":
+        assert not torch.equal(batch[0], batch[1])  # a map per image, not one for the batch
+        # the documented seeding: a CPU generator per image from sha256(b"<seed>:" + its float32 bytes)
+        digest = hashlib.sha256(b"3:" + x[1].float().contiguous().numpy().tobytes()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if method == "randomcam":
+            torch.testing.assert_close(batch[1], torch.rand(16, 16, generator=g), rtol=0, atol=0)
+        else:
+            special = torch.randperm(256, generator=g)[:2 if method == "halfcam" else 1]
+            expected = torch.full((256,), 0.5 if method == "halfcam" else 1.0)
+            expected[special] = torch.tensor([0.0, 1.0] if method == "halfcam" else [0.0])
+            torch.testing.assert_close(batch[1].flatten(), expected, rtol=0, atol=0)
 
 
 def test_oracle_and_centre_prior(resnet):

@@ -76,9 +76,19 @@ def resolve_target(target: torch.Tensor | None, logits: torch.Tensor) -> torch.T
     return target
 
 
+SCORES = ("logit", "softmax", "log_softmax", "rest")
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    return score
+
+
 def class_score(logits: torch.Tensor, target: torch.Tensor, score: str = "logit") -> torch.Tensor:
     """Per-sample scalar explained: the class logit (default), its softmax probability, its
     log-probability, or ShapleyCAM's ReST (logit - cross-entropy)."""
+    check_score(score)
     rows = torch.arange(logits.shape[0], device=logits.device)
     if score == "logit":
         return logits[rows, target]
@@ -86,9 +96,7 @@ def class_score(logits: torch.Tensor, target: torch.Tensor, score: str = "logit"
         return logits.softmax(dim=1)[rows, target]
     if score == "log_softmax":
         return logits.log_softmax(dim=1)[rows, target]
-    if score == "rest":
-        return logits[rows, target] + logits.log_softmax(dim=1)[rows, target]
-    raise ValueError(f"score must be one of 'logit', 'softmax', 'log_softmax', 'rest', got {score!r}")
+    return logits[rows, target] + logits.log_softmax(dim=1)[rows, target]  # rest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +260,8 @@ class Explainer:
     name = "explainer"
     rectifier: str | None = "relu"
     uses_layer = False
+    # keyword inputs that ``attribute`` takes per call (the oracle's ``gt``); any other is refused
+    call_inputs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, *, interpolation: str = "bilinear", raw: bool = False):
         if not isinstance(model, nn.Module):
@@ -262,11 +272,17 @@ class Explainer:
         self.interpolation = interpolation
         self.raw = bool(raw)
 
-    # subclasses implement: raw maps (B, h, w), resolved target (or None), extras
+    # subclasses implement: raw maps (B, h, w), resolved target (or None), extras; ``inputs`` are
+    # the per-call inputs named in ``call_inputs``
     def _explain_raw(self, x: torch.Tensor, target: torch.Tensor | None, guard: ModelGuard, **inputs):
         raise NotImplementedError
 
     def explain(self, x: torch.Tensor, target: Any = None, **inputs) -> Explanation:
+        unknown = sorted(set(inputs) - set(self.call_inputs))
+        if unknown:
+            takes = f"takes only the per-call input(s) {list(self.call_inputs)}" if self.call_inputs else \
+                "takes no per-call inputs"
+            raise TypeError(f"{self.name} {takes}, got {unknown}")
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
         with ModelGuard(self.model) as guard:
@@ -326,9 +342,7 @@ class LayerExplainer(Explainer):
             out.append(Explanation(maps.float(), degenerate, target, {}))
         return out
 
-    def _explain_raw(self, x, target, guard, **inputs):
-        if inputs:
-            raise TypeError(f"{self.name} takes no per-call inputs, got {sorted(inputs)}")
+    def _explain_raw(self, x, target, guard):
         raws, target, _ = self._layer_maps(x, target, [self.layer], guard)
         return raws[0], target, {}
 

@@ -2,13 +2,18 @@
 
 randomcam: uniform [0, 1] per pixel. halfcam: 0.5 everywhere except one pixel 0 and one pixel 1.
 all1scam: 1 everywhere except one pixel 0. The special pixels are drawn per image (distinct
-positions) from a seeded generator, so no corner is favoured. oracle: the ground truth passed as
-``gt=`` (B, H, W) or (B, 1, H, W). centre: an isotropic Gaussian centred in the image,
-``sigma`` a fraction of the shorter side, min-maxed like a method's map (so a constant one, as
-on a 1x1 or 2x2 image, is zeros flagged degenerate, never 0/0). None looks at the model; the
-others are returned as they are defined (no min-max; the oracle is clipped to [0, 1])."""
+positions), so no corner is favoured. Each image draws from its own CPU generator, seeded with
+``seed`` and the image's float32 bytes: an image's map depends only on it and the seed (a batch
+equals its images one at a time, on any device), and different images get different maps.
+oracle: the ground truth passed as ``gt=`` (B, H, W) or (B, 1, H, W). centre: an isotropic
+Gaussian centred in the image, ``sigma`` a fraction of the shorter side, min-maxed like a
+method's map (so a constant one, as on a 1x1 or 2x2 image, is zeros flagged degenerate, never
+0/0). None looks at the model; the others are returned as they are defined (no min-max; the
+oracle is clipped to [0, 1])."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -24,8 +29,11 @@ class Baseline(Explainer):
         super().__init__(model, **options)
         self.seed = int(seed)
 
-    def generator(self, device) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(self.seed)
+    def image_generators(self, x: torch.Tensor) -> list[torch.Generator]:
+        """One CPU generator per image of ``x``, seeded with ``seed`` and the image's float32 bytes."""
+        images = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        seeds = [hashlib.sha256(b"%d:" % self.seed + image.tobytes()).digest() for image in images]
+        return [torch.Generator(device="cpu").manual_seed(int.from_bytes(d[:8], "little") >> 1) for d in seeds]
 
     def make(self, x: torch.Tensor, **inputs) -> torch.Tensor:
         raise NotImplementedError
@@ -37,25 +45,20 @@ class Baseline(Explainer):
         return raw, torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
 
 
-def _random_pixels(batch: int, size, count: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, count) distinct flat pixel indices per image."""
-    n = size[0] * size[1]
-    if n < count:
-        raise ValueError(f"image of {size} has fewer than {count} pixels")
-    return torch.rand(batch, n, generator=gen).argsort(dim=1)[:, :count]
-
-
 @register("randomcam")
 class RandomCAM(Baseline):
     def make(self, x):
-        B, _, H, W = x.shape
-        return torch.rand(B, H, W, generator=self.generator(x.device)).to(x.device)
+        size = tuple(x.shape[-2:])
+        return torch.stack([torch.rand(size, generator=g) for g in self.image_generators(x)]).to(x.device)
 
 
-def _constant_with_pixels(x, fill, values, gen):
+def _constant_with_pixels(x, fill, values, generators):
+    """``fill`` everywhere but len(values) distinct random pixels per image, set to ``values``."""
     B, _, H, W = x.shape
+    if H * W < len(values):
+        raise ValueError(f"image of {(H, W)} has fewer than {len(values)} pixels")
+    idx = torch.stack([torch.randperm(H * W, generator=g)[:len(values)] for g in generators])
     maps = torch.full((B, H * W), fill, dtype=torch.float32)
-    idx = _random_pixels(B, (H, W), len(values), gen)
     maps.scatter_(1, idx, torch.tensor(values, dtype=torch.float32).expand(B, -1).contiguous())
     return maps.view(B, H, W).to(x.device)
 
@@ -63,17 +66,19 @@ def _constant_with_pixels(x, fill, values, gen):
 @register("halfcam")
 class HalfCAM(Baseline):
     def make(self, x):
-        return _constant_with_pixels(x, 0.5, [0.0, 1.0], self.generator(x.device))
+        return _constant_with_pixels(x, 0.5, [0.0, 1.0], self.image_generators(x))
 
 
 @register("all1scam")
 class All1sCAM(Baseline):
     def make(self, x):
-        return _constant_with_pixels(x, 1.0, [0.0], self.generator(x.device))
+        return _constant_with_pixels(x, 1.0, [0.0], self.image_generators(x))
 
 
 @register("oracle")
 class Oracle(Baseline):
+    call_inputs = ("gt",)
+
     def make(self, x, gt=None):
         if gt is None:
             raise ValueError("oracle needs the ground truth: attribute(x, target, gt=masks)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerExplainer, check_logits, class_score, layer_gradients, resolve_target, to_nchw
+from .base import LayerExplainer, check_logits, check_score, class_score, layer_gradients, resolve_target, to_nchw
 from .registry import register
 
 
@@ -21,8 +21,7 @@ class GradientCAM(LayerExplainer):
 
     def __init__(self, model, layer="stage1", *, score: str = "logit", **options):
         super().__init__(model, layer, **options)
-        class_score(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), score)  # validates the name
-        self.score = score
+        self.score = check_score(score)
 
     @staticmethod
     def cam(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

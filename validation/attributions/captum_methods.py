@@ -104,9 +104,7 @@ class CaptumExplainer(Explainer):
     def _attribute(self, method, x, target):
         raise NotImplementedError
 
-    def _explain_raw(self, x, target, guard, **inputs):
-        if inputs:
-            raise TypeError(f"{self.name} takes no per-call inputs, got {sorted(inputs)}")
+    def _explain_raw(self, x, target, guard):
         with torch.no_grad():
             logits = check_logits(self.model(x), x.shape[0])
         target = resolve_target(target, logits)

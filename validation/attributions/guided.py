@@ -2,15 +2,15 @@
 batches. Every ``nn.ReLU`` is swapped, for the duration of the call, for a stateless guided ReLU
 (backward passes gradient only where both the input and the incoming gradient are positive);
 this stays correct when one ReLU module is reused (torchvision ResNet blocks). Functional
-``F.relu`` calls and other activations (GELU) are not guided; the count of guided modules is
-reported in ``extras["guided_relus"]``."""
+``F.relu`` calls and other activations (GELU) are not guided; guided backpropagation reports the
+count of guided modules in ``extras["guided_relus"]``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Explainer, ModelGuard, check_logits, class_score, resolve_target
+from .base import Explainer, ModelGuard, check_logits, check_score, class_score, resolve_target
 from .cam import GradCAM
 from .pixel import check_reduction, reduce_channels
 from .postprocess import rectify, upsample
@@ -64,9 +64,9 @@ class GuidedBackprop(Explainer):
     def __init__(self, model, *, reduce: str = "sum_abs", score: str = "logit", **options):
         super().__init__(model, **options)
         self.reduce = check_reduction(reduce)
-        self.score = score
+        self.score = check_score(score)
 
-    def _explain_raw(self, x, target, guard, **inputs):
+    def _explain_raw(self, x, target, guard):
         grad, target, n = guided_gradients(self.model, x, target, guard, self.score)
         return reduce_channels(grad, self.reduce), target, {"guided_relus": n}
 

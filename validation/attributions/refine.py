@@ -1,6 +1,7 @@
 """RefineCAM (RefineCAM paper, Eq. 7-9) over any layer method. At layer l:
 L = minmax(mix over listed layers l' deeper than or as deep as l of L_l'), each L_l' the base
-method's final map (rectified, bilinearly upsampled to the input, min-max normalised).
+method's final map (rectified, upsampled to the input with ``interpolation``, bilinear by
+default, and min-max normalised).
 Depth is the order in which the layers run in the forward pass, not the order given.
 
 mix: "product" (Eq. 7, default), "geomean" (Eq. 8, N-th root of the product) or "invexp"
@@ -66,9 +67,7 @@ class RefineCAM(Explainer):
                              f"{[l.name for l in self.layers]}")
         self.mix = mix
 
-    def _explain_raw(self, x, target, guard, **inputs):
-        if inputs:
-            raise TypeError(f"refinecam takes no per-call inputs, got {sorted(inputs)}")
+    def _explain_raw(self, x, target, guard):
         raws, target, rank = self.base._layer_maps(x, target, self.layers, guard)
         size = tuple(x.shape[-2:])
         modules = [l.module for l in self.layers]

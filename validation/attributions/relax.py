@@ -97,7 +97,7 @@ class RELAX(Explainer):
         return store[-1].float()
 
     @torch.no_grad()
-    def _explain_raw(self, x, target, guard, **inputs):
+    def _explain_raw(self, x, target, guard):
         store: list = []
         self._embedding_hook(guard, store)
         B, _, H, W = x.shape
