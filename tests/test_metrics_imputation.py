@@ -372,3 +372,21 @@ def test_empty_batch_gives_empty_results():
     assert linear_impute(x, removed).shape == (0, 3, 8, 8)
     assert noisy_linear_impute(x, removed).shape == (0, 3, 8, 8)
     assert linear_impute_complementary(x, removed).shape == (0, 2, 3, 8, 8)
+
+
+def test_the_public_system_builders_check_their_input_like_the_solver():
+    from validation.metrics.imputation import complementary_system, imputation_system
+
+    x = smooth_images(2, 3, 8, 8)
+    removed = torch.zeros(2, 8, 8)
+    removed[:, 2:5, 3:6] = 1
+    for build in (imputation_system, complementary_system):
+        coef, rhs = build(x, removed[:, None])
+        coef3, rhs3 = build(x, removed)  # (N, H, W) masks, as linear_impute takes
+        assert torch.equal(coef, coef3) and torch.equal(rhs, rhs3)
+        assert coef.shape == (2, 9, 8, 8) and rhs.shape == (2, 3, 8, 8)
+        with pytest.raises(ValueError, match=r"removed mask shape \(1, 8, 8\) does not match images \(2, 3, 8, 8\)"):
+            build(x, removed[:1])
+    # scaled by 12: a removed pixel with all 8 neighbours in the image has diagonal 12
+    coef, _ = imputation_system(x, removed)
+    assert coef[0, 4, 3, 4] == 12 and coef[0, 4, 0, 0] == 0  # kept pixels' rows are zero

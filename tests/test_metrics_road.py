@@ -277,3 +277,26 @@ def test_impute_batch_size_must_be_positive():
     x, maps = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16)
     with pytest.raises(ValueError, match="impute_batch_size must be >= 1, got 0"):
         road_images(x, maps, impute_batch_size=0)
+
+
+def test_misused_arguments_get_clear_errors():
+    """Integer images, a bare fraction, curves asked of ARCC: errors that name the argument and
+    the fix, not torch's (or a silently truncated uint8 imputation)."""
+    from validation.metrics import arcc, average_drop, evaluate
+
+    model = TinyConv()
+    x, maps, t = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
+    as_bytes = (x * 255).to(torch.uint8)
+    for call in (lambda: average_drop(model, as_bytes, t, maps), lambda: road(model, as_bytes, t, maps),
+                 lambda: road_images(as_bytes, maps)):
+        with pytest.raises(TypeError, match=r"x must be floating point images in \[0, 1\], got torch.uint8"):
+            call()
+    for bad in (0.5, "0.5"):
+        with pytest.raises(TypeError, match=r"fractions must be a sequence of values in \(0, 1\)"):
+            road(model, x, t, maps, fractions=bad)
+    with pytest.raises(TypeError, match=r"call road\(\.\.\., return_curves=True\)"):
+        arcc(model, x, t, maps, lambda images, target: maps, return_curves=True)
+    # one metric may be named alone, not spelt out letter by letter
+    alone = evaluate(model, x, t, maps, metrics="complexity")
+    torch.testing.assert_close(alone["complexity"], evaluate(model, x, t, maps, metrics=["complexity"])["complexity"])
+    torch.testing.assert_close(alone["complexity"], maps.mean((1, 2)))

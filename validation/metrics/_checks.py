@@ -40,6 +40,9 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.T
 def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():  # uint8 images would fail inside the model, or truncate ROAD's imputation
+        raise TypeError(f"x must be floating point images in [0, 1], got {x.dtype} (for 0-255 images "
+                        "pass x.float() / 255)")
     if (x.shape[0], *x.shape[-2:]) != tuple(maps.shape):
         raise ValueError(f"x shape {tuple(x.shape)} does not match maps shape {tuple(maps.shape)} "
                          "(need the same batch size and H, W)")

@@ -64,7 +64,7 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
              noise: float = 0.01, seed: int = 0, tie_seed: int = 0, batch_size: int = 64,
              impute_batch_size: int = 64, bf16: bool = False, pointing_ties: str = "any",
              topk: int | None = None, gt_threshold: float = 0.5) -> EvaluationResult:
-    """Compute ``metrics`` for one batch; returns an :class:`EvaluationResult`.
+    """Compute ``metrics`` (names, or one name) for one batch; returns an :class:`EvaluationResult`.
 
     model/x/target/maps as for the functionals; ``explainer`` (``.attribute(x, target)`` or a
     callable) is needed for coherency/adcc/arcc, ``gt`` (B, H, W) masks for the localisation
@@ -72,7 +72,7 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
     impute_batch_size, bf16), ``pointing_game`` (pointing_ties), ``topk_intersection`` (topk)
     and the mask threshold.
     """
-    metrics = tuple(metrics)
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {list(METRIC_NAMES)}")

@@ -140,7 +140,10 @@ def adcc(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, ex
 
 def arcc(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, explainer, *,
          return_reasons: bool = False, **road_options):
-    """ARCC = harmonic mean of Coherency, 1 - Complexity and clip(ROAD, 0, 1), in [0, 1]."""
+    """ARCC = harmonic mean of Coherency, 1 - Complexity and clip(ROAD, 0, 1), in [0, 1].
+    ``road_options`` are ``road``'s (fractions, noise, seed, ...); for its curves call ``road``."""
+    if "return_curves" in road_options:
+        raise TypeError("arcc returns one value per sample: call road(..., return_curves=True) for the curves")
     chn = coherency(x, target, maps, explainer, return_reasons=True)
     score = _road(model, x, target, maps, **road_options)
     cmx = complexity(maps)

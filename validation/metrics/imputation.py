@@ -195,13 +195,13 @@ def _pixel_sum(field: torch.Tensor) -> torch.Tensor:
 def imputation_system(images: torch.Tensor, removed: torch.Tensor):
     """The fine-level system ``A x = b`` on the full grid, scaled by 12 (integer coefficients).
 
-    images: (N, C, H, W); removed: (N, 1, H, W) with 1 where a pixel is imputed.
+    images: (N, C, H, W); removed: (N, H, W) or (N, 1, H, W), nonzero where a pixel is imputed.
     Returns (coef (N, 9, H, W), rhs (N, C, H, W)): ``coef[:, o, p]`` is the coefficient of
     ``x[p + offset_o]`` (offsets in row-major order over {-1, 0, 1}^2) in the row of pixel ``p``;
     rows of kept pixels are all zero.
     """
     h, w = images.shape[-2:]
-    coef, rhs, _ = _system(images, removed.to(images.dtype), complementary=False)
+    coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=False)
     return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
@@ -210,7 +210,7 @@ def complementary_system(images: torch.Tensor, removed: torch.Tensor):
     (same scaling and layout as ``imputation_system``): a pixel is coupled to its in-image
     neighbours on its own side of the mask, and the other side's pixels are its known data."""
     h, w = images.shape[-2:]
-    coef, rhs, _ = _system(images, removed.to(images.dtype), complementary=True)
+    coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=True)
     return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
@@ -825,10 +825,11 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    given = tuple(removed.shape)
     if removed.ndim == 3:
         removed = removed[:, None]
     if removed.shape != (images.shape[0], 1, *images.shape[-2:]):
-        raise ValueError(f"removed mask shape {tuple(removed.shape)} does not match images "
+        raise ValueError(f"removed mask shape {given} does not match images "
                          f"{tuple(images.shape)}: expected (N, H, W) or (N, 1, H, W)")
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point, got {images.dtype}")

@@ -35,6 +35,8 @@ class RoadResult(NamedTuple):
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple:
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+        raise TypeError(f"fractions must be a sequence of values in (0, 1), e.g. (0.2, 0.4), got {fractions!r}")
     fractions = tuple(float(k) for k in fractions)
     if not fractions or any(not 0 < k < 1 for k in fractions):
         raise ValueError(f"fractions must be a non-empty sequence of values in (0, 1), got {fractions}")
