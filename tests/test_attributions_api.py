@@ -241,6 +241,29 @@ def test_bad_targets(resnet):
 
 
 @pytest.mark.parametrize("method,option,value", [
+    ("relax", "p", "a"), ("relax", "n_masks", 0), ("relax", "batch_size", 2.5), ("centre", "sigma", "a"),
+    ("lime", "n_samples", 0), ("kernelshap", "perturbations_per_eval", True), ("integratedgradients", "n_steps", 0),
+    ("integratedgradients", "internal_batch_size", 0), ("deeplift", "baseline", "black"),
+])
+def test_mistyped_option_values_are_refused_by_name(resnet, method, option, value):
+    with pytest.raises(ValueError, match=rf"^{option} "):
+        get_explainer(method, resnet, **{option: value})
+
+
+def test_a_baseline_that_does_not_fit_the_images_is_named(resnet):
+    with pytest.raises(ValueError, match=r"baseline of shape \(3, 8, 8\) does not broadcast to the images \(1, 3, 16, 16\)"):
+        explain(resnet, images(1, 16), 0, method="integratedgradients", n_steps=2, baseline=torch.zeros(3, 8, 8))
+    with pytest.raises(TypeError, match=r"base_options must be a dict"):
+        get_explainer("refinecam", resnet, base_options=[1])
+
+
+def test_images_of_another_dtype_than_the_model_are_named(resnet):
+    for method in ("gradcam", "deeplift", "lafam"):
+        with pytest.raises(ValueError, match=r"images x are torch.float64 but the model's weights are torch.float32"):
+            explain(resnet, images(1, 16).double(), 0, method=method)
+
+
+@pytest.mark.parametrize("method,option,value", [
     ("relax", "cells", 0), ("relax", "cells", 2.5), ("relax", "p", 0.0), ("relax", "p", 1.0), ("relax", "p", 2.0),
     ("relax", "shift", -1), ("lime", "grid_cells", 0), ("lime", "n_segments", 0), ("kernelshap", "grid_cells", -2),
 ])

@@ -3,6 +3,7 @@ capture at several layers in one forward pass, and post-processing of raw maps."
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .._layout import fast_layout
+from .._model_input import raise_if_dtype_mismatch
 from .layers import Layer, LayerSpec, resolve_layer_full
 from .postprocess import INTERPOLATIONS, finalize
 
@@ -39,6 +41,21 @@ def check_input(x: Any) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor of images in [0, 1], got dtype {x.dtype}")
     return fast_layout(x.detach())
+
+
+def option_int(name: str, value: Any, minimum: int = 1) -> int:
+    """A method's integer option, at least ``minimum``; ValueError naming the option otherwise
+    (bools, strings and floats with a fraction included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def option_number(name: str, value: Any) -> float:
+    """A method's real-valued option; ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -286,7 +303,11 @@ class Explainer:
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
         with ModelGuard(self.model) as guard:
-            raw, target, extras = self._explain_raw(x, target, guard, **inputs)
+            try:
+                raw, target, extras = self._explain_raw(x, target, guard, **inputs)
+            except RuntimeError as error:
+                raise_if_dtype_mismatch(self.model, x, error)
+                raise
         maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
         return Explanation(maps.float(), degenerate, target, extras)
 

@@ -17,7 +17,7 @@ import hashlib
 
 import torch
 
-from .base import Explainer
+from .base import Explainer, option_number
 from .postprocess import minmax
 from .registry import register
 
@@ -95,7 +95,7 @@ class Oracle(Baseline):
 class CentrePrior(Baseline):
     def __init__(self, model, *, sigma: float = 0.25, **options):
         super().__init__(model, **options)
-        if not sigma > 0:
+        if not option_number("sigma", sigma) > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.sigma = float(sigma)
 

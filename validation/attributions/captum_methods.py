@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._rng import seeded_global_rng
-from .base import Explainer, ModelGuard, check_logits, resolve_target
+from .base import Explainer, ModelGuard, check_logits, option_int, option_number, resolve_target
 from .pixel import check_reduction, reduce_channels
 from .registry import register
 
@@ -118,10 +118,19 @@ class CaptumExplainer(Explainer):
         return reduce_channels(attr.detach(), self.reduce), target, {}
 
 
+def check_baseline(value):
+    """A baseline is a number or a tensor that broadcasts to the images (checked per call)."""
+    return value if isinstance(value, torch.Tensor) else option_number("baseline", value)
+
+
 def _baseline(value, x):
     if isinstance(value, torch.Tensor):
-        return value.to(x.device, x.dtype).expand_as(x)
-    return torch.full_like(x, float(value))
+        try:
+            return value.to(x.device, x.dtype).expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"baseline of shape {tuple(value.shape)} does not broadcast to the images "
+                             f"{tuple(x.shape)}") from None
+    return torch.full_like(x, value)
 
 
 @register("deeplift")
@@ -133,7 +142,7 @@ class DeepLift(CaptumExplainer):
 
     def __init__(self, model, *, baseline=0.0, **options):
         super().__init__(model, **options)
-        self.baseline = baseline
+        self.baseline = check_baseline(baseline)
 
     def _captum(self):
         from captum.attr import DeepLift as _DeepLift
@@ -161,7 +170,9 @@ class IntegratedGradients(CaptumExplainer):
     def __init__(self, model, *, baseline=0.0, n_steps: int = 50, internal_batch_size: int | None = 64,
                  **options):
         super().__init__(model, **options)
-        self.baseline, self.n_steps, self.internal_batch_size = baseline, int(n_steps), internal_batch_size
+        self.baseline, self.n_steps = check_baseline(baseline), option_int("n_steps", n_steps)
+        self.internal_batch_size = (None if internal_batch_size is None
+                                    else option_int("internal_batch_size", internal_batch_size))
 
     def _captum(self):
         from captum.attr import IntegratedGradients as _IG
@@ -181,14 +192,11 @@ class _SuperpixelExplainer(CaptumExplainer):
         super().__init__(model, **options)
         if superpixels not in SUPERPIXELS:
             raise ValueError(f"superpixels must be one of {SUPERPIXELS}, got {superpixels!r}")
-        if n_samples < 1 or perturbations_per_eval < 1:
-            raise ValueError("n_samples and perturbations_per_eval must be positive")
-        for option, value in (("n_segments", n_segments), ("grid_cells", grid_cells)):
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{option} must be an int >= 1, got {value!r}")
-        self.superpixels, self.n_segments, self.grid_cells = superpixels, int(n_segments), int(grid_cells)
-        self.n_samples, self.perturbations_per_eval = int(n_samples), int(perturbations_per_eval)
-        self.baseline, self.seed = baseline, int(seed)
+        self.superpixels = superpixels
+        self.n_segments, self.grid_cells = option_int("n_segments", n_segments), option_int("grid_cells", grid_cells)
+        self.n_samples = option_int("n_samples", n_samples)
+        self.perturbations_per_eval = option_int("perturbations_per_eval", perturbations_per_eval)
+        self.baseline, self.seed = check_baseline(baseline), int(seed)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.superpixels == "grid":

@@ -50,6 +50,8 @@ class RefineCAM(Explainer):
         cls = METHODS[canonical_name(base)]
         if not issubclass(cls, LayerExplainer):
             raise ValueError(f"RefineCAM needs a layer method as base, {cls.name!r} is not one")
+        if base_options is not None and not isinstance(base_options, dict):
+            raise TypeError(f"base_options must be a dict of the base method's options, got {base_options!r}")
         base_options = dict(base_options or {})
         # RefineCAM itself upsamples and normalises the fused map: the base's own settings for
         # that would be ignored or clash, so they are refused like any unknown option

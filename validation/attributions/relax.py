@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Explainer, check_logits
+from .base import Explainer, check_logits, option_int, option_number
 from .layers import resolve_layer_full
 from .registry import register
 
@@ -22,12 +22,11 @@ UNCERTAINTY = ("variance", "sum")
 
 
 def check_mask_options(cells, p, shift) -> None:
-    if isinstance(cells, bool) or int(cells) != cells or cells < 1:
-        raise ValueError(f"cells must be an int >= 1 (cells x cells grid), got {cells!r}")
-    if not 0 < p < 1:
+    option_int("cells", cells)
+    if not 0 < option_number("p", p) < 1:
         raise ValueError(f"p (probability a grid cell is kept) must be in (0, 1), got {p!r}")
-    if shift is not None and (isinstance(shift, bool) or int(shift) != shift or shift < 0):
-        raise ValueError(f"shift must be None or an int >= 0 (pixels), got {shift!r}")
+    if shift is not None:
+        option_int("shift", shift, minimum=0)
 
 
 def relax_mask_params(n: int, generator: torch.Generator, cells: int = 7, p: float = 0.5, shift: int = 3):
@@ -68,8 +67,8 @@ class RELAX(Explainer):
                  p: float = 0.5, shift: int | None = None, embedding_layer=None, uncertainty: str = "variance",
                  **options):
         super().__init__(model, **options)
-        if n_masks < 1 or batch_size < 1:
-            raise ValueError(f"n_masks and batch_size must be positive, got {n_masks}, {batch_size}")
+        option_int("n_masks", n_masks)
+        option_int("batch_size", batch_size)
         if uncertainty not in UNCERTAINTY:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY}, got {uncertainty!r}")
         check_mask_options(cells, p, shift)

@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from .._layout import fast_layout
+from .._model_input import raise_if_dtype_mismatch
 from ._checks import check_num_classes, eval_forward
 
 
@@ -37,7 +38,7 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
             try:
                 logits = model(fast_layout(images[start:start + batch_size])).float()
             except RuntimeError as error:
-                _raise_if_dtype_mismatch(model, images, error)
+                raise_if_dtype_mismatch(model, images, error)
                 raise
             if start == 0:
                 check_num_classes(target if sample_target is None else sample_target, logits.shape[1])
@@ -47,15 +48,3 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
     if not out:
         return images.new_zeros(0), target.new_zeros(0)
     return torch.cat(out), torch.cat(predictions)
-
-
-def _raise_if_dtype_mismatch(model: torch.nn.Module, images: torch.Tensor, error: RuntimeError) -> None:
-    """After a failed forward: a clear error when the images' dtype is not the model's (torch's
-    own names neither the argument nor the fix). Checked only on failure: a model may cast its
-    input itself."""
-    weight = next((t for t in model.parameters() if t.is_floating_point()), None)
-    if weight is None:
-        weight = next((t for t in model.buffers() if t.is_floating_point()), None)
-    if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
-        raise ValueError(f"images x are {images.dtype} but the model's weights are {weight.dtype}: pass "
-                         f"x.to({weight.dtype}) or convert the model") from error
