@@ -83,10 +83,28 @@ def test_the_folded_vgg_refuses_another_image_size():
 
 
 def test_without_an_image_size_only_batchnorm_is_folded():
-    net = build_model("vgg11_bn", image_size=32).backbone.eval()  # a bare torchvision VGG
+    torch.manual_seed(0)
+    # a bare torchvision VGG, with batch norm statistics far from their init; float64, so the
+    # fold's rounding (~1e-16) cannot flip a ReLU or max-pool tie (in float32 some inputs do, which
+    # reroutes a few input gradients) and the comparison can be tight
+    net = _with_trained_like_batchnorm(build_model("vgg11_bn", image_size=32).backbone).double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     fast = inference_copy(net)
-    assert isinstance(fast.avgpool, nn.AdaptiveAvgPool2d)
-    assert len(fast.inference_folds) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert isinstance(fast.avgpool, nn.AdaptiveAvgPool2d) and fast.avgpool.output_size == (7, 7)
+    assert fast.classifier[0].in_features == 512 * 49  # the pool was not folded into the head
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert n_bn == 8  # vgg11_bn: one per convolution
+    assert len(fast.inference_folds) == n_bn
+    assert all(note.startswith("batchnorm") for note in fast.inference_folds)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 0
+    assert all(p.dtype == torch.float64 for p in fast.parameters())
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    target = torch.tensor([1, 3, 5])
+    want_logits, want_grad = _logits_and_input_grad(net, x, target)
+    got_logits, got_grad = _logits_and_input_grad(fast, x, target)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12 * want_grad.abs().max().item())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 class _SharedConvOutput(nn.Module):

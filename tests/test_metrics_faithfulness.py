@@ -393,7 +393,19 @@ def test_images_of_another_dtype_than_the_model_raise_a_clear_error():
     for metric in (average_drop, road):
         with pytest.raises(ValueError, match=r"images x are torch.float64 but the model's weights are torch.float32"):
             metric(model, x.double(), target, maps)
-    assert torch.equal(average_drop(model, x.double().float(), target, maps), average_drop(model, x, target, maps))
+    # a float64 model takes float64 images: Average Drop matches the definition written out by hand,
+    # AD = clip(max(0, Y - O) / Y, 0, 1), Y = p_c(X), O = p_c(X * L), computed here in float64
+    # (the metric takes its softmax in float32, hence the 1e-6)
+    model64 = TinyConv(seed=3).double()
+    x64, maps64 = smooth_images(4, 3, 16, 16, seed=5).double(), cam_maps(4, 16, 16, seed=5)
+    target4 = torch.tensor([0, 1, 2, 5])
+    with torch.no_grad():
+        y_prob = torch.softmax(model64(x64), 1).gather(1, target4[:, None])[:, 0]
+        o_prob = torch.softmax(model64(x64 * maps64[:, None].double()), 1).gather(1, target4[:, None])[:, 0]
+    want = ((y_prob - o_prob).clamp_min(0) / y_prob).clamp(0, 1)
+    assert (want > 1e-3).sum() >= 2  # not a case where every drop is zero
+    got = average_drop(model64, x64, target4, maps64)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="images x are torch.float64"):  # autocast casts float32 only
         road(model, x.double(), target, maps, bf16=True)
 

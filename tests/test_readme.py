@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from pathlib import Path
 
@@ -44,3 +45,23 @@ def test_readme_python_example_runs(tmp_path, save_untrained_model):
         defined = torch.tensor([r == "" for r in scores.reasons[name]])
         assert torch.isfinite(values[defined]).all(), name
         assert name in out.getvalue()
+
+    # the printed summary is the mean of each tensor it summarises (the dict's repr, nan allowed)
+    printed = out.getvalue().strip().splitlines()[-1]
+    summary = eval(printed, {"__builtins__": {}}, {"nan": float("nan")})
+    assert set(summary) == set(scores)
+    for name, value in summary.items():
+        want = scores[name].mean().item()
+        assert value == want or (math.isnan(value) and math.isnan(want)), name
+
+    # the pointing game recomputed from the maps and masks: S = mask >= 0.5, a hit when any
+    # maximum of the map lies in S (docs/metrics.md, ties="any"); a constant map has no maximum
+    # to point with: NaN, reason constant_map
+    L, S = maps.flatten(1).numpy(), (masks >= 0.5).flatten(1).numpy()
+    assert S.any(1).all()
+    for b in range(len(L)):
+        got, reason = scores["pointing_game"][b].item(), scores.reasons["pointing_game"][b]
+        if L[b].max() == L[b].min():
+            assert math.isnan(got) and reason == "constant_map", b
+        else:
+            assert got == float(S[b][L[b] == L[b].max()].any()) and reason == "", b

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from shapesynth import ShapeSynth, SynthConfig
 from shapesynth.config import PAPER_SIZE_BANDS
@@ -37,6 +38,57 @@ def test_clean_data_passes_every_test(clean_meta):
     p_min = min(t.p_value for t in tests)
     strict = shortcut_audit(clean_meta, alpha=1.01 * p_min * len(tests))  # the smallest p now fails
     assert sum(not t.passed for t in strict) >= 1
+
+
+def _chi2_by_hand(labels, categories):
+    """Pearson's chi-square test of independence written out: observed label x category counts,
+    expected counts row total * column total / n, (r - 1)(c - 1) degrees of freedom."""
+    _, r = np.unique(labels, return_inverse=True)
+    _, c = np.unique(categories, return_inverse=True)
+    observed = np.zeros((r.max() + 1, c.max() + 1))
+    np.add.at(observed, (r, c), 1)
+    expected = observed.sum(1, keepdims=True) * observed.sum(0, keepdims=True) / observed.sum()
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = (observed.shape[0] - 1) * (observed.shape[1] - 1)
+    return statistic, stats.chi2.sf(statistic, dof), observed
+
+
+def test_reported_statistics_and_p_values_are_the_tests_of_the_counts(clean_meta):
+    y = clean_meta["label"].to_numpy()
+    for meta, planted in ((clean_meta, False), (_plant_r_mod_8(clean_meta), True)):
+        by_view = {t.view: t for t in shortcut_audit(meta)}
+        categories = (np.array([c[0] % 8 for c in meta["colour"]]), meta["size_band"].to_numpy())
+        for view, cats in zip(("R mod 8", "band"), categories):
+            statistic, p, observed = _chi2_by_hand(y, cats)
+            assert observed.shape[0] == 6 and observed.sum() == len(y)
+            reference = stats.chi2_contingency(observed, correction=False)
+            assert reference.statistic == pytest.approx(statistic, rel=1e-9)
+            assert reference.pvalue == pytest.approx(p, rel=1e-9, abs=1e-300)
+            t = by_view[view]
+            assert t.method == "chi-square"
+            assert t.statistic == pytest.approx(statistic, rel=1e-9), view
+            assert t.p_value == pytest.approx(p, rel=1e-9, abs=1e-300), view
+        if planted:
+            assert by_view["R mod 8"].p_value < 1e-30
+        else:
+            assert by_view["R mod 8"].p_value > 1e-3
+        # a Kruskal-Wallis view: the angle's distribution per class
+        angles = meta["angle"].to_numpy()
+        kw = stats.kruskal(*[angles[y == k] for k in range(6)])
+        assert by_view["angle"].method == "Kruskal-Wallis"
+        assert by_view["angle"].statistic == pytest.approx(kw.statistic, rel=1e-9)
+        assert by_view["angle"].p_value == pytest.approx(kw.pvalue, rel=1e-9)
+
+
+def _plant_r_mod_8(clean_meta):
+    m = clean_meta.copy()
+    # the paper's bug: R & 7 == label in most samples, nothing else about the colour changes
+    rng = np.random.default_rng(0)
+    coupled = rng.random(len(m)) < 0.77
+    m["colour"] = [
+        [(c[0] & ~7) | int(y), c[1], c[2]] if k else c for c, y, k in zip(m["colour"], m["label"], coupled)
+    ]
+    return m
 
 
 def test_planted_colour_coupling_of_the_public_code_is_caught(clean_meta):

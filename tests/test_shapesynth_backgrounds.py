@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -200,6 +201,19 @@ def test_small_backgrounds_are_refused_or_upscaled(tmp_path):
     clear_pool_cache()
     pools = build_pools(_folder_cfg(tmp_path / "bgs", bg_small="upscale"))
     assert all(min(im.shape[:2]) >= 32 for p in pools.values() for im in p.images)
+    # 20 x (20, 21, 22) px files: the short side becomes 32, the aspect ratio is kept (32 / 20 =
+    # 1.6: widths 32, 33.6 -> 34, 35.2 -> 35), by bicubic interpolation of the decoded pixels
+    upscaled = {20: (32, 32), 21: (32, 34), 22: (32, 35)}
+    seen = set()
+    for pool in pools.values():
+        for name, im in zip(pool.names, pool.images):
+            decoded = np.asarray(Image.open(name).convert("RGB"))
+            assert decoded.shape[0] == 20
+            h, w = upscaled[decoded.shape[1]]
+            assert im.shape == (h, w, 3), name
+            assert np.array_equal(im, cv2.resize(decoded, (w, h), interpolation=cv2.INTER_CUBIC)), name
+            seen.add(decoded.shape[1])
+    assert seen == {20, 21, 22} and sum(len(p) for p in pools.values()) == 6
     s = ShapeSynth(_folder_cfg(tmp_path / "bgs", bg_small="upscale")).sample("train", 0)
     assert s.image.shape == (32, 32, 3)
 
@@ -210,12 +224,45 @@ def test_too_few_backgrounds_for_the_pools(tmp_path):
         build_pools(_folder_cfg(tmp_path / "bgs"))
 
 
+def _recoloured_windows(arr: np.ndarray, side: int, meta: dict) -> np.ndarray:
+    """Every side x side window of ``arr`` (H, W, 3 uint8), (Y, X, side, side, 3), put through the
+    sample's recorded flips, channel permutation and brightness / contrast / saturation jitter,
+    written out here as the documented colour map: p' = contrast * (grey + saturation * (p - grey)
+    - mean) + brightness * mean, grey the pixel's channel mean, mean the window's mean grey."""
+    win = np.lib.stride_tricks.sliding_window_view(arr.astype(np.float64), (side, side), axis=(0, 1))
+    win = win.transpose(0, 1, 3, 4, 2)  # (Y, X, side, side, 3)
+    flip_h, flip_v = meta["bg_flip"]
+    if flip_h:
+        win = win[:, :, :, ::-1]
+    if flip_v:
+        win = win[:, :, ::-1]
+    win = win[..., meta["bg_channels"]]
+    brightness, contrast, saturation = meta["bg_jitter"]
+    grey = win.mean(-1, keepdims=True)
+    mean = grey.mean((2, 3, 4), keepdims=True)
+    out = contrast * (grey + saturation * (win - grey) - mean) + brightness * mean
+    return np.clip(np.rint(out), 0, 255)
+
+
 def test_folder_backgrounds_render(tmp_path):
-    _write_images(tmp_path / "bgs", 12, size=48)
+    paths = _write_images(tmp_path / "bgs", 12, size=48)
     synth = ShapeSynth(_folder_cfg(tmp_path / "bgs"))
     s = synth.sample("test", 1)
     assert s.meta["bg_name"].startswith(str(tmp_path / "bgs"))
     assert s.meta["bg_name"] in synth.pools["test"].names
+    # the background is a window of the named file and of no other: search every window of every
+    # file (after the recorded flips and colour jitter) for the one that gives the background
+    # (within 1 grey level: the renderer rounds once, in cv2)
+    bg = synth.background_only("test", 1)
+    assert np.array_equal(bg, s.background)
+    outside = s.mask == 0
+    assert np.array_equal(s.image[outside], bg[outside])
+    matches = []
+    for path in paths:
+        windows = _recoloured_windows(np.asarray(Image.open(path).convert("RGB")), 32, s.meta)
+        err = np.abs(windows - bg.astype(np.float64)).max(axis=(2, 3, 4))
+        matches += [(str(path), [int(x), int(y)]) for y, x in zip(*np.nonzero(err <= 1))]
+    assert matches == [(s.meta["bg_name"], s.meta["bg_crop"])]
 
 
 def test_counterfactuals_refuse_backgrounds_changed_since_generation(tmp_path):

@@ -200,7 +200,7 @@ def test_card_command_rewrites_the_same_card(generated):
     assert (generated / "README.md").read_text() == before
 
 
-def test_shape_and_pool_flags_reach_the_config():
+def test_shape_and_pool_flags_reach_the_config(capsys):
     from shapesynth.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(
@@ -211,9 +211,13 @@ def test_shape_and_pool_flags_reach_the_config():
     assert cfg.size_bands == ((0.3, 0.35), (0.15, 0.2)) and cfg.stroke_fraction == 0.25
     assert cfg.size_band_weights == (1.0, 3.0)
     assert cfg.bg_pool_sizes == {"train": 10, "val": 2, "test": 3}
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--out", "x", "--size-bands", "big"])
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--out", "x", "--size-band-weights", "1,a"])
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--out", "x", "--pool-sizes", "1,2"])
+    # a malformed value is a usage error (exit 2) naming the flag, its expected form and the value
+    for flag, value, why in (("--size-bands", "big", "size bands look like 0.31-0.39,0.16-0.19"),
+                             ("--size-band-weights", "1,a", "weights look like 1,1,2"),
+                             ("--pool-sizes", "1,2", "pool sizes are three integers train,val,test")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["generate", "--out", "x", flag, value])
+        assert exc.value.code == 2, flag
+        err = capsys.readouterr().err
+        assert f"error: argument {flag}: {why} (got '{value}')" in err, err

@@ -3,6 +3,7 @@ overwrite refusal, atomic writes, the card and the torch loader on disk."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,11 @@ def test_shapes_dataset_joint_transform(hub_dir):
 
 
 def test_shapes_dataset_missing_split_and_folder(hub_dir, tmp_path):
-    with pytest.raises(FileNotFoundError):
-        ShapesDataset(tmp_path / "nothing", split="test")
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=rf"dataset folder {re.escape(str(missing))} does not exist"):
+        ShapesDataset(missing, split="test")
+    with pytest.raises(OutputError, match=r"has no 'holdout' split"):
+        ShapesDataset(hub_dir, split="holdout")
     (tmp_path / "empty").mkdir()
     with pytest.raises(OutputError, match="no shapesynth dataset"):
         ShapesDataset(tmp_path / "empty", split="test")
@@ -285,7 +289,7 @@ def test_atomic_write_failure_leaves_no_temp_or_partial(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"^disk full$"):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 

@@ -101,13 +101,37 @@ def test_test_command_reproduces_the_recorded_accuracy(disk_run, tiny_data, tmp_
     assert json.loads((tmp_path / "res.json").read_text())["confusion_matrix"] == meta["confusion_matrix"]
 
 
-def test_stream_run_without_data_and_auto_precision(tmp_path):
-    meta = fit(_tiny_cfg(tmp_path / "s", precision="auto", curriculum_epochs=2, test_length=24))
-    assert meta["dataset_fingerprint"].startswith("synth-")
-    assert meta["precision"] == prec.resolve_precision("auto")
+def test_stream_run_without_data_and_auto_precision(tmp_path, monkeypatch):
+    # pin the CPU's "auto" answer to bf16-mixed (native bf16, measured 3x faster), unlike the
+    # "32-true" a run that ignored "auto" would train in; the cached answer is restored afterwards
+    monkeypatch.setattr(prec.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 3.0)
+    prec._cpu_auto.cache_clear()
+    try:
+        meta = fit(_tiny_cfg(tmp_path / "s", precision="auto", curriculum_epochs=2, test_length=24))
+    finally:
+        prec._cpu_auto.cache_clear()
+    assert meta["precision"] == "bf16-mixed"
+    assert meta["config"]["precision"] == "auto"
+    dm = ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, test_length=24)
+    assert meta["dataset_fingerprint"] == dm.fingerprint() and meta["dataset_fingerprint"].startswith("synth-")
     assert sum(map(sum, meta["confusion_matrix"])) == 24
     model, _ = load_model(tmp_path / "s" / "model.safetensors")
     assert model.image_size == 32
+
+    # the reported test accuracy, re-derived: the saved model over the same 24 stream test images,
+    # in one batch as the test loop ran them, under the same bf16 autocast and channels_last layout
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    x, y = batch["image"], batch["label"]
+    assert len(y) == 24
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+    cm = [[int(((y == c) & (pred == k)).sum()) for k in range(6)] for c in range(6)]
+    assert meta["confusion_matrix"] == cm
+    assert meta["test_accuracy"] == pytest.approx((pred == y).double().mean().item())
 
 
 # --------------------------------------------------------------------------- resume
@@ -275,15 +299,55 @@ def test_train_synth_changes_the_training_stream_only():
         ShapesDataModule(image_size=32, synth={"size_bands": BANDS}, train_synth={"size_band_weights": [1.0]})
 
 
+# (decayed, exempt) parameter counts, worked out by hand from torchvision's layer lists:
+# - resnet18: 20 bias-free convs (stem + 8 BasicBlocks x 2 + 3 downsample) + fc.weight = 21 decayed;
+#   20 BatchNorm2d x (weight, bias) + fc.bias = 41 exempt.
+# - convnext_tiny: stem conv + 18 CNBlocks x (depthwise conv + 2 Linear) + 3 downsample convs + head
+#   Linear = 59 decayed; their 59 biases + 18 block LayerNorms x 2 + 18 layer_scales
+#   + 5 LayerNorm2d (stem, 3 downsample, head) x 2 = 123 exempt.
+# - swin_t: patch conv + 12 blocks x (qkv, proj, 2 MLP Linear) + 3 bias-free merging Linear + head
+#   = 53 decayed; 1 + 12 x 4 + 1 biases + 12 relative_position_bias_tables + (1 + 24 + 3 + 1) LayerNorms
+#   x 2 = 120 exempt.
+_DECAY_COUNTS = {"resnet18": (21, 41), "convnext_tiny": (59, 123), "swin_t": (53, 120)}
+
+
+def _expected_decay_split(model):
+    """Classify every parameter by the module that owns it, independently of trainers.module's rule:
+    Conv/Linear weights are decayed; norm parameters, every bias, ConvNeXt's layer_scale and Swin's
+    relative_position_bias_table are not. A parameter of any other kind fails the test."""
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    norms = (torch.nn.BatchNorm2d, torch.nn.LayerNorm)  # torchvision's LayerNorm2d subclasses LayerNorm
+    decayed, exempt = set(), set()
+    for mod_name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and pname == "weight":
+                decayed.add(id(p))
+            elif isinstance(mod, norms) or pname == "bias":
+                exempt.add(id(p))
+            elif isinstance(mod, CNBlock) and pname == "layer_scale":
+                exempt.add(id(p))
+            elif isinstance(mod, ShiftedWindowAttention) and pname == "relative_position_bias_table":
+                exempt.add(id(p))
+            else:
+                raise AssertionError(f"unclassified parameter {full} of {type(mod).__name__}")
+    return decayed, exempt
+
+
 @pytest.mark.parametrize("arch", ["convnext_tiny", "swin_t", "resnet18"])
 def test_weight_decay_skips_biases_norms_and_scales(arch):
     from trainers.module import ShapeClassifierModule
 
     module = ShapeClassifierModule(arch=arch, image_size=32, scheduler="constant", channels_last=False)
-    decayed, kept = (set(map(id, g["params"])) for g in module.configure_optimizers().param_groups)
-    for name, p in module.model.named_parameters():
-        exempt = p.ndim <= 1 or name.endswith("layer_scale") or "relative_position" in name
-        assert id(p) in (kept if exempt else decayed), name
+    groups = module.configure_optimizers().param_groups
+    assert [g["weight_decay"] for g in groups] == [module.hparams.weight_decay, 0.0]
+    decayed, kept = (set(map(id, g["params"])) for g in groups)
+    exp_decayed, exp_kept = _expected_decay_split(module.model)
+    assert (len(exp_decayed), len(exp_kept)) == _DECAY_COUNTS[arch]  # the classification itself is sound
+    assert (len(decayed), len(kept)) == _DECAY_COUNTS[arch]
+    assert decayed == exp_decayed and kept == exp_kept
     assert any(name.endswith("layer_scale") for name, _ in module.model.named_parameters()) == (
         arch == "convnext_tiny")
 

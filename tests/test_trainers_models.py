@@ -64,11 +64,13 @@ def test_model_contract(arch):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
-        # normalisation inside: the backbone sees (x - mean) / std
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        # normalisation inside: the backbone sees (x - mean) / std with ImageNet's statistics
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         torch.testing.assert_close(out, model.backbone((x - mean) / std))
     assert out.shape == (2, 6)
+    assert list(IMAGENET_MEAN) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(IMAGENET_STD) == pytest.approx([0.229, 0.224, 0.225])
 
 
 @pytest.mark.parametrize("size,window", [(224, 7), (128, 4), (96, 3), (64, 2), (32, 1), (160, 5)])
