@@ -74,6 +74,18 @@ def test_bad_shard_and_missing_model_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and "missing.ckpt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--n-images", "0"], "--n-images must be >= 1, got 0"),
+    (["--images", "5:5"], "--images '5:5': need 0 <= start < stop"),
+    (["--images", "5-9"], "--images must look like start:stop (e.g. 0:200), got '5-9'"),
+])
+def test_an_empty_or_malformed_image_range_is_refused_naming_its_flag(tmp_path, capsys, flags, message):
+    code = main(["run", "--data", str(tmp_path), "--model", str(tmp_path / "m"), "--methods", "gradcam",
+                 "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress"] + flags)
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_merge_command_after_shards(tmp_path, capsys):
     models = S.make_models(tmp_path)
     torch.set_num_threads(1)

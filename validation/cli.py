@@ -91,7 +91,9 @@ def cmd_run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    image_range = parse_range(args.images) if args.images else (0, args.n_images or 200)
+    if args.n_images is not None and args.n_images < 1:
+        raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
+    image_range = parse_range(args.images) if args.images else (0, 200 if args.n_images is None else args.n_images)
     config = RunConfig(
         data=args.data, models=args.models,
         methods=all_methods() if args.methods == "all" else _csv_list(args.methods),

@@ -32,13 +32,13 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    """``"a:b"`` -> (a, b), the half-open image index range."""
+    """``--images "a:b"`` -> (a, b), the half-open image index range (at least one image)."""
     try:
         a, b = (int(v) for v in str(text).split(":"))
     except ValueError:
-        raise ValueError(f"image range must look like start:stop (e.g. 0:200), got {text!r}") from None
-    if not 0 <= a <= b:
-        raise ValueError(f"image range {text!r}: need 0 <= start <= stop")
+        raise ValueError(f"--images must look like start:stop (e.g. 0:200), got {text!r}") from None
+    if not 0 <= a < b:
+        raise ValueError(f"--images {text!r}: need 0 <= start < stop")
     return a, b
 
 

@@ -12,9 +12,11 @@ A run directory looks like::
     RUN_DIR/run_config.json            what was asked (written once, checked on resume)
     RUN_DIR/chunks/<model>/c<start>-<stop>.results.parquet
     RUN_DIR/chunks/<model>/c<start>-<stop>.predictions.parquet
+    RUN_DIR/chunks/<model>/c<start>-<stop>.maps.npz    the first images' maps (``save_maps``)
     RUN_DIR/chunks/<model>/c<start>-<stop>.done.json   completion marker, written last
     RUN_DIR/results.parquet, results.csv           merged (``merge``)
     RUN_DIR/predictions.parquet, predictions.csv, misclassified.csv
+    RUN_DIR/timing.csv                 seconds per model and configuration
     RUN_DIR/manifest.json              versions, config, data fingerprint, models, table hash
 
 Chunks are fixed image ranges defined by the run config, not by the process that computes
@@ -48,8 +50,22 @@ _STR_COLS = ["model", "method", "layer", "mix", "metric", "status", "reason"]
 
 
 # ----------------------------------------------------------------------------- atomic writes
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _process_umask() -> int:
+    """The process umask, read without setting it where the system tells it (Linux's /proc);
+    elsewhere it can only be read by setting it and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
