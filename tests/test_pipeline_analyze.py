@@ -637,3 +637,62 @@ def test_written_csv_round_trips_17_digit_floats(tmp_path):
     assert "## b_trivial: " + A.TABLES["b_trivial"] in md and "_no rows" in md
     assert "| m0 | gt_cosine | 0.300 | 0 | True | mixed (1/2 models fooled) |" in md
     assert "| m6 | gt_cosine | nan |" in md
+
+
+def _with_failures(table):
+    """gradcampp layer1: product fails (error) on images 0-9 of m_a for arcc; deeplift's arcc
+    is NaN everywhere on m_a; halfcam's fooled_metric is NaN on m_b."""
+    t = table.copy()
+    hit = ((t.model == "m_a") & (t.method == "gradcampp") & (t.mix == "product") & (t.metric == "arcc")
+           & (t.image < 10))
+    t.loc[hit, ["value", "status", "reason"]] = [np.nan, "error", "boom"]
+    t.loc[(t.model == "m_a") & (t.method == "deeplift") & (t.metric == "arcc"), ["value", "status"]] = [np.nan, "nan"]
+    t.loc[(t.model == "m_b") & (t.method == "halfcam") & (t.metric == "fooled_metric"),
+          ["value", "status"]] = [np.nan, "nan"]
+    return t
+
+
+def test_failed_rows_are_counted_and_tables_c_d_stay_paired(table):
+    t = _with_failures(table)
+    c = A.table_refine(t, {"layers": ["layer1", "layer4"]}).set_index(["model", "method", "metric"])
+    row = c.loc[("m_a", "gradcampp", "arcc")]
+    assert (row.n, row.n_dropped) == (30, 10)
+    ok = t[(t.model == "m_a") & (t.method == "gradcampp") & (t.layer == "layer1") & (t.metric == "arcc")
+           & (t.image >= 10)].pivot(index="image", columns="mix", values="value")
+    assert row.delta == pytest.approx((ok["product"] - ok["identity"]).mean())
+    dl = c.loc[("m_a", "deeplift", "arcc")]  # all NaN: kept, with nothing to average
+    assert (dl.n, dl.n_dropped) == (0, 40) and np.isnan(dl.base)
+    assert c.loc[("mean", "gradcampp", "arcc")].n_dropped == 10
+    d = A.table_aggregators(t, {"layers": ["layer1", "layer4"]})
+    drow = d[(d.model == "m_a") & (d.method == "gradcampp") & (d.layer == "layer1") & (d.metric == "arcc")].iloc[0]
+    # every column over the same 30 images (geomean included), so best_gain is the paired gain
+    assert (drow.n, drow.n_dropped) == (30, 10)
+    assert drow.identity == pytest.approx(ok["identity"].mean()) and drow.geomean == pytest.approx(ok["geomean"].mean())
+    assert drow.best_gain == pytest.approx(row.delta)
+
+
+def test_method_means_count_the_configurations_dropped(table):
+    t = _with_failures(table)
+    a = A.table_validity(t[t.metric.isin(["gt_cosine", "arcc"])], n_boot=20).set_index(["model", "metric", "level"])
+    # m_a's deeplift has no finite arcc: one of the real configurations is dropped
+    n_configs = len(REAL) + 2  # gradcampp also has product and geomean
+    assert a.loc[("m_a", "arcc", "method_means"), "n_dropped"] == 1
+    assert a.loc[("m_a", "arcc", "method_means"), "n"] == n_configs - 1
+    assert a.loc[("m_b", "arcc", "method_means"), "n_dropped"] == 0
+    assert a.loc[("m_a", "arcc", "pairs"), "n_dropped"] == 10 + 40
+
+
+def test_a_trivial_map_without_a_score_on_a_model_is_unscored_not_skipped(table):
+    t = _with_failures(table)
+    per_model, verdicts = A.table_trivial(t, metrics=["fooled_metric"])
+    half = per_model[per_model.trivial == "halfcam"].set_index("model")
+    assert np.isnan(half.loc["m_b", "trivial_score"]) and pd.isna(half.loc["m_b", "fooled"])
+    assert bool(half.loc["m_a", "fooled"])
+    v = verdicts.set_index("trivial").loc["halfcam"]
+    assert v.verdict == "fooled, 1/2 models unscored" and (v.models_fooled, v.models, v.models_unscored) == (1, 2, 1)
+    # an expectation resting on it is not checked, not "holds"
+    t2 = t.copy()
+    t2["metric"] = t2["metric"].replace({"fooled_metric": "average_drop", "average_drop": "unused"})
+    tables = {"b_trivial_verdict": A.table_trivial(t2, metrics=["average_drop"])[1]}
+    exp = A.check_expectations(tables).set_index("expectation")
+    assert exp.loc["HalfCAM fools average_drop (Fig. 1)", "status"] == "n/a"

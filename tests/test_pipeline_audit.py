@@ -42,6 +42,14 @@ def too_few_args(maps):
 
 def prefix_mean(model, x, target, maps):
     return maps.flatten(1).mean(1)
+
+def needs_a_fifth(model, x, target, maps, extra):
+    return maps.flatten(1).mean(1)
+
+def nan_on_flat(model, x, target, maps):
+    """The mean, but NaN for constant maps (the stand-in HalfCAM's): an unscored trivial map."""
+    flat = maps.flatten(1)
+    return torch.where(flat.amax(1) - flat.amin(1) < 1e-6, torch.nan, flat.mean(1))
 '''
 
 
@@ -49,6 +57,7 @@ def prefix_mean(model, x, target, maps):
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     (tmp / "user_metrics_mod.py").write_text(textwrap.dedent(USER_MODULE))
+    (tmp / "user_metrics_broken.py").write_text("def f(model, x, target, maps):\n    return (\n")
     sys.path.insert(0, str(tmp))
     models = S.make_models(tmp)
     out = tmp / "run"
@@ -87,13 +96,13 @@ def test_noise_metric_does_not_track_and_halfcam_fooling(run_dir):
     assert "halfcam (fooled)" in res["verdict"]
 
 
-def test_wrong_output_shape_is_recorded_not_fatal(run_dir):
-    res = audit_run(run_dir, "user_metrics_mod:wrong_shape", n_boot=20, components=S.components(), progress=False)
+def test_a_metric_that_fails_on_every_map_is_recorded_then_named_with_its_error(run_dir):
+    with pytest.raises(ValueError, match=r"metric 'wrong_shape' failed on every map .*one value per sample"):
+        audit_run(run_dir, "user_metrics_mod:wrong_shape", n_boot=20, components=S.components(), progress=False)
     from validation.pipeline.table import load_results
 
     t = load_results(run_dir / "audit" / "wrong_shape")
-    assert (t.status == "error").all() and t.reason.str.contains("one value per sample").all()
-    assert "no correlation" in res["verdict"]
+    assert len(t) and (t.status == "error").all() and t.reason.str.contains("one value per sample").all()
 
 
 def test_bad_specs_are_clear_errors(run_dir):
@@ -105,6 +114,15 @@ def test_bad_specs_are_clear_errors(run_dir):
         load_metric("user_metrics_mod:missing")
     with pytest.raises(ValueError, match="model, x, target, maps"):
         load_metric("user_metrics_mod:too_few_args")
+    with pytest.raises(ValueError, match=r"callable as f\(model, x, target, maps\).*extra"):
+        load_metric("user_metrics_mod:needs_a_fifth")
+    with pytest.raises(ValueError, match="expected package.module:function"):
+        load_metric(":f")
+    with pytest.raises(ValueError, match=r"importing module 'user_metrics_broken' raised SyntaxError"):
+        load_metric("user_metrics_broken:f")
+    with pytest.raises(ValueError, match="'@' is reserved"):
+        audit_run(run_dir, "user_metrics_mod:prefix_mean", name="iou@0.5", components=S.components(),
+                  progress=False)
     with pytest.raises(ValueError, match="already exists"):
         audit_run(run_dir, "user_metrics_mod:gt_copy", name="gt_cosine", components=S.components(), progress=False)
 
@@ -178,3 +196,19 @@ def test_the_audit_folds_the_models_as_the_run_did(run_dir, tmp_path):
     del cfg["fold"]  # a run from before folding existed evaluated the models as loaded
     (legacy / "run_config.json").write_text(json.dumps(cfg))
     assert not any(hasattr(m, "inference_folds") for m in audited_models(legacy))
+
+
+def test_trivial_maps_without_a_score_are_named_not_passed_over(run_dir):
+    """The stand-in HalfCAM map is constant, where this metric is NaN: HalfCAM has no score on
+    any model, so its verdict is "not checked" and the verdict text says so."""
+    res = audit_run(run_dir, "user_metrics_mod:nan_on_flat", n_boot=20, components=S.components(), progress=False)
+    per_model, verdicts = res["tables"]["b_trivial"], res["tables"]["b_trivial_verdict"]
+    models = sorted(set(per_model.model))
+    half = per_model[(per_model.metric == "nan_on_flat") & (per_model.trivial == "halfcam")]
+    assert len(half) == len(models) == 2 and half.trivial_score.isna().all() and half.fooled.isna().all()
+    row = verdicts[(verdicts.metric == "nan_on_flat") & (verdicts.trivial == "halfcam")].iloc[0]
+    assert row.verdict == "not checked (2/2 models unscored)" and row.models_unscored == 2
+    rand = verdicts[(verdicts.metric == "nan_on_flat") & (verdicts.trivial == "randomcam")].iloc[0]
+    assert rand.models_unscored == 0 and "unscored" not in rand.verdict
+    assert "Not checked on every model (no finite score: NaN or errors): halfcam" in res["verdict"]
+    assert "No trivial map" not in res["verdict"]

@@ -105,3 +105,21 @@ def test_report_reanalyzes_tables_older_than_the_merge_and_refuses_unmerged_chun
             write_report(run_dir, n_boot=20)
     finally:
         merge_run(run_dir)
+
+
+def test_not_checked_expectations_read_back_as_n_a_and_figures_leave_matplotlib_alone(tmp_path):
+    """"n/a" is a value, not a missing cell, when the report reads the tables from disk; and
+    importing the figures selects no backend (a notebook's stays as it was)."""
+    import subprocess
+    import sys
+
+    from validation.report import read_table
+
+    code = ("import matplotlib; matplotlib.use('svg'); import validation.report.figures; "
+            "import matplotlib as m; print(m.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
+    frame = pd.DataFrame({"expectation": ["a", "b"], "found": ["x", ""], "status": ["n/a", "holds"]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    back = read_table(tmp_path / "t.csv")
+    assert back.status.tolist() == ["n/a", "holds"] and pd.isna(back.found[1])

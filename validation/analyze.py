@@ -298,7 +298,9 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
                 plo, phi = _ci(c.pearson_boot)
                 slo, shi = _ci(c.spearman_boot)
                 rows.append({"model": model, "metric": metric, "level": level, "n": c.n,
-                             "n_dropped": int((~ok).sum()) if level == "pairs" else 0,
+                             # pairs: (image, configuration) pairs with a NaN; method_means:
+                             # configurations without one finite pair
+                             "n_dropped": int((~ok).sum()) if level == "pairs" else grid_v.shape[1] - c.n,
                              "pearson": c.pearson, "pearson_lo": plo, "pearson_hi": phi,
                              "spearman": c.spearman, "spearman_lo": slo, "spearman_hi": shi})
                 boots[(model, metric, level)] = (c.pearson_boot, c.spearman_boot)
@@ -310,11 +312,13 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         # a model without a correlation (e.g. the metric is constant on it) is left out of the
         # mean and of n, and named in models_nan, so n_models says how many the mean averages
         ok = g["pearson"].notna() & g["spearman"].notna()
+        dropped = g["n_dropped"] + np.where(ok, 0, g["n"])
         g, nan_models = g[ok], g.loc[~ok, "model"].tolist()
         plo, phi = _ci(_mean_replicates([boots[(m, metric, level)][0] for m in g["model"]], n_boot))
         slo, shi = _ci(_mean_replicates([boots[(m, metric, level)][1] for m in g["model"]], n_boot))
         summary.append({"model": "mean+-std", "metric": metric, "level": level,
-                        "n": int(g["n"].sum()), "n_dropped": int(g["n_dropped"].sum()),
+                        # what the mean rests on, and all that was dropped (left-out models' too)
+                        "n": int(g["n"].sum()), "n_dropped": int(dropped.sum()),
                         "n_models": len(g), "models_nan": ",".join(map(str, nan_models)),
                         "pearson": g["pearson"].mean(), "pearson_std": _spread(g["pearson"]),
                         "pearson_lo": plo, "pearson_hi": phi,
@@ -424,7 +428,11 @@ def table_trivial(df: pd.DataFrame, metrics: list[str] | None = None,
     Returns (per-model rows, verdict per metric and trivial map over models).
     """
     metrics = metrics or scalar_metrics(df)
-    means = _config_means(df[df["metric"].isin(metrics)])
+    df = df[df["metric"].isin(metrics)]
+    means = _config_means(df)
+    # a trivial map the run computed but that got no finite score on a model (NaN or errors) is
+    # kept as unscored: leaving it out would let the verdicts speak for models never checked
+    computed = set(zip(df["model"], df["metric"], df["method"]))
     rows = []
     for (model, metric), g in means.groupby(["model", "metric"], sort=True):
         real = g[~g["method"].isin(BASELINES)]["mean"]
@@ -435,27 +443,41 @@ def table_trivial(df: pd.DataFrame, metrics: list[str] | None = None,
         best = real.min() if lower else real.max()
         for trivial in TRIVIAL_MAPS:
             t = g[g["method"] == trivial]["mean"]
-            if t.empty:
+            if t.empty and (model, metric, trivial) not in computed:
                 continue
-            score = float(t.mean())
-            beaten = int(better_or_equal(score, real, lower).sum())
+            score = float(t.mean()) if len(t) else np.nan
             rows.append({"model": model, "metric": metric, "better": "lower" if lower else "higher",
                          "real_worst": worst, "real_median": float(real.median()), "real_best": best,
                          "n_real": int(len(real)), "trivial": trivial, "trivial_score": score,
-                         "real_beaten": beaten,
-                         "fooled": bool(better_or_equal(score, worst, lower))})
+                         "real_beaten": int(better_or_equal(score, real, lower).sum()) if len(t) else np.nan,
+                         "fooled": bool(better_or_equal(score, worst, lower)) if len(t) else None})
     per_model = pd.DataFrame(rows)
     if per_model.empty:
         return per_model, per_model
     verdicts = []
     for (metric, trivial), g in per_model.groupby(["metric", "trivial"], sort=True):
-        k, n = int(g["fooled"].sum()), len(g)
-        verdict = "fooled" if k == n else ("not fooled" if k == 0 else f"mixed ({k}/{n} models fooled)")
+        scored = g[g["fooled"].notna()]
+        k, n, unscored = int(scored["fooled"].astype(bool).sum()), len(g), len(g) - len(scored)
         verdicts.append({"metric": metric, "trivial": trivial, "models_fooled": k, "models": n,
-                         "trivial_score": g["trivial_score"].mean(),
+                         "models_unscored": unscored, "trivial_score": scored["trivial_score"].mean(),
                          "real_worst": g["real_worst"].mean(), "real_best": g["real_best"].mean(),
-                         "verdict": verdict})
+                         "verdict": _trivial_verdict(k, len(scored), unscored)})
     return per_model, pd.DataFrame(verdicts)
+
+
+def _trivial_verdict(fooled: int, scored: int, unscored: int) -> str:
+    """"fooled", "not fooled" or "mixed (k/n models fooled)" over the models where the trivial
+    map has a score; "not checked" when it has none, and the unscored models named otherwise."""
+    if scored == 0:
+        return f"not checked ({unscored}/{unscored} models unscored)"
+    verdict = "fooled" if fooled == scored else ("not fooled" if fooled == 0 else
+                                                f"mixed ({fooled}/{scored} models fooled)")
+    return verdict if unscored == 0 else f"{verdict}, {unscored}/{scored + unscored} models unscored"
+
+
+def trivial_verdict_complete(verdict: str) -> bool:
+    """Whether a table b verdict rests on every model (none unscored)."""
+    return "unscored" not in verdict
 
 
 # ----------------------------------------------------------------------------- tables c, d
@@ -474,26 +496,30 @@ def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "produ
              & df["metric"].isin(metrics) & df["mix"].isin([IDENTITY, mix])]
     rows = []
     for (model, method, metric), g in sub.groupby(["model", "method", "metric"], sort=True):
-        p = g.pivot_table(index="image", columns="mix", values="value", aggfunc="first")
-        if IDENTITY not in p or mix not in p:
+        if not {IDENTITY, mix} <= set(g["mix"]):
             continue
-        p = p[[IDENTITY, mix]].dropna()
+        # every image with a row on either side; a NaN or error on one side drops the image (counted)
+        both = g.set_index(["image", "mix"])["value"].unstack("mix")[[IDENTITY, mix]]
+        p = both.dropna()
         d = p[mix] - p[IDENTITY]
         rows.append({"model": model, "method": method, "layer": shallow, "metric": metric,
-                     "n": len(p), "base": p[IDENTITY].mean(), "refined": p[mix].mean(),
-                     "delta": d.mean(), "improved_frac": float((d > 0).mean()) if len(d) else np.nan})
+                     "n": len(p), "n_dropped": len(both) - len(p), "base": p[IDENTITY].mean(),
+                     "refined": p[mix].mean(), "delta": d.mean(),
+                     "improved_frac": float((d > 0).mean()) if len(d) else np.nan})
     # the paper's Table 1 also lists the layer-free methods (no refinement): base only
     flat = df[(df["layer"] == NO_LAYER) & ~df["method"].isin(BASELINES) & df["metric"].isin(metrics)
-              & (df["mix"] == IDENTITY) & (df["status"] == "ok")]
+              & (df["mix"] == IDENTITY)]
     for (model, method, metric), g in flat.groupby(["model", "method", "metric"], sort=True):
-        rows.append({"model": model, "method": method, "layer": NO_LAYER, "metric": metric, "n": len(g),
-                     "base": g["value"].mean(), "refined": np.nan, "delta": np.nan, "improved_frac": np.nan})
+        ok = g["status"] == "ok"
+        rows.append({"model": model, "method": method, "layer": NO_LAYER, "metric": metric,
+                     "n": int(ok.sum()), "n_dropped": int((~ok).sum()), "base": g.loc[ok, "value"].mean(),
+                     "refined": np.nan, "delta": np.nan, "improved_frac": np.nan})
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     mean = (out.groupby(["method", "layer", "metric"], sort=True, dropna=False)
-            .agg(n=("n", "sum"), base=("base", "mean"), refined=("refined", "mean"),
-                 delta=("delta", "mean"), improved_frac=("improved_frac", "mean"))
+            .agg(n=("n", "sum"), n_dropped=("n_dropped", "sum"), base=("base", "mean"),
+                 refined=("refined", "mean"), delta=("delta", "mean"), improved_frac=("improved_frac", "mean"))
             .reset_index().assign(model="mean"))
     return pd.concat([out, mean[out.columns]], ignore_index=True)
 
@@ -502,18 +528,31 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
                       metrics=REFINE_METRICS) -> pd.DataFrame:
     """Table d. Mean score per method, layer and aggregator (columns), per model and mean over models.
 
+    Paired: a row's means are over the images where every aggregator computed for it (identity
+    included) has a finite score, so its columns compare the same images; ``n`` counts them and
+    ``n_dropped`` the images left out (a NaN or error in any column).
     ``best``: the aggregator (identity excluded: it is the unrefined map, not an aggregator) with
     the highest mean; ``best_gain``: its mean minus identity's (> 0: refining with it helps). Both
     NaN on rows without a refined score (e.g. the deepest layer, which nothing refines)."""
     methods = refined_methods(df)
-    sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["status"] == "ok")]
-    if sub.empty:
+    sub = df[df["method"].isin(methods) & df["metric"].isin(metrics)]
+    if not (sub["status"] == "ok").any():
         return pd.DataFrame()
-    m = sub.groupby(["model", "method", "layer", "metric", "mix"])["value"].mean().unstack("mix")
-    mixes = [x for x in MIX_ORDER if x in m.columns] + sorted(set(m.columns) - set(MIX_ORDER))
-    m = m[mixes].reset_index()
-    mean = m.groupby(["method", "layer", "metric"], sort=False)[mixes].mean().reset_index()
-    out = pd.concat([m, mean.assign(model="mean")], ignore_index=True)
+    keys = ["model", "method", "layer", "metric"]
+    rows = []
+    for key, g in sub.groupby(keys, sort=True):
+        wide = g.set_index(["image", "mix"])["value"].unstack("mix")  # only the mixes computed here
+        complete = wide.notna().all(axis=1)
+        rows.append({**dict(zip(keys, key)), **wide[complete].mean().to_dict(),
+                     "n": int(complete.sum()), "n_dropped": int((~complete).sum())})
+    m = pd.DataFrame(rows)
+    mixes = [x for x in MIX_ORDER if x in m.columns] + sorted(set(m.columns) - set(MIX_ORDER) - set(keys)
+                                                              - {"n", "n_dropped"})
+    m = m[keys + mixes + ["n", "n_dropped"]]
+    mean = (m.groupby(["method", "layer", "metric"], sort=False)
+            .agg(**{x: (x, "mean") for x in mixes}, n=("n", "sum"), n_dropped=("n_dropped", "sum"))
+            .reset_index())
+    out = pd.concat([m, mean.assign(model="mean")[m.columns]], ignore_index=True)
     order = {l: i for i, l in enumerate(layer_order(df, config))}
     out["_l"] = out["layer"].map(order)
     out = out.sort_values(["model", "metric", "method", "_l"], kind="mergesort").drop(columns="_l")
@@ -712,13 +751,17 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         def get(m, t):
             return verdict.get((m, t), "n/a")
 
+        def checked(*found):  # every verdict there and resting on every model
+            return all(v != "n/a" and trivial_verdict_complete(v) for v in found)
+
         for m in ("average_drop", "adcc"):
             add(f"HalfCAM fools {m} (Fig. 1)", f"verdict: {get(m, 'halfcam')}",
-                None if get(m, "halfcam") == "n/a" else get(m, "halfcam") == "fooled")
+                get(m, "halfcam") == "fooled" if checked(get(m, "halfcam")) else None)
         for m in ("road", "arcc"):
             found = "; ".join(f"{t}: {get(m, t)}" for t in TRIVIAL_MAPS)
             ok = [get(m, t) for t in TRIVIAL_MAPS if get(m, t) != "n/a"]
-            add(f"No trivial map fools {m} (Fig. 1)", found, (all(x == "not fooled" for x in ok) if ok else None))
+            add(f"No trivial map fools {m} (Fig. 1)", found,
+                all(x == "not fooled" for x in ok) if ok and checked(*ok) else None)
     c = tables.get("c_refinecam", pd.DataFrame())
     if len(c):
         mean = c[(c.model == "mean") & (c.metric == "arcc") & c.refined.notna()]

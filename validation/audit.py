@@ -44,19 +44,25 @@ def load_metric(spec: str) -> Callable:
     if ":" not in spec:
         raise ValueError(f"--metric {spec!r}: expected package.module:function")
     module_name, func_name = spec.split(":", 1)
+    if not module_name or not func_name:
+        raise ValueError(f"--metric {spec!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"--metric {spec!r}: cannot import module {module_name!r} ({err}); "
                          f"is it on PYTHONPATH?") from None
+    except Exception as err:  # the user's module failed while importing (SyntaxError, ...)
+        raise ValueError(f"--metric {spec!r}: importing module {module_name!r} raised "
+                         f"{type(err).__name__}: {err}") from err
     fn = getattr(module, func_name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"--metric {spec!r}: module {module_name!r} has no function {func_name!r}")
-    params = list(inspect.signature(fn).parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in params):
-        raise ValueError(f"--metric {spec!r}: the function must take (model, x, target, maps, ...); "
-                         f"its signature is {inspect.signature(fn)}")
+    try:  # the contract's call: fn(model, x, target, maps), explainer= and gt= only if it names them
+        inspect.signature(fn).bind(None, None, None, None)
+    except TypeError:
+        raise ValueError(f"--metric {spec!r}: the function must be callable as f(model, x, target, maps) "
+                         f"(other parameters keyword-only or with defaults); its signature is "
+                         f"{inspect.signature(fn)}") from None
     return fn
 
 
@@ -141,14 +147,20 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
                              f"{rho:.2f} with the ground-truth ranking.")
     mine = verdicts[verdicts.metric == name] if len(verdicts) else verdicts
     if len(mine):
-        fooled = [f"{t} ({v})" for t, v in zip(mine.trivial, mine.verdict) if v != "not fooled"]
+        found = list(zip(mine.trivial, mine.verdict))
+        fooled = [f"{t} ({v})" for t, v in found if v.startswith(("fooled", "mixed"))]
+        unscored = [f"{t} ({v})" for t, v in found if not A.trivial_verdict_complete(v)]
+        clean = [t for t, v in found if v == "not fooled"]
         if fooled:
             lines.append("Trivial maps that fool it: " + ", ".join(fooled) +
                          " (a trivial map scores at least as well as the worst real method).")
-        else:
-            lines.append("No trivial map (RandomCAM, HalfCAM, All1sCAM) fools it.")
+        if clean:
+            lines.append(f"Not fooled by: {', '.join(clean)}.")
+        if unscored:
+            lines.append("Not checked on every model (no finite score: NaN or errors): " + ", ".join(unscored) + ".")
     else:
-        lines.append("The run has no trivial maps, so the trivial-map check was not possible.")
+        lines.append("No trivial-map check was possible: the run has no trivial maps, or no real "
+                     "method got a finite score for this metric.")
     return "\n".join(lines)
 
 
@@ -178,6 +190,8 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     run_dir = Path(run_dir)
     fn = load_metric(spec)
     name = name or fn.__name__
+    if "@" in name:  # "@" marks the curve columns (road_morf@0.2), which the tables leave out
+        raise ValueError(f"metric name {name!r}: '@' is reserved for curve columns; pass another --name")
     base = load_results(run_dir)
     if name in set(base.metric):
         raise ValueError(f"metric name {name!r} already exists in the run; pass --name")
@@ -211,6 +225,10 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     run_eval(config, out_dir, components=comps, progress=progress, overwrite=overwrite,
              conflict_hint="pass --overwrite to recompute it, or --name to audit beside it")
     mine = load_results(out_dir)
+    if len(mine) and (mine.status == "error").all():  # nothing to judge: say why, not "too few values"
+        reason = mine.reason.value_counts().index[0]
+        raise ValueError(f"metric {name!r} failed on every map ({len(mine)} rows); the most common "
+                         f"error: {reason}")
     df = pd.concat([base[base.image.isin(set(mine.image))] if n_images else base, mine],
                    ignore_index=True)
     metrics = [m for m in (name,) + COMPARED if m in set(df.metric)]

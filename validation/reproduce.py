@@ -256,11 +256,15 @@ class Reproduction:
         if workers > 1:
             summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
         else:
-            if ev.get("threads"):
-                import torch
+            import torch
 
-                torch.set_num_threads(int(ev["threads"]))
-            summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress)
+            threads = torch.get_num_threads()
+            try:
+                if ev.get("threads"):
+                    torch.set_num_threads(int(ev["threads"]))
+                summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress)
+            finally:
+                torch.set_num_threads(threads)
         write_json(self.run_dir / "profile.json",
                    {"name": self.p.get("name"), "description": self.p.get("description"),
                     "budget_notes": self.p.get("budget_notes")})

@@ -33,13 +33,16 @@ def load_tables(run_dir: Path, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     if (not all(f.exists() for f in files) or not results.exists()
             or min(f.stat().st_mtime_ns for f in files) < results.stat().st_mtime_ns):
         return A.analyze_run(run_dir, folder, n_boot=n_boot)
-    out = {}
-    for name in A.TABLES:
-        try:
-            out[name] = pd.read_csv(folder / f"{name}.csv", keep_default_na=True)
-        except pd.errors.EmptyDataError:
-            out[name] = pd.DataFrame()
-    return out
+    return {name: read_table(folder / f"{name}.csv") for name in A.TABLES}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """An analysis table written by ``analyze``; only empty cells are missing values: "n/a" (an
+    expectation not checked) is a value, not NaN."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def load_saved_maps(run_dir: Path, model: str) -> dict | None:

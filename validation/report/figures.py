@@ -1,19 +1,18 @@
-"""The report's figures (matplotlib, Agg backend): each function takes analysis tables and
-returns a Figure; ``save`` writes it as a PNG."""
+"""The report's figures: each function takes analysis tables and returns a matplotlib Figure;
+``save`` writes it as a PNG. Figures are built without pyplot, so no backend is selected and
+the caller's matplotlib state (a notebook's backend, open figures) is left alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from validation.analyze import TRIVIAL_MAPS, config_label  # noqa: E402
-from validation.pipeline.table import IDENTITY, NO_LAYER  # noqa: E402
+from validation.analyze import TRIVIAL_MAPS, config_label
+from validation.pipeline.table import IDENTITY, NO_LAYER
 
 TRIVIAL_COLOURS = {"randomcam": "tab:orange", "halfcam": "tab:red", "all1scam": "tab:purple"}
 
@@ -23,7 +22,6 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     tmp.replace(path)
     return path
 
@@ -33,7 +31,8 @@ def correlation_bars(validity: pd.DataFrame):
     models when there are several, else the bootstrap 95 % interval."""
     s = validity[validity.model == "mean+-std"]
     levels = [lv for lv in ("pairs", "method_means") if lv in set(s.level)]
-    fig, axes = plt.subplots(1, len(levels), figsize=(6.5 * len(levels), 3.8), squeeze=False)
+    fig = Figure(figsize=(6.5 * len(levels), 3.8))
+    axes = fig.subplots(1, len(levels), squeeze=False)
     for ax, level in zip(axes[0], levels):
         t = s[s.level == level].sort_values("pearson", ascending=False)
         x = np.arange(len(t))
@@ -64,7 +63,8 @@ def trivial_bars(per_model: pd.DataFrame):
     metrics = sorted(m.metric.unique())
     ncol = min(4, max(1, len(metrics)))
     nrow = int(np.ceil(len(metrics) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.8 * nrow), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncol, 2.8 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         g = m[m.metric == metric]
         lo, hi = sorted([g.real_worst.iloc[0], g.real_best.iloc[0]])
@@ -89,7 +89,8 @@ def refine_bars(refine: pd.DataFrame):
     """Base vs RefineCAM at the shallowest layer, mean over models, per metric."""
     t = refine[(refine.model == "mean") & refine.refined.notna()]
     metrics = list(dict.fromkeys(t.metric))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.4), squeeze=False)
+    fig = Figure(figsize=(5 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         g = t[t.metric == metric]
         x = np.arange(len(g))
@@ -108,8 +109,9 @@ def road_curves(curves: pd.DataFrame, layer: str | None = None):
     model, unrefined methods at ``layer`` (layer-free methods always)."""
     c = curves[(curves["mix"] == IDENTITY) & ((curves.layer == NO_LAYER) | (curves.layer == layer))]
     models = sorted(c.model.unique())
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(5.5 * max(1, len(models)), 4))
+    axes = fig.subplots(1, max(1, len(models)), squeeze=False)
+    cmap = matplotlib.colormaps["tab20"]
     for ax, model in zip(axes[0], models):
         g = c[c.model == model]
         for k, ((method, lay), h) in enumerate(g.groupby(["method", "layer"], sort=True)):
@@ -136,14 +138,15 @@ def qualitative_grid(saved: dict, columns: list[str], refined_pair: tuple[str, s
     if refined_pair and all(p in configs for p in refined_pair):
         cols += [c for c in refined_pair if c not in cols]
     n = min(max_images, len(x))
-    fig, axes = plt.subplots(n, 2 + len(cols), figsize=(1.35 * (2 + len(cols)), 1.45 * n), squeeze=False)
+    fig = Figure(figsize=(1.35 * (2 + len(cols)), 1.45 * n))
+    axes = fig.subplots(n, 2 + len(cols), squeeze=False)
     for i in range(n):
         img = np.clip(np.asarray(x[i], np.float32).transpose(1, 2, 0), 0, 1)
         axes[i][0].imshow(img)
         axes[i][1].imshow(np.asarray(gt[i], np.float32), cmap="gray", vmin=0, vmax=1)
         for j, c in enumerate(cols):
             m = np.asarray(saved[f"map_{configs.index(c)}"][i], np.float32)
-            axes[i][2 + j].imshow(img * 0.35 + 0.65 * plt.get_cmap("jet")(m)[..., :3])
+            axes[i][2 + j].imshow(img * 0.35 + 0.65 * matplotlib.colormaps["jet"](m)[..., :3])
         for j, title in enumerate(["image", "ground truth"] + cols):
             axes[i][j].set_xticks([])
             axes[i][j].set_yticks([])
