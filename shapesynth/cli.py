@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from shapesynth.config import SPLITS, ConfigError, SynthConfig
+from shapesynth.config import SPLITS, ConfigError, SynthConfig, difficulty_knobs
 
 
 def _load_config(path: str | None) -> dict:
@@ -30,9 +30,10 @@ def _load_config(path: str | None) -> dict:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {p} is not valid JSON: {err}") from None
+    data = data.get("config", data) if isinstance(data, dict) else data  # a dataset's shapesynth.json works too
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping")
-    return data.get("config", data)  # a dataset's shapesynth.json works too
+    return data
 
 
 def _difficulty(text: str) -> float | str:
@@ -73,8 +74,8 @@ def _pool_sizes(text: str) -> dict[str, int]:
 
 def config_from_args(args) -> SynthConfig:
     d = _load_config(args.config)
-    if args.difficulty is not None:  # a preset first, so explicit knob flags still win
-        d = SynthConfig.from_dict(d).with_difficulty(args.difficulty).to_dict()
+    if args.difficulty is not None:  # over the config file's knobs, under the explicit knob flags below
+        d.update(difficulty_knobs(args.difficulty))
     flags = {
         "image_size": args.image_size,
         "seed": args.seed,
@@ -89,22 +90,33 @@ def config_from_args(args) -> SynthConfig:
         "bg_pool_sizes": args.pool_sizes,
     }
     d.update({k: v for k, v in flags.items() if v is not None})
-    sizes = dict(d.get("split_sizes", SynthConfig().split_sizes))
+    sizes = d.get("split_sizes", SynthConfig().split_sizes)
+    if not isinstance(sizes, dict):
+        raise ConfigError(f"split_sizes must map split names to sizes, got {sizes!r}")
+    sizes = dict(sizes)
     for split in SPLITS:
         v = getattr(args, f"{split}_size")
         if v is not None:
             sizes[split] = v
     d["split_sizes"] = sizes
+    split_paths = {s: getattr(args, f"backgrounds_{s}") for s in SPLITS if getattr(args, f"backgrounds_{s}")}
+    if args.backgrounds is not None and split_paths:
+        raise ConfigError(
+            "--backgrounds and --backgrounds-train/--backgrounds-val/--backgrounds-test exclude each other: "
+            "give one folder to deal into pools, or one folder per split"
+        )
+    if args.backgrounds_source == "procedural" and (args.backgrounds is not None or split_paths):
+        raise ConfigError("--backgrounds-source procedural reads no files: drop it, or drop the background folders")
+    # a background flag replaces the config file's backgrounds; without --backgrounds-source, a
+    # file's procedural source becomes folder (a dataset's shapesynth.json always names one)
     if args.backgrounds is not None:
         d["bg_path"] = args.backgrounds
-        d.setdefault("background", "folder")
-        if d["background"] == "procedural":
-            d["background"] = "folder"
-    split_paths = {s: getattr(args, f"backgrounds_{s}") for s in SPLITS if getattr(args, f"backgrounds_{s}")}
+        d.pop("bg_split_paths", None)
     if split_paths:
         d["bg_split_paths"] = split_paths
-        if d.get("background", "procedural") == "procedural":
-            d["background"] = "folder"
+        d.pop("bg_path", None)
+    if (args.backgrounds is not None or split_paths) and d.get("background", "procedural") == "procedural":
+        d["background"] = "folder"
     if args.strict:
         d["bg_strict"] = True
     return SynthConfig.from_dict(d)
@@ -189,12 +201,24 @@ def _cmd_preview(args) -> int:
 
 def _cmd_card(args) -> int:
     from shapesynth.backgrounds import build_pools
-    from shapesynth.card import write_card
-    from shapesynth.writers import detect_format
+    from shapesynth.generate import finish, missing_shards
+    from shapesynth.writers import MANIFEST, OutputError
 
-    manifest = json.loads((Path(args.data) / "shapesynth.json").read_text())
-    cfg = SynthConfig.from_dict(manifest["config"])
-    result = write_card(args.data, cfg, build_pools(cfg), detect_format(args.data), samples_per_shard=manifest["samples_per_shard"])
+    out = Path(args.data)
+    if not (out / MANIFEST).exists():
+        raise OutputError(f"{out} has no {MANIFEST}: not a folder written by `shapesynth generate`")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        fmt, per_shard, cfg = manifest["format"], manifest["samples_per_shard"], SynthConfig.from_dict(manifest["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise OutputError(f"{out / MANIFEST} is damaged ({type(err).__name__}: {err})") from None
+    missing = missing_shards(out, cfg, fmt, per_shard)
+    if missing:
+        raise OutputError(
+            f"{out} is incomplete: {len(missing)} shard(s) missing (e.g. {', '.join(s.stem for s in missing[:3])}); "
+            "run the remaining `--shard i/n` parts or copy their folders in"
+        )
+    result = finish(out, cfg, fmt, per_shard, build_pools(cfg))
     print(json.dumps(result))
     return 0
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,46 @@ DIFFICULTY_PRESETS: dict[str, float] = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
 class ConfigError(ValueError):
     """A configuration that cannot produce a valid dataset (the message names the field)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+_INT_FIELDS = ("image_size", "seed", "min_stroke_px", "max_colour_tries")
+_FLOAT_FIELDS = (
+    "stroke_fraction", "margin_px", "min_contrast", "bg_base_scale", "bg_jitter", "clutter",
+    "clutter_contrast", "clutter_saturation", "clutter_blur", "clutter_noise", "clutter_scale",
+)
+_BOOL_FIELDS = ("bg_strict", "bg_flip", "bg_channel_shuffle")
+_STR_FIELDS = ("background", "bg_small")
+_OPTIONAL_STR_FIELDS = ("bg_path", "bg_hf_split", "bg_image_column")
+_MAPPING_FIELDS = ("split_sizes", "bg_pool_sizes", "bg_pool_fractions")
+
+
+def difficulty_knobs(level: float | str) -> dict[str, float]:
+    """The clutter knobs of a difficulty in [0, 1] or a preset name (see `SynthConfig.with_difficulty`)."""
+    if isinstance(level, str):
+        try:
+            level = DIFFICULTY_PRESETS[level]
+        except KeyError:
+            raise ConfigError(f"unknown difficulty {level!r} (known: {sorted(DIFFICULTY_PRESETS)})") from None
+    if not _is_number(level) or not 0.0 <= float(level) <= 1.0:
+        raise ConfigError(f"difficulty must be in [0, 1], got {level!r}")
+    t = float(level)
+    return {k: round(EASY_CLUTTER[k] + t * (HARD_CLUTTER[k] - EASY_CLUTTER[k]), 6) for k in EASY_CLUTTER}
 
 
 def _default_split_sizes() -> dict[str, int]:
@@ -120,6 +162,15 @@ class SynthConfig:
     clutter_scale: float = 1.0  # element size multiplier
 
     def __post_init__(self) -> None:
+        self._check_types()  # the conversions below must not fail on a wrongly typed field
+        # numpy scalars and paths are accepted, but stored as the plain values JSON can hold
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
+        if self.bg_path is not None:
+            self.bg_path = os.fspath(self.bg_path)
+        if self.bg_split_paths is not None:
+            self.bg_split_paths = {split: os.fspath(p) for split, p in self.bg_split_paths.items()}
         self.size_bands = tuple(tuple(float(v) for v in band) for band in self.size_bands)
         if self.size_band_weights is not None:
             self.size_band_weights = tuple(float(w) for w in self.size_band_weights)
@@ -129,16 +180,63 @@ class SynthConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """Refuse wrongly typed, non-finite or misshapen fields before any check computes with them."""
+        for knob in _INT_FIELDS:
+            if not _is_int(getattr(self, knob)):
+                raise ConfigError(f"{knob} must be an int, got {getattr(self, knob)!r}")
+        for knob in _FLOAT_FIELDS:
+            if not _is_finite(getattr(self, knob)):
+                raise ConfigError(f"{knob} must be a finite number, got {getattr(self, knob)!r}")
+        for knob in _BOOL_FIELDS:
+            if not isinstance(getattr(self, knob), (bool, np.bool_)):
+                raise ConfigError(f"{knob} must be true or false, got {getattr(self, knob)!r}")
+        for knob in _STR_FIELDS:
+            if not isinstance(getattr(self, knob), str):
+                raise ConfigError(f"{knob} must be a string, got {getattr(self, knob)!r}")
+        for knob in _OPTIONAL_STR_FIELDS:
+            value = getattr(self, knob)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"{knob} must be a string or null, got {value!r}")
+        for knob in _MAPPING_FIELDS:
+            if not isinstance(getattr(self, knob), Mapping):
+                raise ConfigError(f"{knob} must map split names to values, got {getattr(self, knob)!r}")
+        for name, value in self.bg_pool_fractions.items():
+            if not _is_finite(value):
+                raise ConfigError(f"bg_pool_fractions[{name!r}] must be a finite number, got {value!r}")
+        paths = self.bg_split_paths
+        if paths is not None and (
+            not isinstance(paths, Mapping) or not all(isinstance(p, (str, os.PathLike)) for p in paths.values())
+        ):
+            raise ConfigError(f"bg_split_paths must map split names to folders (or be null), got {paths!r}")
+        bands = self.size_bands
+        if not _is_list(bands) or not all(_is_list(b) and len(b) == 2 and all(map(_is_finite, b)) for b in bands):
+            raise ConfigError(f"size_bands must be a list of [low, high] pairs of finite fractions, got {bands!r}")
+        weights = self.size_band_weights
+        if weights is not None and (not _is_list(weights) or not all(map(_is_finite, weights))):
+            raise ConfigError(f"size_band_weights must be a list of finite numbers (or null), got {weights!r}")
+
     def validate(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size < 16:
+        self._check_types()
+        if self.image_size < 16:
             raise ConfigError(f"image_size must be an int >= 16, got {self.image_size!r}")
         for name, n in self.split_sizes.items():
             if name not in SPLITS:
                 raise ConfigError(f"split_sizes: unknown split {name!r} (known: {SPLITS})")
             if not isinstance(n, int) or n < 0:
                 raise ConfigError(f"split_sizes[{name!r}] must be an int >= 0, got {n!r}")
+        if sum(self.split_sizes.values()) == 0:
+            raise ConfigError(f"split_sizes {self.split_sizes} hold no sample: give at least one split a size >= 1")
         if not self.size_bands:
             raise ConfigError("size_bands is empty")
+        # the shape checks below compute with these
+        for knob in ("min_stroke_px", "max_colour_tries"):
+            if getattr(self, knob) < 1:
+                raise ConfigError(f"{knob} must be an int >= 1, got {getattr(self, knob)!r}")
+        if not 0.0 <= self.stroke_fraction < 1.0:
+            raise ConfigError(f"stroke_fraction must be in [0, 1), got {self.stroke_fraction}")
+        if self.margin_px < 0:
+            raise ConfigError(f"margin_px must be >= 0, got {self.margin_px}")
         for k in range(len(self.size_bands)):
             lo, hi = self.band_px(k)
             if lo > hi:
@@ -152,6 +250,12 @@ class SynthConfig:
                     f"size_bands[{k}] gives shapes of {lo} px at image_size {self.image_size}: "
                     "shapes need at least 3 px"
                 )
+            need = 2 * (hi / math.sqrt(2) + self.margin_px)
+            if need > self.image_size:
+                raise ConfigError(
+                    f"shapes cannot fit: size_bands[{k}] allows {hi} px shapes whose rotations need "
+                    f"{need:.1f} px but image_size is {self.image_size}"
+                )
             for size in range(lo, hi + 1):
                 stroke = self.stroke_px(size)
                 hole, kind = min((hole_px(kind, size, stroke), kind) for kind in KINDS)
@@ -162,12 +266,6 @@ class SynthConfig:
                         f"{self.image_size}; lower stroke_fraction/min_stroke_px, raise the band "
                         "or the image size"
                     )
-            need = 2 * (hi / math.sqrt(2) + self.margin_px)
-            if need > self.image_size:
-                raise ConfigError(
-                    f"shapes cannot fit: size_bands[{k}] allows {hi} px shapes whose rotations need "
-                    f"{need:.1f} px but image_size is {self.image_size}"
-                )
         weights = self.size_band_weights
         if weights is not None and (
             len(weights) != len(self.size_bands) or min(weights) < 0 or not math.isfinite(sum(weights))
@@ -177,15 +275,8 @@ class SynthConfig:
                 f"size_band_weights {list(weights)} must hold one finite weight >= 0 per size band "
                 f"({len(self.size_bands)} bands), not all zero"
             )
-        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+        if self.seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
-        for knob, low in (("min_stroke_px", 1), ("max_colour_tries", 1)):
-            value = getattr(self, knob)
-            if not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"{knob} must be an int >= {low}, got {value!r}")
-        for knob in ("stroke_fraction", "margin_px"):
-            if not getattr(self, knob) >= 0:
-                raise ConfigError(f"{knob} must be >= 0, got {getattr(self, knob)}")
         for name, fraction in self.bg_pool_fractions.items():
             if name not in SPLITS or not 0.0 <= fraction <= 1.0:
                 raise ConfigError(f"bg_pool_fractions[{name!r}] must be in [0, 1] for a known split {SPLITS}, "
@@ -196,7 +287,23 @@ class SynthConfig:
             raise ConfigError(
                 f"background must be 'procedural', 'folder' or 'hf', got {self.background!r}"
             )
-        if self.background != "procedural" and not (self.bg_path or self.bg_split_paths):
+        if self.bg_path and self.bg_split_paths:
+            raise ConfigError(
+                f"bg_path ({self.bg_path!r}) and bg_split_paths ({self.bg_split_paths}) exclude each other: give "
+                "one folder to deal into pools (--backgrounds) or one folder per split (--backgrounds-train/-val/-test)"
+            )
+        if self.background == "procedural" and (self.bg_path or self.bg_split_paths):
+            raise ConfigError(
+                f"background='procedural' reads no files, yet bg_path/bg_split_paths is set "
+                f"({self.bg_path or self.bg_split_paths}); use background 'folder' or 'hf' (--backgrounds-source)"
+            )
+        if self.background == "hf" and not self.bg_path:
+            raise ConfigError(
+                "background='hf' needs bg_path (--backgrounds: a save_to_disk folder, an imagefolder or a Hub "
+                "dataset name); folders per split (bg_split_paths, --backgrounds-train/-val/-test) are for "
+                "background='folder'"
+            )
+        if self.background == "folder" and not (self.bg_path or self.bg_split_paths):
             raise ConfigError(f"background={self.background!r} needs bg_path or bg_split_paths")
         if self.bg_small not in ("refuse", "upscale"):
             raise ConfigError(f"bg_small must be 'refuse' or 'upscale', got {self.bg_small!r}")
@@ -264,12 +371,4 @@ class SynthConfig:
         curriculum is ``cfg.with_difficulty(min(1, epoch / 5))``. Only backgrounds and the
         colour rule change; shapes, splits and seeds stay.
         """
-        if isinstance(level, str):
-            try:
-                level = DIFFICULTY_PRESETS[level]
-            except KeyError:
-                raise ConfigError(f"unknown difficulty {level!r} (known: {sorted(DIFFICULTY_PRESETS)})") from None
-        if not 0.0 <= float(level) <= 1.0:
-            raise ConfigError(f"difficulty must be in [0, 1], got {level}")
-        t = float(level)
-        return self.replace(**{k: round(EASY_CLUTTER[k] + t * (HARD_CLUTTER[k] - EASY_CLUTTER[k]), 6) for k in EASY_CLUTTER})
+        return self.replace(**difficulty_knobs(level))

@@ -10,6 +10,7 @@ from shapesynth.backgrounds import build_pools
 from shapesynth.config import SynthConfig
 from shapesynth.writers import (
     OutputError,
+    Shard,
     get_format,
     manifest_for,
     prepare_output,
@@ -68,6 +69,32 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def missing_shards(out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int) -> list[Shard]:
+    """The shards of the recipe that are not (yet) in `out`."""
+    writer = get_format(fmt)
+    return [s for s in shard_plan(cfg, samples_per_shard) if not writer.done(out, s)]
+
+
+def finish(
+    out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int, pools: dict, alpha: float = 0.01
+) -> dict | None:
+    """Finalize the format and write the card once every shard is in `out` (None: some are missing).
+
+    Both `generate` and `shapesynth card` end here, so a folder merged from `--shard` runs gets
+    the same finishing step (e.g. the arrow conversion) whichever of them runs last.
+    """
+    from shapesynth.card import write_card
+
+    if missing_shards(out, cfg, fmt, samples_per_shard):
+        return None
+    get_format(fmt).finalize(out, cfg, shard_plan(cfg, samples_per_shard))
+    return write_card(out, cfg, pools, fmt, alpha=alpha, samples_per_shard=samples_per_shard)
+
+
 def generate(
     cfg: SynthConfig,
     out: str | Path,
@@ -83,17 +110,21 @@ def generate(
     """Write the dataset of `cfg` to `out`; returns what was done (see `GenerateSummary`)."""
     from tqdm.auto import tqdm
 
-    from shapesynth.card import write_card
-
     out = Path(out)
     writer = get_format(fmt)
     if num_proc < 1:
         raise OutputError(f"--num-proc must be >= 1, got {num_proc}")
+    index, count = shard
+    if not (_is_int(index) and _is_int(count) and count >= 1 and 0 <= index < count):
+        raise OutputError(f"shard (--shard i/n) must be two ints with n >= 1 and 0 <= i < n, got {shard!r}")
+    plan = shard_plan(cfg, samples_per_shard)
     start = time.perf_counter()
     pools = build_pools(cfg, num_proc=num_proc)  # bad backgrounds fail here, before the output folder is touched
-    prepare_output(out, manifest_for(cfg, fmt, samples_per_shard), overwrite=overwrite, resume=resume or (shard[1] > 1 and not overwrite))
-    plan = shard_plan(cfg, samples_per_shard)
-    mine = [s for k, s in enumerate(plan) if k % shard[1] == shard[0]]
+    # a plain --shard run joins a folder other machines may be writing to: only an explicit
+    # --resume may treat temp files found there as left by a killed run
+    prepare_output(out, manifest_for(cfg, fmt, samples_per_shard), overwrite=overwrite,
+                   resume=resume or (count > 1 and not overwrite), clean_temp=resume)
+    mine = [s for k, s in enumerate(plan) if k % count == index]
     todo = [s for s in mine if not writer.done(out, s)]
     summary = GenerateSummary(out=out, format=fmt, resumed_shards=len(mine) - len(todo))
     summary.skipped_backgrounds = [s for p in pools.values() for s in p.skipped]
@@ -109,9 +140,8 @@ def generate(
         write_shards(cfg, out, fmt, todo, num_proc, on_done)
     finally:
         bar.close()
-    if all(writer.done(out, s) for s in plan):
-        writer.finalize(out, cfg, plan)
-        card = write_card(out, cfg, pools, fmt, alpha=alpha, samples_per_shard=samples_per_shard)
+    card = finish(out, cfg, fmt, samples_per_shard, pools, alpha=alpha)
+    if card is not None:
         summary.complete = True
         summary.audit_passed = card["audit_passed"]
         summary.not_audited = card["not_audited"]

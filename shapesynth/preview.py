@@ -8,8 +8,10 @@ import cv2
 import numpy as np
 
 from shapesynth import CLASS_NAMES
+from shapesynth.config import ConfigError
 from shapesynth.readers import open_split
 from shapesynth.schema import atomic_write
+from shapesynth.writers import OutputError
 
 
 def draw_tile(image: np.ndarray, mask: np.ndarray, label: int, scale: int = 2) -> np.ndarray:
@@ -39,6 +41,10 @@ def grid(tiles: list[np.ndarray], columns: int, pad: int = 4) -> np.ndarray:
 
 def preview_array(data: str | Path, split: str = "train", per_class: int = 3, scale: int = 2) -> np.ndarray:
     """per_class samples of every class (the first ones of the split), one row per class."""
+    for name, value in (("per_class", per_class), ("scale", scale)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name} ({flag}) must be an int >= 1, got {value!r}")
     records = open_split(data, split, allow_incomplete=True)  # a preview may look at a run in progress
     picked: dict[int, list[int]] = {k: [] for k in range(len(CLASS_NAMES))}
     labels = records._labels if records.table is not None else [r["label"] for r in records.files]
@@ -53,7 +59,7 @@ def preview_array(data: str | Path, split: str = "train", per_class: int = 3, sc
             image, mask, _, lab, _ = records[i]
             tiles.append(draw_tile(image, mask, lab, scale))
     if not tiles:
-        raise ValueError(f"split {split!r} of {data} is empty: nothing to preview")
+        raise OutputError(f"split {split!r} of {data} is empty: nothing to preview")
     return grid(tiles, columns=per_class)
 
 

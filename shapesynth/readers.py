@@ -86,7 +86,7 @@ def check_complete(path: str | Path, split: str, found: int) -> None:
         raise OutputError(
             f"{path} is incomplete: split {split!r} holds {found} of the {expected} samples its recipe "
             "asks for (shards missing: finish with `shapesynth generate --resume`, or copy in the "
-            "folders of the other `--shard i/n` runs)"
+            f"folders of the other `--shard i/n` runs, then run `shapesynth card --data {path}`)"
         )
 
 
@@ -98,6 +98,8 @@ def open_split(path: str | Path, split: str, allow_incomplete: bool = False) -> 
     fmt = detect_format(out)
     files = _split_files(out, fmt, split)
     if not files:
+        if not allow_incomplete:
+            check_complete(out, split, 0)  # the recipe asks for samples: unfinished, not absent
         raise OutputError(f"{out} ({fmt} format) has no {split!r} split")
     where = f"{out}:{split}"
     if fmt == "hub":

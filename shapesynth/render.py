@@ -17,7 +17,7 @@ from shapesynth import CLASS_NAMES
 from shapesynth.backgrounds import BackgroundPool, build_pools, draw_background
 from shapesynth.config import SynthConfig
 from shapesynth.shapes import circumradius, class_geometry, coverage
-from shapesynth.streams import SampleDraws, balanced_labels, uniform_int
+from shapesynth.streams import SampleDraws, as_int, balanced_labels, uniform_int
 
 _MAX_CONTRAST = 255.0 * math.sqrt(3.0)
 
@@ -97,6 +97,7 @@ class ShapeSynth:
     def placement(self, split: str, i: int, epoch: int = 0, n: int | None = None) -> Placement:
         cfg = self.config
         labels = self.labels(split, epoch, n)
+        i = as_int("i", i)
         if not 0 <= i < len(labels):
             raise IndexError(f"sample {i} is outside split {split!r} of {len(labels)} samples")
         draws = SampleDraws(cfg.seed, split, epoch, i)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -100,19 +101,37 @@ def decode_mask(data: bytes, where: str = "") -> np.ndarray:
     return arr.astype(np.float32) / 255.0
 
 
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
+def process_umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux's /proc);
+    elsewhere it can only be read by setting it and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()
+_FILE_MODE = 0o666 & ~process_umask()
+
+# mkstemp's names: "." + target name + "." + 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """Whether `path` is a temp file of `atomic_write` (left behind only by a killed process)."""
+    path = Path(path)
+    return _TEMP_NAME.fullmatch(path.name) is not None and path.is_file()
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, fsync-free, then rename over the target.
+    """Write to a temp file in the same folder, flushed to disk, then rename over the target.
 
-    A crash leaves either the old file or no file, never a partial one under the final name.
+    A crash (of the process or the machine) leaves either the old file or no file, never a
+    partial one under the final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +139,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())  # else a power cut soon after the rename can leave an empty file
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; datasets are meant to be shared
         os.replace(tmp, path)
     except BaseException:

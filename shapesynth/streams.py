@@ -11,6 +11,7 @@ state.
 from __future__ import annotations
 
 import hashlib
+import operator
 
 import numpy as np
 
@@ -26,9 +27,25 @@ def split_code(split: str) -> int:
         raise ValueError(f"unknown split {split!r} (known: {tuple(_SPLIT_CODES)})") from None
 
 
+def as_int(name: str, value) -> int:
+    """`value` as an int (Python, numpy or torch integer), else an error naming the argument."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def check_count(name: str, value) -> int:
+    """`value` as an int >= 0 (an epoch or a sample index), else an error naming the argument."""
+    value = as_int(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
 def split_stream(seed: int, split: str, epoch: int, purpose: str) -> np.random.Generator:
     """The generator of one per-split draw (e.g. the label order of an epoch)."""
-    key = (_SPLIT_STREAM_CODES[purpose], split_code(split), int(epoch), 0)
+    key = (_SPLIT_STREAM_CODES[purpose], split_code(split), check_count("epoch", epoch), 0)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=key)))
 
 
@@ -56,7 +73,8 @@ class SampleDraws:
     """
 
     def __init__(self, seed: int, split: str, epoch: int, index: int):
-        ss = np.random.SeedSequence(int(seed), spawn_key=(0, split_code(split), int(epoch), int(index) + 1))
+        key = (0, split_code(split), check_count("epoch", epoch), check_count("index", index) + 1)
+        ss = np.random.SeedSequence(int(seed), spawn_key=key)
         self.words = ss.generate_state(_N_WORDS, np.uint64)
 
     def uniforms(self, attribute: str) -> np.ndarray:

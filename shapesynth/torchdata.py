@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from shapesynth.config import SynthConfig
 from shapesynth.render import ShapeSynth
+from shapesynth.streams import as_int, check_count
 
 
 def _to_item(image: np.ndarray, mask: np.ndarray, region: np.ndarray, label: int, index: int, transform: Callable | None) -> dict:
@@ -66,13 +67,13 @@ class SynthStream(Dataset):
         self.length = self.config.split_size(split) if length is None else int(length)
         if self.length <= 0:
             raise ValueError(f"SynthStream needs length >= 1 (split {split!r} has {self.length})")
-        self.epoch = int(epoch)
+        self.epoch = check_count("epoch", epoch)
         self.transform = transform
         self.synth = ShapeSynth(self.config)
         self.synth.pools  # noqa: B018 - build once here, before any worker forks
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch = check_count("epoch", epoch)
 
     def set_config(self, config: SynthConfig) -> None:
         """Switch the recipe (e.g. a difficulty curriculum); pools are rebuilt here, once."""
@@ -88,6 +89,7 @@ class SynthStream(Dataset):
         return self.synth.sample(self.split, i, epoch=self.epoch, n=self.length)
 
     def __getitem__(self, i: int) -> dict:
+        i = as_int("index", i)
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for SynthStream of length {self.length}")
         s = self.sample(i)

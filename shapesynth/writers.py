@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from shapesynth.config import SPLITS, SynthConfig
 from shapesynth.render import ShapeSynth
-from shapesynth.schema import META_COLUMNS, atomic_write, encode_png, features, meta_row
+from shapesynth.schema import META_COLUMNS, atomic_write, encode_png, features, is_temp_file, meta_row
 
 MANIFEST = "shapesynth.json"
 WORK_DIR = ".shapesynth"
@@ -47,8 +47,8 @@ class Shard:
 
 
 def shard_plan(cfg: SynthConfig, samples_per_shard: int) -> list[Shard]:
-    if samples_per_shard < 1:
-        raise OutputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not isinstance(samples_per_shard, int) or isinstance(samples_per_shard, bool) or samples_per_shard < 1:
+        raise OutputError(f"samples_per_shard (--samples-per-shard) must be an int >= 1, got {samples_per_shard!r}")
     plan = []
     for split in SPLITS:
         n = cfg.split_size(split)
@@ -224,8 +224,12 @@ def detect_format(out: str | Path) -> str:
 _UNSAFE = {Path("/"), Path.home()}
 
 
-def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool) -> None:
-    """Refuse a folder that holds data unless --overwrite (wipe) or --resume (same recipe)."""
+def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, clean_temp: bool = False) -> None:
+    """Refuse a folder that holds data unless --overwrite (wipe) or --resume (same recipe).
+
+    With `clean_temp`, resuming also removes the temp files (`atomic_write`'s naming only) that a
+    killed run left behind; no other run may be writing to the folder then.
+    """
     if overwrite and resume:
         raise OutputError("pass either --overwrite or --resume, not both")
     if out.exists() and not out.is_dir():
@@ -240,6 +244,10 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool) -> 
             if {k: old.get(k) for k in manifest} != manifest:
                 diff = sorted(k for k in manifest if old.get(k) != manifest[k])
                 raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}; use --overwrite")
+            if clean_temp:
+                for p in out.rglob("*"):
+                    if is_temp_file(p):
+                        p.unlink()
             return
         if not overwrite:
             raise OutputError(

@@ -540,13 +540,3 @@ def test_a_run_from_before_folding_resumes_only_unfolded(models, tmp_path):
     summary = run_eval(S.config(models, fold=False), out, components=S.components(), progress=False)
     assert summary["chunks_computed"] == 0 and summary["chunks_skipped"] == 10
 
-
-def test_the_umask_is_read_without_being_changed():
-    from validation.pipeline.table import _process_umask
-
-    old = os.umask(0o027)
-    try:
-        assert _process_umask() == 0o027
-        assert os.umask(0o027) == 0o027  # still what it was set to
-    finally:
-        os.umask(old)

@@ -165,9 +165,28 @@ def test_missing_folder(tmp_path):
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(BackgroundError, match="holds no images"):
+    (tmp_path / "empty" / ".hidden.png").write_bytes(b"hidden files are not backgrounds")
+    with pytest.raises(BackgroundError, match="holds no files"):
         build_pools(_folder_cfg(tmp_path / "empty"))
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(BackgroundError, match=r"holds no readable image \(1 skipped\)"):
+        build_pools(_folder_cfg(tmp_path / "empty"))
+
+
+def test_every_file_is_tried_whatever_its_suffix_and_the_rest_is_listed(tmp_path):
+    """Pillow, not a suffix list, decides what is an image: a .jfif or .jpe file is used, and a
+    file Pillow cannot read is listed as skipped rather than left out unseen."""
+    paths = _write_images(tmp_path / "bgs", 6)
+    for p, suffix in zip(paths[:2], (".jfif", ".jpe")):
+        Image.open(p).save(p.with_suffix(suffix), format="JPEG")
+        p.unlink()
+    (tmp_path / "bgs" / "notes.txt").write_text("not a picture")
+    (tmp_path / "bgs" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    used = {Path(n).name for p in pools.values() for n in p.names}
+    assert {"bg_000.jfif", "bg_001.jpe"} <= used and len(used) == 6
+    skipped = [Path(n).name for p in pools.values() for n, _ in p.skipped]
+    assert skipped == ["notes.txt"]
 
 
 def test_corrupt_files_are_skipped_counted_and_listed(tmp_path):

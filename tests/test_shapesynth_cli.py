@@ -78,6 +78,13 @@ def test_preview_writes_a_grid_with_contours(generated, tmp_path):
     assert white.mean() > 0.01  # contour lines and padding are drawn
 
 
+@pytest.mark.parametrize("flag", ["--per-class", "--scale"])
+def test_preview_refuses_a_count_below_1_naming_the_flag(generated, tmp_path, capsys, flag):
+    assert main(["preview", "--data", str(generated), "--out", str(tmp_path / "p.png"), flag, "0"]) == 2
+    assert f"({flag}) must be an int >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_preview_of_a_missing_folder(tmp_path, capsys):
     assert main(["preview", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "p.png")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""The `folder` source: the user's own images (any common format and mode).
+"""The `folder` source: the user's own images (any format Pillow reads, any mode).
 
 One folder is dealt into train / val / test pools by pixel hash; or `bg_split_paths` gives a
-folder per split (a missing val pool is carved out of train). Unreadable files are skipped,
-counted and listed (an error with ``bg_strict``).
+folder per split (a missing val pool is carved out of train). Every file but hidden ones is
+tried, whatever its name; unreadable files are skipped, counted and listed (an error with
+``bg_strict``).
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from shapesynth.backgrounds import register_source
 from shapesynth.backgrounds.pools import BackgroundError, BackgroundPool, decode_candidates, pools_from_candidates
 from shapesynth.config import SPLITS, SynthConfig
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".tga"}
-
-
 def list_images(folder: str | Path) -> list[Path]:
+    """Every file under `folder` except hidden ones (a dot in front of the name or of a folder above).
+
+    No suffix filter: Pillow decides what is an image, and whatever it cannot read is skipped and
+    listed, so no file is left out unseen.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise BackgroundError(f"background folder {folder} does not exist")
     if not folder.is_dir():
         raise BackgroundError(f"background folder {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
-        raise BackgroundError(
-            f"background folder {folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise BackgroundError(f"background folder {folder} holds no files (hidden ones aside)")
     return files
 
 

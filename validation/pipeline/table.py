@@ -37,6 +37,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from shapesynth.schema import process_umask
 from validation.pipeline.shards import chunk_ranges
 
 COLUMNS = ["image", "model", "method", "layer", "mix", "metric", "value", "status", "reason"]
@@ -50,21 +51,7 @@ _STR_COLS = ["model", "method", "layer", "mix", "metric", "status", "reason"]
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def _process_umask() -> int:
-    """The process umask, read without setting it where the system tells it (Linux's /proc);
-    elsewhere it can only be read by setting it and back."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _process_umask()
+_UMASK = process_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
