@@ -71,7 +71,8 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, image_size=args.image_size, stochastic_depth=args.stochastic_depth)
+    model = build_model(args.arch, num_classes=2 if args.task == "toy" else 6, image_size=args.image_size,
+                        stochastic_depth=args.stochastic_depth)
     if args.layer_scale is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
     print(f"# {args.arch} {args.image_size} px, {data}, lr {args.lr} constant, batch {args.batch}, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, layer scale {args.layer_scale}, "
           f"stochastic depth {args.stochastic_depth}; chance: {chance}")
-    print("| steps | mean train loss (last 20) | accuracy (last 20) | seconds |")
+    print("| steps | mean train loss (last <= 20) | accuracy (last <= 20) | seconds |")
     print("|---:|---:|---:|---:|")
     for step, batch in enumerate(loader, 1):
         with torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32):
@@ -106,9 +107,10 @@ def main(argv=None) -> None:
         opt.step()
         losses.append(loss.item())
         hits.append((logits.argmax(1) == batch["label"]).float().mean().item())
-        if step % 20 == 0:
-            print(f"| {step} | {sum(losses[-20:]) / 20:.3f} | {sum(hits[-20:]) / 20:.3f} | {time.time() - start:.0f} |",
-                  flush=True)
+        if step % 20 == 0 or step == args.steps:
+            last = min(20, len(losses))
+            print(f"| {step} | {sum(losses[-last:]) / last:.3f} | {sum(hits[-last:]) / last:.3f} | "
+                  f"{time.time() - start:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

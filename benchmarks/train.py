@@ -6,7 +6,7 @@
 
 Training = forward + backward + fused AdamW step, exactly what the trainer does (channels_last,
 bf16 via CPU/CUDA autocast). Inference = forward under no_grad in eval mode. Each cell: median
-of ``--steps`` timed iterations after ``--warmup``. The "auto" column is what
+of ``--steps`` timed iterations after ``--warmup``. The header line says what
 ``precision="auto"`` would choose on this machine (trainers.precision). Shared machines make
 these numbers noisy: report the load average with them (printed).
 
