@@ -155,3 +155,13 @@ def test_archs_without_batchnorm_are_copied_unchanged(arch):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(fast(x), model(x))
+
+
+def test_the_copy_leaves_the_global_rng_alone():
+    # the folded classifier layer gets its weights from the fold, not from a random initialisation
+    model = build_model("vgg11", image_size=32).eval()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    fast = inference_copy(model)
+    assert isinstance(fast.backbone.avgpool, FeatureGridCheck)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -85,3 +85,33 @@ def test_loading_a_model_leaves_the_global_random_state_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_checkpoints_carry_the_cpu_and_cuda_generators(monkeypatch):
+    """The CPU state round-trips exactly; on a GPU the CUDA generators (dropout there) travel too.
+    No GPU here: torch.cuda is stubbed, which checks the plumbing, not CUDA itself."""
+    from trainers.module import ShapeClassifierModule
+
+    module = ShapeClassifierModule(arch="resnet18", image_size=32, channels_last=False)
+    torch.manual_seed(11)
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    expected = torch.rand(4)
+    assert "torch_cuda_rng_states" not in ckpt  # CPU run (CUDA not initialised): nothing to save
+    module.on_load_checkpoint(ckpt)
+    assert torch.equal(torch.rand(4), expected)
+
+    states, restored = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["torch_cuda_rng_states"] is states
+    module.on_load_checkpoint(ckpt)
+    assert restored == states
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # other GPUs: per-device states do not apply
+    module.on_load_checkpoint(ckpt)
+    assert restored == states

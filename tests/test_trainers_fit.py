@@ -28,6 +28,8 @@ def _tiny_cfg(out, **kw):
     base = dict(arch="resnet18", image_size=32, out=str(out), batch_size=32, max_epochs=1, train_length=64,
                 val_length=32, test_length=36, precision="32-true", num_workers=0, progress_bar=False,
                 curriculum_epochs=0, log_every_n_steps=1, lr=1e-3, synth={"size_bands": BANDS})
+    if kw.get("data"):  # val/test are the dataset's splits: rendered-split sizes would be refused
+        del base["val_length"], base["test_length"]
     base.update(kw)
     return TrainConfig(**base)
 
@@ -664,3 +666,117 @@ def test_loader_workers_see_each_epochs_draws_in_a_fit(tmp_path):
         seen[workers] = record.sums
     assert len(seen[0]) == 3 and len(set(seen[0])) == 3
     assert seen[2] == seen[0]
+
+
+# --------------------------------------------------------------------------- random state, threads, run folder
+def test_precision_auto_probe_leaves_the_global_rng_alone(monkeypatch):
+    # the probe runs once per process after seeding: had it drawn, only a process's first fit would
+    # see the shifted stream
+    monkeypatch.setattr(prec.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    prec._cpu_auto.cache_clear()
+    try:
+        torch.manual_seed(3)
+        before = torch.get_rng_state()
+        prec.resolve_precision("auto", accelerator="cpu")  # the real probe: builds and times a conv stack
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        prec._cpu_auto.cache_clear()
+
+
+def test_evaluate_leaves_the_global_rng_alone(save_untrained_model, tmp_path):
+    folder = save_untrained_model(tmp_path / "m")
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    res = evaluate(folder, synth={"size_bands": BANDS}, length=12, batch_size=12)
+    assert res["test_images"] == 12
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+class _Threads(Callback):
+    def on_train_start(self, trainer, module):
+        self.seen = torch.get_num_threads()
+
+
+def test_threads_apply_to_the_run_only(tmp_path):
+    from trainers.api import plan_fit, run_plan
+
+    before = torch.get_num_threads()
+    record = _Threads()
+    plan = plan_fit(_tiny_cfg(tmp_path / "t", threads=before + 1), callbacks=[record])
+    assert torch.get_num_threads() == before  # planning changes nothing
+    run_plan(plan)
+    assert record.seen == before + 1 and torch.get_num_threads() == before
+
+
+def test_only_global_rank_zero_writes_the_run_files(tmp_path, monkeypatch):
+    # under DDP every process runs run_plan: the others must not race rank 0 on config.yaml & co.
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
+    out = tmp_path / "r1"
+    assert fit(_tiny_cfg(out)) == {}
+    for name in ("config.yaml", "config.json", "train_time.json", "model.json", "MODEL_CARD.md"):
+        assert not (out / name).exists(), name
+
+
+def test_without_validation_the_last_checkpoint_is_tested(tmp_path):
+    out = tmp_path / "noval"
+    meta = fit(_tiny_cfg(out, limit_val_batches=0))
+    assert meta["best_val_accuracy"] is None and meta["checkpoint"] == str(out / "checkpoints" / "last.ckpt")
+    assert "(last checkpoint: no validation ran)" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_resume_never_starts_over_and_clears_the_old_checkpoints(tmp_path):
+    out = tmp_path / "r"
+    fit(_tiny_cfg(out))
+    fit(_tiny_cfg(out, image_size=64, resume="never"))
+    # no best-v1.ckpt / last-v1.ckpt beside the old run's files: the old last.ckpt is gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    for name in ("best.ckpt", "last.ckpt"):
+        assert torch.load(out / "checkpoints" / name, weights_only=True)["hyper_parameters"]["image_size"] == 64
+    # the resume check reads the checkpoint itself, not config.yaml (rewritten by any session)
+    (out / "model.json").unlink()  # an unfinished run, which resume: auto would continue
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "image_size": 32}))
+    with pytest.raises(ValueError, match=r"last.ckpt holds a resnet18 run at 64 px; cannot resume it as resnet18 at 32 px"):
+        fit(_tiny_cfg(out))
+
+
+def test_rerunning_a_finished_run_trains_nothing(disk_run, tiny_data, capsys):
+    out, meta = disk_run
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = fit(_tiny_cfg(out, data=str(tiny_data), train_source="disk", synth={}))
+    assert again["test_accuracy"] == meta["test_accuracy"] and again["global_step"] == meta["global_step"]
+    # the docs' rerun: the same command, or its config.yaml
+    assert main(["fit", "--config", str(out / "config.yaml"), "--progress-bar", "false"]) == 0
+    assert "finished earlier, not retrained" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing trained or rewritten
+    # another config into the finished folder is a mistake, not a silent reuse
+    with pytest.raises(ValueError, match=r"holds a finished run whose config differs in lr: .*--resume never"):
+        fit(_tiny_cfg(out, data=str(tiny_data), train_source="disk", synth={}, lr=5e-4))
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    # Lightning turns Ctrl+C into SystemExit(1) and leaves SIGINT ignored; the CLI says how to resume
+    import signal
+
+    from trainers.module import ShapeClassifierModule
+
+    original = ShapeClassifierModule.training_step
+
+    def interrupted_step(self, batch, batch_idx):
+        if self.global_step == 2:  # epoch 1's first step: last.ckpt of epoch 0 exists
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ShapeClassifierModule, "training_step", interrupted_step)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "c"
+    code = main(["fit", "--out", str(out), "--image-size", "32", "--precision", "32-true", "--num-workers", "0",
+                 "--progress-bar", "false", "--train-length", "64", "--batch-size", "32", "--val-length", "8",
+                 "--max-epochs", "2", "--synth", "{size_bands: [[0.3, 0.4]]}"])
+    assert code == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"shapesynth-train: training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt"
+    assert signal.getsignal(signal.SIGINT) is handler

@@ -9,9 +9,12 @@ Run folder (``out``)::
     checkpoints/best.ckpt  best val_acc (ties: the later epoch)
     logs/version_N/metrics.csv  CSVLogger, one folder per session (resumes add one)
     model.safetensors      best weights (tensors only) ...
-    model.json             ... and metadata: what `trainers.load_model` reads
+    model.json             ... and metadata: what `trainers.load_model` reads; written last, it marks
+                           a finished run (a rerun with resume auto reports it and trains nothing)
     test_metrics.json      test accuracy, per class, confusion matrix
     MODEL_CARD.md          arch, image size, data fingerprint, test results, training time, hardware
+
+Only global rank 0 writes these (DDP runs `run_plan` in every process), each file atomically.
 """
 
 from __future__ import annotations
@@ -20,17 +23,22 @@ import dataclasses
 import json
 import os
 import platform
+import re
+import signal
+import threading
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from pytorch_lightning.callbacks import Callback
 
 from shapesynth import CLASS_NAMES
 
 from trainers.clock import CapForecast, TrainClock, max_time_seconds
 from trainers.data import ShapesDataModule, resolve_num_workers
-from trainers.export import load_model, save_model, write_json
+from trainers.export import META, WEIGHTS, load_model, save_model, write_json, write_text
 from trainers.models import _check_arch
 from trainers.module import ShapeClassifierModule, per_class_accuracy
 from trainers.precision import resolve_precision
@@ -103,26 +111,40 @@ class TrainConfig:
     resume: str = "auto"  # "auto": out/checkpoints/last.ckpt if present; "never"; or a .ckpt path
     progress_bar: bool = True
     log_every_n_steps: int = 10
-    limit_train_batches: float | None = None
-    limit_val_batches: float | None = None
+    # Lightning's: a fraction of the batches (0.25) or a number of them (10); limit_val_batches 0
+    # turns validation off (the last checkpoint is then tested and exported)
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
     deterministic: bool = False
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        for name, (ok, rule) in _RULES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
         _check_arch(self.arch)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.arch]
         if self.train_crop is not None and self.arch == "swin_t":
             raise ValueError(f"train_crop does not apply to swin_t: its attention window is chosen for "
                              f"image_size {self.image_size} and need not tile a {self.train_crop} px crop")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie strictly between 0 and 1 (or be None), got {self.ema_decay!r}")
-        if self.scheduler not in ("onecycle", "constant"):
-            raise ValueError(f"scheduler must be 'onecycle' or 'constant', got {self.scheduler!r}")
-        if self.train_source not in ("stream", "disk"):
-            raise ValueError(f"train_source must be 'stream' or 'disk', got {self.train_source!r}")
         resolve_num_workers(self.num_workers, "cpu")  # validates the value
         if self.max_time is not None:
             max_time_seconds(self.max_time)  # validates the value
+        # options the chosen data source would silently ignore (a default left alone is fine)
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.train_crop_epochs is not None and self.train_crop is None:
+            raise ValueError(f"train_crop_epochs {self.train_crop_epochs} needs train_crop (the crop size)")
+        if self.train_source == "disk" and self.curriculum_epochs not in (0, default["curriculum_epochs"]):
+            raise ValueError(f"curriculum_epochs {self.curriculum_epochs} applies to the rendered stream only, "
+                             f"not to train_source 'disk' (set it to 0)")
+        for name in ("val_length", "test_length"):
+            if self.data and getattr(self, name) != default[name]:
+                raise ValueError(f"{name} {getattr(self, name)} sizes rendered splits; with data the "
+                                 f"dataset's own split is used (drop {name})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -134,13 +156,91 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "TrainConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+        return cls.from_dict(read_yaml_mapping(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _coerce(name: str, hint, value):
+    """``value`` as the type ``hint`` of field ``name`` allows, or ValueError naming both."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in kinds:
+            return None
+        if dict in kinds:  # `synth:` left empty in YAML: no overrides
+            return {}
+    elif isinstance(value, bool):  # a bool is an int to Python: only bool fields take one
+        if bool in kinds:
+            return value
+    elif int in kinds and isinstance(value, int):
+        return value
+    elif float in kinds and isinstance(value, (int, float)):
+        return float(value)
+    elif float in kinds and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads 1e-3 (no dot) as the string '1e-3'
+        except ValueError:
+            pass
+    elif str in kinds and isinstance(value, (str, int)):  # YAML `devices: 2`, `precision: 32`
+        return str(value)
+    elif dict in kinds and isinstance(value, dict):
+        return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    allowed = " or ".join(names[k] for k in kinds if k in names) + (" or null" if type(None) in kinds else "")
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _within(lo, hi, lo_open=False, hi_open=False):
+    return lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_BATCH_LIMIT = "a fraction in [0, 1] or a whole number of batches"
+# value rules, checked once the types are right (None, where allowed, always passes)
+_RULES = {
+    "image_size": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 and >= 32"),
+    "train_crop_epochs": (lambda v: v >= 0, ">= 0"),
+    "train_length": _AT_LEAST_1, "val_length": _AT_LEAST_1, "test_length": _AT_LEAST_1,
+    "curriculum_epochs": (lambda v: v >= 0, ">= 0"),
+    "curriculum_start": (_within(0, 1), "in [0, 1]"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "stochastic_depth": (_within(0, 1, hi_open=True), "in [0, 1)"),
+    "pct_start": (_within(0, 1, lo_open=True, hi_open=True), "in (0, 1)"),
+    "label_smoothing": (_within(0, 1, hi_open=True), "in [0, 1)"),
+    "ema_decay": (_within(0, 1, lo_open=True, hi_open=True), "strictly between 0 and 1 (or None)"),
+    "batch_size": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1, "max_epochs": _AT_LEAST_1,
+    "patience": (lambda v: v >= 0, ">= 0"),
+    "stop_at_val_acc": (_within(0, 1, lo_open=True), "in (0, 1] (or None)"),
+    "accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+                    "one of auto, cpu, gpu, cuda, mps, tpu"),
+    # Lightning's forms: a count, -1 (all GPUs) or a comma-separated list of GPU indices
+    "devices": (lambda v: v == "auto" or re.fullmatch(r"-1|\d+|\d+(,\d+)*,?", v.replace(" ", "")) is not None,
+                "'auto', a count, -1 or GPU indices such as '0,1'"),
+    "num_nodes": _AT_LEAST_1, "threads": _AT_LEAST_1, "log_every_n_steps": _AT_LEAST_1,
+    "seed": (_within(0, 2**32 - 1), "in [0, 2**32 - 1]"),  # numpy's seed range (seed_everything's)
+    "scheduler": (lambda v: v in ("onecycle", "constant"), "'onecycle' or 'constant'"),
+    "train_source": (lambda v: v in ("stream", "disk"), "'stream' or 'disk'"),
+    "limit_train_batches": (lambda v: v > 0 and (v <= 1 or v % 1 == 0), _BATCH_LIMIT + " (not 0)"),
+    "limit_val_batches": (lambda v: v >= 0 and (v <= 1 or v % 1 == 0), _BATCH_LIMIT),
+}
+
+
+def read_yaml_mapping(path) -> dict:
+    """The mapping a YAML config file holds (empty: {}); ValueError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {p} is not valid YAML: {' '.join(str(err).split())}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {p} must hold a mapping of options, got {type(values).__name__}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +264,20 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
 
     from .checkpointing import LatestBestCheckpoint
 
+    # enable_version_counter=False: the files keep their names (best.ckpt, last.ckpt) whatever the
+    # folder holds, never best-v1.ckpt beside a stale best.ckpt that a later resume would pick up
     ckpt = LatestBestCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                                save_top_k=1, auto_insert_metric_name=False)
+                                save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     # Lightning >= 2.5 writes save_last only when a top-k save happened in the same step, so
     # "last" is its own unmonitored checkpoint, rewritten at every epoch end (what resume reads)
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           every_n_epochs=1, auto_insert_metric_name=False)
+                           every_n_epochs=1, auto_insert_metric_name=False, enable_version_counter=False)
     # Lightning stops only when the metric EXCEEDS the threshold; "reaches" is what we mean
     threshold = None if cfg.stop_at_val_acc is None else cfg.stop_at_val_acc - 1e-6  # > float32 eps
-    stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience, stopping_threshold=threshold)
+    # validation off (limit_val_batches 0): val_acc is never logged, so early stopping must not
+    # demand it (strict); the last checkpoint is then the one tested and exported
+    stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience, stopping_threshold=threshold,
+                         strict=cfg.limit_val_batches != 0)
     if cfg.ema_decay is not None:
         from pytorch_lightning.callbacks import EMAWeightAveraging
 
@@ -227,14 +332,57 @@ def hardware() -> str:
 
 
 def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
-    saved = out / "config.yaml"
-    if not saved.is_file() or _resume_path(cfg, out) is None:
+    """The checkpoint to resume must hold this arch at this image size. Its own hyper-parameters
+    decide (config.yaml is rewritten by every session, whatever checkpoint it left behind)."""
+    path = _resume_path(cfg, out)
+    if path is None:
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    for key in ("arch", "image_size"):
-        if key in old and old[key] != getattr(cfg, key):
-            raise ValueError(f"{out} holds a {old['arch']} run at {old['image_size']} px; cannot resume it as "
-                             f"{cfg.arch} at {cfg.image_size} px (use another --out or --resume never)")
+    try:  # mmap: only the few bytes read are loaded, not the weights and optimiser state
+        hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception as err:  # noqa: BLE001 - re-raised naming the file
+        raise ValueError(f"resume checkpoint {path} cannot be read: {' '.join(str(err).split())}") from None
+    if "arch" not in hp or "image_size" not in hp:
+        raise ValueError(f"resume checkpoint {path} holds no arch / image_size: not a shapesynth-train checkpoint")
+    if (hp["arch"], int(hp["image_size"])) != (cfg.arch, cfg.image_size):
+        raise ValueError(f"{path} holds a {hp['arch']} run at {hp['image_size']} px; cannot resume it as "
+                         f"{cfg.arch} at {cfg.image_size} px (use another --out or --resume never)")
+
+
+# config fields that do not change what a finished run trained
+_ENGINEERING = {"out", "resume", "progress_bar", "threads", "num_workers", "log_every_n_steps", "accelerator",
+                "devices", "num_nodes", "strategy", "max_time"}
+_CAPPED = "the max_time cap"  # stop_reason's words for a run cut by max_time
+
+
+def _finished_run(cfg: TrainConfig, out: Path) -> dict | None:
+    """The recorded metadata when ``out`` holds a finished run that ``resume: auto`` would otherwise
+    train on (Lightning does not persist an early stop, and would re-test and re-export a
+    completed run): its ``model.json``, written last, marks the end. A run cut by the max_time cap
+    is not finished: it resumes (with a larger --max-time)."""
+    meta_path = out / META
+    if cfg.resume != "auto" or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if str(meta.get("stopped_by", "")).startswith(_CAPPED):
+        return None
+    recorded = meta.get("config") or {}
+    current = json.loads(json.dumps(cfg.to_dict(), default=str))  # as model.json stores it
+    differ = sorted(k for k in recorded if k not in _ENGINEERING and k in current and recorded[k] != current[k])
+    if differ:
+        raise ValueError(f"{out} holds a finished run whose config differs in {', '.join(differ)}: use another "
+                         f"--out, --resume never to train it again from scratch, or --resume "
+                         f"{out / 'checkpoints' / 'last.ckpt'} to continue its checkpoint")
+    return meta
+
+
+class _CtrlC(Callback):
+    """Notes a Ctrl+C: Lightning reports it to the callbacks (``on_exception``), then ends the fit
+    with ``SystemExit(1)`` (pytorch_lightning/trainer/call.py), which says nothing about why."""
+
+    seen = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.seen = isinstance(exception, KeyboardInterrupt)
 
 
 @dataclasses.dataclass
@@ -248,19 +396,24 @@ class FitPlan:
     trainer: object  # pl.Trainer
     best_checkpoint: object  # its ModelCheckpoint on val_acc
     clock: TrainClock
+    # the recorded metadata of a finished run in cfg.out (resume auto): nothing is built or trained
+    finished: dict | None = None
 
 
 def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> FitPlan:
     """Every check `fit` runs before training (arch, dataset, image size, classes, resume
     compatibility, warm start, trainer options), the seeded model and the trainer. Bad input raises
-    ValueError (DataError) or FileNotFoundError here, never once training has started."""
+    ValueError (DataError) or FileNotFoundError here, never once training has started. A finished
+    run in ``cfg.out`` (``resume: auto``) gives a plan with ``finished`` set and nothing built."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     out = Path(cfg.out)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     _check_resume_compatible(cfg, out)
     dm = _datamodule(cfg, "fit")  # validates the dataset before anything heavy
+    finished = _finished_run(cfg, out)
+    if finished is not None:
+        return FitPlan(cfg, dm, None, None, None, None, None, finished=finished)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ShapeClassifierModule(
         arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
@@ -271,40 +424,95 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
     if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         warm_start(module.model, cfg.init_from, cfg.arch)
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
-    callbacks = (clock, *callbacks)
+    callbacks = (clock, _CtrlC(), *callbacks)
     if cfg.max_time is not None:
         full_from = cfg.train_crop_epochs if cfg.train_crop is not None else None
         callbacks = (*callbacks, CapForecast(clock, cfg.max_epochs, max_time_seconds(cfg.max_time), full_from))
-    trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
+    try:
+        trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
+    except (TypeError, ImportError, MisconfigurationException) as err:
+        # Lightning's own checks of accelerator, devices, strategy and precision, as bad input
+        raise ValueError(f"trainer options (accelerator {cfg.accelerator!r}, devices {cfg.devices!r}, "
+                         f"strategy {cfg.strategy!r}, precision {cfg.precision!r}): {err}") from err
     return FitPlan(cfg, dm, module, resumed_from, trainer, ckpt, clock)
 
 
 def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> dict:
     """Train, test the best checkpoint, export ``model.safetensors`` + ``model.json`` + card.
 
-    Every check runs before training (`plan_fit`). Returns the metadata written to ``model.json``.
+    Every check runs before training (`plan_fit`). Returns the metadata written to ``model.json``;
+    for a finished run in ``cfg.out`` (``resume: auto``), the recorded one, without training.
     """
     return run_plan(plan_fit(cfg, callbacks, trainer_overrides))
 
 
 def run_plan(plan: FitPlan) -> dict:
-    """The training, test and export half of `fit`, for a plan from `plan_fit`."""
+    """The training, test and export half of `fit`, for a plan from `plan_fit`. A finished run
+    (``plan.finished``) is reported and its recorded metadata returned, without training."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    cfg = plan.cfg
+    if plan.finished is not None:
+        rank_zero_info(f"{cfg.out} holds a finished run (stopped by {plan.finished.get('stopped_by', 'its end')}); "
+                       f"nothing to train (--resume never trains it again from scratch)")
+        return plan.finished
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train_test_export(plan)
+    finally:  # the caller's thread count, not this run's
+        torch.set_num_threads(threads)
+
+
+# what a run folder holds besides its config and logs; model.json is written last and marks the end
+_EXPORTS = (WEIGHTS, META, "test_metrics.json", "MODEL_CARD.md")
+
+
+def _prepare_folder(cfg: TrainConfig, out: Path) -> None:
+    """Before training (global rank 0): the config, and no previous export, which would otherwise
+    mark this unfinished run as finished; ``resume: never`` also clears the old checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [out / name for name in _EXPORTS]
+    if cfg.resume == "never":  # start over: no old last.ckpt for a later `resume: auto` to pick up
+        stale += [*(out / "checkpoints").glob("*.ckpt"), out / "train_time.json"]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
+    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _restore_sigint(handler) -> None:
+    # Lightning ignores SIGINT from its Ctrl+C handler on; the caller's process gets its own back
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def _train_test_export(plan: FitPlan) -> dict:
     cfg, dm, module, resumed_from = plan.cfg, plan.datamodule, plan.module, plan.resumed_from
     trainer, ckpt, clock = plan.trainer, plan.best_checkpoint, plan.clock
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, out / "config.yaml")
+    # one writer under DDP (every process runs this); Lightning knows the ranks once the Trainer exists
+    if trainer.is_global_zero:
+        _prepare_folder(cfg, out)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt")
+    ctrl_c = next((c for c in trainer.callbacks if isinstance(c, _CtrlC)), None)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
+    except SystemExit:
+        if ctrl_c is None or not ctrl_c.seen:
+            raise
+        _restore_sigint(sigint)
+        last = out / "checkpoints" / "last.ckpt"
+        hint = (f"rerun the same command to resume from {last}" if last.is_file()
+                else "no epoch had finished, so rerunning starts over")
+        raise KeyboardInterrupt(f"training interrupted; {hint}") from None
     seconds = clock.seconds
-    write_json(out / "train_time.json", {"seconds": seconds})
+    if trainer.is_global_zero:
+        write_json(out / "train_time.json", {"seconds": seconds})
 
-    # no val_acc was ever logged (e.g. zero validation batches): the last checkpoint, recorded as such
+    # no val_acc was ever logged (limit_val_batches 0): the last checkpoint, recorded as such
     best = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
     best_module = ShapeClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
     # same trainer: under DDP every rank tests a shard and the confusion matrices are summed
@@ -324,9 +532,10 @@ def run_plan(plan: FitPlan) -> dict:
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
             "pretrained": bool(cfg.pretrained), "init_from": cfg.init_from, "config": cfg.to_dict(),
             "checkpoint": str(best), "torch": torch.__version__}
-    save_model(best_module.model.to(memory_format=torch.contiguous_format), out, meta)
     write_json(out / "test_metrics.json", results)
-    _atomic_text(out / "MODEL_CARD.md", model_card(meta))
+    write_text(out / "MODEL_CARD.md", model_card(meta))
+    # last: model.json (written atomically after the weights) marks the run as finished
+    save_model(best_module.model.to(memory_format=torch.contiguous_format), out, meta)
     return meta
 
 
@@ -360,7 +569,14 @@ def evaluate(model_path, data: str | None = None, split: str = "test", batch_siz
     """Evaluate a saved model on ``data``, or without data on a rendered split of ``synth`` (default:
     the recipe the model was trained with, from its metadata; shapesynth's default recipe at the
     model's image size when none is recorded, e.g. a model trained from disk); checks size and
-    classes first."""
+    classes first. The caller's random state is left as it was."""
+    # the module's initialisation (overwritten by the weights) and the loaders' base seeds draw
+    # from the global RNG; evaluation is not a random event for the caller
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model_path, data, split, batch_size, synth, length, num_workers, out)
+
+
+def _evaluate(model_path, data, split, batch_size, synth, length, num_workers, out) -> dict:
     import pytorch_lightning as pl
 
     model, meta = load_model(model_path)
@@ -390,12 +606,6 @@ def evaluate(model_path, data: str | None = None, split: str = "test", batch_siz
     return res
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _origin(meta: dict) -> str:
     if meta.get("init_from"):
         return f"warm-started from `{meta['init_from']}`, then trained here"
@@ -414,7 +624,7 @@ def stop_reason(trainer, cfg: TrainConfig) -> str:
         return "the schedule's end"
     remaining = next((c.time_remaining() for c in trainer.callbacks if isinstance(c, Timer)), None)
     if remaining is not None and remaining <= 0.0:
-        return f"the max_time cap ({cfg.max_time}), before the schedule's end"
+        return f"{_CAPPED} ({cfg.max_time}), before the schedule's end"
     return "before the schedule's end (a step or batch limit)"
 
 
@@ -444,6 +654,12 @@ def _train_synth_text(data: dict) -> str:
     return text
 
 
+def _tested_text(meta: dict) -> str:
+    if meta["best_val_accuracy"] is None:  # validation off: no best checkpoint to choose
+        return "last checkpoint: no validation ran"
+    return f"best checkpoint by val accuracy, {meta['best_val_accuracy']}"
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -462,7 +678,7 @@ def model_card(meta: dict) -> str:
 | classes | {', '.join(names)} |
 | data | {source} |
 | dataset fingerprint | `{meta['dataset_fingerprint']}` |
-| **test accuracy** | **{meta['test_accuracy']:.4f}** (best checkpoint by val accuracy, {meta['best_val_accuracy']}) |
+| **test accuracy** | **{meta['test_accuracy']:.4f}** ({_tested_text(meta)}) |
 | epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |
 | precision | {meta['precision']} |

@@ -48,6 +48,24 @@ def _int_or_word(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _number(text: str):
+    """An int where the text is one (Lightning's batch count), else a float (its fraction)."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def _yaml_mapping(text: str) -> dict:
+    """``--synth '{clutter: 0.4}'``: a YAML/JSON mapping, or an argparse error (exit 2) saying why."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not valid YAML ({' '.join(str(err).split())}): {text!r}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{clutter: 0.4}}', got {text!r}")
+    return value
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from trainers.api import DEFAULT_LR, TrainConfig
 
@@ -56,7 +74,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
         if f.name in ("synth", "train_synth"):
-            p.add_argument(flag, dest=f.name, type=yaml.safe_load, default=argparse.SUPPRESS,
+            p.add_argument(flag, dest=f.name, type=_yaml_mapping, default=argparse.SUPPRESS,
                            help="SynthConfig overrides as YAML/JSON, e.g. '{clutter: 0.4}'"
                            + (" (training stream only)" if f.name == "train_synth" else ""))
         elif hints[f.name] is bool:
@@ -65,6 +83,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elif "int" in hint and "str" in hint:  # num_workers: a count or "auto"
             p.add_argument(flag, dest=f.name, type=_int_or_word, default=argparse.SUPPRESS,
                            help=f"an integer or 'auto' (default {f.default})")
+        elif "int" in hint and "float" in hint:  # limit_*_batches: a count or a fraction
+            p.add_argument(flag, dest=f.name, type=_none_or(_number), default=argparse.SUPPRESS,
+                           help=f"a number of batches (10) or a fraction of them (0.25) (default {f.default})")
         else:
             kind = int if "int" in hint else float if "float" in hint else str
             kind = _none_or(kind) if "None" in hint else kind
@@ -99,19 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
-    from trainers.api import TrainConfig
+    from trainers.api import TrainConfig, read_yaml_mapping
 
     values: dict = {}
     if args.recipe:
         path = RECIPES / f"{args.recipe}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown recipe {args.recipe!r}; bundled: {', '.join(available_recipes())}")
-        values.update(yaml.safe_load(path.read_text()) or {})
+        values.update(read_yaml_mapping(path))
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        values.update(yaml.safe_load(path.read_text()) or {})
+        values.update(read_yaml_mapping(args.config))
     skip = {"command", "config", "recipe", "print_config"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
     return TrainConfig.from_dict(values)
@@ -119,7 +137,7 @@ def resolve_config(args: argparse.Namespace):
 
 def _usage_error(err: Exception) -> int:
     """Bad input: one line naming the problem on stderr, exit code 2 (no traceback)."""
-    print(f"shapesynth-train: error: {err}", file=sys.stderr)
+    print(f"shapesynth-train: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
 
 
@@ -160,8 +178,13 @@ def main(argv=None) -> int:
         plan = plan_fit(cfg)
     except (ValueError, FileNotFoundError) as err:
         return _usage_error(err)
-    meta = run_plan(plan)
+    try:
+        meta = run_plan(plan)
+    except KeyboardInterrupt as err:  # Ctrl+C: how to resume, no traceback; 128 + SIGINT
+        print(f"shapesynth-train: {err or 'training interrupted'}", file=sys.stderr)
+        return 130
     if meta:
-        print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px); "
+        earlier = "; finished earlier, not retrained" if plan.finished is not None else ""
+        print(f"test accuracy {meta['test_accuracy']:.4f} ({cfg.arch}, {cfg.image_size} px{earlier}); "
               f"model: {cfg.out}/model.safetensors, card: {cfg.out}/MODEL_CARD.md")
     return 0

@@ -34,7 +34,13 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically; the temp file's name is unique, so concurrent writers cannot
+    clobber each other's half-written file."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_model(model: ShapeClassifier, folder, meta: dict) -> Path:

@@ -114,8 +114,10 @@ def _fold_vgg_pool(vgg: tvm.VGG, image_size: int) -> str | None:
     pool = nn.functional.adaptive_avg_pool2d(cells, (oh, ow)).reshape(h * w, oh * ow)
     weight = first.weight.detach().double().view(first.out_features, channels, oh * ow)
     folded_weight = torch.einsum("ocj,ij->oci", weight, pool).reshape(first.out_features, channels * h * w)
-    layer = nn.Linear(channels * h * w, first.out_features, bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
+    # skip_init: the weights are overwritten below, so the layer's random initialisation (which
+    # would move the caller's global RNG) is never run
+    layer = nn.utils.skip_init(nn.Linear, channels * h * w, first.out_features, bias=first.bias is not None,
+                               device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(folded_weight)
         if first.bias is not None:

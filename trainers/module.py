@@ -116,13 +116,20 @@ class ShapeClassifierModule(pl.LightningModule):
             dm.set_epoch(self.current_epoch)
 
     # global RNG (dropout, stochastic depth) travels with the checkpoint, so a resumed run
-    # continues exactly where the interrupted one stopped
+    # continues exactly where the interrupted one stopped; on a GPU those draws come from the CUDA
+    # generators. Only the saving process's states are kept (rank 0 under DDP, as for the CPU's)
     def on_save_checkpoint(self, checkpoint):
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA for this
+            checkpoint["torch_cuda_rng_states"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint):
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+        cuda_states = checkpoint.get("torch_cuda_rng_states")
+        # same GPU count only: the states are per device (set lazily, so no context is created here)
+        if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -44,8 +44,11 @@ def cpu_bf16_speedup(reps: int = 3) -> float:
     """fp32 time / bf16-autocast time of a small conv stack's forward and backward (~0.2 s)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 32, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
-    net = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(64, 64, 3, padding=1)).to(memory_format=torch.channels_last)
+    # Conv2d's initialisation draws from the global RNG: fork it, or the first (cached) probe of a
+    # process would shift every seeded draw after it and two equal fits would differ
+    with torch.random.fork_rng(devices=[]):
+        net = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(64, 64, 3, padding=1)).to(memory_format=torch.channels_last)
 
     def step(bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

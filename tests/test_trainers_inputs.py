@@ -1,0 +1,86 @@
+"""Bad training options are refused up front: a one-line error naming the option (exit code 2 from
+the CLI) before anything is written, and options the chosen data source would ignore are refused."""
+
+import pytest
+import yaml
+
+from trainers.api import TrainConfig
+from trainers.cli import main
+
+SMALL = ["--image-size", "32", "--synth", "{size_bands: [[0.3, 0.4]]}", "--precision", "32-true",
+         "--num-workers", "0", "--progress-bar", "false"]
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--batch-size", "0"], "batch_size"),
+    (["--pct-start", "2"], "pct_start"),
+    (["--label-smoothing", "2"], "label_smoothing"),
+    (["--train-length", "0"], "train_length"),
+    (["--val-length", "0"], "val_length"),
+    (["--curriculum-start", "3"], "curriculum_start"),
+    (["--max-epochs", "-1"], "max_epochs"),
+    (["--threads", "-1"], "threads"),
+    (["--devices", "abc"], "devices"),
+    (["--lr", "0"], "lr"),
+    (["--seed", "-1"], "seed"),
+    (["--limit-train-batches", "0"], "limit_train_batches"),
+    (["--limit-val-batches", "1.5"], "limit_val_batches"),
+    (["--accelerator", "quantum"], "accelerator"),
+    # a known accelerator that this machine lacks: Lightning's own check, before anything is written
+    (["--accelerator", "tpu"], "accelerator 'tpu'"),
+    # options the data source would ignore
+    (["--train-crop-epochs", "3"], "train_crop_epochs"),
+])
+def test_bad_values_are_one_line_errors_before_anything_is_written(tmp_path, capsys, flags, names):
+    out = tmp_path / "run"
+    assert main(["fit", "--out", str(out), *SMALL, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth-train: error:") and names in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, says", [("{bad", "not valid YAML"), ("[1, 2]", "expected a mapping")])
+def test_synth_that_is_not_a_yaml_mapping_is_an_argparse_error(tmp_path, capsys, text, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--out", str(tmp_path / "run"), "--synth", text])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --synth:" in last and says in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path, capsys):
+    # PyYAML reads 1e-3 as the string '1e-3'; AdamW would fail on it only once training started
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nema_decay: 2e-3\nlimit_val_batches: 1\n")
+    assert main(["fit", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["lr"] == 0.001 and cfg["ema_decay"] == 0.002
+    assert cfg["limit_val_batches"] == 1 and isinstance(cfg["limit_val_batches"], int)  # one batch, not 100 %
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    assert main(["fit", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "lr must be a number or null, got 'fast'" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("lr: [1\n")
+    assert main(["fit", "--config", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml is not valid YAML" in err and len(err.splitlines()) == 1
+
+
+def test_types_are_checked_from_the_type_hints():
+    for field, bad in (("batch_size", 64.5), ("pretrained", "yes"), ("image_size", True), ("synth", [1, 2])):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            TrainConfig(**{field: bad})
+    assert TrainConfig(devices=2).devices == "2" and TrainConfig(synth=None).synth == {}
+
+
+def test_options_the_data_source_would_ignore_are_refused():
+    with pytest.raises(ValueError, match="train_crop_epochs 3 needs train_crop"):
+        TrainConfig(train_crop_epochs=3)
+    with pytest.raises(ValueError, match="curriculum_epochs 2 applies to the rendered stream only"):
+        TrainConfig(data="d", train_source="disk", curriculum_epochs=2)
+    for name in ("val_length", "test_length"):
+        with pytest.raises(ValueError, match=f"{name} 100 sizes rendered splits"):
+            TrainConfig(data="d", **{name: 100})
+    # the defaults, and a curriculum turned off, are not a request
+    TrainConfig(data="d", train_source="disk")
+    TrainConfig(data="d", train_source="disk", curriculum_epochs=0)
+    TrainConfig(train_crop=80, train_crop_epochs=3)
