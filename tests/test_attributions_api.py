@@ -244,6 +244,8 @@ def test_bad_targets(resnet):
     ("relax", "p", "a"), ("relax", "n_masks", 0), ("relax", "batch_size", 2.5), ("centre", "sigma", "a"),
     ("lime", "n_samples", 0), ("kernelshap", "perturbations_per_eval", True), ("integratedgradients", "n_steps", 0),
     ("integratedgradients", "internal_batch_size", 0), ("deeplift", "baseline", "black"),
+    ("scorecam", "batch_size", True), ("scorecam", "batch_size", 0), ("relax", "seed", "a"), ("lime", "seed", 1.5),
+    ("randomcam", "seed", -1),
 ])
 def test_mistyped_option_values_are_refused_by_name(resnet, method, option, value):
     with pytest.raises(ValueError, match=rf"^{option} "):
@@ -352,6 +354,87 @@ def test_a_layer_called_twice_is_refused():
     model = build("resnet18", wrapped=False)
     with pytest.raises(RuntimeError, match="called 2 times"):
         explain(model, images(1, 32), 0, layer="layer1.0.relu")
+
+
+@pytest.mark.parametrize("layer", ["backbone.layer1.0.bn1", "backbone.layer1.0.bn2"])
+def test_a_layer_whose_output_is_later_modified_in_place(resnet, layer):
+    """bn1 is followed by an inplace ReLU, bn2 by ResNet's ``out += identity``: the maps use the
+    values the layer produced (negative ones included) and the gradient with respect to them,
+    not those of the in-place op that follows. Reference: a hook handing the rest of the forward
+    pass a copy, Grad-CAM and Score-CAM (official) written out by hand."""
+    x = images(2, 32, seed=6)
+    t = torch.tensor([1, 2])
+    store = []
+    h = resnet.get_submodule(layer).register_forward_hook(lambda m, a, o: (store.append(o), o.clone())[1])
+    try:
+        out = resnet(x)
+    finally:
+        h.remove()
+    A = store[0]
+    assert (A < 0).any()  # what the in-place ReLU (or the residual sum) would change
+    (g,) = torch.autograd.grad(out[0, 1] + out[1, 2], A)
+    A = A.detach()
+    hand = (g.mean((2, 3), keepdim=True) * A).sum(1)
+    ours = explain(resnet, x, t, method="gradcam", layer=layer, raw=True)
+    torch.testing.assert_close(ours, hand, rtol=1e-4, atol=1e-6 * hand.abs().max().item())
+    # LaFAM with a deeper layer: its forward pass runs on past the in-place op
+    raws, _, _ = get_explainer("lafam", resnet).layer_maps(x, None, [layer, "stage2"])
+    torch.testing.assert_close(raws[0], A.mean(1))
+    # Score-CAM's masks come from the captured activations
+    up = F.interpolate(A, size=(32, 32), mode="bilinear", align_corners=False)
+    lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+    masks = torch.where(hi > lo, (up - lo) / (hi - lo).clamp_min(1e-30), torch.zeros_like(up))
+    with torch.no_grad():
+        probs = resnet((x[:, None] * masks[:, :, None]).flatten(0, 1)).softmax(1).view(2, A.shape[1], -1)
+    w = torch.where((hi > lo)[:, :, 0, 0], probs[torch.arange(2), :, t], torch.zeros(()))
+    hand_sc = (w[:, :, None, None] * A).sum(1)
+    ours_sc = explain(resnet, x, t, method="scorecam", layer=layer, raw=True, batch_size=128)
+    torch.testing.assert_close(ours_sc, hand_sc, rtol=1e-4, atol=1e-5 * hand_sc.abs().max().item())
+
+
+def test_half_precision_models_are_explained_in_float32():
+    """A bfloat16 model: the maps are computed from its activations and gradients in float32
+    (in bfloat16 the weighted sum and the min-max keep 8 bits), and the masking methods hand the
+    model images of its own dtype. Reference: A and g recorded during the call, the rest in
+    float64 by hand."""
+    model = TinyNet(nonlinear_head=False).eval().to(torch.bfloat16)
+    x = images(2, 16).to(torch.bfloat16)
+    t = torch.tensor([1, 4])
+    rec = {}
+
+    def hook(m, a, o):
+        rec["A"] = o.detach().double()
+        o.register_hook(lambda g: rec.__setitem__("g", g.double()))
+
+    def final(cam):
+        up = F.interpolate(cam.clamp_min(0)[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+        lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+        return (up - lo) / (hi - lo)
+
+    for method, cam in [("gradcam", lambda A, g: (g.mean((2, 3), keepdim=True) * A).sum(1)),
+                        ("layercam", lambda A, g: (g.clamp_min(0) * A).sum(1))]:
+        h = model.head_conv.register_forward_hook(hook)  # 8x8, signed: upsampled, rectified
+        try:
+            ours = explain(model, x, t, method=method, layer="head_conv")
+        finally:
+            h.remove()
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), final(cam(rec["A"], rec["g"])), rtol=0, atol=1e-5)
+    reference = TinyNet(nonlinear_head=False).eval()  # the same weights in float32
+    for method, opts in [("scorecam", {"layer": "head_conv"}), ("relax", {"n_masks": 64})]:
+        half, full = (explain(m, x.to(next(m.parameters()).dtype), t, method=method, **opts) for m in (model, reference))
+        assert half.dtype == torch.float32 and torch.isfinite(half).all()
+        assert torch.corrcoef(torch.stack([half.flatten(), full.flatten()]))[0, 1] > 0.9
+
+
+def test_several_layers_must_be_a_sequence(resnet):
+    """``explain_layers(x, t, "stage1")`` would read the string as the layers 's', 't', ..."""
+    ex = get_explainer("gradcam", resnet)
+    for bad in ("stage1", [], resnet.backbone.layer1):
+        with pytest.raises(ValueError, match=r"^layers must be a non-empty sequence of layer specs"):
+            ex.explain_layers(images(1, 32), 0, bad)
+    (one,) = ex.explain_layers(images(1, 32), 0, ("stage1",))
+    torch.testing.assert_close(one.maps, ex.attribute(images(1, 32), 0))
 
 
 # ---------------------------------------------------------------------------------------------

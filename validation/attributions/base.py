@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -167,9 +167,10 @@ class StopForward(Exception):
 
 class Capture:
     """Records the outputs of several layers during one forward pass (graph kept), and the
-    order in which they fired (shallow to deep). With ``stop_early`` only the first output of
-    each layer is kept and the forward pass is cut short (``StopForward``) as soon as every
-    layer has fired; run it through ``forward``."""
+    order in which they fired (shallow to deep); the rest of the pass runs on a copy of each
+    recorded output, so an in-place op after a layer leaves it intact. With ``stop_early`` only
+    the first output of each layer is kept and the forward pass is cut short (``StopForward``)
+    as soon as every layer has fired; run it through ``forward``."""
 
     def __init__(self, guard: ModelGuard, layers: Sequence[Layer], stop_early: bool = False):
         self.stop_early = stop_early
@@ -193,6 +194,10 @@ class Capture:
             self.order.append(i)
             if self.stop_early and all(self.outputs):
                 raise StopForward
+            # the rest of the forward pass gets a copy: a later in-place op (an inplace ReLU after
+            # a BatchNorm, ResNet's ``out += identity``) would otherwise overwrite the captured
+            # values (and rebase their gradient) with another layer's
+            return output.clone()
         return hook
 
     def forward(self, model: nn.Module, x: torch.Tensor):
@@ -230,8 +235,15 @@ class Capture:
         return rank
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype maps are computed in: float32 for half-precision (bf16/fp16) models, whose
+    sums and min-max would otherwise keep 8-11 bits; float32 and float64 stay as they are."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def to_nchw(t: torch.Tensor, layer: Layer, size=None) -> torch.Tensor:
-    """The layer output as (B, C, h, w), permuted from (B, h, w, C) for a channels-last layer.
+    """The layer output as (B, C, h, w), permuted from (B, h, w, C) for a channels-last layer,
+    in :func:`compute_dtype` (half precision promoted to float32).
 
     With the input's ``size`` (H, W), a grid whose aspect is not the input's (beyond +-2 cells
     of stride rounding) is refused: the layout flag is then wrong, e.g. an NCHW output
@@ -239,7 +251,7 @@ def to_nchw(t: torch.Tensor, layer: Layer, size=None) -> torch.Tensor:
     if t.ndim != 4:
         raise ValueError(f"layer {layer.name!r} output has shape {tuple(t.shape)}; a 4-D feature map "
                          f"(B, C, h, w) is needed")
-    out = t.permute(0, 3, 1, 2) if layer.channels_last else t
+    out = (t.permute(0, 3, 1, 2) if layer.channels_last else t).to(compute_dtype(t.dtype))
     if size is not None:
         (h, w), (H, W) = out.shape[-2:], size
         if abs(h * W - w * H) > 2 * (H + W):
@@ -314,7 +326,7 @@ class Explainer:
     def postprocess(self, raw: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
         if self.raw:
             return raw.detach(), torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
-        maps, degenerate = finalize(raw.detach(), size, rectifier=self.rectifier,
+        maps, degenerate = finalize(raw.detach().to(compute_dtype(raw.dtype)), size, rectifier=self.rectifier,
                                     interpolation=self.interpolation)
         return maps, degenerate
 
@@ -340,7 +352,11 @@ class LayerExplainer(Explainer):
         self.layer = resolve_layer_full(model, layer, channels_last)
 
     def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:
-        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in layers]
+        specs = None if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Iterable) else list(layers)
+        if not specs:  # a bare string would otherwise be read as one layer per character
+            raise ValueError(f"layers must be a non-empty sequence of layer specs (e.g. [\"stage1\", \"stage2\"]), "
+                             f"got {layers!r}")
+        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in specs]
 
     # subclasses implement: list of raw maps (B, h, w) per layer, target, depth ranks
     def _layer_maps(self, x, target, layers: list[Layer], guard: ModelGuard):

@@ -17,7 +17,7 @@ import hashlib
 
 import torch
 
-from .base import Explainer, option_number
+from .base import Explainer, option_int, option_number
 from .postprocess import minmax
 from .registry import register
 
@@ -27,7 +27,7 @@ class Baseline(Explainer):
 
     def __init__(self, model, *, seed: int = 0, **options):
         super().__init__(model, **options)
-        self.seed = int(seed)
+        self.seed = option_int("seed", seed, minimum=0)
 
     def image_generators(self, x: torch.Tensor) -> list[torch.Generator]:
         """One CPU generator per image of ``x``, seeded with ``seed`` and the image's float32 bytes."""

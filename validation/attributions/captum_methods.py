@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._rng import seeded_global_rng
-from .base import Explainer, ModelGuard, check_logits, option_int, option_number, resolve_target
+from .base import Explainer, ModelGuard, check_logits, compute_dtype, option_int, option_number, resolve_target
 from .pixel import check_reduction, reduce_channels
 from .registry import register
 
@@ -115,7 +115,7 @@ class CaptumExplainer(Explainer):
             warnings.filterwarnings("ignore", module=r"captum\.")
             warnings.filterwarnings("ignore", message=r".*(non-linear|multiple inputs|required_grads).*")
             attr = self._attribute(self._captum(), x.clone().requires_grad_(True), target)
-        return reduce_channels(attr.detach(), self.reduce), target, {}
+        return reduce_channels(attr.detach().to(compute_dtype(attr.dtype)), self.reduce), target, {}
 
 
 def check_baseline(value):
@@ -196,7 +196,7 @@ class _SuperpixelExplainer(CaptumExplainer):
         self.n_segments, self.grid_cells = option_int("n_segments", n_segments), option_int("grid_cells", grid_cells)
         self.n_samples = option_int("n_samples", n_samples)
         self.perturbations_per_eval = option_int("perturbations_per_eval", perturbations_per_eval)
-        self.baseline, self.seed = check_baseline(baseline), int(seed)
+        self.baseline, self.seed = check_baseline(baseline), option_int("seed", seed, minimum=0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.superpixels == "grid":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Explainer, ModelGuard, check_logits, check_score, class_score, resolve_target
+from .base import Explainer, ModelGuard, check_logits, check_score, class_score, compute_dtype, resolve_target
 from .cam import GradCAM
 from .pixel import check_reduction, reduce_channels
 from .postprocess import rectify, upsample
@@ -54,7 +54,7 @@ def guided_gradients(model: nn.Module, x: torch.Tensor, target, guard: ModelGuar
         if not s.requires_grad:
             raise RuntimeError("the model output has no gradient path to the input")
         (grad,) = torch.autograd.grad(s.sum(), x_in)
-    return grad, target, n
+    return grad.to(compute_dtype(grad.dtype)), target, n
 
 
 @register("guidedbackprop")

@@ -72,7 +72,7 @@ class RELAX(Explainer):
         if uncertainty not in UNCERTAINTY:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY}, got {uncertainty!r}")
         check_mask_options(cells, p, shift)
-        self.n_masks, self.batch_size, self.seed = int(n_masks), int(batch_size), int(seed)
+        self.n_masks, self.batch_size, self.seed = int(n_masks), int(batch_size), option_int("seed", seed, minimum=0)
         self.cells, self.p, self.shift, self.uncertainty = int(cells), float(p), shift, uncertainty
         self.embedding_layer = None if embedding_layer is None else resolve_layer_full(model, embedding_layer)
 
@@ -113,7 +113,7 @@ class RELAX(Explainer):
         while done < self.n_masks:
             n = min(per_forward, self.n_masks - done)
             masks = render_masks(grids[done:done + n], offsets[:, done:done + n], (H, W), shift)
-            masked = (x[:, None] * masks[None, :, None]).flatten(0, 1)            # (B*n, C, H, W)
+            masked = (x[:, None] * masks[None, :, None]).flatten(0, 1).to(x.dtype)  # (B*n, C, H, W)
             emb = F.normalize(self.embed(masked, store), dim=1).view(B, n, -1)
             sim = (emb * ref[:, None]).sum(-1)                                     # (B, n)
             # float64 sums: the spread s2 - 2 R s1 + R^2 s0 is ~1 / var(s_n) times smaller than its terms

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LayerExplainer, check_logits, resolve_target, to_nchw
+from .base import LayerExplainer, check_logits, option_int, resolve_target, to_nchw
 from .postprocess import minmax, rectify, upsample
 from .registry import register
 
@@ -30,10 +30,8 @@ class ScoreCAM(LayerExplainer):
         super().__init__(model, layer, **options)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.variant = variant
-        self.batch_size = batch_size
+        self.batch_size = option_int("batch_size", batch_size)
 
     def _masks(self, acts: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
         """Upsampled normalised masks (n, H, W) for low-res maps (n, h, w), and which are usable."""
@@ -62,7 +60,8 @@ class ScoreCAM(LayerExplainer):
         for chunk in pairs.split(self.batch_size):
             b, k = chunk // C, chunk % C
             masks, usable = self._masks(A[b, k], x.shape[-2:])
-            out = check_logits(self.model(x[b] * masks[:, None]), len(chunk))
+            # masks are float32: the masked images go back to the images' (the model's) dtype
+            out = check_logits(self.model((x[b] * masks[:, None]).to(x.dtype)), len(chunk))
             s = out.float().softmax(1) if official else out.float()
             s = s.gather(1, target[b][:, None])[:, 0]
             scores[b, k] = torch.where(usable, s, torch.zeros_like(s))
