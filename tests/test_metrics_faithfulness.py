@@ -135,6 +135,22 @@ def test_coherency_nan_reasons():
     assert reasons == ["constant_map", "constant_recomputed_map"]
 
 
+def test_coherency_of_constant_float64_maps_is_nan_not_a_rounded_correlation():
+    # the float64 mean of nine 0.1s is off by an ulp: centring left ~1e-17 everywhere instead of 0,
+    # and Coherency came out as a silent (r ~ 1e-16 + 1) / 2 = 0.5 instead of NaN with a reason
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 3, 3, generator=g)
+    varied = torch.rand(2, 3, 3, generator=g, dtype=torch.float64)
+    maps = varied.clone()
+    maps[0] = 0.1
+    recomputed = varied.clone()
+    recomputed[1] = 0.1
+    value, reasons = coherency(x, torch.tensor([0, 1]), maps, None, recomputed=recomputed, return_reasons=True)
+    assert torch.isnan(value).all() and reasons == ["constant_map", "constant_recomputed_map"]
+    value, reasons = adcc(TinyConv(), x, torch.tensor([0, 1]), maps, lambda xx, t: recomputed, return_reasons=True)
+    assert torch.isnan(value).all() and reasons == ["coherency:constant_map", "coherency:constant_recomputed_map"]
+
+
 def test_coherency_explainer_errors_are_clear():
     x, maps, target = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
     with pytest.raises(TypeError, match="explainer returned ndarray"):  # was numpy's "order must be str"
@@ -349,6 +365,13 @@ def test_road_class_form_accumulates_curves_with_or_without_return_curves():
         assert out["fractions"] == full.fractions and out["nan"] == 0
     with pytest.raises(ValueError, match="fractions"):
         metric.update(model, x, target, maps, fractions=(0.5,))
+    metric.reset()  # forgets values, reasons and curves: other fractions are fine from here on
+    empty = metric.compute()
+    assert empty["values"].numel() == 0 and torch.isnan(empty["mean"]) and "morf" not in empty
+    half = metric.update(model, x, target, maps, fractions=(0.5,))
+    out = metric.compute()
+    assert out["fractions"] == (0.5,) and torch.equal(out["values"], half.score)
+    assert torch.equal(out["values"], road(model, x, target, maps, fractions=(0.5,)))
 
 
 def test_every_functional_takes_return_reasons():

@@ -114,6 +114,10 @@ def test_bad_inputs_raise():
         linear_impute(x, torch.stack([torch.zeros(16, 16), torch.ones(16, 16)]))
     with pytest.raises(TypeError, match="floating"):
         linear_impute(x.to(torch.uint8), torch.zeros(2, 16, 16))
+    # half images crashed deep in the solver (torch's '"linalg_eigh_cpu" not implemented for Half')
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"float32 or float64, got {dtype} \(pass images.float\(\)\)"):
+            linear_impute(x.to(dtype), torch.rand(2, 16, 16) < 0.5)
     # each used to return a result (NaN everywhere in the group, or after a warning)
     removed = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(3)) < 0.5
     nan_image = x.clone()

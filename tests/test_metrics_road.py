@@ -25,6 +25,14 @@ def test_exact_counts_even_when_everything_ties():
     assert maps[1][lerf].eq(0).sum() == 78
 
 
+def test_counts_round_half_up_the_decimal_fraction():
+    # hand-computed: 0.29 * 50 = 14.5 and 0.35 * 90 = 31.5 round half up to 15 and 32; in binary
+    # both products are 14.4999.../31.4999..., and a float k * n + 0.5 removed 14 and 31 pixels
+    maps = torch.rand(2, 9, 10, generator=torch.Generator().manual_seed(0))
+    assert removal_masks(maps[:, :5], (0.29,))[:, 0].flatten(2).sum(-1).tolist() == [[15, 15]] * 2
+    assert removal_masks(maps, (0.35, 0.2))[:, :, 0].flatten(2).sum(-1).tolist() == [[32, 18]] * 2
+
+
 def test_morf_and_lerf_are_complementary_rankings():
     maps = cam_maps(2, 16, 16, tie_free=False)  # many ReLU zeros
     ranks = pixel_ranks(maps)

@@ -54,10 +54,13 @@ def pearson(a: torch.Tensor, b: torch.Tensor):
     """Per-sample Pearson r of flattened (B, ...) tensors, float64; also the zero-variance flags."""
     a = a.flatten(1).double()
     b = b.flatten(1).double()
+    # constant rows by an exact test: a float64 mean of equal values can be off by an ulp, which
+    # left ~1e-17 deviations and a silent r ~ 0 (Coherency 0.5) for e.g. a float64 map of 0.1
+    flat_a, flat_b = a.amax(1) == a.amin(1), b.amax(1) == b.amin(1)
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     na, nb = a.norm(dim=1), b.norm(dim=1)
-    flat_a, flat_b = na <= 0, nb <= 0
+    flat_a, flat_b = flat_a | (na <= 0), flat_b | (nb <= 0)
     r = (a * b).sum(1) / (na * nb).where(~(flat_a | flat_b), torch.ones_like(na))
     return r.clamp(-1, 1), flat_a, flat_b
 

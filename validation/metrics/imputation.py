@@ -731,7 +731,7 @@ def linear_impute(images: torch.Tensor, removed: torch.Tensor, *, tol: float = D
                   max_iter: int = 60, stats: dict | None = None) -> torch.Tensor:
     """Fill removed pixels by linear imputation (no noise), for a whole batch at once.
 
-    images: (N, C, H, W) floating; removed: (N, H, W) or (N, 1, H, W), nonzero/True where a pixel
+    images: (N, C, H, W) float32 or float64; removed: (N, H, W) or (N, 1, H, W), nonzero/True where a pixel
     is imputed. Returns a tensor like ``images`` with kept pixels unchanged. The solve runs in the
     images' dtype (float32: max abs error up to ~2e-5 against the exact solution on [0,1] images
     with CAM-shaped holes and on the most ill-conditioned masks tried up to 448 px; float32's
@@ -831,8 +831,9 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
     if removed.shape != (images.shape[0], 1, *images.shape[-2:]):
         raise ValueError(f"removed mask shape {given} does not match images "
                          f"{tuple(images.shape)}: expected (N, H, W) or (N, 1, H, W)")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point, got {images.dtype}")
+    if images.dtype not in (torch.float32, torch.float64):  # half: the coarsest solve has no half eigh
+        raise TypeError(f"images must be floating point, float32 or float64, got {images.dtype}"
+                        + (" (pass images.float())" if images.is_floating_point() else ""))
     # a NaN spreads through the whole solve of its group; one aminmax pass (NaN and Inf reach the
     # extremes) is ~10x cheaper than isfinite on every value, which runs only to name the samples
     if images.numel() and not bool(torch.isfinite(torch.stack(images.aminmax())).all()):

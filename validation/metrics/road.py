@@ -13,6 +13,7 @@ not depend on the batch it is in, its position there, or the device.
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import NamedTuple, Sequence
 
 import torch
@@ -62,10 +63,14 @@ def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
 
 
 def removal_counts(fractions: Sequence[float], height: int, width: int) -> list[int]:
-    """round(k * n), half up, for n = height * width; at least one pixel must be kept."""
+    """round(k * n), half up, for n = height * width; at least one pixel must be kept.
+
+    k is taken as the decimal it is written as (``repr``): in binary 0.29 is 0.28999..., and
+    0.29 * 50 = 14.499... would round to 14 where round half up of 14.5 is 15.
+    """
     n = height * width
     fractions = check_fractions(fractions)
-    counts = [int(k * n + 0.5) for k in fractions]
+    counts = [int(Fraction(repr(k)) * n + Fraction(1, 2)) for k in fractions]
     for k, count in zip(fractions, counts):
         if count >= n:  # nothing left to impute from
             raise ValueError(f"fraction {k} removes round({k} * {n}) = {count} of the {n} pixels of a "
