@@ -696,3 +696,68 @@ def test_a_trivial_map_without_a_score_on_a_model_is_unscored_not_skipped(table)
     tables = {"b_trivial_verdict": A.table_trivial(t2, metrics=["average_drop"])[1]}
     exp = A.check_expectations(tables).set_index("expectation")
     assert exp.loc["HalfCAM fools average_drop (Fig. 1)", "status"] == "n/a"
+
+
+def _fig3_frame(values, n_images=20, seed=0):
+    """Two models, 5 layer-free methods; gt_cosine ~ U(0, 1) plus ``values(gt, rng)``: {metric: value}."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model in ("m1", "m2"):
+        for img in range(n_images):
+            for k in range(5):
+                gt = rng.random()
+                for metric, v in {"gt_cosine": gt, **values(gt, rng)}.items():
+                    ok = np.isfinite(v)
+                    rows.append(dict(image=img, model=model, method=f"meth{k}", layer="-", mix="identity",
+                                     metric=metric, value=v, status="ok" if ok else "error",
+                                     reason="" if ok else "failed"))
+    return make_results_frame(rows)
+
+
+def test_paired_expectation_leaves_out_a_metric_without_correlation():
+    """Coherency failed on every map: it has no correlation, in table a (left out of the ranking)
+    and in a_paired (NaN difference); ARCC beating every metric that has one holds, not FAILS."""
+    frame = _fig3_frame(lambda gt, rng: {"arcc": gt + 0.1 * rng.normal(), "road": gt + 0.5 * rng.normal(),
+                                         "coherency": np.nan})
+    exp = A.analyze_frame(frame, n_boot=20)["expectations"].set_index("expectation")
+    assert exp.loc["ARCC correlates best with the ground-truth cosine (Fig. 3a)", "status"] == "holds"
+    same_maps = exp.loc["ARCC correlates best with the ground-truth cosine, on the same maps (Fig. 3a)"]
+    assert same_maps["status"] == "holds", same_maps["found"]
+    assert "vs road +" in same_maps["found"] and "no paired correlation with coherency" in same_maps["found"]
+
+
+def test_expectations_when_no_fig3_metric_has_a_correlation_are_not_checked():
+    """ARCC and ROAD constant: nothing to rank; 'n/a', not a crash (IndexError) nor a verdict."""
+    frame = _fig3_frame(lambda gt, rng: {"arcc": 0.5, "road": 0.25})
+    exp = A.analyze_frame(frame, n_boot=20)["expectations"]
+    fig3 = exp[exp.expectation.str.contains("Fig. 3a")]
+    assert len(fig3) >= 1 and (fig3.status == "n/a").all(), fig3.to_string()
+    assert "fewer than two of the Fig. 3a metrics have a correlation" in " ".join(fig3.found)
+
+
+def test_bootstrap_draws_the_same_images_for_models_with_different_correct_images(table):
+    """Each model has rows only for the images it classifies correctly, so the models' image sets
+    differ. A replicate must resample the same test images for every model (the summary averages
+    the models' replicates, and one image's results under two models are not independent); drawing
+    by position in each model's own image list paired different images after the first gap."""
+    frame = table[~((table.model == "m_b") & table.image.isin([0, 1, 2]))]  # misclassified by m_b
+    t = A.table_validity(frame, n_boot=N_BOOT, seed=0, metrics=["noise"]).set_index(["model", "metric", "level"])
+    counts = A.image_bootstrap_counts(40, N_BOOT, 0)  # over the run's 40 images, by image index
+    per_model = {m: _explicit_pair_replicates(_real_wide(frame, m), "noise", counts) for m in ("m_a", "m_b")}
+    row = t.loc[("m_b", "noise", "pairs")]
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(per_model["m_b"][0]), abs=1e-10)
+    row = t.loc[("mean+-std", "noise", "pairs")]
+    pear = np.mean([p for p, _ in per_model.values()], axis=0)
+    spear = np.mean([s for _, s in per_model.values()], axis=0)
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pear), abs=1e-10)
+    assert (row["spearman_lo"], row["spearman_hi"]) == pytest.approx(_percentile_ci(spear), abs=1e-10)
+    pm, _ = _explicit_means_correlation(_real_wide(frame, "m_b"), "noise", counts)
+    row = t.loc[("m_b", "noise", "method_means")]
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pm), abs=1e-10)
+    # the paired table resamples the same way
+    paired = A.table_paired(frame, n_boot=N_BOOT, seed=0, pairs=[("noise", "perfect")]).set_index("model")
+    a = [_explicit_pair_replicates(_real_wide(frame, m), "noise", counts)[0] for m in ("m_a", "m_b")]
+    b = [_explicit_pair_replicates(_real_wide(frame, m), "perfect", counts)[0] for m in ("m_a", "m_b")]
+    diff = np.mean([x - y for x, y in zip(a, b)], axis=0)
+    mean = paired.loc["mean"]
+    assert (mean["pearson_diff_lo"], mean["pearson_diff_hi"]) == pytest.approx(_percentile_ci(diff), abs=1e-10)

@@ -212,3 +212,44 @@ def test_trivial_maps_without_a_score_are_named_not_passed_over(run_dir):
     assert rand.models_unscored == 0 and "unscored" not in rand.verdict
     assert "Not checked on every model (no finite score: NaN or errors): halfcam" in res["verdict"]
     assert "No trivial map" not in res["verdict"]
+
+
+@pytest.mark.parametrize("n_images", [0, -3])
+def test_an_empty_or_negative_n_images_is_refused_naming_the_flag(run_dir, n_images):
+    """0 used to audit nothing and judge the run without the metric ("too few finite values");
+    a negative count failed on an image range the user never gave."""
+    with pytest.raises(ValueError, match=rf"--n-images must be >= 1, got {n_images}"):
+        audit_run(run_dir, "user_metrics_mod:prefix_mean", name=f"empty_{abs(n_images)}", n_images=n_images,
+                  n_boot=10, components=S.components(), progress=False)
+    assert not (run_dir / "audit" / f"empty_{abs(n_images)}").exists()
+
+
+def test_verdict_compares_with_the_best_of_our_metrics_that_has_a_correlation():
+    """Average Drop constant (no correlation, NaN): it is no rival, ARCC is."""
+    import pandas as pd
+
+    from validation import analyze as A
+    from validation.audit import verdict_text
+    from validation.pipeline.table import make_results_frame
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for model in ("m1", "m2"):
+        for img in range(15):
+            for k in range(4):
+                gt = rng.random()
+                vals = {"gt_cosine": gt, "average_drop": 0.5, "arcc": gt + 0.5 * rng.normal(),
+                        "mine": gt + 0.05 * rng.normal()}
+                rows += [dict(image=img, model=model, method=f"meth{k}", layer="-", mix="identity", metric=m, value=v)
+                         for m, v in vals.items()]
+    validity = A.table_validity(make_results_frame(rows), n_boot=10)
+    assert np.isnan(validity.set_index(["model", "metric", "level"]).loc[("mean+-std", "average_drop", "pairs"), "pearson"])
+    text = verdict_text("mine", validity, pd.DataFrame())
+    assert "It is better than the best of our metrics here (arcc)." in text, text
+
+
+def test_a_bootstrap_count_below_one_is_refused_before_the_metric_is_computed(run_dir):
+    with pytest.raises(ValueError, match=r"--n-boot \(bootstrap replicates\) must be >= 1, got 0"):
+        audit_run(run_dir, "user_metrics_mod:prefix_mean", name="no_boot", n_boot=0, components=S.components(),
+                  progress=False)
+    assert not (run_dir / "audit" / "no_boot").exists()

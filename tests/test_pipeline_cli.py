@@ -120,3 +120,42 @@ def test_cli_run_on_a_saved_model_two_shards_equal_one_process(tmp_path, save_un
     assert main(["merge", str(tmp_path / "two")]) == 0
     for name in ("results.parquet", "results.csv", "predictions.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_analyze_of_a_partial_merge_warns(tmp_path, capsys):
+    from validation.pipeline.table import merge_run
+
+    models = S.make_models(tmp_path)
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["cam", "halfcam"], metrics=["gt_cosine", "complexity"]), out, shard=(0, 2),
+             components=S.components(), progress=False)
+    merge_run(out, allow_partial=True)
+    assert main(["analyze", str(out), "--n-boot", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: partial run: 4 of 10 chunks were not merged" in err
+
+
+@pytest.mark.parametrize("n_boot", ["0", "-5"])
+def test_analyze_refuses_a_bootstrap_count_below_one_naming_the_flag(tmp_path, capsys, n_boot):
+    models = S.make_models(tmp_path)
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["cam", "halfcam"], metrics=["gt_cosine", "complexity"]), out,
+             components=S.components(), progress=False)
+    assert main(["analyze", str(out), "--n-boot", n_boot]) == 2
+    assert f"--n-boot (bootstrap replicates) must be >= 1, got {n_boot}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0"),
+    (["--save-maps", "-1"], "--save-maps must be >= 0, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),  # 0 was silently ignored
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+])
+def test_bad_run_counts_are_refused_naming_their_flag_before_any_work(tmp_path, capsys, flags, message):
+    threads = torch.get_num_threads()
+    code = main(["run", "--data", str(tmp_path), "--model", str(tmp_path / "m"), "--methods", "gradcam",
+                 "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress"] + flags)
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and torch.get_num_threads() == threads

@@ -123,3 +123,24 @@ def test_not_checked_expectations_read_back_as_n_a_and_figures_leave_matplotlib_
     frame.to_csv(tmp_path / "t.csv", index=False)
     back = read_table(tmp_path / "t.csv")
     assert back.status.tolist() == ["n/a", "holds"] and pd.isna(back.found[1])
+
+
+def test_report_of_a_partial_merge_says_which_chunks_are_missing(tmp_path):
+    """`merge --allow-partial` then `report`: the page must say the tables lack chunks."""
+    from validation.pipeline.table import merge_run
+
+    models = S.make_models(tmp_path)
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_eval(S.config(models, methods=["cam", "halfcam"], metrics=["gt_cosine", "complexity"]), out, shard=(0, 2),
+             components=S.components(), progress=False)
+    man = merge_run(out, allow_partial=True)
+    assert man["chunks"]["merged"] == 6 and man["chunks"]["expected"] == 10
+    page = write_report(out, n_boot=10).read_text()
+    assert "Partial run: 4 of 10 chunks were not merged (alpha[4:8], alpha[12:16], beta[4:8], beta[12:16])" in page
+    assert "<th>chunks merged</th><td>6 of 10; missing: alpha[4:8]" in page
+    run_eval(S.config(models, methods=["cam", "halfcam"], metrics=["gt_cosine", "complexity"]), out, shard=(1, 2),
+             components=S.components(), progress=False)
+    merge_run(out)
+    page = write_report(out, n_boot=10).read_text()
+    assert "Partial run" not in page and "<th>chunks merged</th><td>10 of 10</td>" in page

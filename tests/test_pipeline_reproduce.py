@@ -232,3 +232,19 @@ def test_a_profile_that_sets_fold_is_obeyed_without_asking_the_run_folder(tmp_pa
     rec = R.reproduce(str(prof_unfolded), out, progress=False, components=S.components(), steps=["run"])
     assert rec["steps"]["run"]["chunks_computed"] == 0
     assert "resuming it unfolded" not in capsys.readouterr().out  # the profile decided, no note
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"expected a mapping with sections data, train, eval; got NoneType"),
+    ("- data\n- train\n", r"expected a mapping with sections data, train, eval; got list"),
+    ("data: [unclosed\n", r"not valid YAML"),
+])
+def test_a_profile_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys, text, message):
+    from validation.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"profile {path}: {message}"):
+        R.load_profile(str(path))
+    assert main(["reproduce", "--profile", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert f"shapesynth-eval reproduce: error: profile {path}" in capsys.readouterr().err

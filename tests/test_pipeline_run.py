@@ -540,3 +540,22 @@ def test_a_run_from_before_folding_resumes_only_unfolded(models, tmp_path):
     summary = run_eval(S.config(models, fold=False), out, components=S.components(), progress=False)
     assert summary["chunks_computed"] == 0 and summary["chunks_skipped"] == 10
 
+
+
+def test_a_recomputed_chunk_keeps_no_maps_of_the_run_it_replaced(models, tmp_path):
+    """Shard 1's chunk 4:8 kept maps for the report under the old run (save_maps 6); recomputed
+    for a run that saves the first 3 images' maps only, it must not leave the old maps behind for
+    the report's qualitative grid."""
+    from validation.report import load_saved_maps
+
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_eval(S.config(models, methods=["cam"], save_maps=6), out, components=S.components(), progress=False)
+    assert (out / "chunks" / "alpha" / "c0000004-0000008.maps.npz").exists()
+    for shard in ((0, 2), (1, 2)):
+        run_eval(S.config(models, methods=["cam"], save_maps=3), out, shard=shard, overwrite=shard == (0, 2),
+                 components=S.components(), progress=False)
+    merge_run(out)
+    assert not (out / "chunks" / "alpha" / "c0000004-0000008.maps.npz").exists()
+    saved = load_saved_maps(out, "alpha")
+    assert len(saved["images"]) and (saved["images"] < 3).all()

@@ -68,13 +68,13 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     x0, y0 = x.mean(), y.mean()
     x = x - x0
     y = y - y0
-    sw = w.sum(axis=1)
-    mx, my = w @ x / sw, w @ y / sw
-    sxx, syy = w @ (x * x) / sw, w @ (y * y) / sw
-    cxy = w @ (x * y) / sw - mx * my
-    cxx = sxx - mx * mx
-    cyy = syy - my * my
+    sw = w.sum(axis=1)  # 0 in a replicate that draws none of this model's images: r is NaN
     with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = w @ x / sw, w @ y / sw
+        sxx, syy = w @ (x * x) / sw, w @ (y * y) / sw
+        cxy = w @ (x * y) / sw - mx * my
+        cxx = sxx - mx * mx
+        cyy = syy - my * my
         r = cxy / np.sqrt(cxx * cyy)
     # weighted mean squares of the uncentred values: E[(x + x0)^2]
     scale_x, scale_y = sxx + (2 * mx + x0) * x0, syy + (2 * my + y0) * y0
@@ -105,13 +105,13 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray, ry: np.ndarra
 
 def _rowwise_weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     sw = w.sum(axis=1, keepdims=True)
-    mx = (w * x).sum(1, keepdims=True) / sw
-    my = (w * y).sum(1, keepdims=True) / sw
-    dx, dy = x - mx, y - my
-    cxy = (w * dx * dy).sum(1)
-    cxx = (w * dx * dx).sum(1)
-    cyy = (w * dy * dy).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # sw = 0: no images drawn, r is NaN
+        mx = (w * x).sum(1, keepdims=True) / sw
+        my = (w * y).sum(1, keepdims=True) / sw
+        dx, dy = x - mx, y - my
+        cxy = (w * dx * dy).sum(1)
+        cxx = (w * dx * dx).sum(1)
+        cyy = (w * dy * dy).sum(1)
         r = cxy / np.sqrt(cxx * cyy)
     r[(cxx <= _CONSTANT_TOL * (w * x * x).sum(1)) | (cyy <= _CONSTANT_TOL * (w * y * y).sum(1))] = np.nan
     return np.clip(r, -1.0, 1.0)
@@ -132,6 +132,8 @@ class Correlation:
 
 def image_bootstrap_counts(n_images: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n_images) resampling counts: each row draws n_images images with replacement."""
+    if int(n_boot) < 1:  # 0 gave NaN intervals silently, a negative count numpy's "negative dimensions"
+        raise ValueError(f"--n-boot (bootstrap replicates) must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     if n_images == 0:
         return np.zeros((n_boot, 0))
@@ -267,7 +269,8 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     ``level`` is ``pairs`` (every (image, configuration) pair of real methods) or
     ``method_means`` (one point per configuration: its mean over images). Intervals are
     percentile image-bootstrap 95 % intervals; for the summary row the bootstrap replicates of
-    the models are averaged replicate by replicate (models fixed, images resampled).
+    the models are averaged replicate by replicate (models fixed, images resampled: replicate b
+    draws the same test images for every model, whichever of them each model classified correctly).
     ``better`` says which direction of each metric is better: the built-in metrics' own, and
     "lower" for the names in ``lower_is_better`` (e.g. an audited metric).
     """
@@ -276,11 +279,14 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         raise ValueError(f"reference metric {reference!r} not in the table; metrics: {scalar_metrics(df)}")
     metrics = [m for m in (metrics or scalar_metrics(df)) if m != reference]
     rows, boots = [], {}
+    # one resampling of the run's images for every model (each model has rows only for the images
+    # it classified correctly), so replicate b draws the same images for each model and the summary
+    # row's replicate-by-replicate average over models resamples images jointly
+    uniq = np.unique(df["image"].to_numpy())
+    counts = image_bootstrap_counts(len(uniq), n_boot, seed)
     for model, mdf in df.groupby("model", sort=True):
         w = wide(mdf).droplevel("model")
-        images = w.index.get_level_values("image").to_numpy()
-        uniq, codes = np.unique(images, return_inverse=True)
-        counts = image_bootstrap_counts(len(uniq), n_boot, seed)
+        codes = np.searchsorted(uniq, w.index.get_level_values("image").to_numpy())
         ref = w[reference].to_numpy() if reference in w else np.full(len(w), np.nan)
         rank_cache: dict = {}
         for metric in metrics:
@@ -364,11 +370,11 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
         pairs = [(a, b) for i, a in enumerate(metrics) for b in metrics[i + 1:]]
     pairs = [(a, b) for a, b in pairs if a in present and b in present and reference not in (a, b)]
     rows, boots = [], {}
+    uniq = np.unique(df["image"].to_numpy())  # the same images resampled for every model (table a)
+    counts = image_bootstrap_counts(len(uniq), n_boot, seed)
     for model, mdf in df.groupby("model", sort=True):
         w = wide(mdf)
-        images = w.index.get_level_values("image").to_numpy()
-        uniq, codes = np.unique(images, return_inverse=True)
-        counts = image_bootstrap_counts(len(uniq), n_boot, seed)
+        codes = np.searchsorted(uniq, w.index.get_level_values("image").to_numpy())
         ref = w[reference].to_numpy()
         cache: dict = {}
         for a, b in pairs:
@@ -709,8 +715,14 @@ def _paired_expectations(paired: pd.DataFrame, add) -> None:
         diffs = paired_against(paired, metric)
         if not diffs:
             continue
-        found = ", ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in diffs.items())
-        holds = all((d > 0) if best else (d < 0) for d, _, _ in diffs.values())
+        # a pair without a correlation (a metric constant or never finite on the common maps)
+        # cannot be compared: left out of the verdict, as in table a, and named
+        scored = {m: v for m, v in diffs.items() if np.isfinite(v[0])}
+        found = ", ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in scored.items())
+        unscored = [m for m in diffs if m not in scored]
+        if unscored:
+            found += f"{'; ' if found else ''}no paired correlation with {', '.join(unscored)} (left out)"
+        holds = all((d > 0) if best else (d < 0) for d, _, _ in scored.values()) if scored else None
         add(claim, f"paired difference of oriented Pearson r (95 % CI), mean over models: {found}", holds)
 
 
@@ -729,8 +741,9 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     a = tables.get("a_validity", pd.DataFrame())
     if len(a):
         s = a[(a.model == "mean+-std") & (a.level == "pairs") & a.metric.isin(FIG3_METRICS)]
-        if len(s) >= 2:
-            oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
+        # metrics without a correlation (constant, or no finite pair) cannot be ranked
+        oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
+        if len(oriented) >= 2:
             ranked = sorted(oriented, key=oriented.get, reverse=True)
             found = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
             rival = ranked[1] if ranked[0] == "arcc" and len(ranked) > 1 else ranked[0]
@@ -741,9 +754,13 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
                 ranked[0] == "arcc" if "arcc" in oriented else None)
             add("Average Drop correlates worst (Fig. 3a)", f"lowest: {ranked[-1]}",
                 ranked[-1] == "average_drop" if "average_drop" in oriented else None)
-            _paired_expectations(paired_table, add)
         else:
-            add("ARCC correlates best, AD worst (Fig. 3a)", "fewer than two of the Fig. 3a metrics in the run", None)
+            why = ("fewer than two of the Fig. 3a metrics in the run" if len(s) < 2 else
+                   "fewer than two of the Fig. 3a metrics have a correlation with the ground truth "
+                   f"(none for {', '.join(m for m in s.metric if m not in oriented)})")
+            add("ARCC correlates best, AD worst (Fig. 3a)", why, None)
+        if len(s) >= 2:
+            _paired_expectations(tables.get("a_paired", pd.DataFrame()), add)
     v = tables.get("b_trivial_verdict", pd.DataFrame())
     if len(v):
         verdict = v.set_index(["metric", "trivial"])["verdict"]

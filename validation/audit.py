@@ -131,7 +131,8 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
         peers = [f"{m} r = {summary.loc[m, 'pearson']:.2f}" for m in COMPARED if m in summary.index]
         if peers:
             lines.append("For comparison: " + ", ".join(peers) + ".")
-        best = [m for m in COMPARED if m in summary.index]
+        # our metrics that have a correlation: a NaN one (constant, no finite pair) is no rival
+        best = [m for m in COMPARED if m in summary.index and np.isfinite(summary.loc[m, "pearson"])]
         if best:
             top = max(best, key=lambda m: summary.loc[m, "pearson"])
             better = r > summary.loc[top, "pearson"]
@@ -188,6 +189,10 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     from validation.pipeline.run import Components, RunConfig, _weights_fingerprint, run_eval
 
     run_dir = Path(run_dir)
+    if n_images is not None and n_images < 1:
+        raise ValueError(f"--n-images must be >= 1, got {n_images}")
+    if n_boot < 1:  # checked before the metric is computed, not after
+        raise ValueError(f"--n-boot (bootstrap replicates) must be >= 1, got {n_boot}")
     fn = load_metric(spec)
     name = name or fn.__name__
     if "@" in name:  # "@" marks the curve columns (road_morf@0.2), which the tables leave out

@@ -79,7 +79,8 @@ def _add_run(sub):
                    help="evaluate the models as loaded, without folding batch norm and VGG's pooled "
                         "classifier into their neighbours (folding: same outputs to float rounding, faster)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing run in --out (with --shard i/n: only this shard's chunks)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -89,10 +90,12 @@ def cmd_run(args) -> int:
     from validation.pipeline.run import RunConfig, run_eval
     from validation.pipeline.shards import parse_range, parse_shard
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.n_images is not None and args.n_images < 1:
         raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
+    for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--save-maps", args.save_maps, 0),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:  # before any model is loaded or folder made
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     image_range = parse_range(args.images) if args.images else (0, 200 if args.n_images is None else args.n_images)
     config = RunConfig(
         data=args.data, models=args.models,
@@ -105,6 +108,8 @@ def cmd_run(args) -> int:
         method_grid=_options(args.method_grid), device=args.device,
         save_maps=args.save_maps, fold=not args.no_fold)
     shard = parse_shard(args.shard)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = run_eval(config, args.out, shard=shard, progress=not args.no_progress,
                        overwrite=args.overwrite)
     summary.pop("manifest", None)
@@ -129,7 +134,19 @@ def cmd_analyze(args) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
     tables = analyze_run(args.run_dir, out, n_boot=args.n_boot, seed=args.seed)
     print(f"wrote {len(tables)} tables to {out} (tables.md, *.csv)")
+    _warn_partial(args.run_dir)
     return 0
+
+
+def _warn_partial(run_dir) -> None:
+    """Say so when the merged table lacks chunks (``merge --allow-partial``)."""
+    from validation.pipeline.table import read_json
+
+    path = Path(run_dir) / "manifest.json"
+    chunks = (read_json(path).get("chunks") or {}) if path.exists() else {}
+    if chunks.get("missing"):
+        print(f"warning: partial run: {len(chunks['missing'])} of {chunks.get('expected')} chunks were not "
+              f"merged (merge --allow-partial); the tables lack their images", file=sys.stderr)
 
 
 def cmd_audit(args) -> int:
@@ -184,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="tables a-f (validity, trivial maps, RefineCAM, ...)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the tables (default RUN_DIR/analysis)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("audit", help="place a new metric beside ours in tables a and b")
     p.add_argument("run_dir")

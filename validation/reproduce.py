@@ -48,7 +48,13 @@ def load_profile(name_or_path: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"profile {name_or_path!r}: no such file {path}; built-in profiles: "
                                 f"{', '.join(available_profiles())}")
-    profile = yaml.safe_load(path.read_text())
+    try:
+        profile = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"profile {path}: not valid YAML ({err})") from None
+    if not isinstance(profile, dict):  # empty, or a list: "extends" in None raised a TypeError
+        raise ValueError(f"profile {path}: expected a mapping with sections data, train, eval; "
+                         f"got {type(profile).__name__}")
     if "extends" in profile:
         base = {k: v for k, v in load_profile(profile.pop("extends")).items() if k not in ("name", "description")}
         for key, value in profile.items():

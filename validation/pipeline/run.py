@@ -578,6 +578,8 @@ class Runner:
                                 labels=yc[sel].cpu().numpy(), configs=np.asarray(list(saved)),
                                 **{f"map_{i}": v for i, v in enumerate(saved.values())})
             atomic_write_bytes(f"{chunk_stem(self.out, name, start, stop)}.maps.npz", buf.getvalue())
+        else:  # a chunk recomputed for another run may have kept maps there: the report would show them
+            Path(f"{chunk_stem(self.out, name, start, stop)}.maps.npz").unlink(missing_ok=True)
         write_chunk(self.out, name, start, stop, rows, preds,
                     {"n_images": stop - start, "n_correct": len(images), "seconds": seconds,
                      "images": n_images, "errors": n_err, "seed": seed,

@@ -99,11 +99,21 @@ def _summary(run_dir: Path) -> str:
         ("compute time", f"{man.get('compute_seconds', 0):.0f} s of map+metric time (sum over chunks)"),
         ("versions", json.dumps(man.get("versions", {}), sort_keys=True)),
     ]
+    # a merge with --allow-partial: the tables lack the missing chunks' images, which must be said
+    chunks = man.get("chunks") or {}
+    missing = chunks.get("missing") or []
+    shown = ", ".join(f"{m}[{a}:{b}]" for m, a, b in missing[:20]) + (" ..." if len(missing) > 20 else "")
+    if chunks:
+        rows.insert(3, ("chunks merged", f"{chunks.get('merged')} of {chunks.get('expected')}"
+                                         + (f"; missing: {shown}" if missing else "")))
     profile = run_dir / "profile.json"
     if profile.exists():
         rows.insert(0, ("profile", json.dumps(read_json(profile), sort_keys=True)))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    return f"<ul>{''.join(items)}</ul><table class='kv'>{table}</table>"
+    warning = (f"<p class='FAILS'>Partial run: {len(missing)} of {chunks.get('expected')} chunks were not "
+               f"merged ({html.escape(shown)}); every table and figure below lacks their images.</p>"
+               if missing else "")
+    return f"{warning}<ul>{''.join(items)}</ul><table class='kv'>{table}</table>"
 
 
 def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
