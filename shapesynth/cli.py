@@ -202,7 +202,7 @@ def _cmd_preview(args) -> int:
 def _cmd_card(args) -> int:
     from shapesynth.backgrounds import build_pools
     from shapesynth.generate import finish, missing_shards
-    from shapesynth.writers import MANIFEST, OutputError
+    from shapesynth.writers import MANIFEST, OutputError, pools_digest
 
     out = Path(args.data)
     if not (out / MANIFEST).exists():
@@ -218,7 +218,14 @@ def _cmd_card(args) -> int:
             f"{out} is incomplete: {len(missing)} shard(s) missing (e.g. {', '.join(s.stem for s in missing[:3])}); "
             "run the remaining `--shard i/n` parts or copy their folders in"
         )
-    result = finish(out, cfg, fmt, per_shard, build_pools(cfg))
+    pools = build_pools(cfg)
+    recorded = manifest.get("backgrounds")
+    if recorded is not None and recorded != pools_digest(pools):
+        raise OutputError(
+            f"the background files of {out} differ from those it was generated from (see {MANIFEST}): "
+            "the card would list other pools than the data was drawn from; restore them, or regenerate"
+        )
+    result = finish(out, cfg, fmt, per_shard, pools)
     print(json.dumps(result))
     return 0
 

@@ -122,7 +122,7 @@ def generate(
     pools = build_pools(cfg, num_proc=num_proc)  # bad backgrounds fail here, before the output folder is touched
     # a plain --shard run joins a folder other machines may be writing to: only an explicit
     # --resume may treat temp files found there as left by a killed run
-    prepare_output(out, manifest_for(cfg, fmt, samples_per_shard), overwrite=overwrite,
+    prepare_output(out, manifest_for(cfg, fmt, samples_per_shard, pools), overwrite=overwrite,
                    resume=resume or (count > 1 and not overwrite), clean_temp=resume)
     mine = [s for k, s in enumerate(plan) if k % count == index]
     todo = [s for s in mine if not writer.done(out, s)]

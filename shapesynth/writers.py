@@ -243,7 +243,8 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, cle
             old = json.loads(old_path.read_text())
             if {k: old.get(k) for k in manifest} != manifest:
                 diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-                raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}; use --overwrite")
+                why = " (its background files differ from those found now)" if "backgrounds" in diff else ""
+                raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}{why}; use --overwrite")
             if clean_temp:
                 for p in out.rglob("*"):
                     if is_temp_file(p):
@@ -262,13 +263,33 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, cle
     atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
 
 
-def manifest_for(cfg: SynthConfig, fmt: str, samples_per_shard: int) -> dict:
+def pools_digest(pools: dict) -> dict[str, str]:
+    """Per split, a hash of the pool's bases in order (name and pixel hash): what a sample's
+    background is drawn from, which the config alone does not fix for file sources."""
+    import hashlib
+
     return {
+        split: hashlib.sha256("".join(f"{n}\t{h}\n" for n, h in zip(pool.names, pool.hashes)).encode()).hexdigest()
+        for split, pool in sorted(pools.items())
+    }
+
+
+def manifest_for(cfg: SynthConfig, fmt: str, samples_per_shard: int, pools: dict | None = None) -> dict:
+    """The recipe written to (and, on --resume or --shard, checked against) ``shapesynth.json``.
+
+    With `pools`, it also records their digests, so shards rendered from other background files
+    (changed between an interrupted run and its resume, or on another machine) are refused
+    instead of mixed into one dataset.
+    """
+    manifest = {
         "format": fmt,
         "format_version": FORMAT_VERSION,
         "samples_per_shard": samples_per_shard,
         "config": cfg.to_dict(),
     }
+    if pools is not None:
+        manifest["backgrounds"] = pools_digest(pools)
+    return manifest
 
 
 # ---------------------------------------------------------------------- worker side

@@ -149,6 +149,32 @@ def test_same_background_in_two_split_folders_is_refused_naming_both(tmp_path):
     assert str(train[2]) in str(err.value) and str(leaked) in str(err.value)
 
 
+def test_flipped_or_channel_swapped_copy_in_another_split_is_refused(tmp_path):
+    # every sample flips its base and permutes its channels at random, so a mirrored or BGR copy
+    # of a train background gives test samples exactly the backgrounds train samples get
+    train = _write_images(tmp_path / "train", 4)
+    _write_images(tmp_path / "test", 3, start=10)
+    arr1, arr2 = (np.asarray(Image.open(p).convert("RGB")) for p in train[1:3])
+    Image.fromarray(np.ascontiguousarray(arr1[:, ::-1])).save(tmp_path / "test" / "mirrored.png")
+    Image.fromarray(np.ascontiguousarray(arr2[::-1, :, ::-1])).save(tmp_path / "test" / "upside_down_bgr.png")
+    cfg = SynthConfig(**TINY, background="folder", bg_split_paths={"train": str(tmp_path / "train"), "test": str(tmp_path / "test")})
+    with pytest.raises(BackgroundOverlapError, match="2 background") as err:
+        build_pools(cfg)
+    lines = str(err.value).splitlines()[1:]
+    for original, copy in ((train[1], "mirrored.png"), (train[2], "upside_down_bgr.png")):
+        assert any(f"{original} (train)" in line and f"{tmp_path / 'test' / copy} (test)" in line for line in lines)
+
+
+def test_flipped_copies_in_one_folder_are_kept_once(tmp_path):
+    paths = _write_images(tmp_path / "bgs", 12)
+    arr = np.asarray(Image.open(paths[4]).convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(arr[::-1, ::-1][..., [1, 2, 0]])).save(tmp_path / "bgs" / "zz_rotated_gbr.png")
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    assert sum(len(p) for p in pools.values()) == 12
+    skipped = dict(s for p in pools.values() for s in p.skipped)
+    assert skipped == {str(tmp_path / "bgs" / "zz_rotated_gbr.png"): f"duplicate of {paths[4]} (same pixels up to a flip or channel permutation)"}
+
+
 def test_split_folders_without_val_carve_val_from_train(tmp_path):
     _write_images(tmp_path / "train", 10)
     _write_images(tmp_path / "test", 3, start=50)
@@ -298,6 +324,31 @@ def test_counterfactuals_refuse_backgrounds_changed_since_generation(tmp_path):
     clear_pool_cache()
     with pytest.raises(OutputError, match="changed since it was generated"):
         ShapesDataset(out, split="test").counterfactual(0, label=0)
+
+
+def test_resume_and_card_refuse_backgrounds_changed_since_the_interrupted_run(tmp_path, capsys):
+    # the recipe (config) is the same, but the files it names are not: resuming would mix shards
+    # drawn from two different pools into one dataset, under a card listing only the new pools
+    from shapesynth.cli import main
+    from shapesynth.generate import generate
+    from shapesynth.writers import OutputError
+
+    paths = _write_images(tmp_path / "bgs", 12, size=48)
+    out = tmp_path / "data"
+    generate(_folder_cfg(tmp_path / "bgs"), out, samples_per_shard=4, progress=False)
+    (out / "data" / "train-00001-of-00003.parquet").unlink()  # an interrupted run
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    Image.fromarray(np.random.default_rng(99).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(paths[0])
+    clear_pool_cache()  # a new process
+    with pytest.raises(OutputError, match=r"differs in \['backgrounds'\] \(its background files differ"):
+        generate(_folder_cfg(tmp_path / "bgs"), out, samples_per_shard=4, progress=False, resume=True)
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before  # nothing mixed in
+    # a folder merged from --shard runs: `shapesynth card` refuses to describe other pools
+    generate(_folder_cfg(tmp_path / "bgs"), tmp_path / "merged", samples_per_shard=4, progress=False)
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(paths[1])
+    clear_pool_cache()
+    assert main(["card", "--data", str(tmp_path / "merged")]) == 2
+    assert "differ from those it was generated from" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- hf source

@@ -7,6 +7,7 @@ flips, channel shuffle and colour jitter from its own stream (`draw_background`)
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import cv2
@@ -48,8 +49,42 @@ class BackgroundPool:
         return hashlib.sha256("\n".join(sorted(self.hashes)).encode()).hexdigest()
 
 
+def _flip_shuffle_signature(image: np.ndarray) -> bytes:
+    """A cheap key that the per-sample flips and channel permutations leave unchanged: the
+    shape and the sorted per-channel histograms (equal for every image `augmentation_hash` can
+    find equal)."""
+    image = np.asarray(image, dtype=np.uint8)
+    hists = sorted(np.bincount(image[..., c].ravel(), minlength=256).tobytes() for c in range(image.shape[2]))
+    return str(image.shape).encode() + b"".join(hists)
+
+
+def augmentation_hash(image: np.ndarray) -> str:
+    """The smallest `pixel_hash` over the 4 flips x 6 channel orders of an image.
+
+    Two bases with the same augmentation hash give exactly the same set of backgrounds under the
+    per-sample flips and channel permutation (`draw_background`), so they are one background.
+    """
+    image = np.asarray(image, dtype=np.uint8)
+    flips = (image, image[:, ::-1], image[::-1], image[::-1, ::-1])
+    return min(pixel_hash(f[..., list(p)]) for f in flips for p in itertools.permutations(range(3)))
+
+
+def augmentation_twins(images: list[np.ndarray]) -> dict[int, str]:
+    """`augmentation_hash` of every image that shares its flip/shuffle signature with another
+    (by position in `images`); images that match nothing are left out, so the 24 hashes are only
+    computed for the few candidates."""
+    groups: dict[bytes, list[int]] = {}
+    for k, im in enumerate(images):
+        groups.setdefault(_flip_shuffle_signature(im), []).append(k)
+    return {k: augmentation_hash(images[k]) for ks in groups.values() if len(ks) > 1 for k in ks}
+
+
 def check_disjoint(pools: dict[str, BackgroundPool]) -> None:
-    """Refuse pools that share a background, naming every offending file."""
+    """Refuse pools that share a background, naming every offending file.
+
+    Shared means the same decoded pixels, or pixels one flip and/or channel permutation apart:
+    the per-sample augmentation turns such a pair into the very same backgrounds.
+    """
     seen: dict[str, tuple[str, str]] = {}
     clashes: list[str] = []
     for split, pool in pools.items():
@@ -57,11 +92,20 @@ def check_disjoint(pools: dict[str, BackgroundPool]) -> None:
             if h in seen and seen[h][0] != split:
                 clashes.append(f"{seen[h][1]} ({seen[h][0]}) == {name} ({split})")
             seen.setdefault(h, (split, name))
+    entries = [(split, name, h, im) for split, pool in pools.items()
+               for name, h, im in zip(pool.names, pool.hashes, pool.images)]
+    first: dict[str, tuple[str, str, str]] = {}
+    for k, key in sorted(augmentation_twins([e[3] for e in entries]).items()):
+        split, name, h, _ = entries[k]
+        if key in first and first[key][0] != split and first[key][2] != h:  # exact copies are listed above
+            clashes.append(f"{first[key][1]} ({first[key][0]}) == {name} ({split}) up to a flip or channel permutation")
+        first.setdefault(key, (split, name, h))
     if clashes:
         listed = "\n  ".join(clashes[:50])
         more = f"\n  ... and {len(clashes) - 50} more" if len(clashes) > 50 else ""
         raise BackgroundOverlapError(
-            f"{len(clashes)} background(s) appear in two pools (same decoded pixels):\n  {listed}{more}"
+            f"{len(clashes)} background(s) appear in two pools (same decoded pixels, up to a flip or "
+            f"channel permutation):\n  {listed}{more}"
         )
 
 
@@ -169,13 +213,19 @@ def decode_candidates(items, strict: bool) -> tuple[list[Candidate], list[tuple[
 
 
 def _dedupe(cands: list[Candidate], skipped: list[tuple[str, str]]) -> list[Candidate]:
-    first: dict[str, str] = {}
+    """Keep the first of every group of candidates that are one background: the same pixels,
+    or pixels a flip and/or channel permutation apart (see `augmentation_hash`)."""
+    twins = augmentation_twins([c.image for c in cands])
+    first: dict[str, tuple[str, str]] = {}
     unique = []
-    for c in cands:
-        if c.hash in first:
-            skipped.append((c.name, f"duplicate of {first[c.hash]} (same pixels)"))
+    for k, c in enumerate(cands):
+        key = twins.get(k, c.hash)
+        if key in first:
+            name, h = first[key]
+            how = "same pixels" if h == c.hash else "same pixels up to a flip or channel permutation"
+            skipped.append((c.name, f"duplicate of {name} ({how})"))
             continue
-        first[c.hash] = c.name
+        first[key] = (c.name, c.hash)
         unique.append(c)
     return unique
 
