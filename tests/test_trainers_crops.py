@@ -55,6 +55,24 @@ def test_crops_repeat_per_epoch_and_change_between_epochs():
     assert torch.equal(first, torch.stack([a.train_set[i]["image"] for i in range(8)]))
 
 
+def test_every_seed_the_config_allows_gives_crops():
+    """TrainConfig takes seeds up to 2**32 - 1; the per-item generator key must fit manual_seed
+    (at most 2**64 - 1) for all of them, not fail in the first training batch."""
+    from trainers.api import TrainConfig
+
+    seed = 2**32 - 1
+    TrainConfig(arch="resnet18", image_size=SIZE, seed=seed, train_crop=CROP)  # accepted up front
+    a, b = _dm(seed=seed, train_length=4), _dm(seed=seed, train_length=4)
+    for epoch in (0, 7):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        for i in range(4):
+            item, full = a.train_set[i], a.train_set.base[i]
+            assert item["image"].shape == (3, CROP, CROP) and _window_of(item["image"], full["image"])
+            assert torch.equal(item["mask"].sum(dtype=torch.float64), full["mask"].sum(dtype=torch.float64))
+            assert torch.equal(item["image"], b.train_set[i]["image"])  # still seeded
+
+
 def test_crops_stop_after_train_crop_epochs_and_eval_stays_full_size():
     dm = _dm(train_crop_epochs=2)
     dm.setup("validate")

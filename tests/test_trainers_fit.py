@@ -170,6 +170,33 @@ def test_resume_after_interruption_reaches_the_same_end_state(tiny_data, tmp_pat
     assert meta_b["test_accuracy"] == json.loads((tmp_path / "a/model.json").read_text())["test_accuracy"]
 
 
+def test_resume_with_dropout_continues_the_random_stream(tmp_path, monkeypatch):
+    """ResNet18 draws nothing at random while training, so the test above cannot see whether the
+    global RNG (dropout, stochastic depth) travels with the checkpoint; a registered tiny arch with
+    dropout can: a resumed run must end bit-identical to an uninterrupted one."""
+    from torch import nn
+
+    from trainers import models
+
+    def tiny_dropout(num_classes, image_size):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                             nn.Dropout(0.5), nn.Linear(128, num_classes))
+
+    monkeypatch.setitem(models._BUILDERS, "tiny_dropout", tiny_dropout)
+    monkeypatch.setitem(models._HEADS, "tiny_dropout", "5")
+    kw = dict(arch="tiny_dropout", max_epochs=2, batch_size=16, train_length=32, val_length=16, test_length=12,
+              lr=1e-2, stop_at_val_acc=None)
+    fit(_tiny_cfg(tmp_path / "a", **kw))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(_tiny_cfg(tmp_path / "b", **kw), callbacks=[_Crash(at_step=3)])  # 2 steps/epoch: mid epoch 2
+    fit(_tiny_cfg(tmp_path / "b", **kw))
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
 def _interrupted_run(tiny_data, out):
     """A disk run crashed mid epoch 2: (its config kwargs, last.ckpt path, the loaded checkpoint)."""
     kw = dict(data=str(tiny_data), train_source="disk", synth={}, max_epochs=2, batch_size=32)
@@ -548,9 +575,37 @@ def test_warm_start_copies_weights_across_image_sizes(disk_run, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="resnet18 model cannot initialise vgg11_bn"):
         warm_start(build_model("vgg11_bn", image_size=32), out, "vgg11_bn")
-    meta = fit(_tiny_cfg(tmp_path / "warm", image_size=64, init_from=str(out), synth={"size_bands": BANDS}))
+    from trainers.api import plan_fit, run_plan
+
+    plan = plan_fit(_tiny_cfg(tmp_path / "warm", image_size=64, init_from=str(out), synth={"size_bands": BANDS}))
+    # the run starts from the donor's weights (not only the card saying so)
+    donor_state = donor.state_dict()
+    for name, value in plan.module.model.state_dict().items():
+        assert torch.equal(value, donor_state[name]), name
+    meta = run_plan(plan)
     assert meta["init_from"] == str(out) and meta["image_size"] == 64
     assert "warm-started from" in (tmp_path / "warm" / "MODEL_CARD.md").read_text()
+
+
+def test_weights_path_alone_is_recorded_as_pretrained(tmp_path):
+    """--weights-path FILE loads ImageNet weights without --pretrained (build_model): the card and
+    model.json must not call that model trained from scratch."""
+    from torchvision import models as tvm
+
+    from trainers.models import build_model
+
+    torch.manual_seed(4)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(tvm.resnet18(weights=None).state_dict(), path)
+    # the run really starts from the file: the module's model has its weights before training
+    assert torch.equal(build_model("resnet18", image_size=32, weights_path=path).backbone.conv1.weight,
+                       torch.load(path, weights_only=True)["conv1.weight"])
+    out = tmp_path / "ft"
+    meta = fit(_tiny_cfg(out, weights_path=str(path), train_length=32, limit_val_batches=0))
+    assert meta["config"]["pretrained"] is False and meta["pretrained"] is True
+    assert json.loads((out / "model.json").read_text())["pretrained"] is True
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "ImageNet-pretrained, fine-tuned" in card and "trained from scratch" not in card
 
 
 # --------------------------------------------------------------------------- weight averaging (EMA)

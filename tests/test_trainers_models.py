@@ -87,10 +87,11 @@ def test_swin_window_tiles_every_stage(size, window):
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="unknown arch 'resnet19'.*resnet18"):
         build_model("resnet19")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        build_model("resnet18", image_size=100)
-    with pytest.raises(ValueError, match="num_classes"):
-        build_model("resnet18", num_classes=1)
+    # every refusal names the arch it was asked for
+    with pytest.raises(ValueError, match="^convnext_tiny: image_size must be a multiple of 32"):
+        build_model("convnext_tiny", image_size=100)
+    with pytest.raises(ValueError, match="^vgg11_bn: num_classes must be >= 2, got 1"):
+        build_model("vgg11_bn", num_classes=1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         build_model("resnet18", image_size=32)(torch.rand(3, 32, 32))
 
@@ -106,7 +107,7 @@ def test_stochastic_depth_reaches_every_block(arch, default):
     assert max(rates(build_model(arch, image_size=32))) == pytest.approx(default)
     assert max(rates(build_model(arch, image_size=32, stochastic_depth=0.3))) == pytest.approx(0.3)
     assert set(rates(build_model(arch, image_size=32, stochastic_depth=0.0))) == {0.0}
-    with pytest.raises(ValueError, match=r"stochastic_depth must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=rf"^{arch}: stochastic_depth must be in \[0, 1\)"):
         build_model(arch, image_size=32, stochastic_depth=1.0)
     with pytest.raises(ValueError, match="resnet18 has no stochastic depth"):
         build_model("resnet18", image_size=32, stochastic_depth=0.1)
@@ -129,6 +130,32 @@ def test_pretrained_loads_local_weights_except_the_head(tmp_path):
     torch.testing.assert_close(model.backbone.conv1.weight, imagenet.conv1.weight)
     torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
     assert model.backbone.fc.weight.shape == (6, 512)  # new head for the six classes
+
+
+def test_pretrained_loads_files_without_batchnorm_counters(tmp_path):
+    """torchvision's ImageNet files for resnet18 and vgg11_bn were saved before BatchNorm had a
+    num_batches_tracked buffer: such a file is complete, and every weight in it must be loaded."""
+    torch.manual_seed(2)
+    imagenet = tvm.vgg11_bn(weights=None)
+    with torch.no_grad():  # running statistics unlike a fresh model's, so a skipped copy shows
+        for m in imagenet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    state = {k: v for k, v in imagenet.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "vgg11_bn-old.pth"
+    torch.save(state, path)
+    model = build_model("vgg11_bn", image_size=32, weights_path=path)
+    own = model.backbone.state_dict()
+    for key, value in state.items():
+        if not key.startswith("classifier.6."):
+            assert torch.equal(own[key], value), key
+    assert own["classifier.6.weight"].shape == (6, 4096)
+    # a file that really lacks a weight is still refused
+    del state["features.0.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"lacks 1 tensors for vgg11_bn, e.g. \['features.0.weight'\]"):
+        build_model("vgg11_bn", image_size=32, weights_path=path)
 
 
 def _bicubic_matrix(old: int, new: int, a: float = -0.75) -> np.ndarray:

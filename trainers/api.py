@@ -530,7 +530,8 @@ def _train_test_export(plan: FitPlan) -> dict:
             # False: resumed from a checkpoint written before the clock existed (last session only)
             "train_seconds_complete": resumed_from is None or clock.restored,
             "precision": str(trainer.precision), "hardware": hardware(), "data": dm.describe(),
-            "pretrained": bool(cfg.pretrained), "init_from": cfg.init_from, "config": cfg.to_dict(),
+            # weights_path alone loads the ImageNet weights too (build_model), so it counts as pretrained
+            "pretrained": bool(cfg.pretrained or cfg.weights_path), "init_from": cfg.init_from, "config": cfg.to_dict(),
             "checkpoint": str(best), "torch": torch.__version__}
     write_json(out / "test_metrics.json", results)
     write_text(out / "MODEL_CARD.md", model_card(meta))

@@ -102,7 +102,10 @@ class ShapeCrops(Dataset):
         if y1 - y0 > c or x1 - x0 > c:
             raise DataError(f"train_crop {c} px cannot hold item {i}'s shape of {y1 - y0}x{x1 - x0} px "
                             f"(use a crop of at least the largest shape's extent)")
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+        # modulo 2**64 (what manual_seed takes): seeds up to TrainConfig's 2**32 - 1 overflow otherwise,
+        # and every smaller key (all seeds below ~1.8 million) keeps its window
+        key = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)) % 2**64
+        g = torch.Generator().manual_seed(key)
         top = self._offset(max(0, y1 - c), min(y0, h - c), g)
         left = self._offset(max(0, x1 - c), min(x0, w - c), g)
         window = (..., slice(top, top + c), slice(left, left + c))

@@ -148,15 +148,16 @@ def build_model(arch: str, num_classes: int = 6, image_size: int = 128, pretrain
     """
     _check_arch(arch)
     if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        raise ValueError(f"{arch}: num_classes must be >= 2, got {num_classes}")
     if int(image_size) < 32 or int(image_size) % 32:
-        raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x downsamplings), got {image_size}")
+        raise ValueError(f"{arch}: image_size must be a multiple of 32 and >= 32 (five 2x downsamplings), "
+                         f"got {image_size}")
     options = {}
     if stochastic_depth is not None:
         if arch not in DEFAULT_STOCHASTIC_DEPTH:
             raise ValueError(f"{arch} has no stochastic depth (only {', '.join(sorted(DEFAULT_STOCHASTIC_DEPTH))})")
         if not 0.0 <= float(stochastic_depth) < 1.0:
-            raise ValueError(f"stochastic_depth must be in [0, 1), got {stochastic_depth}")
+            raise ValueError(f"{arch}: stochastic_depth must be in [0, 1), got {stochastic_depth}")
         options["stochastic_depth"] = float(stochastic_depth)
     backbone = _BUILDERS[arch](int(num_classes), int(image_size), **options)
     if pretrained or weights_path is not None:
@@ -203,7 +204,10 @@ def load_imagenet_weights(arch: str, backbone: nn.Module, weights_path=None) -> 
         if value.shape != own[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
         kept[key] = value
-    missing = [k for k in own if k not in kept and not k.startswith(head) and not k.endswith("relative_position_index")]
+    # torchvision's older ImageNet files (resnet18, vgg11_bn) predate BatchNorm's num_batches_tracked
+    # counter: it is no weight (with a momentum it is never read), and BatchNorm fills it in itself
+    missing = [k for k in own if k not in kept and not k.startswith(head)
+               and not k.endswith(("relative_position_index", "num_batches_tracked"))]
     if missing:
         raise ValueError(f"{path}: weights file lacks {len(missing)} tensors for {arch}, e.g. {missing[:3]}")
     backbone.load_state_dict(kept, strict=False)
