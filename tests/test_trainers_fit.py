@@ -20,6 +20,7 @@ from trainers import precision as prec
 from trainers.api import TrainConfig, evaluate, fit
 from trainers.cli import available_recipes, main
 from trainers.data import DataError, EpochPermutation, ShapesDataModule, check_dataset, curriculum_config
+from trainers.module import ShapeClassifierModule
 
 BANDS = [[0.3, 0.4], [0.2, 0.25]]  # the paper's smallest band has no interior at 32 px
 
@@ -123,17 +124,36 @@ def test_stream_run_without_data_and_auto_precision(tmp_path, monkeypatch):
     assert model.image_size == 32
 
     # the reported test accuracy, re-derived: the saved model over the same 24 stream test images,
-    # in one batch as the test loop ran them, under the same bf16 autocast and channels_last layout
+    # in fp32 (the test step turns the run's bf16 autocast off), channels_last as the loop ran them
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     x, y = batch["image"], batch["label"]
     assert len(y) == 24
     model = model.to(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
     cm = [[int(((y == c) & (pred == k)).sum()) for k in range(6)] for c in range(6)]
     assert meta["confusion_matrix"] == cm
     assert meta["test_accuracy"] == pytest.approx((pred == y).double().mean().item())
+
+
+def test_the_test_step_runs_in_fp32_under_mixed_precision():
+    # the recorded test accuracy is what the 99 % gate reads: it must be the fp32 model's (as the
+    # attributions and metrics run it), not the bf16 autocast's that validation may use
+    module = ShapeClassifierModule(arch="resnet18", image_size=32, class_names=list(CLASS_NAMES))
+    seen = []
+    hook = module.model.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    batch = {"image": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+             "label": torch.arange(4)}
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning):
+            module.validation_step(batch, 0)  # unchanged: validation follows the run's precision
+            module.test_step(batch, 0)
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]
+    assert int(module._cm["test"].sum()) == 4
 
 
 # --------------------------------------------------------------------------- resume

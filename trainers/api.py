@@ -682,7 +682,7 @@ def model_card(meta: dict) -> str:
 | **test accuracy** | **{meta['test_accuracy']:.4f}** ({_tested_text(meta)}) |
 | epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |
-| precision | {meta['precision']} |
+| precision | {meta['precision']} in training; the test in fp32 |
 | hardware | {meta['hardware']} |
 | torch | {meta['torch']} |
 
