@@ -243,7 +243,10 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, cle
             old = json.loads(old_path.read_text())
             if {k: old.get(k) for k in manifest} != manifest:
                 diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-                why = " (its background files differ from those found now)" if "backgrounds" in diff else ""
+                why = ("" if "backgrounds" not in diff else
+                       " (it was written before shapesynth.json recorded its background files, so they "
+                       "cannot be checked)" if "backgrounds" not in old else
+                       " (its background files differ from those found now)")
                 raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}{why}; use --overwrite")
             if clean_temp:
                 for p in out.rglob("*"):

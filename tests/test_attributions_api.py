@@ -508,6 +508,14 @@ def test_oracle_clips_the_ground_truth_to_the_unit_interval(resnet):
         raw = get_explainer("oracle", resnet, raw=True).explain(x, 0, gt=g).maps
         torch.testing.assert_close(raw, expected[None], rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_oracle_refuses_a_non_finite_ground_truth_naming_the_sample(resnet, bad):
+    gt = torch.zeros(3, 4, 4)
+    gt[2, 1, 1] = bad  # clamp would have passed NaN on as a map
+    with pytest.raises(ValueError, match=r"sample\(s\) \[2\] holds NaN or Inf"):
+        explain(resnet, images(3, 4), 0, method="oracle", gt=gt)
+
 @pytest.mark.parametrize("size", [1, 2])
 def test_centre_prior_of_a_constant_gaussian_is_flagged_not_nan(resnet, size):
     """On a 1x1 or 2x2 image every pixel is equally central: 0/0 in a naive min-max."""

@@ -88,6 +88,9 @@ class Oracle(Baseline):
         B, _, H, W = x.shape
         if tuple(gt.shape) != (B, H, W):
             raise ValueError(f"gt must have shape ({B}, {H}, {W}) or ({B}, 1, {H}, {W}), got {tuple(gt.shape)}")
+        bad = ~torch.isfinite(gt).flatten(1).all(1)
+        if bad.any():  # clamp would pass NaN through as a map
+            raise ValueError(f"gt of sample(s) {bad.nonzero().flatten().tolist()} holds NaN or Inf")
         return gt.clamp(0, 1)
 
 
