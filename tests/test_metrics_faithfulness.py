@@ -442,3 +442,40 @@ def test_images_of_another_dtype_than_the_model_raise_a_clear_error():
 
     assert torch.allclose(average_drop(CastsItsInput(), x.double(), target, maps).float(),
                           average_drop(model, x, target, maps))
+
+
+_HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _count_host_syncs(monkeypatch, filename: str) -> list:
+    """Record every tensor -> Python/host conversion (each is a device sync on a GPU) made
+    directly from the source file ``filename``."""
+    import sys
+
+    calls = []
+    for name in _HOST_SYNCS:
+        def wrapper(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith(filename):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+def test_harmonic_mean_reasons_take_a_fixed_number_of_host_syncs_whatever_the_batch(monkeypatch):
+    """ADCC/ARCC reasons read the NaN flags of the whole batch at once, not one sync per sample."""
+    model = TinyConv()
+    ex = gradient_explainer(model)
+    counts, results = [], []
+    for b in (2, 8):
+        x, maps = smooth_images(b, 3, 16, 16), cam_maps(b, 16, 16)
+        maps[1] = 0.5  # one constant map: a NaN with a reason
+        t = torch.arange(b) % 6
+        with monkeypatch.context() as patch:
+            calls = _count_host_syncs(patch, "validation/metrics/faithfulness.py")
+            results.append(adcc(model, x, t, maps, ex, return_reasons=True))
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+    for value, reasons in results:
+        assert reasons[1] == "coherency:constant_map" and torch.isnan(value[1])
+        assert reasons[0] == "" and not torch.isnan(value[0])

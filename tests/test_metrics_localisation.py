@@ -133,6 +133,53 @@ def test_gt_cosine_hand_computed():
     assert gt_cosine(maps, gt).item() == pytest.approx(1.0 / (np.sqrt(1.25) * np.sqrt(2)))
 
 
+
+def test_gt_cosine_of_float32_maps_makes_no_float64_copy_of_the_maps():
+    """Metrics are computed in float32: only the (B,) sums are widened, never a (B, H*W) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float64Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    self.sizes.append(t.numel())
+            return out
+
+    maps, gt = _tie_free(b=4, h=32, w=32)
+    with Float64Outputs() as mode:
+        value = gt_cosine(maps, gt)
+    assert value.dtype == torch.float32
+    assert max(mode.sizes, default=0) <= maps.shape[0], mode.sizes
+    a, b = maps.flatten(1).double().numpy(), gt.flatten(1).double().numpy()
+    expect = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    np.testing.assert_allclose(value.numpy(), expect, rtol=2e-7, atol=0)
+
+
+def test_gt_cosine_of_a_map_of_tiny_values_is_its_cosine_not_zero():
+    """Squares of values below ~1e-19 underflow in float32: the cosine is taken scale-free."""
+    maps, gt = _tie_free(b=3)
+    tiny = maps * 1e-30
+    assert (tiny > 0).all()
+    v, r = gt_cosine(tiny, gt, return_reasons=True)
+    assert r == ["", "", ""]
+    torch.testing.assert_close(v, gt_cosine(maps, gt), rtol=2e-7, atol=0)
+
+
+def test_gt_cosine_of_half_maps_is_computed_in_float32():
+    """Half maps are checked into float32 first: a float16 sum of squares would overflow past
+    65504 (256 x 256 ones: inf / inf)."""
+    ones = torch.ones(2, 256, 256, dtype=torch.float16)
+    gt = ones.clone()
+    gt[1, :128] = 0  # cosine of all-ones with half of them: sqrt(1/2)
+    v = gt_cosine(ones, gt)
+    torch.testing.assert_close(v.float(), torch.tensor([1.0, 0.5 ** 0.5]), rtol=1e-3, atol=0)
+
+
 def test_default_topk_scales_with_area():
     assert default_topk(224, 224) == 1000
     assert default_topk(128, 128) == 327

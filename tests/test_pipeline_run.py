@@ -559,3 +559,40 @@ def test_a_recomputed_chunk_keeps_no_maps_of_the_run_it_replaced(models, tmp_pat
     assert not (out / "chunks" / "alpha" / "c0000004-0000008.maps.npz").exists()
     saved = load_saved_maps(out, "alpha")
     assert len(saved["images"]) and (saved["images"] < 3).all()
+
+
+_HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_a_chunk_takes_a_fixed_number_of_host_syncs_whatever_its_size(models, tmp_path, monkeypatch):
+    """The runner reads the correct images' indices and the saved maps in one transfer each, not
+    one device sync per image: the tensor -> host conversions made by run.py for a chunk of 4
+    images equal those for a chunk of 12 (labels come as ints, as ShapesDataset gives them)."""
+    class IntLabels(S.TinyDataset):
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "label": int(self.label[i])}
+
+    components = S.components()
+    components.dataset = lambda path, split: IntLabels()
+    torch.set_num_threads(1)
+    counts, saved = [], []
+    for n in (4, 12):
+        out = tmp_path / f"run{n}"
+        with monkeypatch.context() as patch:
+            calls = []
+            for name in _HOST_SYNCS:
+                def wrapper(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+                    if sys._getframe(1).f_code.co_filename.endswith("validation/pipeline/run.py"):
+                        calls.append(_name)
+                    return _original(self, *args, **kwargs)
+                patch.setattr(torch.Tensor, name, wrapper)
+            run_eval(S.config(models[:1], methods=["cam"], image_range=(0, n), chunk_size=n, save_maps=n), out,
+                     components=components, progress=False)
+        counts.append(len(calls))
+        saved.append(np.load(out / "chunks" / "alpha" / f"c0000000-{n:07d}.maps.npz"))
+    assert counts[0] == counts[1], counts
+    # the 12-image chunk scores more images, and its saved maps are the 4-image chunk's for those
+    assert len(saved[1]["images"]) > len(saved[0]["images"]) > 0
+    first = np.isin(saved[1]["images"], saved[0]["images"])
+    for key in [k for k in saved[0].files if k.startswith("map_")]:
+        np.testing.assert_array_equal(saved[1][key][first], saved[0][key])

@@ -124,9 +124,10 @@ def _combine(parts: dict, return_reasons: bool):
     if not return_reasons:
         return value
     reasons = []
-    for i in range(value.shape[0]):
+    undefined = torch.isnan(value).tolist()  # one transfer, not one sync per sample
+    for i, nan in enumerate(undefined):
         why = [f"{name}:{r[i]}" for name, (v, r) in parts.items() if r[i]]
-        reasons.append(";".join(why) if torch.isnan(value[i]) else "")
+        reasons.append(";".join(why) if nan else "")
     return value, reasons
 
 

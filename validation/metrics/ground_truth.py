@@ -15,7 +15,19 @@ def gt_cosine(maps: torch.Tensor, gt: torch.Tensor, *, return_reasons: bool = Fa
     """
     maps = check_maps(maps)
     gt = check_maps(gt, "gt", shape=maps.shape)
-    a, b = maps.flatten(1).double(), gt.flatten(1).double()
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    value = (a * b).sum(1) / (na * nb).where((na > 0) & (nb > 0), torch.ones_like(na))
+    # row sums in float32 (check_maps turns half maps into float32; float64 maps stay), then
+    # float64 for the (B,) ratio: no float64 copies of the maps (the sums have no cancellation:
+    # all terms are >= 0). Each row is divided by its maximum first (the cosine is scale-free;
+    # exact for min-max'd maps and masks, whose maximum is 1), so the squares of a map of tiny
+    # values cannot underflow to 0
+    dtype = torch.promote_types(maps.dtype, gt.dtype)
+    a, b = (_unit_max(t.flatten(1).to(dtype)) for t in (maps, gt))
+    dot = torch.linalg.vecdot(a, b).double()
+    na, nb = torch.linalg.vecdot(a, a).double().sqrt(), torch.linalg.vecdot(b, b).double().sqrt()
+    value = dot / (na * nb).where((na > 0) & (nb > 0), torch.ones_like(na))
     return finish(value.clamp(0, 1).to(maps.dtype), [(EMPTY_MASK, nb <= 0), (ZERO_MAP, na <= 0)], return_reasons)
+
+
+def _unit_max(flat: torch.Tensor) -> torch.Tensor:
+    """Rows of non-negative values divided by their maximum (all-zero rows stay zero)."""
+    return flat / flat.amax(1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)

@@ -539,7 +539,7 @@ class Runner:
         preds = [{"model": name, "image": start + k, "label": lab, "pred": prd, "prob": p, "correct": lab == prd}
                  for k, (lab, prd, p) in enumerate(zip(label.cpu().tolist(), pred.cpu().tolist(), p_true))]
         keep = torch.nonzero(correct).flatten()
-        images = [start + int(k) for k in keep]
+        images = [start + k for k in keep.tolist()]  # one transfer, not one sync per image
         xc, gtc, yc = x[keep], gt[keep], label[keep]
         rows, seconds, n_images, n_err = [], {}, {}, 0
         seed = chunk_seed(self.config.seed, start)
@@ -559,9 +559,9 @@ class Runner:
                 if maps is not None and sel:
                     full = np.full((len(sel),) + tuple(xc.shape[-2:]), np.nan, np.float16)
                     pos = {k: j for j, k in enumerate(sub)}
-                    for j, k in enumerate(sel):
-                        if k in pos:
-                            full[j] = maps[pos[k]].detach().float().cpu().numpy()
+                    rows_kept = [j for j, k in enumerate(sel) if k in pos]
+                    if rows_kept:  # the saved images' maps in one transfer, not one per image
+                        full[rows_kept] = maps[[pos[sel[j]] for j in rows_kept]].detach().float().cpu().numpy()
                     saved[cfg.label] = full
             seconds[cfg.label] = time.perf_counter() - t0
             if bar is not None:
