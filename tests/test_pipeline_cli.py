@@ -159,3 +159,97 @@ def test_bad_run_counts_are_refused_naming_their_flag_before_any_work(tmp_path, 
                  "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress"] + flags)
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and torch.get_num_threads() == threads
+
+
+def _run_on_standins(monkeypatch, tmp_path, capsys, flags):
+    """`run` on the stand-in models and 20-image dataset; returns (exit code, stderr)."""
+    import validation.pipeline.run as run_module
+
+    real = run_module.run_eval
+    monkeypatch.setattr(run_module, "run_eval",
+                        lambda config, out, **kw: real(config, out, components=S.components(), **kw))
+    models = S.make_models(tmp_path)
+    code = main(["run", "--data", "tiny", "--model", models[0], "--methods", "cam", "--layers", "l1",
+                 "--mix", "identity", "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress"] + flags)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--n-images 200 (its default: neither --n-images nor --images was given) asks for more images "
+         "than the test split of tiny has (20)"),
+    (["--n-images", "30"], "--n-images 30 asks for more images than the test split of tiny has (20)"),
+    (["--images", "10:30"], "--images 10:30 asks for more images than the test split of tiny has (20)"),
+])
+def test_a_range_beyond_the_split_names_the_flag_that_set_it(monkeypatch, tmp_path, capsys, flags, message):
+    """The default --n-images 200 was reported as '--images 0:200', a flag the user never gave."""
+    code, err = _run_on_standins(monkeypatch, tmp_path, capsys, flags)
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def _main_not_interrupted(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # not raised on: it would stop the whole test session
+        pytest.fail("KeyboardInterrupt escaped main() (a traceback for the user)")
+
+
+@pytest.mark.parametrize("command, argv, hint", [
+    ("run", ["run", "--data", "d", "--model", "m", "--out", "o", "--no-progress"],
+     "; rerun the same command to resume from the finished chunks"),
+    ("reproduce", ["reproduce", "--out", "o", "--no-progress"],
+     "; rerun the same command to resume: the data, finished models and finished chunks are reused"),
+    ("merge", ["merge", "o"], ""),
+])
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, command, argv, hint):
+    """Ctrl-C printed a ~60-line traceback; now one line that says how to resume."""
+    import validation.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    assert _main_not_interrupted(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"shapesynth-eval {command}: interrupted{hint}"  # one line, no traceback
+
+
+def test_ctrl_c_during_a_run_resumes_from_its_finished_chunks(monkeypatch, tmp_path, capsys):
+    """The real path: interrupted inside the chunk loop (tqdm closed, finished chunks kept)."""
+    import validation.pipeline.run as run_module
+
+    real = run_module.run_eval
+    monkeypatch.setattr(run_module, "run_eval", lambda config, out, **kw: real(
+        config, out, components=S.components(interrupt_after=2), **kw))
+    models = S.make_models(tmp_path)
+    argv = ["run", "--data", "tiny", "--model", models[0], "--methods", "cam", "--layers", "l1", "--mix",
+            "identity", "--metrics", "gt_cosine", "--n-images", "20", "--chunk-size", "4",
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    assert _main_not_interrupted(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; rerun the same command to resume from the finished chunks" in err and "Traceback" not in err
+    monkeypatch.setattr(run_module, "run_eval", lambda config, out, **kw: real(
+        config, out, components=S.components(), **kw))
+    assert main(argv) == 0
+    assert '"chunks_skipped": 2' in capsys.readouterr().out
+
+
+def _help(capsys, command):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_shows_the_defaults(capsys):
+    text = _help(capsys, "run")
+    for expected in ("--layers LAYERS comma list, shallow to deep (default: stage1,stage2,stage3,stage4)",
+                     "(default: identity,product,geomean,invexp)", "--split SPLIT", "(default: test)",
+                     "images per batch and per resumable chunk (part of the run's identity) (default: 16)",
+                     "(default: 0)", "for the report (default: 8)", "(default: 200, unless --images is given)",
+                     "(default: cpu)"):
+        assert expected in text, expected
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--n-boot N_BOOT bootstrap replicates (>= 1) (default: 1000)" in _help(capsys, "audit")
+    text = _help(capsys, "analyze")
+    assert "(default: 1000)" in text and "seed of the bootstrap (default: 0)" in text
+    assert "(default: quick)" in _help(capsys, "reproduce")

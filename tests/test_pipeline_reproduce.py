@@ -248,3 +248,54 @@ def test_a_profile_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys, text
         R.load_profile(str(path))
     assert main(["reproduce", "--profile", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert f"shapesynth-eval reproduce: error: profile {path}" in capsys.readouterr().err
+
+
+def _existing_models(out, acc):
+    """A reproduction folder holding the data and both models (as a train step left them)."""
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "made").write_text("x")
+    for arch in ("alpha", "beta"):
+        (out / "models" / arch).mkdir(parents=True)
+        (out / "models" / arch / "acc").write_text(str(acc))
+        (out / "models" / arch / "model.safetensors").write_text(arch)
+
+
+def test_steps_without_train_still_apply_the_accuracy_gate(tmp_path, fake_io, capsys):
+    """`--steps run,analyze,report` (as the docs show) evaluated an 18.75 % model to exit 0:
+    min_test_accuracy and the model-fit checks ran only inside the train step."""
+    from validation.cli import main
+
+    out = tmp_path / "out"
+    _existing_models(out, 0.1875)
+    prof = str(_profile(tmp_path))
+    with pytest.raises(RuntimeError, match=r"alpha: test accuracy 0.1875 is below the profile's minimum 0.99"):
+        R.reproduce(prof, out, steps=["run", "analyze", "report"], progress=False, components=S.components())
+    assert not (out / "run").exists()
+    assert main(["reproduce", "--profile", prof, "--out", str(out), "--steps", "run,analyze,report",
+                 "--no-progress"]) == 2
+    assert "test accuracy 0.1875 is below the profile's minimum 0.99" in capsys.readouterr().err
+    assert not (out / "run").exists() and not (tmp_path / "calls.txt").exists()  # nothing trained either
+    (out / "models" / "beta" / "size").write_text("32")  # the fit check too
+    (out / "models" / "alpha" / "acc").write_text("0.995")
+    with pytest.raises(ValueError, match=r"models/beta holds a model with image_size=32"):
+        R.reproduce(prof, out, steps=["run"], progress=False, components=S.components())
+    assert not (out / "run").exists()
+
+
+def test_steps_without_train_and_without_models_is_a_clear_error(tmp_path, fake_io):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "made").write_text("x")
+    with pytest.raises(RuntimeError, match=r"models/alpha: no finished alpha model for the run step; include the "
+                                           r"train step \(e.g. --steps train,run,analyze,report, or no --steps\)"):
+        R.reproduce(str(_profile(tmp_path)), out, steps=["run", "analyze"], progress=False, components=S.components())
+    assert not (out / "run").exists()
+
+
+def test_steps_without_train_run_on_good_models(tmp_path, fake_io):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    _existing_models(out, 0.995)
+    rec = R.reproduce(str(_profile(tmp_path)), out, steps=["run"], progress=False, components=S.components())
+    assert rec["steps"]["run"]["models"]["alpha"] == {"reused": True, "test_accuracy": 0.995}
+    assert rec["steps"]["run"]["chunks_computed"] == 6

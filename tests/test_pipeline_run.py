@@ -596,3 +596,79 @@ def test_a_chunk_takes_a_fixed_number_of_host_syncs_whatever_its_size(models, tm
     first = np.isin(saved[1]["images"], saved[0]["images"])
     for key in [k for k in saved[0].files if k.startswith("map_")]:
         np.testing.assert_array_equal(saved[1][key][first], saved[0][key])
+
+
+def _own_components(loads=None):
+    """The project's explainer and evaluate, with the tiny stand-in models and dataset."""
+    comps = S.components()
+    return run_components(load_model=lambda path: (loads.append(path) if loads is not None else None)
+                          or S.load_model(path), dataset=comps.dataset, fingerprint=comps.fingerprint)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layers": ["stage9"]}, r"unknown layer 'stage9' \(--layers\)"),
+    ({"layers": ["conv"], "method_grid": {"gradcam": {"layers": ["conv", "cnov"]}}},
+     r"unknown layer 'cnov' \(method grid of 'gradcam'\)"),
+    ({"layers": ["conv"], "refine_layers": ["conv", "stage9"], "mixes": ["identity", "product"]},
+     r"unknown layer 'stage9' \(--refine-layers\)"),
+    ({"methods": ["relax"], "layers": ["conv"], "method_options": {"relax": {"embedding_layer": "stage9"}}},
+     r"unknown layer 'stage9' \(method options of 'relax' \(embedding_layer\)\)"),
+])
+def test_an_unknown_layer_is_refused_before_any_work_naming_the_accepted_names(models, tmp_path, change, message):
+    """A misspelt layer was only found map by map: every layer-based row an error, exit 0."""
+    torch.set_num_threads(1)
+    config = S.config(models, methods=["gradcam", "lafam", "halfcam"], metrics=["gt_cosine"], mixes=["identity"],
+                      image_range=(0, 4))
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=message) as err:
+        run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    text = str(err.value)
+    for path in models:  # each model, with what it accepts
+        assert f"--model {path}: unknown layer" in text
+    assert "accepted: no stage aliases (architecture not recognised), or any of its 2 module names" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_layer_free_methods_ignore_the_layers(models, tmp_path):
+    """--layers only concerns layer methods: pixel methods and baselines run whatever it says."""
+    torch.set_num_threads(1)
+    config = S.config(models, methods=["halfcam", "randomcam"], metrics=["gt_cosine"], layers=["stage9"],
+                      mixes=["identity"], image_range=(0, 4))
+    run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    status = load_results(tmp_path / "run").status
+    assert len(status) and (status != "error").all()
+    config = S.config(models, methods=["gradcam"], metrics=["gt_cosine"], layers=["conv"], mixes=["identity"],
+                      image_range=(0, 4))  # a module name of the stand-in resolves
+    run_eval(config, tmp_path / "run2", components=_own_components(), progress=False)
+    assert (load_results(tmp_path / "run2").status != "error").all()
+
+
+@pytest.mark.parametrize("metrics, options, message", [
+    (["road"], {"fractions": 0.5}, r"metric options: fractions=0.5 is refused by the metrics \(TypeError: "
+                                    r"fractions must be a sequence"),
+    (["road", "gt_cosine"], {"noise": 0.02, "fractions": [0.2, 1.5]},
+     r"metric options: fractions=\[0.2, 1.5\] is refused .*values in \(0, 1\)"),
+    (["topk_intersection"], {"topk": 0}, r"metric options: topk=0 is refused .*k must be in \[1, H\*W = 256\]"),
+    (["pointing_game"], {"pointing_ties": "all"}, r"pointing_ties='all' is refused .*ties must be 'any' or 'fraction'"),
+])
+def test_a_bad_metric_option_value_is_refused_before_any_work(models, tmp_path, metrics, options, message):
+    """Checked by the metrics' own checks on a one-image dry run, not on every row of the run."""
+    torch.set_num_threads(1)
+    state = torch.random.get_rng_state()
+    config = S.config(models, methods=["halfcam"], metrics=metrics, metric_options=options, image_range=(0, 4))
+    with pytest.raises(ValueError, match=message):
+        run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    assert not (tmp_path / "run").exists()
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_good_metric_option_values_pass_the_dry_run(models, tmp_path):
+    torch.set_num_threads(1)
+    config = S.config(models, methods=["halfcam"], metrics=["road", "topk_intersection"], image_range=(0, 4),
+                      metric_options={"fractions": [0.25, 0.5], "topk": 10})
+    run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    df = load_results(tmp_path / "run")
+    assert {"road_morf@0.25", "road_lerf@0.5", "topk_intersection"} <= set(df[df.status == "ok"].metric)
+    # the stand-in dataset's image 2 exceeds [0, 1] (ROAD refuses it), nothing else fails
+    assert all("outside [0, 1]" in reason for reason in df[df.status == "error"].reason)

@@ -12,6 +12,19 @@ from pathlib import Path
 
 DEFAULT_LAYERS = "stage1,stage2,stage3,stage4"
 DEFAULT_MIXES = "identity,product,geomean,invexp"
+DEFAULT_N_IMAGES = 200
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" to an option's help when it has a default worth showing (not
+    None or False) and its help does not state one already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "(default" not in text  # `is`: a default of 0 is shown
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _csv_list(text: str) -> list[str]:
@@ -51,7 +64,8 @@ def all_metrics() -> list[str]:
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="maps and metrics for every model, image, method, layer and mix")
+    p = sub.add_parser("run", help="maps and metrics for every model, image, method, layer and mix",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder written by `shapesynth generate`")
     p.add_argument("--model", action="append", required=True, dest="models",
                    help="checkpoint or training run folder (repeat for several models)")
@@ -62,18 +76,20 @@ def _add_run(sub):
                    help="RefineCAM aggregators; 'identity' = the unrefined method")
     p.add_argument("--metrics", default="all", help="comma list, or 'all' (default)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--n-images", type=int, help="first N test images (default 200)")
+    g.add_argument("--n-images", type=int,
+                   help=f"first N images of the split (default: {DEFAULT_N_IMAGES}, unless --images is given)")
     g.add_argument("--images", help="image index range start:stop")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="dataset split whose images are explained")
     p.add_argument("--chunk-size", type=int, default=16,
                    help="images per batch and per resumable chunk (part of the run's identity)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="run seed; each chunk's stochastic methods and metrics get a seed derived from it")
     p.add_argument("--method-options", help="JSON text or a JSON/YAML file: {method: {option: value}}")
     p.add_argument("--metric-options", help="JSON text or a JSON/YAML file: options passed to evaluate()")
     p.add_argument("--method-grid", help="JSON text or a JSON/YAML file: per-method {layers, mixes, max_images} overrides")
     p.add_argument("--save-maps", type=int, default=8, help="keep the maps of the first N images for the report")
     p.add_argument("--shard", help="i/n: compute only shard i of n (merge afterwards)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--no-fold", action="store_true",
                    help="evaluate the models as loaded, without folding batch norm and VGG's pooled "
@@ -81,7 +97,7 @@ def _add_run(sub):
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing run in --out (with --shard i/n: only this shard's chunks)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_run(args) -> int:
@@ -96,7 +112,13 @@ def cmd_run(args) -> int:
                                ("--threads", args.threads, 1)):
         if value is not None and value < least:  # before any model is loaded or folder made
             raise ValueError(f"{flag} must be >= {least}, got {value}")
-    image_range = parse_range(args.images) if args.images else (0, 200 if args.n_images is None else args.n_images)
+    if args.images:
+        image_range, range_source = parse_range(args.images), None  # the run names --images a:b
+    elif args.n_images is not None:
+        image_range, range_source = (0, args.n_images), f"--n-images {args.n_images}"
+    else:
+        image_range = (0, DEFAULT_N_IMAGES)
+        range_source = f"--n-images {DEFAULT_N_IMAGES} (its default: neither --n-images nor --images was given)"
     config = RunConfig(
         data=args.data, models=args.models,
         methods=all_methods() if args.methods == "all" else _csv_list(args.methods),
@@ -111,7 +133,7 @@ def cmd_run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_eval(config, args.out, shard=shard, progress=not args.no_progress,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, range_source=range_source)
     summary.pop("manifest", None)
     print(json.dumps(summary))
     if shard != (0, 1):
@@ -195,38 +217,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Meta-evaluation of attribution metrics against pixel-exact ground truth.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
-    p = sub.add_parser("merge", help="merge finished chunks (of all shards) into the run's tables")
+    p = sub.add_parser("merge", help="merge finished chunks (of all shards) into the run's tables",
+                       formatter_class=_HelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--allow-partial", action="store_true", help="merge although chunks are missing")
-    p = sub.add_parser("analyze", help="tables a-f (validity, trivial maps, RefineCAM, ...)")
+    p = sub.add_parser("analyze", help="tables a-f (validity, trivial maps, RefineCAM, ...)",
+                       formatter_class=_HelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the tables (default RUN_DIR/analysis)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (>= 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("audit", help="place a new metric beside ours in tables a and b")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p = sub.add_parser("audit", help="place a new metric beside ours in tables a and b",
+                       formatter_class=_HelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--metric", required=True, help="package.module:function (see docs/evaluation.md)")
     p.add_argument("--name", help="column name (default: the function's name)")
-    p.add_argument("--n-images", type=int, help="audit on the first N images of the run only")
+    p.add_argument("--n-images", type=int,
+                   help="audit on the first N images of the run only (default: all the run's images)")
     p.add_argument("--lower-is-better", action="store_true",
                    help="the metric is better when lower (like Average Drop)")
-    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (>= 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard this metric's earlier audit (e.g. to change --n-images)")
-    p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("report", help="self-contained HTML page and PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("report", help="self-contained HTML page and PNG figures",
+                       formatter_class=_HelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder (default RUN_DIR/report)")
-    p = sub.add_parser("reproduce", help="generate, train, run, analyze and report from a profile")
+    p = sub.add_parser("reproduce", help="generate, train, run, analyze and report from a profile",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--profile", default="quick", help="quick | paper | path to a profile YAML")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", help="subset of generate,train,run,analyze,report (default all)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 COMMANDS = {"run": cmd_run, "merge": cmd_merge, "analyze": cmd_analyze, "audit": cmd_audit,
             "report": cmd_report, "reproduce": cmd_reproduce}
+
+
+# what rerunning an interrupted command keeps (commands not listed simply start again)
+RESUMES = {"run": "rerun the same command to resume from the finished chunks",
+           "audit": "rerun the same command to resume from the finished chunks",
+           "reproduce": "rerun the same command to resume: the data, finished models and finished chunks "
+                        "are reused"}
 
 
 def main(argv=None) -> int:
@@ -236,6 +271,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # user errors: one clear line
         print(f"shapesynth-eval {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
+        hint = RESUMES.get(args.command)
+        print(f"\nshapesynth-eval {args.command}: interrupted" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":

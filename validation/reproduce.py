@@ -139,6 +139,7 @@ class Reproduction:
         self.data = self.out / "data"
         self.run_dir = self.out / "run"
         self.record = {"profile": profile.get("name"), "steps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.models_checked = False  # by the train step, else by the run step before it starts
         self.values = {"data": str(self.data), "python": sys.executable,
                        "image_size": profile["data"].get("image_size", 128)}
 
@@ -196,6 +197,11 @@ class Reproduction:
         return {"reused": False, "command": " ".join(cmd)}
 
     def train(self):
+        return self._models(train=True)
+
+    def _models(self, train: bool) -> dict:
+        """Each profile model, trained first where it is missing (``train``; otherwise missing is
+        an error), then checked: it fits the data and reaches ``min_test_accuracy``."""
         tr = self.p["train"]
         min_acc = tr.get("min_test_accuracy")
         info = {}
@@ -203,6 +209,9 @@ class Reproduction:
         for arch, model_dir in self.model_dirs().items():
             ready, meta = _model_ready(checkpoints[arch])
             trained = not ready
+            if trained and not train:
+                raise RuntimeError(f"{checkpoints[arch]}: no finished {arch} model for the run step; "
+                                   f"include the train step (e.g. --steps train,run,analyze,report, or no --steps)")
             if trained:
                 spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **(tr["models"][arch] or {})}
                 cmd = self._command(spec, "trainers", arch=arch, model_dir=str(model_dir), **self.values)
@@ -217,6 +226,7 @@ class Reproduction:
             if min_acc is not None and (acc is None or float(acc) < float(min_acc)):
                 raise RuntimeError(f"{arch}: test accuracy {acc} is below the profile's minimum {min_acc}; "
                                    f"the evaluation would not be faithful (see {model_dir})")
+        self.models_checked = True
         return info
 
     def _check_model_fits(self, checkpoint: Path, meta: dict, trained: bool) -> None:
@@ -244,6 +254,9 @@ class Reproduction:
         from validation.pipeline.run import DEFAULT_METRICS, RunConfig, run_eval
 
         ev = self.p["eval"]
+        models = None
+        if not self.models_checked:  # --steps without train: the same gate before any work
+            models = self._models(train=False)
         methods = ev.get("methods", "all")
         metrics = ev.get("metrics", "all")
         config = RunConfig(
@@ -268,14 +281,23 @@ class Reproduction:
             try:
                 if ev.get("threads"):
                     torch.set_num_threads(int(ev["threads"]))
-                summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress)
+                summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress,
+                                   range_source=self._n_images_source(config.image_range[1]))
             finally:
                 torch.set_num_threads(threads)
         write_json(self.run_dir / "profile.json",
                    {"name": self.p.get("name"), "description": self.p.get("description"),
                     "budget_notes": self.p.get("budget_notes")})
         summary.pop("manifest", None)
+        if models is not None:
+            summary["models"] = models
         return summary
+
+    def _n_images_source(self, n: int) -> str:
+        """What set the run's image count, for the error when the split is smaller."""
+        if "n_images" in self.p["eval"]:
+            return f"the profile's eval.n_images ({n})"
+        return f"eval.n_images {n} (its default: the profile sets none)"
 
     def _existing_run_fold(self) -> bool:
         """Fold, unless this folder holds a run that started unfolded: it resumes as it started

@@ -328,13 +328,33 @@ def _dataset_classes(dataset, path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _dry_evaluate(metrics: Sequence[str], options: dict, shape: tuple[int, ...]) -> None:
+    """The project's evaluate() of ``metrics`` with ``options`` on one stand-in image of
+    ``shape`` (C, H, W), a linear model and a ramp map; raises what the metrics' checks raise.
+    Draws nothing from the caller's random state."""
+    from validation.metrics import evaluate
+
+    c, h, w = shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 2))
+        x = torch.rand(1, c, h, w)
+        ramp = torch.linspace(0, 1, h * w).view(1, h, w)
+        evaluate(model.eval(), x, torch.zeros(1, dtype=torch.long), ramp, metrics=list(metrics),
+                 explainer=lambda images, target=None: ramp.expand(images.shape[0], h, w),
+                 gt=(ramp > 0.5).float(), **options)
+
+
 # ----------------------------------------------------------------------------- the runner
 class Runner:
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike,
                  components: Components | None = None, progress: bool = True,
-                 overwrite: bool = False, conflict_hint: str = "use another --out or --overwrite"):
+                 overwrite: bool = False, conflict_hint: str = "use another --out or --overwrite",
+                 range_source: str | None = None):
         self.config = config
         self.conflict_hint = conflict_hint  # what to do when --out holds another run (audit has its own flags)
+        # what set the image range, for the error when the split is smaller (default: --images a:b)
+        self.range_source = range_source
         self.out = Path(out_dir)
         self.c = components or Components()
         self.progress = progress
@@ -437,6 +457,80 @@ class Runner:
                 raise ValueError(f"--model {path}: the model's classes {list(meta['class_names'])} differ "
                                  f"from the classes of {where}: {list(classes)}")
 
+    def _wanted_layers(self) -> dict[str, str]:
+        """Every layer spec the run's explainers will resolve -> the flag that named it."""
+        cfg, wanted = self.config, {}
+
+        def add(layer, source):
+            if isinstance(layer, str):
+                wanted.setdefault(layer, source)
+
+        for c in self.configs:
+            if c.layer == NO_LAYER:
+                continue
+            add(c.layer, "--layers" if c.layer in cfg.layers else f"method grid of {c.method!r}")
+            if c.mix != IDENTITY:  # RefineCAM also resolves every deeper layer it fuses
+                for layer in cfg.refine_layers[cfg.refine_layers.index(c.layer):]:
+                    add(layer, "--refine-layers")
+        for method in dict.fromkeys(c.method for c in self.configs):  # e.g. RELAX's embedding_layer
+            for key, value in (cfg.method_options.get(method) or {}).items():
+                if key.endswith("layer"):
+                    add(value, f"method options of {method!r} ({key})")
+        return wanted
+
+    def _check_layers(self, models) -> None:
+        """With the project's own explainer, every layer is resolved in every (loaded) model
+        before any work: a misspelt one would fail every map of every layer method."""
+        if self.c.explainer is not _default_explainer:
+            return
+        from validation.attributions.layers import resolve_layer_full, stage_names
+
+        wanted, problems = self._wanted_layers(), []
+        for path, model in zip(self.config.models, models):
+            bad = []
+            for layer, source in wanted.items():
+                try:
+                    resolve_layer_full(model, layer)
+                except (ValueError, TypeError):
+                    bad.append(f"{layer!r} ({source})")
+            if not bad:
+                continue
+            aliases = stage_names(model)
+            names = [n for n, _ in model.named_modules() if n]
+            dotted = [n for n in names if "." in n] or names
+            alias_text = (f"its stage aliases {', '.join(f'{a} (= {n})' for a, n in aliases.items())}"
+                          if aliases else "no stage aliases (architecture not recognised)")
+            problems.append(f"--model {path}: unknown layer {', '.join(bad)}; accepted: {alias_text}, "
+                            f"or any of its {len(names)} module names (dotted, e.g. {', '.join(dotted[:3])})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _check_metric_option_values(self, dataset) -> None:
+        """With the project's own evaluate, metric options are tried once on a tiny stand-in
+        (one image of the dataset's size, a linear model): a value the metrics' own checks refuse
+        (``fractions: 0.5``, say) is refused now, naming the option, not on every row."""
+        options = self.config.metric_options
+        if self.c.evaluate is not _default_evaluate or not options or len(dataset) == 0:
+            return
+        shape = tuple(torch.as_tensor(dataset[0]["image"]).shape[-3:])
+
+        def refusal(opts):
+            try:
+                _dry_evaluate(self.config.metrics, opts, shape)
+            except Exception as err:  # TypeError, ValueError, ...: whatever a real row would record
+                return f"{type(err).__name__}: {err}"
+            return None
+
+        whole = refusal(options)
+        if whole is None:
+            return
+        for name, value in options.items():
+            why = refusal({name: value})
+            if why is not None:
+                raise ValueError(f"metric options: {name}={value!r} is refused by the metrics ({why})")
+        if refusal({}) is None:  # no option alone: their combination
+            raise ValueError(f"metric options {options} are refused by the metrics together ({whole})")
+
     def _check_or_write_config(self, d: dict, shard: tuple[int, int], own_chunks) -> None:
         """Refuse a run directory holding another run; with ``overwrite``, discard this shard's
         chunks (all of them for an unsharded run: other shards' chunks are theirs to redo, and
@@ -487,9 +581,11 @@ class Runner:
         n_data = len(dataset)
         a, b = self.config.image_range
         if b > n_data:
-            raise ValueError(f"--images {a}:{b} asks for more images than the {self.config.split} split "
-                             f"of {self.config.data} has ({n_data})")
+            raise ValueError(f"{self.range_source or f'--images {a}:{b}'} asks for more images than the "
+                             f"{self.config.split} split of {self.config.data} has ({n_data})")
         self._check_models_fit(dataset, metas)
+        self._check_layers(models)
+        self._check_metric_option_values(dataset)
         cfg_dict = self._prepare_config(metas)
         self.out.mkdir(parents=True, exist_ok=True)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
@@ -702,7 +798,9 @@ class Runner:
 
 def run_eval(config: RunConfig, out_dir, shard=(0, 1), components: Components | None = None,
              progress: bool = True, overwrite: bool = False, merge: bool | None = None,
-             conflict_hint: str = "use another --out or --overwrite") -> dict:
+             conflict_hint: str = "use another --out or --overwrite", range_source: str | None = None) -> dict:
     """Functional entry point of ``shapesynth-eval run``. ``conflict_hint`` ends the error raised
-    when ``out_dir`` holds a run of another configuration (callers with other flags reword it)."""
-    return Runner(config, out_dir, components, progress, overwrite, conflict_hint).run(shard, merge)
+    when ``out_dir`` holds a run of another configuration, ``range_source`` names what set the
+    image range in the error raised when the split is smaller (default ``--images a:b``; callers
+    with other flags reword both)."""
+    return Runner(config, out_dir, components, progress, overwrite, conflict_hint, range_source).run(shard, merge)
