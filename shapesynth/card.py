@@ -93,8 +93,12 @@ def _backgrounds(cfg: SynthConfig, pools: dict[str, BackgroundPool]) -> tuple[st
     return "\n".join(text), listing
 
 
-def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool, list[str]]:
-    """(card text, every audited split passed, the splits too small to audit)."""
+def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool | None, list[str]]:
+    """(card text, verdict, the splits too small to audit).
+
+    The verdict is False when an audited split fails, None when none fails but a split was too
+    small to audit (that does not count as passed), True when every split was audited and passed.
+    """
     parts, ok, not_audited = [], True, []
     for split, m in metas.items():
         if len(m) < 2 * len(CLASS_NAMES):
@@ -115,7 +119,14 @@ def _audit(metas: dict[str, pd.DataFrame], alpha: float) -> tuple[str, bool, lis
         "contingency tables label x category; Kruskal-Wallis tests compare the variable's "
         "distribution across the six classes."
     )
-    return head + "\n\n" + "\n".join(parts), ok, not_audited
+    if not ok:
+        overall = "**Overall: FAILED** (see the splits below)."
+    elif not_audited:
+        overall = (f"**Overall: incomplete**: {', '.join(not_audited)} not audited (fewer than "
+                   f"{2 * len(CLASS_NAMES)} samples), which does not count as passed.")
+    else:
+        overall = "**Overall: passed.**"
+    return head + "\n\n" + overall + "\n\n" + "\n".join(parts), (False if not ok else None if not_audited else True), not_audited
 
 
 def write_card(

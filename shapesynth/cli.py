@@ -123,41 +123,51 @@ def config_from_args(args) -> SynthConfig:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="render a dataset to disk (Hub parquet layout by default)")
+    d = SynthConfig()
+    p = sub.add_parser(
+        "generate", help="render a dataset to disk (Hub parquet layout by default)",
+        description="Render a dataset to disk. The recipe defaults shown are SynthConfig's; a --config "
+        "file replaces them, and flags override the file.",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="SynthConfig as JSON/YAML (or a dataset's shapesynth.json); flags override it")
-    p.add_argument("--format", default="hub", choices=["hub", "imagefolder", "arrow"])
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--format", default="hub", choices=["hub", "imagefolder", "arrow"], help="output layout (default: %(default)s)")
+    p.add_argument("--image-size", type=int, help=f"image side in px (default: {d.image_size})")
+    p.add_argument("--seed", type=int, help=f"seed of every random draw (default: {d.seed})")
     for split in SPLITS:
-        p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split")
+        p.add_argument(f"--{split}-size", type=int, help=f"samples in the {split} split (default: {d.split_sizes[split]})")
     p.add_argument(
         "--size-bands", type=_size_bands,
         help="shape size bands as fractions of the image side, e.g. 0.31-0.39,0.16-0.19 (default: the paper's 80-99, 40-49 and 20-24 px of 256, i.e. 0.3125-0.38671875,0.15625-0.19140625,0.078125-0.09375)",
     )
     p.add_argument("--size-band-weights", type=_weights,
                    help="odds of each size band, e.g. 1,1,2 (default: equal)")
-    p.add_argument("--stroke-fraction", type=float, help="stroke width of empty shapes / size (default 0.2)")
-    p.add_argument("--pool-sizes", type=_pool_sizes, help="procedural background bases per split: train,val,test (default 256,32,64)")
+    p.add_argument("--stroke-fraction", type=float, help=f"stroke width of empty shapes / size (default: {d.stroke_fraction})")
+    p.add_argument("--pool-sizes", type=_pool_sizes, help="procedural background bases per split: train,val,test "
+                   f"(default: {','.join(str(d.bg_pool_sizes[s]) for s in SPLITS)})")
     p.add_argument("--backgrounds", help="a folder of background images (or an HF dataset with --backgrounds-source hf)")
     for split in SPLITS:
         p.add_argument(f"--backgrounds-{split}", help=f"a separate folder of {split} backgrounds")
-    p.add_argument("--backgrounds-source", choices=["procedural", "folder", "hf"])
-    p.add_argument("--small-backgrounds", choices=["refuse", "upscale"], help="backgrounds smaller than the image")
+    p.add_argument("--backgrounds-source", choices=["procedural", "folder", "hf"],
+                   help=f"(default: {d.background}, or folder when background folders are given)")
+    p.add_argument("--small-backgrounds", choices=["refuse", "upscale"],
+                   help=f"backgrounds smaller than the image (default: {d.bg_small})")
     p.add_argument("--strict", action="store_true", help="unreadable background files are an error, not skipped")
     p.add_argument(
         "--difficulty", type=_difficulty,
         help="procedural clutter preset: easy, medium (default), hard, or a number in [0, 1]",
     )
-    p.add_argument("--min-contrast", type=float)
-    p.add_argument("--clutter", type=float, help="procedural clutter density (default 0.65, the medium preset; hard = 1)")
-    p.add_argument("--clutter-contrast", type=float, help="procedural clutter contrast in [0, 1]")
+    p.add_argument("--min-contrast", type=float,
+                   help=f"least mean colour distance of a shape to the background under it, in [0, 1] (default: {d.min_contrast})")
+    p.add_argument("--clutter", type=float, help=f"procedural clutter density (default: {d.clutter}, the medium preset; hard = 1)")
+    p.add_argument("--clutter-contrast", type=float, help=f"procedural clutter contrast in [0, 1] (default: {d.clutter_contrast})")
     p.add_argument(
         "--num-proc", type=int, default=min(os.cpu_count() or 1, 8),
         help="worker processes (default: the CPU count, at most 8); the output is the same for any value",
     )
     p.add_argument("--shard", help="i/n: write only every n-th shard starting at i (spread over machines)")
-    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--samples-per-shard", type=int, default=500,
+                   help="samples per output file, the unit of --resume and --shard (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds data")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping finished shards")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this dataset repo")
@@ -189,6 +199,26 @@ def _cmd_generate(args) -> int:
 
         print(f"pushed      {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
     return 0
+
+
+def _interrupted_hint(args) -> str:
+    """What an interrupted `generate` left in --out and how to go on from there."""
+    from shapesynth.generate import finished_shards
+    from shapesynth.writers import OutputError
+
+    out = Path(args.out)
+    try:
+        state = finished_shards(out, config_from_args(args), args.format, args.samples_per_shard)
+    except (ConfigError, OutputError):
+        state = None
+    if state is None:
+        return " before anything was written; run the same command again"
+    done, total = state
+    shared = args.shard is not None and not args.shard.endswith("/1")
+    again = "the same command" if shared or args.resume else "the same command with --resume"
+    if done == 0:
+        return f" before any shard was finished; {again} starts over in {out}"
+    return f"; {done} of {total} shard(s) are finished in {out}, and {again} continues from them"
 
 
 def _cmd_preview(args) -> int:
@@ -247,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="a PNG grid of samples with mask contours")
     p.add_argument("--data", required=True, help="a folder written by `shapesynth generate`")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--split", default="train", choices=list(SPLITS))
-    p.add_argument("--per-class", type=int, default=4)
-    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--split", default="train", choices=list(SPLITS), help="(default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class (default: %(default)s)")
+    p.add_argument("--scale", type=int, default=2, help="pixel magnification (default: %(default)s)")
     p = sub.add_parser("card", help="(re)write the dataset card of a finished folder")
     p.add_argument("--data", required=True)
     p = sub.add_parser("push", help="upload a finished folder to the Hub")
@@ -271,3 +301,7 @@ def main(argv=None) -> int:
     except (ConfigError, BackgroundError, OutputError, FileNotFoundError) as err:
         print(f"shapesynth {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: one line saying what is kept, not a traceback
+        hint = _interrupted_hint(args) if args.command == "generate" else ""
+        print(f"shapesynth {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 from shapesynth.backgrounds import build_pools
 from shapesynth.config import SynthConfig
 from shapesynth.writers import (
+    MANIFEST,
     OutputError,
     Shard,
     get_format,
     manifest_for,
     prepare_output,
+    recipe_differences,
     shard_plan,
     write_shards,
 )
@@ -29,7 +32,7 @@ class GenerateSummary:
     complete: bool = False  # every shard of every split exists (card written)
     seconds: float = 0.0
     skipped_backgrounds: list[tuple[str, str]] = field(default_factory=list)
-    audit_passed: bool | None = None
+    audit_passed: bool | None = None  # None: a split was too small to audit (not passed) or not complete
     not_audited: list[str] = field(default_factory=list)  # splits too small to audit
     fingerprint: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -47,14 +50,22 @@ class GenerateSummary:
         if len(self.skipped_backgrounds) > 20:
             out.append(f"  ... and {len(self.skipped_backgrounds) - 20} more (see backgrounds.json)")
         if self.complete:
-            verdict = "passed" if self.audit_passed else "FAILED: see the card"
-            if self.not_audited:
-                verdict += f" (not audited, too few samples: {', '.join(self.not_audited)})"
-            out.append(f"audit       {verdict}")
+            out.append(f"audit       {audit_verdict(self.audit_passed, self.not_audited, self.counts)}")
             out.append(f"fingerprint {self.fingerprint}")
         else:
             out.append("card        not written yet: other shards are missing (run the remaining --shard parts)")
         return out
+
+
+def audit_verdict(passed: bool | None, not_audited: list[str], counts: dict[str, int]) -> str:
+    """The summary's audit line: "passed" only when every split was audited and passed."""
+    skipped = f"not run for {', '.join(not_audited)} (too few samples)"
+    if passed is False:
+        return "FAILED: see the card" + (f"; {skipped}" if not_audited else "")
+    if not not_audited:
+        return "passed"
+    audited = [s for s, n in counts.items() if n > 0 and s not in not_audited]
+    return skipped + (f"; {', '.join(audited)} passed" if audited else "")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -77,6 +88,18 @@ def missing_shards(out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int
     """The shards of the recipe that are not (yet) in `out`."""
     writer = get_format(fmt)
     return [s for s in shard_plan(cfg, samples_per_shard) if not writer.done(out, s)]
+
+
+def finished_shards(out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int) -> tuple[int, int] | None:
+    """(finished, all) shards of the recipe in `out`; None when `out` holds no run of this recipe."""
+    try:
+        old = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or recipe_differences(old, manifest_for(cfg, fmt, samples_per_shard)):
+        return None
+    total = len(shard_plan(cfg, samples_per_shard))
+    return total - len(missing_shards(out, cfg, fmt, samples_per_shard)), total
 
 
 def finish(
@@ -123,7 +146,7 @@ def generate(
     # a plain --shard run joins a folder other machines may be writing to: only an explicit
     # --resume may treat temp files found there as left by a killed run
     prepare_output(out, manifest_for(cfg, fmt, samples_per_shard, pools), overwrite=overwrite,
-                   resume=resume or (count > 1 and not overwrite), clean_temp=resume)
+                   resume=resume or (count > 1 and not overwrite), clean_temp=resume, sharded=count > 1)
     mine = [s for k, s in enumerate(plan) if k % count == index]
     todo = [s for s in mine if not writer.done(out, s)]
     summary = GenerateSummary(out=out, format=fmt, resumed_shards=len(mine) - len(todo))

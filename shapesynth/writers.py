@@ -13,6 +13,7 @@ import io
 import json
 import math
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -224,11 +225,63 @@ def detect_format(out: str | Path) -> str:
 _UNSAFE = {Path("/"), Path.home()}
 
 
-def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, clean_temp: bool = False) -> None:
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"config": {"split_sizes": {"test": 50}}} -> {"config.split_sizes.test": 50}."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """Each field of the recipe `new` that the earlier `old` differs in, as 'config.seed 0 -> 3'.
+
+    The pool digests are left out: a config difference already explains them (see
+    `_background_note` for a same config and other pools).
+    """
+    keys = [k for k in new if k != "backgrounds"]
+    before = _flat({k: old.get(k) for k in keys})
+    after = _flat(json.loads(json.dumps({k: new[k] for k in keys})))
+    missing = object()
+    return [
+        f"{k} {'(absent)' if before.get(k, missing) is missing else _show(before[k])} -> "
+        f"{'(absent)' if after.get(k, missing) is missing else _show(after[k])}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k, missing) != after.get(k, missing)
+    ]
+
+
+def _background_note(old: dict, new: dict) -> tuple[str, str] | None:
+    """(why, what to do) when the pools differ under the same config; None: they do not, or
+    cannot be compared."""
+    if "backgrounds" not in new or old.get("backgrounds") == new["backgrounds"]:
+        return None
+    if "backgrounds" not in old:
+        return ("it was written before shapesynth.json recorded its background files, so they "
+                "cannot be checked", "")
+    changed = ", ".join(sorted(s for s in new["backgrounds"] if old["backgrounds"].get(s) != new["backgrounds"][s]))
+    if new.get("config", {}).get("background") == "procedural":
+        return (f"its procedural background pools differ from those this shapesynth version renders "
+                f"(pools: {changed})", "use the shapesynth version that wrote it")
+    return (f"its background files differ from those found now (pools: {changed})",
+            "restore the files it was generated from")
+
+
+def prepare_output(
+    out: Path, manifest: dict, overwrite: bool, resume: bool, clean_temp: bool = False, sharded: bool = False
+) -> None:
     """Refuse a folder that holds data unless --overwrite (wipe) or --resume (same recipe).
 
     With `clean_temp`, resuming also removes the temp files (`atomic_write`'s naming only) that a
-    killed run left behind; no other run may be writing to the folder then.
+    killed run left behind; no other run may be writing to the folder then. `sharded`: a
+    `--shard i/n` run, which joins the folder the other shards write to (the messages say so).
     """
     if overwrite and resume:
         raise OutputError("pass either --overwrite or --resume, not both")
@@ -239,15 +292,35 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool, resume: bool, cle
         if resume:
             old_path = out / MANIFEST
             if not old_path.exists():
+                if sharded:
+                    raise OutputError(
+                        f"output folder {out} already holds data ({len(entries)} entries, e.g. {entries[:3]}) but no "
+                        f"{MANIFEST}, so no other --shard run wrote it; pick a new --out (or --overwrite to replace it)"
+                    )
                 raise OutputError(f"cannot resume in {out}: it holds no {MANIFEST} from an earlier run")
             old = json.loads(old_path.read_text())
-            if {k: old.get(k) for k in manifest} != manifest:
-                diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-                why = ("" if "backgrounds" not in diff else
-                       " (it was written before shapesynth.json recorded its background files, so they "
-                       "cannot be checked)" if "backgrounds" not in old else
-                       " (its background files differ from those found now)")
-                raise OutputError(f"cannot resume in {out}: the earlier run differs in {diff}{why}; use --overwrite")
+            diff = recipe_differences(old, manifest)
+            if diff and sharded:
+                raise OutputError(
+                    f"{out} holds shards of a different recipe ({'; '.join(diff)}; the folder's -> this run's): "
+                    f"all --shard i/n runs of one dataset must use the same options (--config {out / MANIFEST} "
+                    "repeats its config); for another dataset pick a new --out (--overwrite would delete the "
+                    "other shards' work)"
+                )
+            if diff:
+                raise OutputError(
+                    f"cannot resume in {out}: the earlier run differs in {'; '.join(diff)}; rerun with its "
+                    f"options (--config {out / MANIFEST} repeats its config), or pass --overwrite to start over"
+                )
+            note = _background_note(old, manifest)  # the config is the same: blame the pools
+            if note and sharded:
+                raise OutputError(
+                    f"{out} holds shards of the same config, but {note[0]}: all --shard i/n runs of one "
+                    f"dataset must draw from the same backgrounds; {note[1] + ', or ' if note[1] else ''}pick a new --out"
+                )
+            if note:
+                raise OutputError(f"cannot resume in {out}: the earlier run has the same config, but {note[0]}; "
+                                  f"{note[1] + ', or ' if note[1] else ''}pass --overwrite to start over")
             if clean_temp:
                 for p in out.rglob("*"):
                     if is_temp_file(p):
@@ -305,6 +378,13 @@ def _init_worker(cfg_dict: dict, fmt: str, out: str) -> None:
     _WORKER["out"] = Path(out)
 
 
+def _init_pool_worker(cfg_dict: dict, fmt: str, out: str) -> None:
+    # Ctrl+C reaches the whole process group: the parent alone handles it (and ends the pool),
+    # rather than every worker printing a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(cfg_dict, fmt, out)
+
+
 def _write_shard(shard: Shard) -> tuple[Shard, int]:
     cols = render_rows(_WORKER["synth"], shard)
     _WORKER["format"].write(_WORKER["out"], shard, cols)
@@ -331,7 +411,7 @@ def write_shards(
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(cfg.to_dict(), fmt, str(out))) as pool:
+    with ctx.Pool(num_proc, initializer=_init_pool_worker, initargs=(cfg.to_dict(), fmt, str(out))) as pool:
         for shard, n in pool.imap_unordered(_write_shard, shards):
             on_done(shard, n)
 

@@ -341,14 +341,14 @@ def test_resume_and_card_refuse_backgrounds_changed_since_the_interrupted_run(tm
     before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
     Image.fromarray(np.random.default_rng(99).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(paths[0])
     clear_pool_cache()  # a new process
-    with pytest.raises(OutputError, match=r"differs in \['backgrounds'\] \(its background files differ"):
+    with pytest.raises(OutputError, match=r"has the same config, but its background files differ from those found now \(pools: "):
         generate(_folder_cfg(tmp_path / "bgs"), out, samples_per_shard=4, progress=False, resume=True)
     assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before  # nothing mixed in
     # a folder written before shapesynth.json recorded the digest: said so, not "files differ"
     manifest = json.loads((out / "shapesynth.json").read_text())
     del manifest["backgrounds"]
     (out / "shapesynth.json").write_text(json.dumps(manifest))
-    with pytest.raises(OutputError, match=r"\['backgrounds'\] \(it was written before shapesynth.json recorded"):
+    with pytest.raises(OutputError, match=r"same config, but it was written before shapesynth.json recorded"):
         generate(_folder_cfg(tmp_path / "bgs"), out, samples_per_shard=4, progress=False, resume=True)
     # a folder merged from --shard runs: `shapesynth card` refuses to describe other pools
     generate(_folder_cfg(tmp_path / "bgs"), tmp_path / "merged", samples_per_shard=4, progress=False)

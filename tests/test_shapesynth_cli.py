@@ -1,5 +1,7 @@
 """`shapesynth generate / preview / push` from the command line, bad input and the Hub upload."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,7 @@ def test_generate_prints_a_summary(tmp_path, capsys):
     assert main(["generate", "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
     assert "written     42 samples" in text and "fingerprint" in text
-    assert "audit       passed (not audited, too few samples: val)" in text
+    assert "audit       not run for val (too few samples); train, test passed" in text
     assert (out / "README.md").exists() and len(list((out / "data").glob("*.parquet"))) == 6
 
 
@@ -116,12 +118,18 @@ def test_a_malformed_config_file_is_named(tmp_path, capsys, name, text, words):
     assert words in capsys.readouterr().err
 
 
-def test_folder_backgrounds_from_the_cli_with_strict(tmp_path, capsys):
+def _background_folder(tmp_path):
+    """Eight random 40 px backgrounds in tmp_path/bgs, and the generator that drew them."""
     bgs = tmp_path / "bgs"
     bgs.mkdir()
     rng = np.random.default_rng(0)
     for k in range(8):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(bgs / f"{k}.png")
+    return bgs, rng
+
+
+def test_folder_backgrounds_from_the_cli_with_strict(tmp_path, capsys):
+    bgs, rng = _background_folder(tmp_path)
     (bgs / "broken.jpg").write_bytes(b"nope")
     out = tmp_path / "o"
     assert main(["generate", "--out", str(out), *TINY, "--backgrounds", str(bgs)]) == 0
@@ -130,6 +138,165 @@ def test_folder_backgrounds_from_the_cli_with_strict(tmp_path, capsys):
     clear_pool_cache()
     assert main(["generate", "--out", str(tmp_path / "o2"), *TINY, "--backgrounds", str(bgs), "--strict"]) == 2
     assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_an_unaudited_split_does_not_count_as_passed(generated, tmp_path, capsys):
+    from shapesynth.generate import audit_verdict
+
+    counts = {"train": 6, "val": 6, "test": 6}
+    assert audit_verdict(None, ["train", "val", "test"], counts) == "not run for train, val, test (too few samples)"
+    assert audit_verdict(True, [], counts) == "passed"
+    assert audit_verdict(False, ["val"], counts) == "FAILED: see the card; not run for val (too few samples)"
+    capsys.readouterr()
+    assert main(["card", "--data", str(generated)]) == 0  # val (6 samples) is not audited
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["audit_passed"] is None and verdict["not_audited"] == ["val"]
+    assert "**Overall: incomplete**: val not audited" in (generated / "README.md").read_text()
+    out = tmp_path / "tiny"
+    assert main(["generate", "--out", str(out), *TINY, "--train-size", "6", "--test-size", "6", "--pool-sizes", "2,2,2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("audit"))
+    assert line == "audit       not run for train, val, test (too few samples)"
+
+
+SMALL = [*TINY, "--pool-sizes", "2,2,2"]
+
+
+def test_resume_refusals_name_the_differing_fields(tmp_path, capsys):
+    out = tmp_path / "rg"
+    assert main(["generate", "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    for flags, diff in ((["--test-size", "18"], "config.split_sizes.test 12 -> 18"),
+                        (["--seed", "3"], "config.seed 0 -> 3"),
+                        (["--image-size", "40"], "config.image_size 32 -> 40"),
+                        (["--samples-per-shard", "7"], "samples_per_shard 10 -> 7")):
+        assert main(["generate", "--out", str(out), *SMALL, *flags, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"differs in {diff};" in err and "--overwrite" in err, err
+        assert "background" not in err, err  # procedural pools differ because the config does
+    # the same config with other pools: blamed on the backgrounds, by source
+    manifest = json.loads((out / "shapesynth.json").read_text())
+    manifest["backgrounds"]["val"] = "0" * 64
+    (out / "shapesynth.json").write_text(json.dumps(manifest))
+    assert main(["generate", "--out", str(out), *SMALL, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "its procedural background pools differ from those this shapesynth version renders (pools: val)" in err and "config." not in err, err
+    del manifest["backgrounds"]
+    (out / "shapesynth.json").write_text(json.dumps(manifest))
+    assert main(["generate", "--out", str(out), *SMALL, "--resume"]) == 2
+    assert "written before shapesynth.json recorded its background files" in capsys.readouterr().err
+
+
+def test_resume_blames_changed_background_files(tmp_path, capsys):
+    bgs, rng = _background_folder(tmp_path)
+    out = tmp_path / "o"
+    assert main(["generate", "--out", str(out), *TINY, "--backgrounds", str(bgs)]) == 0
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(bgs / "extra.png")
+    clear_pool_cache()
+    capsys.readouterr()
+    assert main(["generate", "--out", str(out), *TINY, "--backgrounds", str(bgs), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "its background files differ from those found now (pools:" in err and "config." not in err, err
+    assert "restore the files it was generated from, or pass --overwrite" in err
+    assert main(["generate", "--out", str(out), *TINY, "--backgrounds", str(bgs), "--shard", "1/2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds shards of the same config, but its background files differ" in err and "pick a new --out" in err, err
+
+
+def test_a_shard_of_another_recipe_is_refused_without_suggesting_overwrite(tmp_path, capsys):
+    out = tmp_path / "sh"
+    assert main(["generate", "--out", str(out), *SMALL, "--shard", "0/2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--out", str(out), *SMALL, "--shard", "1/2", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds shards of a different recipe (config.seed 0 -> 3;" in err, err
+    assert "all --shard i/n runs of one dataset must use the same options" in err and "new --out" in err
+    assert "cannot resume" not in err and "use --overwrite" not in err and "pass --overwrite" not in err
+    assert main(["generate", "--out", str(out), *SMALL, "--shard", "1/2"]) == 0  # the same options join
+
+
+def _main_interrupted(argv) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # would end the test session, and the user's run in a traceback
+        pytest.fail("KeyboardInterrupt escaped main()")
+
+
+def test_ctrl_c_says_what_is_finished_and_resumes(tmp_path, monkeypatch, capsys):
+    import shapesynth.generate as gen
+    import shapesynth.writers as writers
+    from shapesynth.schema import is_temp_file
+
+    out = tmp_path / "ctrl-c"
+
+    def no_pools(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "build_pools", no_pools)
+    assert _main_interrupted(["generate", "--out", str(out), *SMALL]) == 130
+    assert capsys.readouterr().err == "shapesynth generate: interrupted before anything was written; run the same command again\n"
+    monkeypatch.undo()
+    real, calls = writers.render_rows, []
+
+    def flaky(synth, shard):
+        calls.append(shard)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(synth, shard)
+
+    monkeypatch.setattr(writers, "render_rows", flaky)
+    assert _main_interrupted(["generate", "--out", str(out), *SMALL]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"shapesynth generate: interrupted; 2 of 6 shard(s) are finished in {out}, "
+                   "and the same command with --resume continues from them\n")
+    assert not [p for p in out.rglob("*") if is_temp_file(p)]
+    monkeypatch.setattr(writers, "render_rows", real)
+    assert main(["generate", "--out", str(out), *SMALL, "--resume"]) == 0
+    assert "resumed     2 finished shard(s) kept" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT")
+def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "sigint"
+    cmd = [sys.executable, "-m", "shapesynth", "generate", "--out", str(out), "--image-size", "64", "--train-size", "4000",
+           "--val-size", "6", "--test-size", "6", "--samples-per-shard", "20", "--pool-sizes", "2,2,2", "--num-proc", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while len(list((out / "data").glob("*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the whole foreground group
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # hung: leave no processes behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if proc.returncode == 0:
+        pytest.skip("generation finished before the interrupt")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.startswith("shapesynth generate: interrupted; ") and err.count("\n") == 1, err
+
+
+def test_generate_help_shows_the_defaults(capsys):
+    from shapesynth import SynthConfig
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    assert exc.value.code == 0
+    # one block per option (its help wrapped inside), whitespace normalised
+    blocks = [" ".join(b.split()) for b in re.split(r"\n(?=  -)", capsys.readouterr().out)]
+    d = SynthConfig()
+    for flag, default in (("--format {hub,imagefolder,arrow}", "hub"), ("--image-size IMAGE_SIZE", d.image_size),
+                          ("--seed SEED", d.seed), ("--train-size TRAIN_SIZE", d.split_sizes["train"]),
+                          ("--val-size VAL_SIZE", d.split_sizes["val"]), ("--test-size TEST_SIZE", d.split_sizes["test"]),
+                          ("--samples-per-shard SAMPLES_PER_SHARD", 500), ("--min-contrast MIN_CONTRAST", d.min_contrast),
+                          ("--small-backgrounds {refuse,upscale}", d.bg_small)):
+        help_text = next(b for b in blocks if b.startswith(f"{flag} "))
+        assert f"(default: {default})" in help_text, (flag, help_text)
 
 
 def test_module_entry_point_has_help():
