@@ -855,3 +855,43 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"shapesynth-train: training interrupted; rerun the same command to resume from {out}/checkpoints/last.ckpt"
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_cli_recipe_with_data_drops_the_rendered_split_settings(tiny_data, tmp_path, capsys):
+    """`--recipe quick_resnet18 --data DIR` trains: the recipe's synth / val_length / test_length are for
+    rendered splits and are dropped with a note; the same values given as flags stay an error."""
+    out = tmp_path / "r"
+    tiny = ["--image-size", "32", "--train-length", "32", "--batch-size", "32", "--max-epochs", "1",
+            "--curriculum-epochs", "0", "--precision", "32-true", "--num-workers", "0", "--progress-bar", "false",
+            "--log-every-n-steps", "1"]
+    assert main(["fit", "--recipe", "quick_resnet18", "--data", str(tiny_data), "--out", str(out), *tiny]) == 0
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "note:" in line]
+    assert len(note) == 1 and "dropped synth, val_length of recipe quick_resnet18" in note[0]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["synth"] == {} and cfg["val_length"] == 512 and cfg["data"] == str(tiny_data)
+    assert (out / "model.json").is_file()
+    # a recipe whose rendered-split settings are the defaults: nothing to say
+    assert main(["fit", "--recipe", "resnet18_128", "--data", str(tiny_data), "--print-config"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    # explicit flags beside --data are still refused, naming the field
+    for flags, says in ((["--val-length", "1024"], "val_length 1024"), (["--synth", "{clutter: 0.3}"], "synth")):
+        assert main(["fit", "--recipe", "quick_resnet18", "--data", str(tiny_data), "--out", str(tmp_path / "x"),
+                     *tiny, *flags]) == 2
+        assert says in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "x").exists()
+    # without --data on the command line nothing is dropped
+    assert main(["fit", "--recipe", "quick_resnet18", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["val_length"] == 1024
+
+
+def test_cli_test_size_mismatch_advises_what_test_accepts(tiny_data, tmp_path, capsys, save_untrained_model):
+    """`test` has no --image-size: a 64 px model on 32 px data is fixed by other data or another model."""
+    model = save_untrained_model(tmp_path / "m64", image_size=64)
+    assert main(["test", "--model", str(model), "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert "32 px images but the model expects 64 px" in err and "--image-size 32" not in err
+    assert "shapesynth generate --out DIR --image-size 64" in err and "a model trained at 32 px" in err
+    # fit chooses the size: there --image-size is the advice
+    with pytest.raises(DataError, match=r"set --image-size 32"):
+        fit(_tiny_cfg(tmp_path / "r", image_size=64, data=str(tiny_data), synth={}))

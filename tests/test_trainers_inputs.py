@@ -84,3 +84,44 @@ def test_options_the_data_source_would_ignore_are_refused():
     TrainConfig(data="d", train_source="disk")
     TrainConfig(data="d", train_source="disk", curriculum_epochs=0)
     TrainConfig(train_crop=80, train_crop_epochs=3)
+
+
+def test_help_explains_every_flag_and_shows_real_defaults(capsys):
+    import argparse
+
+    from trainers.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("fit", "test"):
+        for action in commands[command]._actions:  # every option says what it is for
+            assert action.help and "None" not in action.help, action.option_strings
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        if command == "fit":
+            for part in ("--pretrained [BOOL] start from torchvision's ImageNet weights",
+                         "--channels-last [BOOL] train with", "--deterministic [BOOL] Lightning's deterministic",
+                         "--progress-bar [BOOL] show Lightning's progress bar", "(default true)",
+                         "images per validation/test batch (default none: --batch-size)",
+                         "--data DATA a generated dataset folder", "--config and --recipe set their own values"):
+                assert part in text, part
+        else:
+            for part in ("--model MODEL a run folder", "--data DATA a generated dataset folder",
+                         "(default test)", "images per batch (default 128)", "(default 600)"):
+                assert part in text, part
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`shapesynth-train fit --print-config | head -3`: no BrokenPipeError traceback once head exits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the write itself fails, not only the flush at exit
+    for extra_env in ({}, env):
+        proc = subprocess.Popen([sys.executable, "-m", "trainers", "fit", "--print-config"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=extra_env or None, cwd=tmp_path)
+        proc.stdout.close()  # the reader is gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) in (0, 141)
+        assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err

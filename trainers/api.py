@@ -585,7 +585,7 @@ def _evaluate(model_path, data, split, batch_size, synth, length, num_workers, o
         synth = meta["data"]["synth"]  # no data given: the model's own training recipe, rendered
     dm = ShapesDataModule(image_size=int(meta["image_size"]), data=data, synth=synth, train_source="stream",
                           test_length=length, val_length=length, batch_size=batch_size,
-                          num_workers=num_workers, class_names=tuple(meta["class_names"]))
+                          num_workers=num_workers, class_names=tuple(meta["class_names"]), saved_model=True)
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     module = ShapeClassifierModule(arch=meta["arch"], image_size=int(meta["image_size"]),

@@ -157,8 +157,12 @@ def dataset_class_names(path) -> tuple[str, ...]:
     return tuple(CLASS_NAMES)
 
 
-def check_dataset(path, split: str, image_size: int, class_names=CLASS_NAMES) -> int:
-    """Fail fast on a missing/empty split, another image size or other classes; returns its length."""
+def check_dataset(path, split: str, image_size: int, class_names=CLASS_NAMES, *, saved_model: bool = False) -> int:
+    """Fail fast on a missing/empty split, another image size or other classes; returns its length.
+
+    ``saved_model``: the model (and its image size) is fixed, as in ``shapesynth-train test``, so an
+    image size mismatch is fixed by other data or another model, not by ``--image-size``.
+    """
     from shapesynth.readers import load_config, load_metadata
 
     p = Path(path)
@@ -175,8 +179,12 @@ def check_dataset(path, split: str, image_size: int, class_names=CLASS_NAMES) ->
     except Exception:  # noqa: BLE001 - no recipe: check a decoded image instead
         size = ShapesDataset(p, split=split)[0]["image"].shape[-1]
     if size != image_size:
-        raise DataError(f"dataset {p} has {size} px images but the model expects {image_size} px "
-                        f"(set --image-size {size}, or regenerate the data at {image_size} px)")
+        if saved_model:  # the model's size is fixed: other data, or another model
+            advice = (f"evaluate data generated at {image_size} px (`shapesynth generate --out DIR --image-size "
+                      f"{image_size}`), or a model trained at {size} px")
+        else:
+            advice = f"set --image-size {size}, or regenerate the data at {image_size} px"
+        raise DataError(f"dataset {p} has {size} px images but the model expects {image_size} px ({advice})")
     names = dataset_class_names(p)
     if tuple(names) != tuple(class_names):
         raise DataError(f"dataset {p} has classes {list(names)} but the model has {list(class_names)}")
@@ -197,7 +205,8 @@ class ShapesDataModule(pl.LightningDataModule):
                  test_length: int = 600, curriculum_epochs: int = 0, curriculum_start: float = 0.0,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0, class_names=CLASS_NAMES, train_synth: dict | None = None,
-                 train_crop: int | None = None, train_crop_epochs: int | None = None):
+                 train_crop: int | None = None, train_crop_epochs: int | None = None,
+                 saved_model: bool = False):
         super().__init__()
         if train_source not in ("stream", "disk"):
             raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
@@ -215,7 +224,7 @@ class ShapesDataModule(pl.LightningDataModule):
         self.class_names = tuple(class_names)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD  # applied inside the model; recorded here
         if data:
-            self.split_sizes = {s: check_dataset(data, s, self.image_size, self.class_names)
+            self.split_sizes = {s: check_dataset(data, s, self.image_size, self.class_names, saved_model=saved_model)
                                 for s in (("train", "val", "test") if train_source == "disk" else ("val", "test"))}
             from shapesynth.readers import load_config
 
