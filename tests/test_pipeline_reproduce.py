@@ -96,7 +96,7 @@ def test_reproduce_runs_all_steps_then_reuses_everything(tmp_path, fake_io):
     assert (out / "run" / "analysis" / "tables.md").exists()
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert calls == ["gen", "train alpha", "train beta"]
-    assert rec["steps"]["train"]["alpha"] == {"reused": False, "test_accuracy": 0.995}
+    assert rec["steps"]["train"]["alpha"] == {"status": "trained", "reused": False, "test_accuracy": 0.995}
     first = (out / "run" / "results.parquet").read_bytes()
     rec2 = R.reproduce(str(_profile(tmp_path)), out, progress=False, components=S.components())
     assert (tmp_path / "calls.txt").read_text().splitlines() == calls  # nothing regenerated or retrained
@@ -297,5 +297,44 @@ def test_steps_without_train_run_on_good_models(tmp_path, fake_io):
     out = tmp_path / "out"
     _existing_models(out, 0.995)
     rec = R.reproduce(str(_profile(tmp_path)), out, steps=["run"], progress=False, components=S.components())
-    assert rec["steps"]["run"]["models"]["alpha"] == {"reused": True, "test_accuracy": 0.995}
+    assert rec["steps"]["run"]["models"]["alpha"] == {"status": "reused", "reused": True, "test_accuracy": 0.995}
     assert rec["steps"]["run"]["chunks_computed"] == 6
+
+
+def test_a_resumed_training_is_recorded_as_resumed(tmp_path, fake_io):
+    """reproduce.json said "reused": false for a training that continued from its last.ckpt,
+    as for one that started afresh."""
+    out = tmp_path / "out"
+    (out / "models" / "alpha" / "checkpoints").mkdir(parents=True)
+    (out / "models" / "alpha" / "checkpoints" / "last.ckpt").write_text("interrupted")
+    rec = R.reproduce(str(_profile(tmp_path)), out, steps=["generate", "train"], progress=False)
+    assert {arch: rec["steps"]["train"][arch]["status"] for arch in ("alpha", "beta")} == \
+        {"alpha": "resumed", "beta": "trained"}
+    assert not rec["steps"]["train"]["alpha"]["reused"]
+    rec = R.reproduce(str(_profile(tmp_path)), out, steps=["train"], progress=False)
+    assert {rec["steps"]["train"][arch]["status"] for arch in ("alpha", "beta")} == {"reused"}
+    assert json.loads((out / "reproduce.json").read_text())["steps"]["train"]["alpha"]["status"] == "reused"
+
+
+def test_analyze_of_a_folder_built_with_another_profile_is_refused(tmp_path, capsys):
+    """--steps analyze with another profile re-analysed the folder's run and recorded it under
+    the new profile's name."""
+    from validation.cli import main
+
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "profile.json").write_text(json.dumps({"name": "quick"}))
+    (out / "reproduce.json").write_text(json.dumps({"profile": "quick", "steps": {}}))
+    for steps in (["analyze"], ["analyze", "report"], ["report"]):
+        with pytest.raises(ValueError, match=rf"{out} holds a run built with profile 'quick', not 'tiny': --steps "
+                                             rf"{','.join(steps)} would {' and '.join(steps)} it under profile 'tiny'; use "
+                                             r"profile 'quick' \(--profile\), include the run step"):
+            R.reproduce(str(_profile(tmp_path)), out, steps=steps, progress=False)
+    assert main(["reproduce", "--profile", str(_profile(tmp_path)), "--out", str(out), "--steps", "analyze",
+                 "--no-progress"]) == 2
+    assert "holds a run built with profile 'quick', not 'tiny'" in capsys.readouterr().err
+    assert json.loads((out / "reproduce.json").read_text())["profile"] == "quick"  # not rewritten
+    # the same profile passes the check (and reaches analyze: nothing merged here)
+    (out / "run" / "profile.json").write_text(json.dumps({"name": "tiny"}))
+    with pytest.raises(FileNotFoundError, match="not merged yet|not a run directory"):
+        R.reproduce(str(_profile(tmp_path)), out, steps=["analyze"], progress=False)

@@ -672,3 +672,68 @@ def test_good_metric_option_values_pass_the_dry_run(models, tmp_path):
     assert {"road_morf@0.25", "road_lerf@0.5", "topk_intersection"} <= set(df[df.status == "ok"].metric)
     # the stand-in dataset's image 2 exceeds [0, 1] (ROAD refuses it), nothing else fails
     assert all("outside [0, 1]" in reason for reason in df[df.status == "error"].reason)
+
+
+def _quick_config(models, **over):
+    return S.config(models, methods=["halfcam"], metrics=["gt_cosine"], mixes=["identity"], **over)
+
+
+def test_a_model_below_the_accuracy_threshold_is_warned_about_and_its_accuracy_reported(models, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """A near-chance model was evaluated without a word (only `reproduce` gates on accuracy)."""
+    import validation.pipeline.run as run_module
+
+    torch.set_num_threads(1)
+    summary = run_eval(_quick_config(models), tmp_path / "run", components=S.components(), progress=False)
+    pred = load_predictions(tmp_path / "run")
+    acc = pred.groupby("model").correct.mean().round(4).to_dict()
+    assert summary["accuracy"] == acc and max(acc.values()) < run_module.LOW_ACCURACY
+    err = capsys.readouterr().err
+    for path, name in zip(models, ("alpha", "beta")):
+        n_correct = int(pred[pred.model == name].correct.sum())
+        assert (f"warning: --model {path}: {n_correct} of {S.N_IMAGES} evaluated images classified correctly "
+                f"({acc[name]:.1%}, below 90%); the maps of a model that has not learned the task") in err
+    assert len(summary["warnings"]) == 2
+    monkeypatch.setattr(run_module, "LOW_ACCURACY", 0.1)  # the results are the same, without the warning
+    again = run_eval(_quick_config(models), tmp_path / "run", components=S.components(), progress=False)
+    assert again["chunks_computed"] == 0 and again["accuracy"] == acc and again["warnings"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_dataset_of_another_recipe_or_fingerprint_than_the_training_data_is_warned_about(tmp_path, capsys):
+    """A model trained on two size bands, evaluated on three, without a word; likewise a model
+    trained from disk on another dataset. A warning, not an error: the run goes on."""
+    from shapesynth.config import SynthConfig
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shapesynth.json").write_text(json.dumps({"config": SynthConfig(image_size=64, seed=1).to_dict()}))
+    two_bands = SynthConfig(image_size=64, size_bands=((0.31, 0.39), (0.16, 0.19)), clutter=0.2,
+                            split_sizes={"train": 5, "val": 5, "test": 5}).to_dict()
+    trained_on = {"rendered": {"data": None, "synth": two_bands},
+                  "same": {"data": None, "synth": SynthConfig(image_size=64, seed=7).to_dict()},
+                  "disk": {"data": "/elsewhere/data", "synth": None}}
+    paths = []
+    for name in trained_on:
+        (tmp_path / f"{name}.ckpt").write_bytes(b"stand-in")
+        paths.append(str(tmp_path / f"{name}.ckpt"))
+
+    def load_model(path):
+        model, meta = S.load_model(path)
+        return model, {**meta, "data": trained_on[Path(path).stem], "dataset_fingerprint": "abc"}
+
+    comps = S.components()
+    comps.load_model = load_model
+    summary = run_eval(_quick_config(paths, data=str(data), image_range=(0, 4)), tmp_path / "run",
+                       components=comps, progress=False)
+    assert summary["chunks_computed"] == 3
+    err = capsys.readouterr().err
+    assert (f"warning: --model {paths[0]}: the dataset's recipe differs from the one it was trained with in "
+            "clutter (0.2 -> 0.65), size_bands ([[0.31, 0.39], [0.16, 0.19]] -> [[0.3125, 0.38671875], "
+            "[0.15625, 0.19140625], [0.078125, 0.09375]]) (model's -> dataset's); the maps and metrics "
+            "describe it on a shifted distribution") in err
+    assert f"--model {paths[1]}: the dataset's recipe" not in err  # seed, split sizes: the same images
+    assert (f"warning: --model {paths[2]}: it was trained on another dataset (/elsewhere/data, fingerprint abc) "
+            f"than {data} (fingerprint tiny-fingerprint)") in err
+    assert sum("recipe" in w or "another dataset" in w for w in summary["warnings"]) == 2

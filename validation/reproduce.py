@@ -130,6 +130,13 @@ def _model_ready(checkpoint: Path):
     return (meta or {}).get("test_accuracy") is not None, meta
 
 
+def _resumes(cmd: list[str], model_dir: Path) -> bool:
+    """Whether the training command continues an interrupted training: the trainers' ``resume:
+    auto`` (their default) picks up ``<model_dir>/checkpoints/last.ckpt`` when it exists."""
+    never = any(a == "--resume=never" or (a == "--resume" and b == "never") for a, b in zip(cmd, cmd[1:] + [""]))
+    return not never and (model_dir / "checkpoints" / "last.ckpt").is_file()
+
+
 class Reproduction:
     def __init__(self, profile: dict, out: str | os.PathLike, progress: bool = True, components=None):
         self.components = components  # injected collaborators of `run` (tests); default: the real ones
@@ -212,9 +219,11 @@ class Reproduction:
             if trained and not train:
                 raise RuntimeError(f"{checkpoints[arch]}: no finished {arch} model for the run step; "
                                    f"include the train step (e.g. --steps train,run,analyze,report, or no --steps)")
+            status = "reused"
             if trained:
                 spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **(tr["models"][arch] or {})}
                 cmd = self._command(spec, "trainers", arch=arch, model_dir=str(model_dir), **self.values)
+                status = "resumed" if _resumes(cmd, model_dir) else "trained"
                 _run_command(cmd, self.out / "logs" / f"train_{arch}.log")
                 ready, meta = _model_ready(checkpoints[arch])
                 if not ready:
@@ -222,7 +231,7 @@ class Reproduction:
                                        f"cannot load it (see {self.out / 'logs' / f'train_{arch}.log'})")
             self._check_model_fits(checkpoints[arch], meta, trained)
             acc = (meta or {}).get("test_accuracy")
-            info[arch] = {"reused": not trained, "test_accuracy": acc}
+            info[arch] = {"status": status, "reused": not trained, "test_accuracy": acc}
             if min_acc is not None and (acc is None or float(acc) < float(min_acc)):
                 raise RuntimeError(f"{arch}: test accuracy {acc} is below the profile's minimum {min_acc}; "
                                    f"the evaluation would not be faithful (see {model_dir})")
@@ -357,6 +366,28 @@ class Reproduction:
         return {"workers": workers, "threads_per_worker": threads, "rows": manifest["rows"],
                 "status_counts": manifest["status_counts"]}
 
+    def recorded_profile(self) -> str | None:
+        """The profile this folder's run was built with (``run/profile.json``, else the
+        ``reproduce.json`` of a folder from before it existed); None for a folder without a run."""
+        if (self.run_dir / "profile.json").exists():
+            return (read_json(self.run_dir / "profile.json") or {}).get("name")
+        if self.run_dir.exists() and (self.out / "reproduce.json").exists():
+            return (read_json(self.out / "reproduce.json") or {}).get("profile")
+        return None
+
+    def check_recorded_profile(self, steps) -> None:
+        """Analyze and report act on the folder's run: without the run step (which checks the run
+        folder against this profile's evaluation settings, refusing another run), a folder built
+        with another profile would be analysed and recorded under this profile's name."""
+        if "run" in steps or not {"analyze", "report"} & set(steps):
+            return
+        old, new = self.recorded_profile(), self.p.get("name")
+        if old is not None and old != new:
+            doing = " and ".join(s for s in ("analyze", "report") if s in steps)
+            raise ValueError(f"{self.out} holds a run built with profile {old!r}, not {new!r}: --steps "
+                             f"{','.join(steps)} would {doing} it under profile {new!r}; use profile {old!r} "
+                             f"(--profile), include the run step, or use another --out")
+
     def analyze(self):
         from validation.analyze import analyze_run
 
@@ -377,6 +408,7 @@ def reproduce(profile: str, out: str | os.PathLike, steps=None, progress: bool =
     if bad:
         raise ValueError(f"unknown steps {bad}; choose from {', '.join(STEPS)}")
     r = Reproduction(prof, out, progress, components)
+    r.check_recorded_profile(steps)
     r.out.mkdir(parents=True, exist_ok=True)
     if (r.out / "reproduce.json").exists():
         r.record["previous"] = read_json(r.out / "reproduce.json").get("steps")

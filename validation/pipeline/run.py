@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -53,6 +55,12 @@ LAYER_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "
 REFINABLE = ("gradcam", "gradcampp", "layercam", "scorecam", "shapleycam", "guidedgradcam")
 # Baselines that need the ground truth to build their map.
 NEEDS_GT = ("oracle",)
+# Below this accuracy on the evaluated images a model has not learned the task: the run warns
+# (its maps say little about what the metrics measure); results are computed as usual.
+LOW_ACCURACY = 0.9
+# SynthConfig fields that do not change the distribution of the images (which images are drawn,
+# how many, how failures are handled): a model's recipe and the dataset's may differ in these.
+RECIPE_NEUTRAL = ("seed", "split_sizes", "bg_pool_sizes", "bg_pool_fractions", "bg_strict", "max_colour_tries")
 
 
 @dataclass
@@ -328,6 +336,29 @@ def _dataset_classes(dataset, path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _warn(text: str) -> None:
+    """A run-time notice on stderr (the run goes on), as the command line prints its warnings."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _recipe(d: dict) -> dict:
+    """A SynthConfig dict with its defaults filled in and its values as JSON holds them."""
+    try:
+        from shapesynth.config import SynthConfig
+
+        d = SynthConfig.from_dict(d).to_dict()
+    except Exception:  # shapesynth unavailable, or a recipe of another version: compare as recorded
+        pass
+    return json.loads(json.dumps(d))
+
+
+def recipe_differences(model_recipe: dict, data_recipe: dict) -> dict[str, tuple]:
+    """field -> (model's, dataset's) for the fields that change the image distribution."""
+    a, b = _recipe(model_recipe), _recipe(data_recipe)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RECIPE_NEUTRAL and a.get(k) != b.get(k)}
+
+
 def _dry_evaluate(metrics: Sequence[str], options: dict, shape: tuple[int, ...]) -> None:
     """The project's evaluate() of ``metrics`` with ``options`` on one stand-in image of
     ``shape`` (C, H, W), a linear model and a ramp map; raises what the metrics' checks raise.
@@ -587,6 +618,8 @@ class Runner:
         self._check_layers(models)
         self._check_metric_option_values(dataset)
         cfg_dict = self._prepare_config(metas)
+        self.warnings = []  # run-time notices: on stderr as they come, and in the summary
+        self._check_training_data(metas, cfg_dict["data_fingerprint"])
         self.out.mkdir(parents=True, exist_ok=True)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
         self._check_or_write_config(cfg_dict, shard, chunks)
@@ -608,9 +641,63 @@ class Runner:
         finally:
             if bar is not None:
                 bar.close()
+        summary["accuracy"] = self._check_accuracy(chunks)
+        summary["warnings"] = self.warnings
         if merge or (merge is None and shard == (0, 1)):
             summary["manifest"] = merge_run(self.out)
         return summary
+
+    def _note(self, text: str) -> None:
+        self.warnings.append(text)
+        _warn(text)
+
+    def _check_training_data(self, metas, fingerprint) -> None:
+        """A warning (once per model) when the dataset is not what the model was trained on: its
+        recorded rendering recipe (``meta["data"]["synth"]``) differs from the dataset's in a field
+        that changes the images, or it was trained from disk on a dataset of another fingerprint.
+        Evaluating on a shifted distribution is legitimate: a notice, not an error."""
+        manifest = Path(self.config.data) / "shapesynth.json"
+        try:
+            data_recipe = (read_json(manifest) or {}).get("config") if manifest.is_file() else None
+        except (OSError, ValueError):
+            data_recipe = None
+        usable_fp = isinstance(fingerprint, str) and not fingerprint.startswith("unavailable")
+        for path, meta in zip(self.config.models, metas):
+            trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+            notes = []
+            recipe = trained_on.get("synth")
+            if isinstance(recipe, dict) and isinstance(data_recipe, dict):
+                diff = recipe_differences(recipe, data_recipe)
+                if diff:
+                    notes.append("the dataset's recipe differs from the one it was trained with in "
+                                 + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in diff.items())
+                                 + " (model's -> dataset's)")
+            source, fp = trained_on.get("data"), meta.get("dataset_fingerprint")
+            if source and fp and usable_fp and fp != fingerprint:
+                notes.append(f"it was trained on another dataset ({source}, fingerprint {fp}) than "
+                             f"{self.config.data} (fingerprint {fingerprint})")
+            if notes:
+                self._note(f"--model {path}: {'; '.join(notes)}; the maps and metrics describe it on a "
+                           "shifted distribution")
+
+    def _check_accuracy(self, chunks) -> dict[str, float]:
+        """Each model's accuracy over this shard's images (from the chunks' markers), with a
+        warning for a model below ``LOW_ACCURACY``."""
+        out = {}
+        for name, path in zip(self.config.model_names, self.config.models):
+            n = correct = 0
+            for s, e in chunks:
+                marker = Path(f"{chunk_stem(self.out, name, s, e)}.done.json")
+                info = (read_json(marker) or {}) if marker.exists() else {}
+                n, correct = n + int(info.get("n_images", 0)), correct + int(info.get("n_correct", 0))
+            if not n:
+                continue
+            out[name] = round(correct / n, 4)
+            if correct / n < LOW_ACCURACY:
+                self._note(f"--model {path}: {correct} of {n} evaluated images classified correctly "
+                           f"({correct / n:.1%}, below {LOW_ACCURACY:.0%}); the maps of a model that has "
+                           "not learned the task say little about the metrics")
+        return out
 
     def _load_batch(self, dataset, start: int, stop: int):
         items = [dataset[i] for i in range(start, stop)]
