@@ -9,13 +9,14 @@ The four collaborators are injectable (``components``) so the pipeline can be te
 small stand-ins; by default they are the project's own:
 ``trainers.load_model``, ``shapesynth.torchdata.ShapesDataset``,
 ``validation.attributions.get_explainer`` and ``validation.metrics.evaluate``.
+
+The checks made before any work (names, options, layers, models against the dataset, the
+training data) are in :mod:`validation.pipeline.checks`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import json
 import os
 import sys
 import time
@@ -28,6 +29,18 @@ import numpy as np
 import torch
 
 from validation._rng import seeded_global_rng
+from validation.pipeline.checks import (
+    RECIPE_NEUTRAL,
+    _method_class,
+    check_layers,
+    check_metric_option_values,
+    check_models_fit,
+    check_training_data,
+    recipe_differences,
+    refuse_unknown_methods,
+    refuse_unknown_metrics,
+    wanted_layers,
+)
 from validation.pipeline.shards import chunk_ranges, shard_chunks
 from validation.pipeline.table import (
     IDENTITY,
@@ -58,9 +71,11 @@ NEEDS_GT = ("oracle",)
 # Below this accuracy on the evaluated images a model has not learned the task: the run warns
 # (its maps say little about what the metrics measure); results are computed as usual.
 LOW_ACCURACY = 0.9
-# SynthConfig fields that do not change the distribution of the images (which images are drawn,
-# how many, how failures are handled): a model's recipe and the dataset's may differ in these.
-RECIPE_NEUTRAL = ("seed", "split_sizes", "bg_pool_sizes", "bg_pool_fractions", "bg_strict", "max_colour_tries")
+
+__all__ = ["DEFAULT_METRICS", "LAYER_METHODS", "REFINABLE", "NEEDS_GT", "LOW_ACCURACY", "RunConfig", "MapConfig",
+           "map_configs", "Components", "default_layer_methods", "chunk_seed", "Runner", "run_eval",
+           # re-exported from validation.pipeline.checks, where they moved
+           "RECIPE_NEUTRAL", "recipe_differences"]
 
 
 @dataclass
@@ -161,12 +176,6 @@ def _default_dataset(path, split):
     from shapesynth.torchdata import ShapesDataset
 
     return ShapesDataset(path, split=split)
-
-
-def _method_class(method: str):
-    from validation.attributions.registry import METHODS, canonical_name
-
-    return METHODS[canonical_name(method)]
 
 
 def _method_accepts(method: str, option: str) -> bool:
@@ -325,55 +334,9 @@ def _weights_fingerprint(path: str) -> str:
     return "sha256:" + sha256_file(p)
 
 
-def _dataset_classes(dataset, path: str) -> tuple[str, ...]:
-    """The dataset's class names: its ``class_names`` attribute, else what the generated folder
-    declares (trainers' reader, the one training checks against)."""
-    names = getattr(dataset, "class_names", None)
-    if names is None:
-        from trainers.data import dataset_class_names
-
-        names = dataset_class_names(path)
-    return tuple(names)
-
-
 def _warn(text: str) -> None:
     """A run-time notice on stderr (the run goes on), as the command line prints its warnings."""
     print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
-def _recipe(d: dict) -> dict:
-    """A SynthConfig dict with its defaults filled in and its values as JSON holds them."""
-    try:
-        from shapesynth.config import SynthConfig
-
-        d = SynthConfig.from_dict(d).to_dict()
-    except Exception:  # shapesynth unavailable, or a recipe of another version: compare as recorded
-        pass
-    return json.loads(json.dumps(d))
-
-
-def recipe_differences(model_recipe: dict, data_recipe: dict) -> dict[str, tuple]:
-    """field -> (model's, dataset's) for the fields that change the image distribution."""
-    a, b = _recipe(model_recipe), _recipe(data_recipe)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in RECIPE_NEUTRAL and a.get(k) != b.get(k)}
-
-
-def _dry_evaluate(metrics: Sequence[str], options: dict, shape: tuple[int, ...]) -> None:
-    """The project's evaluate() of ``metrics`` with ``options`` on one stand-in image of
-    ``shape`` (C, H, W), a linear model and a ramp map; raises what the metrics' checks raise.
-    Draws nothing from the caller's random state."""
-    from validation.metrics import evaluate
-
-    c, h, w = shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 2))
-        x = torch.rand(1, c, h, w)
-        ramp = torch.linspace(0, 1, h * w).view(1, h, w)
-        evaluate(model.eval(), x, torch.zeros(1, dtype=torch.long), ramp, metrics=list(metrics),
-                 explainer=lambda images, target=None: ramp.expand(images.shape[0], h, w),
-                 gt=(ramp > 0.5).float(), **options)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -403,41 +366,12 @@ class Runner:
 
     def _refuse_unknown_names_and_options(self):
         """With the project's own explainer and evaluate, an unknown method, metric or option is
-        refused before any work: each would fail on every image, after the image-by-image retries
-        (a misspelt method among the method options would silently leave the defaults)."""
+        refused before any work (see `validation.pipeline.checks`)."""
         cfg = self.config
         if self.c.explainer is _default_explainer:
-            from validation.attributions.registry import canonical_name, unknown_options
-
-            for method in cfg.methods:
-                canonical_name(method)  # ValueError listing the available methods
-            # options may name methods this run leaves out (a profile's, say), but real ones
-            for method, options in cfg.method_options.items():
-                try:
-                    canonical_name(method)
-                except ValueError as err:
-                    raise ValueError(f"method options: {err}") from None
-                if not isinstance(options, dict):
-                    raise ValueError(f"method options for {method!r}: expected a mapping of option to "
-                                     f"value, got {options!r}")
-                if "layer" in options:
-                    raise ValueError(f"method options for {method!r}: the run sets the layer from its "
-                                     "layers (--layers), not from the method options")
-                unknown, accepted = unknown_options(_method_class(method), options)
-                if unknown:
-                    raise ValueError(f"method options for {method!r}: unknown option(s) {unknown}; "
-                                     f"accepted: {accepted}")
+            refuse_unknown_methods(cfg.methods, cfg.method_options)
         if self.c.evaluate is _default_evaluate:
-            from validation.metrics import METRIC_NAMES, evaluate
-
-            unknown = [m for m in cfg.metrics if m not in METRIC_NAMES]
-            if unknown:
-                raise ValueError(f"unknown metric(s) {unknown}; available: {list(METRIC_NAMES)}")
-            accepted = sorted(name for name, p in inspect.signature(evaluate).parameters.items()
-                              if p.kind is p.KEYWORD_ONLY)
-            unknown = sorted(set(cfg.metric_options) - set(accepted))
-            if unknown:
-                raise ValueError(f"metric options: unknown option(s) {unknown}; accepted: {accepted}")
+            refuse_unknown_metrics(cfg.metrics, cfg.metric_options)
 
     # -- setup ---------------------------------------------------------------------------
     def _load_models(self):
@@ -467,100 +401,17 @@ class Runner:
         d["configs"] = [c.label for c in self.configs]
         return d
 
-    def _check_models_fit(self, dataset, metas) -> None:
-        """Every model must take the dataset's image size and predict its classes."""
-        n = len(dataset)
-        if n == 0:
-            return  # an empty split: the range check above has refused every non-empty range
-        height, width = (int(v) for v in torch.as_tensor(dataset[0]["image"]).shape[-2:])
-        classes = _dataset_classes(dataset, self.config.data)
-        where = f"{self.config.data} ({self.config.split} split)"
-        for path, meta in zip(self.config.models, metas):
-            missing = [k for k in ("image_size", "class_names") if k not in meta]
-            if missing:
-                raise ValueError(f"--model {path}: its metadata has no {missing}, so it cannot be "
-                                 f"checked against {where}")
-            size = int(meta["image_size"])
-            if (size, size) != (height, width):
-                raise ValueError(f"--model {path}: the model takes {size} px images but {where} has "
-                                 f"{height} x {width} px images")
-            if tuple(meta["class_names"]) != classes:
-                raise ValueError(f"--model {path}: the model's classes {list(meta['class_names'])} differ "
-                                 f"from the classes of {where}: {list(classes)}")
-
-    def _wanted_layers(self) -> dict[str, str]:
-        """Every layer spec the run's explainers will resolve -> the flag that named it."""
-        cfg, wanted = self.config, {}
-
-        def add(layer, source):
-            if isinstance(layer, str):
-                wanted.setdefault(layer, source)
-
-        for c in self.configs:
-            if c.layer == NO_LAYER:
-                continue
-            add(c.layer, "--layers" if c.layer in cfg.layers else f"method grid of {c.method!r}")
-            if c.mix != IDENTITY:  # RefineCAM also resolves every deeper layer it fuses
-                for layer in cfg.refine_layers[cfg.refine_layers.index(c.layer):]:
-                    add(layer, "--refine-layers")
-        for method in dict.fromkeys(c.method for c in self.configs):  # e.g. RELAX's embedding_layer
-            for key, value in (cfg.method_options.get(method) or {}).items():
-                if key.endswith("layer"):
-                    add(value, f"method options of {method!r} ({key})")
-        return wanted
-
-    def _check_layers(self, models) -> None:
-        """With the project's own explainer, every layer is resolved in every (loaded) model
-        before any work: a misspelt one would fail every map of every layer method."""
-        if self.c.explainer is not _default_explainer:
-            return
-        from validation.attributions.layers import resolve_layer_full, stage_names
-
-        wanted, problems = self._wanted_layers(), []
-        for path, model in zip(self.config.models, models):
-            bad = []
-            for layer, source in wanted.items():
-                try:
-                    resolve_layer_full(model, layer)
-                except (ValueError, TypeError):
-                    bad.append(f"{layer!r} ({source})")
-            if not bad:
-                continue
-            aliases = stage_names(model)
-            names = [n for n, _ in model.named_modules() if n]
-            dotted = [n for n in names if "." in n] or names
-            alias_text = (f"its stage aliases {', '.join(f'{a} (= {n})' for a, n in aliases.items())}"
-                          if aliases else "no stage aliases (architecture not recognised)")
-            problems.append(f"--model {path}: unknown layer {', '.join(bad)}; accepted: {alias_text}, "
-                            f"or any of its {len(names)} module names (dotted, e.g. {', '.join(dotted[:3])})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def _check_metric_option_values(self, dataset) -> None:
-        """With the project's own evaluate, metric options are tried once on a tiny stand-in
-        (one image of the dataset's size, a linear model): a value the metrics' own checks refuse
-        (``fractions: 0.5``, say) is refused now, naming the option, not on every row."""
-        options = self.config.metric_options
-        if self.c.evaluate is not _default_evaluate or not options or len(dataset) == 0:
-            return
-        shape = tuple(torch.as_tensor(dataset[0]["image"]).shape[-3:])
-
-        def refusal(opts):
-            try:
-                _dry_evaluate(self.config.metrics, opts, shape)
-            except Exception as err:  # TypeError, ValueError, ...: whatever a real row would record
-                return f"{type(err).__name__}: {err}"
-            return None
-
-        whole = refusal(options)
-        if whole is None:
-            return
-        for name, value in options.items():
-            why = refusal({name: value})
-            if why is not None:
-                raise ValueError(f"metric options: {name}={value!r} is refused by the metrics ({why})")
-        if refusal({}) is None:  # no option alone: their combination
-            raise ValueError(f"metric options {options} are refused by the metrics together ({whole})")
+    def _check_before_work(self, dataset, models, metas) -> None:
+        """The checks of the loaded models and the dataset before anything is written (see
+        `validation.pipeline.checks`): the layer and metric option checks hold for the project's
+        own explainer and evaluate only."""
+        cfg = self.config
+        check_models_fit(dataset, metas, cfg.models, cfg.data, cfg.split)
+        if self.c.explainer is _default_explainer:
+            check_layers(cfg.models, models,
+                         wanted_layers(self.configs, cfg.layers, cfg.refine_layers, cfg.method_options))
+        if self.c.evaluate is _default_evaluate:
+            check_metric_option_values(cfg.metrics, cfg.metric_options, dataset)
 
     def _check_or_write_config(self, d: dict, shard: tuple[int, int], own_chunks) -> None:
         """Refuse a run directory holding another run; with ``overwrite``, discard this shard's
@@ -614,12 +465,11 @@ class Runner:
         if b > n_data:
             raise ValueError(f"{self.range_source or f'--images {a}:{b}'} asks for more images than the "
                              f"{self.config.split} split of {self.config.data} has ({n_data})")
-        self._check_models_fit(dataset, metas)
-        self._check_layers(models)
-        self._check_metric_option_values(dataset)
+        self._check_before_work(dataset, models, metas)
         cfg_dict = self._prepare_config(metas)
         self.warnings = []  # run-time notices: on stderr as they come, and in the summary
-        self._check_training_data(metas, cfg_dict["data_fingerprint"])
+        check_training_data(self.config.data, self.config.models, metas, cfg_dict["data_fingerprint"],
+                            self._note)
         self.out.mkdir(parents=True, exist_ok=True)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
         self._check_or_write_config(cfg_dict, shard, chunks)
@@ -650,35 +500,6 @@ class Runner:
     def _note(self, text: str) -> None:
         self.warnings.append(text)
         _warn(text)
-
-    def _check_training_data(self, metas, fingerprint) -> None:
-        """A warning (once per model) when the dataset is not what the model was trained on: its
-        recorded rendering recipe (``meta["data"]["synth"]``) differs from the dataset's in a field
-        that changes the images, or it was trained from disk on a dataset of another fingerprint.
-        Evaluating on a shifted distribution is legitimate: a notice, not an error."""
-        manifest = Path(self.config.data) / "shapesynth.json"
-        try:
-            data_recipe = (read_json(manifest) or {}).get("config") if manifest.is_file() else None
-        except (OSError, ValueError):
-            data_recipe = None
-        usable_fp = isinstance(fingerprint, str) and not fingerprint.startswith("unavailable")
-        for path, meta in zip(self.config.models, metas):
-            trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-            notes = []
-            recipe = trained_on.get("synth")
-            if isinstance(recipe, dict) and isinstance(data_recipe, dict):
-                diff = recipe_differences(recipe, data_recipe)
-                if diff:
-                    notes.append("the dataset's recipe differs from the one it was trained with in "
-                                 + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in diff.items())
-                                 + " (model's -> dataset's)")
-            source, fp = trained_on.get("data"), meta.get("dataset_fingerprint")
-            if source and fp and usable_fp and fp != fingerprint:
-                notes.append(f"it was trained on another dataset ({source}, fingerprint {fp}) than "
-                             f"{self.config.data} (fingerprint {fingerprint})")
-            if notes:
-                self._note(f"--model {path}: {'; '.join(notes)}; the maps and metrics describe it on a "
-                           "shifted distribution")
 
     def _check_accuracy(self, chunks) -> dict[str, float]:
         """Each model's accuracy over this shard's images (from the chunks' markers), with a
