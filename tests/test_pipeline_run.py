@@ -385,6 +385,37 @@ def test_tables_merged_before_newer_chunks_are_refused(models, tmp_path):
     assert len(load_results(out)) > 0
 
 
+def test_a_chunk_rewritten_within_the_merges_clock_tick_is_refused(models, tmp_path):
+    """Coarse file times (e.g. 1-2 s on some file systems): a marker rewritten, or a new one
+    written, in the merge's own tick has no later time, but the merge recorded what it saw."""
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["cam"]), out, components=S.components(), progress=False)
+    merged = (out / "results.parquet").stat().st_mtime_ns
+    markers = sorted((out / "chunks").glob("*/*.done.json"))
+    info = json.loads(markers[0].read_text())
+    info["seconds"] = {k: v + 1.0 for k, v in info["seconds"].items()}  # recomputed: other timings
+    markers[0].write_text(json.dumps(info))
+    os.utime(markers[0], ns=(merged, merged))
+    with pytest.raises(RuntimeError, match=r"1 chunk\(s\) finished after results.parquet was merged"):
+        load_results(out)
+    merge_run(out)
+    assert len(load_results(out)) > 0
+    # a marker the merge never saw (a chunk of another shard copied in), with the merge's time
+    extra = markers[0].with_name("c90000-90008.done.json")
+    extra.write_text(markers[0].read_text())
+    os.utime(extra, ns=(merged, merged))
+    with pytest.raises(RuntimeError, match=r"1 chunk\(s\) finished after"):
+        load_results(out)
+    extra.unlink()
+    assert len(load_results(out)) > 0
+    # a run merged before the markers were recorded: judged by time alone, as before
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["chunk_markers"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    os.utime(markers[0], ns=(merged, merged))
+    assert len(load_results(out)) > 0
+
+
 def _cam_run(models, out, components=None, **kw):
     torch.set_num_threads(1)
     return run_eval(S.config(models, methods=["cam"]), out, components=components or S.components(),

@@ -17,7 +17,7 @@ A run directory looks like::
     RUN_DIR/results.parquet, results.csv           merged (``merge``)
     RUN_DIR/predictions.parquet, predictions.csv, misclassified.csv
     RUN_DIR/timing.csv                 seconds per model and configuration
-    RUN_DIR/manifest.json              versions, config, data fingerprint, models, table hash
+    RUN_DIR/manifest.json              versions, config, data fingerprint, models, table hash, markers merged
 
 Chunks are fixed image ranges defined by the run config, not by the process that computes
 them, so a run split over processes or machines produces exactly the same chunk files as a
@@ -255,6 +255,13 @@ def expected_chunks(config: Mapping) -> list[tuple[str, int, int]]:
     return [(name, a, b) for name in config["model_names"] for a, b in ranges]
 
 
+def marker_digests(run_dir) -> dict[str, str]:
+    """Relative path -> sha256 of every chunk marker (``.done.json``) of a run."""
+    run_dir = Path(run_dir)
+    return {m.relative_to(run_dir).as_posix(): sha256_file(m)
+            for m in sorted((run_dir / "chunks").glob("*/c*.done.json"))}
+
+
 def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     """Merge every finished chunk of ``run_dir`` into the run's tables and manifest.
 
@@ -265,6 +272,7 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     config = read_json(run_dir / "run_config.json")
     wanted = expected_chunks(config)
     weights = config.get("model_weights") or {}
+    seen = marker_digests(run_dir)  # before reading: a chunk finishing during the merge counts as newer
     markers, run_id = read_chunk_markers(run_dir), run_identity(config)
     done = {c for c, info in markers.items() if info.get("run_id") == run_id}
     missing = [c for c in wanted if c not in done]
@@ -329,6 +337,7 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
         "sha256": {"results.parquet": sha256_file(run_dir / "results.parquet"),
                    "results.csv": sha256_file(run_dir / "results.csv")},
         "compute_seconds": float(timing["seconds"].sum()) if len(timing) else 0.0,
+        "chunk_markers": seen,
     }
     write_json(run_dir / "manifest.json", manifest)
     return manifest
@@ -342,7 +351,15 @@ def check_merge_current(run_dir: str | os.PathLike) -> None:
     if not path.exists():
         return
     merged = path.stat().st_mtime_ns
-    newer = [m for m in (run_dir / "chunks").glob("*/c*.done.json") if m.stat().st_mtime_ns > merged]
+    # by time, and (file systems with coarse timestamps: a chunk finished in the merge's tick) by
+    # the markers the merge recorded: one it did not see, or one rewritten since, is newer too
+    manifest = run_dir / "manifest.json"  # written after the tables: absent if the merge was cut short
+    recorded = (read_json(manifest) or {}).get("chunk_markers") if manifest.exists() else {}
+    current = marker_digests(run_dir) if recorded is not None else {}
+    newer = sorted(m for m in (run_dir / "chunks").glob("*/c*.done.json")
+                   if m.stat().st_mtime_ns > merged
+                   or (recorded is not None and recorded.get(m.relative_to(run_dir).as_posix())
+                       != current.get(m.relative_to(run_dir).as_posix())))
     if newer:
         raise RuntimeError(
             f"{run_dir}: {len(newer)} chunk(s) finished after results.parquet was merged (e.g. "
