@@ -78,8 +78,8 @@ def _backgrounds(cfg: SynthConfig, pools: dict[str, BackgroundPool]) -> tuple[st
         listing[split] = [{"name": n, "sha256": h} for n, h in zip(p.names, p.hashes)]
     text = [
         f"Source: `{cfg.background}`" + (f" (`{cfg.bg_path or cfg.bg_split_paths}`)" if cfg.background != "procedural" else "")
-        + ". Pools are disjoint by sha256 of the decoded pixels, up to a flip or channel permutation "
-        "(checked before generation); each sample "
+        + ". Pools are disjoint by sha256 of the decoded pixels, up to the flips and channel "
+        "permutations the config applies (checked before generation); each sample "
         "takes one base with a random crop, flips, channel permutation and colour jitter.",
         "",
         _md_table(pd.DataFrame(rows, columns=["pool", "bases", "pool digest"])),

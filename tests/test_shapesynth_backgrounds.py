@@ -176,6 +176,38 @@ def test_flipped_copies_in_one_folder_are_kept_once(tmp_path):
     assert skipped == {str(tmp_path / "bgs" / "zz_rotated_gbr.png"): f"duplicate of {paths[4]} (same pixels up to a flip or channel permutation)"}
 
 
+def test_flips_and_channel_swaps_are_one_background_only_when_the_config_applies_them(tmp_path):
+    paths = _write_images(tmp_path / "bgs", 12)
+    arr = np.asarray(Image.open(paths[4]).convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(arr[:, ::-1])).save(tmp_path / "bgs" / "zz_mirrored.png")
+    Image.fromarray(np.ascontiguousarray(arr[..., [2, 1, 0]])).save(tmp_path / "bgs" / "zz_bgr.png")
+    base = _folder_cfg(tmp_path / "bgs").to_dict()
+
+    def kept_and_skipped(**flags):
+        clear_pool_cache()
+        pools = build_pools(SynthConfig(**{**base, **flags}))
+        return sum(len(p) for p in pools.values()), sorted(Path(n).name for p in pools.values() for n, _ in p.skipped)
+
+    assert kept_and_skipped() == (12, ["zz_bgr.png", "zz_mirrored.png"])
+    # without flips a mirrored copy is another background (no sample ever flips it back) ...
+    assert kept_and_skipped(bg_flip=False) == (13, ["zz_bgr.png"])
+    # ... without channel shuffle a BGR copy is, and with neither both are
+    assert kept_and_skipped(bg_channel_shuffle=False) == (13, ["zz_mirrored.png"])
+    assert kept_and_skipped(bg_flip=False, bg_channel_shuffle=False) == (14, [])
+    # and across splits: a mirrored test copy is no leak when nothing is flipped
+    split = tmp_path / "split"
+    _write_images(split / "train", 4)
+    _write_images(split / "test", 3, start=10)
+    first = np.asarray(Image.open(split / "train" / sorted(p.name for p in (split / "train").iterdir())[0]).convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(first[:, ::-1])).save(split / "test" / "mirrored.png")
+    cfg = {**TINY, "background": "folder", "bg_split_paths": {"train": str(split / "train"), "test": str(split / "test")}}
+    clear_pool_cache()
+    with pytest.raises(BackgroundOverlapError, match="up to a flip"):
+        build_pools(SynthConfig(**cfg))
+    clear_pool_cache()
+    assert len(build_pools(SynthConfig(**cfg, bg_flip=False))["test"]) == 4
+
+
 def test_split_folders_without_val_carve_val_from_train(tmp_path):
     _write_images(tmp_path / "train", 10)
     _write_images(tmp_path / "test", 3, start=50)

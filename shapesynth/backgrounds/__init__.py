@@ -39,8 +39,8 @@ def available_sources() -> tuple[str, ...]:
 # config fields that do not change the pools (shape, split-size and per-sample knobs)
 _NOT_POOL_FIELDS = {
     "split_sizes", "size_bands", "stroke_fraction", "min_stroke_px", "margin_px", "min_contrast",
-    "max_colour_tries", "bg_flip", "bg_jitter", "bg_channel_shuffle",
-}
+    "max_colour_tries", "bg_jitter",
+}  # bg_flip and bg_channel_shuffle decide which files are one background (pools.augmentation_hash)
 
 
 def _pool_key(cfg: SynthConfig) -> str:
@@ -86,7 +86,7 @@ def _build_pools(cfg: SynthConfig, num_proc: int) -> dict[str, BackgroundPool]:
     for split, pool in pools.items():
         if len(pool) == 0:
             raise BackgroundError(f"background pool {split!r} is empty")
-    check_disjoint(pools)
+    check_disjoint(pools, cfg.bg_flip, cfg.bg_channel_shuffle)
     return pools
 
 

@@ -49,41 +49,48 @@ class BackgroundPool:
         return hashlib.sha256("\n".join(sorted(self.hashes)).encode()).hexdigest()
 
 
-def _flip_shuffle_signature(image: np.ndarray) -> bytes:
-    """A cheap key that the per-sample flips and channel permutations leave unchanged: the
-    shape and the sorted per-channel histograms (equal for every image `augmentation_hash` can
-    find equal)."""
+def _flip_shuffle_signature(image: np.ndarray, shuffle: bool = True) -> bytes:
+    """A cheap key that the per-sample flips (and channel permutations, with ``shuffle``) leave
+    unchanged: the shape and the per-channel histograms, sorted with ``shuffle`` (equal for every
+    image `augmentation_hash` can find equal)."""
     image = np.asarray(image, dtype=np.uint8)
-    hists = sorted(np.bincount(image[..., c].ravel(), minlength=256).tobytes() for c in range(image.shape[2]))
-    return str(image.shape).encode() + b"".join(hists)
+    hists = [np.bincount(image[..., c].ravel(), minlength=256).tobytes() for c in range(image.shape[2])]
+    return str(image.shape).encode() + b"".join(sorted(hists) if shuffle else hists)
 
 
-def augmentation_hash(image: np.ndarray) -> str:
-    """The smallest `pixel_hash` over the 4 flips x 6 channel orders of an image.
+def augmentation_hash(image: np.ndarray, flip: bool = True, shuffle: bool = True) -> str:
+    """The smallest `pixel_hash` over the flips (4, with ``flip``) x channel orders (6, with
+    ``shuffle``) of an image.
 
     Two bases with the same augmentation hash give exactly the same set of backgrounds under the
-    per-sample flips and channel permutation (`draw_background`), so they are one background.
+    per-sample flips and channel permutation that the config turns on (`draw_background`), so
+    they are one background.
     """
     image = np.asarray(image, dtype=np.uint8)
-    flips = (image, image[:, ::-1], image[::-1], image[::-1, ::-1])
-    return min(pixel_hash(f[..., list(p)]) for f in flips for p in itertools.permutations(range(3)))
+    flips = (image, image[:, ::-1], image[::-1], image[::-1, ::-1]) if flip else (image,)
+    orders = itertools.permutations(range(3)) if shuffle else [(0, 1, 2)]
+    return min(pixel_hash(f[..., list(p)]) for p in orders for f in flips)
 
 
-def augmentation_twins(images: list[np.ndarray]) -> dict[int, str]:
+def augmentation_twins(images: list[np.ndarray], flip: bool = True, shuffle: bool = True) -> dict[int, str]:
     """`augmentation_hash` of every image that shares its flip/shuffle signature with another
-    (by position in `images`); images that match nothing are left out, so the 24 hashes are only
-    computed for the few candidates."""
+    (by position in `images`); images that match nothing are left out, so the hashes are only
+    computed for the few candidates. Nothing when neither augmentation is on (the pixel hash
+    alone decides then)."""
+    if not (flip or shuffle):
+        return {}
     groups: dict[bytes, list[int]] = {}
     for k, im in enumerate(images):
-        groups.setdefault(_flip_shuffle_signature(im), []).append(k)
-    return {k: augmentation_hash(images[k]) for ks in groups.values() if len(ks) > 1 for k in ks}
+        groups.setdefault(_flip_shuffle_signature(im, shuffle), []).append(k)
+    return {k: augmentation_hash(images[k], flip, shuffle) for ks in groups.values() if len(ks) > 1 for k in ks}
 
 
-def check_disjoint(pools: dict[str, BackgroundPool]) -> None:
+def check_disjoint(pools: dict[str, BackgroundPool], flip: bool = True, shuffle: bool = True) -> None:
     """Refuse pools that share a background, naming every offending file.
 
-    Shared means the same decoded pixels, or pixels one flip and/or channel permutation apart:
-    the per-sample augmentation turns such a pair into the very same backgrounds.
+    Shared means the same decoded pixels, or pixels one flip and/or channel permutation apart
+    where the config's per-sample augmentation (``flip``: `bg_flip`, ``shuffle``:
+    `bg_channel_shuffle`) turns such a pair into the very same backgrounds.
     """
     seen: dict[str, tuple[str, str]] = {}
     clashes: list[str] = []
@@ -95,7 +102,7 @@ def check_disjoint(pools: dict[str, BackgroundPool]) -> None:
     entries = [(split, name, h, im) for split, pool in pools.items()
                for name, h, im in zip(pool.names, pool.hashes, pool.images)]
     first: dict[str, tuple[str, str, str]] = {}
-    for k, key in sorted(augmentation_twins([e[3] for e in entries]).items()):
+    for k, key in sorted(augmentation_twins([e[3] for e in entries], flip, shuffle).items()):
         split, name, h, _ = entries[k]
         if key in first and first[key][0] != split and first[key][2] != h:  # exact copies are listed above
             clashes.append(f"{first[key][1]} ({first[key][0]}) == {name} ({split}) up to a flip or channel permutation")
@@ -212,10 +219,11 @@ def decode_candidates(items, strict: bool) -> tuple[list[Candidate], list[tuple[
     return good, skipped
 
 
-def _dedupe(cands: list[Candidate], skipped: list[tuple[str, str]]) -> list[Candidate]:
+def _dedupe(cands: list[Candidate], skipped: list[tuple[str, str]], cfg: SynthConfig) -> list[Candidate]:
     """Keep the first of every group of candidates that are one background: the same pixels,
-    or pixels a flip and/or channel permutation apart (see `augmentation_hash`)."""
-    twins = augmentation_twins([c.image for c in cands])
+    or pixels a flip and/or channel permutation apart where the config's augmentation makes
+    them one (see `augmentation_hash`)."""
+    twins = augmentation_twins([c.image for c in cands], cfg.bg_flip, cfg.bg_channel_shuffle)
     first: dict[str, tuple[str, str]] = {}
     unique = []
     for k, c in enumerate(cands):
@@ -281,9 +289,9 @@ def pools_from_candidates(
 ) -> dict[str, BackgroundPool]:
     """Pools from one collection (dealt by hash) or from per-split collections (checked)."""
     if single is not None:
-        groups = hash_split(_dedupe(single, skipped), cfg.bg_pool_fractions, where)
+        groups = hash_split(_dedupe(single, skipped, cfg), cfg.bg_pool_fractions, where)
     else:
-        groups = {s: _dedupe(c, skipped) for s, c in per_split.items()}
+        groups = {s: _dedupe(c, skipped, cfg) for s, c in per_split.items()}
         if "val" not in groups and "train" in groups:
             # no val collection: deal a val pool out of train, by hash
             fr = {"train": cfg.bg_pool_fractions.get("train", 0.8), "val": cfg.bg_pool_fractions.get("val", 0.05)}
