@@ -215,7 +215,11 @@ def _interrupted_hint(args) -> str:
         return " before anything was written; run the same command again"
     done, total = state
     shared = args.shard is not None and not args.shard.endswith("/1")
-    again = "the same command" if shared or args.resume else "the same command with --resume"
+    if getattr(args, "overwrite", False):  # rerun as it was, it would delete what is finished
+        again = ("the same command without --overwrite" if shared
+                 else "the same command with --resume instead of --overwrite")
+    else:
+        again = "the same command" if shared or args.resume else "the same command with --resume"
     if done == 0:
         return f" before any shard was finished; {again} starts over in {out}"
     return f"; {done} of {total} shard(s) are finished in {out}, and {again} continues from them"

@@ -200,6 +200,9 @@ def _main_not_interrupted(argv):
     ("reproduce", ["reproduce", "--out", "o", "--no-progress"],
      "; rerun the same command to resume: the data, finished models and finished chunks are reused"),
     ("merge", ["merge", "o"], ""),
+    # rerun as it was, --overwrite would recompute what is finished
+    ("run", ["run", "--data", "d", "--model", "m", "--out", "o", "--no-progress", "--overwrite"],
+     "; rerun the same command without --overwrite to resume from the finished chunks"),
 ])
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, command, argv, hint):
     """Ctrl-C printed a ~60-line traceback; now one line that says how to resume."""

@@ -249,6 +249,11 @@ def test_ctrl_c_says_what_is_finished_and_resumes(tmp_path, monkeypatch, capsys)
     assert err == (f"shapesynth generate: interrupted; 2 of 6 shard(s) are finished in {out}, "
                    "and the same command with --resume continues from them\n")
     assert not [p for p in out.rglob("*") if is_temp_file(p)]
+    # interrupted under --overwrite: rerun as it was, it would delete the finished shards
+    calls.clear()
+    assert _main_interrupted(["generate", "--out", str(out), *SMALL, "--overwrite"]) == 130
+    assert capsys.readouterr().err.endswith("and the same command with --resume instead of --overwrite "
+                                            "continues from them\n")
     monkeypatch.setattr(writers, "render_rows", real)
     assert main(["generate", "--out", str(out), *SMALL, "--resume"]) == 0
     assert "resumed     2 finished shard(s) kept" in capsys.readouterr().out

@@ -273,6 +273,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
         hint = RESUMES.get(args.command)
+        if hint and getattr(args, "overwrite", False):  # rerun as it was, it would recompute everything
+            hint = hint.replace("the same command", "the same command without --overwrite", 1)
         print(f"\nshapesynth-eval {args.command}: interrupted" + (f"; {hint}" if hint else ""),
               file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
