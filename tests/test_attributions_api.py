@@ -435,6 +435,11 @@ def test_several_layers_must_be_a_sequence(resnet):
             ex.explain_layers(images(1, 32), 0, bad)
     (one,) = ex.explain_layers(images(1, 32), 0, ("stage1",))
     torch.testing.assert_close(one.maps, ex.attribute(images(1, 32), 0))
+    # a ModuleList is a sequence of layers, as before
+    listed = ex.explain_layers(images(1, 32), 0, torch.nn.ModuleList([resnet.backbone.layer1, resnet.backbone.layer4]))
+    named = ex.explain_layers(images(1, 32), 0, ("stage1", "stage4"))
+    for got, want in zip(listed, named, strict=True):
+        torch.testing.assert_close(got.maps, want.maps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_gt_cosine_of_float32_maps_makes_no_float64_copy_of_the_maps():
     assert max(mode.sizes, default=0) <= maps.shape[0], mode.sizes
     a, b = maps.flatten(1).double().numpy(), gt.flatten(1).double().numpy()
     expect = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    np.testing.assert_allclose(value.numpy(), expect, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(value.numpy(), expect, rtol=1e-6, atol=0)  # float32 sums: ~2e-7 seen
 
 
 def test_gt_cosine_of_a_map_of_tiny_values_is_its_cosine_not_zero():

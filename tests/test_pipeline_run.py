@@ -705,6 +705,21 @@ def test_good_metric_option_values_pass_the_dry_run(models, tmp_path):
     assert all("outside [0, 1]" in reason for reason in df[df.status == "error"].reason)
 
 
+def test_a_dry_run_that_fails_without_options_blames_no_option(models, tmp_path, monkeypatch):
+    """If the stand-in itself fails (a metric it cannot serve), no option is blamed for it."""
+    import validation.pipeline.checks as checks
+
+    def stand_in_fails(metrics, options, shape):
+        raise RuntimeError("the stand-in cannot run this metric")
+
+    monkeypatch.setattr(checks, "_dry_evaluate", stand_in_fails)
+    torch.set_num_threads(1)
+    config = S.config(models, methods=["halfcam"], metrics=["topk_intersection"], image_range=(0, 4),
+                      metric_options={"topk": 10})
+    run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    assert "topk_intersection" in set(load_results(tmp_path / "run").metric)
+
+
 def _quick_config(models, **over):
     return S.config(models, methods=["halfcam"], metrics=["gt_cosine"], mixes=["identity"], **over)
 

@@ -81,6 +81,10 @@ def test_card_says_how_far_the_schedule_got():
     assert "| epochs / steps | 58 of 60 / 7392 (stopped by the max_time cap (00:01:00:00), before the schedule's end) |" in card
     del meta["max_epochs"], meta["stopped_by"]  # a model.json written before these were recorded
     assert "| epochs / steps | 58 / 7392 |" in model_card(meta)
+    # the test step undoes only mixed precision's autocast: a "-true" run tests in its own precision
+    assert "| precision | bf16-mixed in training; the test in fp32 |" in card
+    for precision, says in (("bf16-true", "bf16-true (training and test)"), ("32-true", "32-true")):
+        assert f"| precision | {says} |" in model_card({**meta, "precision": precision})
 
 
 def test_a_capped_fit_plan_carries_the_forecast(tmp_path):

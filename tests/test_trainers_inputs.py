@@ -118,10 +118,13 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     import sys
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the write itself fails, not only the flush at exit
-    for extra_env in ({}, env):
+    procs = []
+    for extra_env in ({}, env):  # both at once: each spends its seconds importing torch
         proc = subprocess.Popen([sys.executable, "-m", "trainers", "fit", "--print-config"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=extra_env or None, cwd=tmp_path)
         proc.stdout.close()  # the reader is gone before anything is written
+        procs.append(proc)
+    for proc in procs:
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) in (0, 141)
         assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err

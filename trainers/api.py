@@ -655,6 +655,13 @@ def _train_synth_text(data: dict) -> str:
     return text
 
 
+def _precision_text(precision: str) -> str:
+    # the test step turns mixed precision's autocast off; "-true" precisions hold half weights
+    if "mixed" in precision:
+        return f"{precision} in training; the test in fp32"
+    return precision if precision.startswith(("32", "64")) else f"{precision} (training and test)"
+
+
 def _tested_text(meta: dict) -> str:
     if meta["best_val_accuracy"] is None:  # validation off: no best checkpoint to choose
         return "last checkpoint: no validation ran"
@@ -682,7 +689,7 @@ def model_card(meta: dict) -> str:
 | **test accuracy** | **{meta['test_accuracy']:.4f}** ({_tested_text(meta)}) |
 | epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |
-| precision | {meta['precision']} in training; the test in fp32 |
+| precision | {_precision_text(meta['precision'])} |
 | hardware | {meta['hardware']} |
 | torch | {meta['torch']} |
 

@@ -352,7 +352,8 @@ class LayerExplainer(Explainer):
         self.layer = resolve_layer_full(model, layer, channels_last)
 
     def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:
-        specs = None if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Iterable) else list(layers)
+        one = isinstance(layers, str) or (isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList))
+        specs = None if one or not isinstance(layers, Iterable) else list(layers)
         if not specs:  # a bare string would otherwise be read as one layer per character
             raise ValueError(f"layers must be a non-empty sequence of layer specs (e.g. [\"stage1\", \"stage2\"]), "
                              f"got {layers!r}")

@@ -192,14 +192,13 @@ def check_metric_option_values(metrics: Sequence[str], options: dict, dataset) -
         return None
 
     whole = refusal(options)
-    if whole is None:
+    if whole is None or refusal({}) is not None:  # the stand-in fails without options: no verdict
         return
     for name, value in options.items():
         why = refusal({name: value})
         if why is not None:
             raise ValueError(f"metric options: {name}={value!r} is refused by the metrics ({why})")
-    if refusal({}) is None:  # no option alone: their combination
-        raise ValueError(f"metric options {options} are refused by the metrics together ({whole})")
+    raise ValueError(f"metric options {options} are refused by the metrics together ({whole})")
 
 
 # ----------------------------------------------------------------------------- training data
