@@ -87,6 +87,18 @@ def test_builtin_profiles_split_capped_methods_evenly_over_their_workers():
             assert max(capped) == min(capped), f"{name}: {method}'s {cap} images split {capped} over {workers} workers"
 
 
+def test_a_multi_worker_run_beyond_the_split_names_the_profile_setting(tmp_path, fake_io):
+    """Checked before the workers start: their errors would only reach their log files."""
+    path = _profile(tmp_path, workers=2)
+    prof = yaml.safe_load(path.read_text())
+    prof["eval"]["n_images"] = S.N_IMAGES + 10
+    path.write_text(yaml.safe_dump(prof))
+    with pytest.raises(ValueError, match=rf"the profile's eval.n_images \({S.N_IMAGES + 10}\) asks for more "
+                                         rf"images than the test split of .* has \({S.N_IMAGES}\)"):
+        R.reproduce(str(path), tmp_path / "out", progress=False, components=S.components())
+    assert not list((tmp_path / "out" / "logs").glob("*shard*"))  # no worker was started
+
+
 def test_reproduce_runs_all_steps_then_reuses_everything(tmp_path, fake_io):
     torch.set_num_threads(1)
     out = tmp_path / "out"

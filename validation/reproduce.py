@@ -323,13 +323,19 @@ class Reproduction:
 
     def _run_sharded(self, config, workers: int, threads: int) -> dict:
         """Split the run over ``workers`` local processes (``run --shard i/n``), then merge."""
+        from validation.pipeline.run import Components
         from validation.pipeline.table import merge_run
 
+        a, b = config.image_range
+        # checked here, not only in the workers, whose errors land in their logs
+        n_data = len((self.components or Components()).dataset(config.data, config.split))
+        if b > n_data:
+            raise ValueError(f"{self._n_images_source(b)} asks for more images than the {config.split} "
+                             f"split of {config.data} has ({n_data})")
         opts = self.run_dir / "options"
         write_json(opts / "method_options.json", config.method_options)
         write_json(opts / "metric_options.json", config.metric_options)
         write_json(opts / "method_grid.json", config.method_grid)
-        a, b = config.image_range
         base = [sys.executable, "-m", "validation", "run", "--data", config.data,
                 "--methods", ",".join(config.methods), "--metrics", ",".join(config.metrics),
                 "--layers", ",".join(config.layers), "--refine-layers", ",".join(config.refine_layers),
