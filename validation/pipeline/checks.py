@@ -213,7 +213,7 @@ def _recipe(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
 
-def recipe_differences(model_recipe: dict, data_recipe: dict) -> dict[str, tuple]:
+def distribution_differences(model_recipe: dict, data_recipe: dict) -> dict[str, tuple]:
     """field -> (model's, dataset's) for the fields that change the image distribution."""
     a, b = _recipe(model_recipe), _recipe(data_recipe)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
@@ -237,7 +237,7 @@ def check_training_data(data: str, model_paths: Sequence[str], metas: Sequence[d
         notes = []
         recipe = trained_on.get("synth")
         if isinstance(recipe, dict) and isinstance(data_recipe, dict):
-            diff = recipe_differences(recipe, data_recipe)
+            diff = distribution_differences(recipe, data_recipe)
             if diff:
                 notes.append("the dataset's recipe differs from the one it was trained with in "
                              + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in diff.items())

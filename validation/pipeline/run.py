@@ -30,13 +30,11 @@ import torch
 
 from validation._rng import seeded_global_rng
 from validation.pipeline.checks import (
-    RECIPE_NEUTRAL,
     _method_class,
     check_layers,
     check_metric_option_values,
     check_models_fit,
     check_training_data,
-    recipe_differences,
     refuse_unknown_methods,
     refuse_unknown_metrics,
     wanted_layers,
@@ -71,11 +69,6 @@ NEEDS_GT = ("oracle",)
 # Below this accuracy on the evaluated images a model has not learned the task: the run warns
 # (its maps say little about what the metrics measure); results are computed as usual.
 LOW_ACCURACY = 0.9
-
-__all__ = ["DEFAULT_METRICS", "LAYER_METHODS", "REFINABLE", "NEEDS_GT", "LOW_ACCURACY", "RunConfig", "MapConfig",
-           "map_configs", "Components", "default_layer_methods", "chunk_seed", "Runner", "run_eval",
-           # re-exported from validation.pipeline.checks, where they moved
-           "RECIPE_NEUTRAL", "recipe_differences"]
 
 
 @dataclass
