@@ -19,8 +19,9 @@ def _bad_samples(flags: torch.Tensor) -> list[int]:
     return flags.nonzero().flatten().tolist()
 
 
-def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) floating maps in [0, 1] -> (B, H, W); clear errors otherwise."""
+def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None, device=None) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) floating maps in [0, 1] -> (B, H, W); clear errors otherwise.
+    ``shape`` and ``device``: those of the maps the tensor goes with (for ``gt``)."""
     if not isinstance(maps, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
     if maps.ndim == 4 and maps.shape[1] == 1:
@@ -29,9 +30,14 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None) -> torch.T
         raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}")
     if shape is not None and tuple(maps.shape) != tuple(shape):
         raise ValueError(f"{name} shape {tuple(maps.shape)} does not match the expected (B, H, W) = {tuple(shape)}")
+    if device is not None and maps.device != device:  # torch's own error names neither tensor
+        raise ValueError(f"{name} is on {maps.device} but the maps are on {device}: pass {name}.to(maps.device)")
     if maps.dtype not in (torch.float32, torch.float64):  # integer and half maps: computed in float32
         maps = maps.float()
-    lo, hi = _finite_in_unit_range(maps, name, " (normalise each map per sample first)")
+    # a 0/255 mask read from a PNG is the usual way masks go out of range, not a missing min-max
+    hint = (" (masks are 0/1 or soft alpha masks in [0, 1]: divide 0-255 masks by 255)" if name == "gt"
+            else " (normalise each map per sample first)")
+    lo, hi = _finite_in_unit_range(maps, name, hint)
     if bool((lo < 0).any() or (hi > 1).any()):
         maps = maps.clamp(0, 1)
     return maps
@@ -44,8 +50,14 @@ def check_images(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be floating point images in [0, 1], got {x.dtype} (for 0-255 images "
                         "pass x.float() / 255)")
     if (x.shape[0], *x.shape[-2:]) != tuple(maps.shape):
+        upsample = (" (the maps must have the images' resolution: upsample them first, e.g. "
+                    "F.interpolate(maps[:, None], size=x.shape[-2:], mode='bilinear')[:, 0])"
+                    if x.shape[0] == maps.shape[0] else "")
         raise ValueError(f"x shape {tuple(x.shape)} does not match maps shape {tuple(maps.shape)} "
-                         "(need the same batch size and H, W)")
+                         f"(need the same batch size and H, W){upsample}")
+    if x.device != maps.device:  # torch's own error, deep inside, names neither tensor
+        raise ValueError(f"x is on {x.device} but maps on {maps.device}: pass both on one device, "
+                         "e.g. maps.to(x.device)")
     # normalised images (ImageNet mean/std: about [-2.1, 2.6]) would be normalised twice by the
     # model and the ROAD noise would be on the wrong scale: a common, otherwise silent mistake
     _finite_in_unit_range(x, "x", ": the metrics take images in [0, 1] and the model normalises them "

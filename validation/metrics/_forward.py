@@ -23,8 +23,9 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
                                   sample_target: torch.Tensor | None = None):
     """(p_c, argmax class) per row: softmax(model(images))[i, target[i]], in chunks of ``batch_size``.
 
-    images: (N, C, H, W) in [0, 1] (the model normalises); target: (N,) long. The softmax is
-    taken in float32 even when ``bf16=True`` runs the forward under bfloat16 autocast.
+    images: (N, C, H, W) in [0, 1] (the model normalises); target: (N,) long. The model returns
+    logits (N, K); the softmax is taken here, in float32 even when ``bf16=True`` runs the forward
+    under bfloat16 autocast.
     ``sample_target`` (B,): the callers' per-sample targets when the rows repeat samples, so that
     a class outside the model's range names the sample, not the row.
     """
@@ -35,16 +36,45 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
                 else contextlib.nullcontext())
     with eval_forward(model), torch.no_grad(), autocast:
         for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size]
             try:
-                logits = model(fast_layout(images[start:start + batch_size])).float()
+                output = model(fast_layout(chunk))
             except RuntimeError as error:
                 raise_if_dtype_mismatch(model, images, error)
                 raise
+            check_logits(output, chunk.shape[0])
             if start == 0:
-                check_num_classes(target if sample_target is None else sample_target, logits.shape[1])
+                check_num_classes(target if sample_target is None else sample_target, output.shape[1])
+                raise_if_probabilities(output)
+            logits = output.float()
             probs = torch.softmax(logits, dim=1)
             out.append(probs.gather(1, target[start:start + batch_size, None])[:, 0])
             predictions.append(probs.argmax(1))
     if not out:
         return images.new_zeros(0), target.new_zeros(0)
     return torch.cat(out), torch.cat(predictions)
+
+
+def check_logits(output, rows: int) -> None:
+    """ValueError unless the model's output is an (N, K) tensor, one row per image."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != rows:
+        got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"the model must return a logits tensor (N, num_classes), one row per image; for {rows} "
+                         f"images it returned {got} (wrap a model that returns a tuple, a dict or extra "
+                         "dimensions so that it returns the logits tensor)")
+
+
+def raise_if_probabilities(output: torch.Tensor) -> None:
+    """ValueError when the model's outputs are already probabilities (every row positive and
+    summing to 1 to the output dtype's rounding): the softmax taken on top of them compresses
+    every p_c towards 1/K, and Average Drop, ROAD and p_c(X) would come out silently wrong.
+    Logits pass almost surely; log-probabilities are fine (their softmax is the probabilities)."""
+    classes = output.shape[1]
+    if classes < 2 or not output.is_floating_point() or not output.shape[0]:
+        return
+    p = output.detach() if output.dtype == torch.float64 else output.detach().float()  # no float64 on MPS
+    tol = min(1e-3, 4 * classes * torch.finfo(output.dtype).eps)
+    if bool(((p > 0) & (p <= 1)).all() and ((p.sum(1) - 1).abs() <= tol).all()):
+        raise ValueError("the model's outputs are probabilities (every row positive and summing to 1), but the "
+                         "metrics take the softmax of the model's output themselves: pass a model that returns "
+                         "logits (drop its final softmax; log-probabilities are fine)")

@@ -47,7 +47,10 @@ class EvaluationResult(dict):
         self.road_fractions = None
 
     def records(self, sample_ids: Sequence | None = None) -> list[dict]:
-        """Long table: one dict per (sample, metric) with value and reason."""
+        """Long table: one dict per (sample, metric) with value and reason; ``sample_ids`` (a
+        sequence, or a tensor / array of ids, stored as Python numbers) default to 0..B-1."""
+        if hasattr(sample_ids, "tolist"):  # 0-d tensors in the table would hash by identity (groupby)
+            sample_ids = sample_ids.tolist()
         rows = []
         for name, values in self.items():
             if sample_ids is not None and len(sample_ids) != values.shape[0]:  # zip would drop rows

@@ -14,7 +14,7 @@ def gt_cosine(maps: torch.Tensor, gt: torch.Tensor, *, return_reasons: bool = Fa
     NaN with reason ``zero_map`` for an all-zero map and ``empty_mask`` for an all-zero mask.
     """
     maps = check_maps(maps)
-    gt = check_maps(gt, "gt", shape=maps.shape)
+    gt = check_maps(gt, "gt", shape=maps.shape, device=maps.device)
     # row sums in float32 (check_maps turns half maps into float32; float64 maps stay), then
     # float64 for the (B,) ratio: no float64 copies of the maps (the sums have no cancellation:
     # all terms are >= 0). Each row is divided by its maximum first (the cosine is scale-free;

@@ -35,7 +35,7 @@ def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.
     """Validated (B, H*W) float32 0/1 mask S = gt >= threshold (float: reductions on it are fast)."""
     if not 0 < threshold <= 1:  # 0 puts every pixel in S, above 1 none: always a mistake
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    gt = check_maps(gt, "gt", shape=maps.shape)
+    gt = check_maps(gt, "gt", shape=maps.shape, device=maps.device)
     return _indicator(torch.ge, gt.flatten(1), threshold)
 
 

@@ -87,6 +87,10 @@ class ROAD(Metric):
             out["morf"] = torch.cat([c.morf.detach() for c in self._curves])
             out["lerf"] = torch.cat([c.lerf.detach() for c in self._curves])
             out["fractions"] = self._curves[0].fractions
+        else:  # no update yet: the same keys, with no rows, for the constructor's fractions
+            fractions = road_module.check_fractions(self.options.get("fractions", road_module.DEFAULT_FRACTIONS))
+            out["morf"] = out["lerf"] = torch.zeros(0, len(fractions))
+            out["fractions"] = fractions
         return out
 
 

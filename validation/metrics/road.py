@@ -193,8 +193,9 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
          return_curves: bool = False, return_reasons: bool = False):
     """ROAD score per sample, in [-1, 1] (higher = more faithful).
 
-    model takes images in [0, 1]; x (B, C, H, W) in [0, 1]; target (B,) class indices; maps
-    (B, H, W) in [0, 1]. All B * 2|K| perturbed images go through the model in batches of
+    model takes images in [0, 1] and returns logits (B, num_classes); x (B, C, H, W) in [0, 1];
+    target (B,) class indices; maps (B, H, W) in [0, 1], on x's device and at its resolution.
+    All B * 2|K| perturbed images go through the model in batches of
     ``batch_size`` (``bf16=True``: bfloat16 autocast forward, float32 softmax).
     Returns (B,) scores, or a ``RoadResult`` (score, morf, lerf, fractions) with
     ``return_curves=True``; with ``return_reasons=True`` that and a list of B reasons, all ""
