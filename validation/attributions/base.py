@@ -246,15 +246,22 @@ def to_nchw(t: torch.Tensor, layer: Layer, size=None) -> torch.Tensor:
     in :func:`compute_dtype` (half precision promoted to float32).
 
     With the input's ``size`` (H, W), a grid whose aspect is not the input's (beyond +-2 cells
-    of stride rounding) is refused: the layout flag is then wrong, e.g. an NCHW output
-    read as NHWC gives a (C, h) "map"."""
+    of stride rounding) while the other layout's grid has it is refused: the layout flag is then
+    wrong, e.g. an NCHW output read as NHWC gives a (C, h) "map". A grid that fits neither
+    layout (a model that resizes its input, or strides that differ between the axes) is
+    taken as the flag says: its aspect says nothing about the layout."""
     if t.ndim != 4:
         raise ValueError(f"layer {layer.name!r} output has shape {tuple(t.shape)}; a 4-D feature map "
                          f"(B, C, h, w) is needed")
     out = (t.permute(0, 3, 1, 2) if layer.channels_last else t).to(compute_dtype(t.dtype))
     if size is not None:
         (h, w), (H, W) = out.shape[-2:], size
-        if abs(h * W - w * H) > 2 * (H + W):
+        other_h, other_w = t.shape[2:4] if layer.channels_last else t.shape[1:3]
+
+        def fits(rows: int, cols: int) -> bool:
+            return abs(rows * W - cols * H) <= 2 * (H + W)
+
+        if not fits(h, w) and fits(other_h, other_w):
             read = "(B, h, w, C)" if layer.channels_last else "(B, C, h, w)"
             raise ValueError(f"layer {layer.name!r} output of shape {tuple(t.shape)} read as {read} is a {h}x{w} "
                              f"grid, inconsistent with the {H}x{W} input: wrong layout? pass "
@@ -276,6 +283,17 @@ def layer_gradients(score: torch.Tensor, acts: Sequence[torch.Tensor], layers: S
     return list(grads)
 
 
+def layer_specs(layers: Any) -> list:
+    """Several layer specs as a list: a non-empty sequence (an ``nn.ModuleList`` included); a
+    single spec is refused."""
+    one = isinstance(layers, str) or (isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList))
+    specs = None if one or not isinstance(layers, Iterable) else list(layers)
+    if not specs:  # a bare string would otherwise be read as one layer per character
+        raise ValueError(f"layers must be a non-empty sequence of layer specs (e.g. [\"stage1\", \"stage2\"]), "
+                         f"got {layers!r}")
+    return specs
+
+
 # ---------------------------------------------------------------------------------------------
 # explainers
 
@@ -291,6 +309,9 @@ class Explainer:
     uses_layer = False
     # keyword inputs that ``attribute`` takes per call (the oracle's ``gt``); any other is refused
     call_inputs: tuple[str, ...] = ()
+    # whether the method backpropagates: torch.inference_mode() forbids that, and unlike
+    # torch.no_grad it cannot be lifted by the torch.enable_grad() the methods run under
+    needs_gradients = False
 
     def __init__(self, model: nn.Module, *, interpolation: str = "bilinear", raw: bool = False):
         if not isinstance(model, nn.Module):
@@ -306,12 +327,19 @@ class Explainer:
     def _explain_raw(self, x: torch.Tensor, target: torch.Tensor | None, guard: ModelGuard, **inputs):
         raise NotImplementedError
 
+    def check_grad_mode(self) -> None:
+        if self.needs_gradients and torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name} needs gradients, which torch.inference_mode() disables (torch.enable_grad "
+                               f"cannot turn them back on inside it): call it outside inference mode "
+                               f"(under torch.no_grad() is fine)")
+
     def explain(self, x: torch.Tensor, target: Any = None, **inputs) -> Explanation:
         unknown = sorted(set(inputs) - set(self.call_inputs))
         if unknown:
             takes = f"takes only the per-call input(s) {list(self.call_inputs)}" if self.call_inputs else \
                 "takes no per-call inputs"
             raise TypeError(f"{self.name} {takes}, got {unknown}")
+        self.check_grad_mode()
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
         with ModelGuard(self.model) as guard:
@@ -330,8 +358,9 @@ class Explainer:
                                     interpolation=self.interpolation)
         return maps, degenerate
 
-    def attribute(self, x: torch.Tensor, target: Any = None, **inputs) -> torch.Tensor:
-        return self.explain(x, target, **inputs).maps
+    def attribute(self, inputs: torch.Tensor, target: Any = None, **per_call) -> torch.Tensor:
+        """Maps (B, H, W) for ``inputs`` (B, C, H, W); the first argument is named as in captum."""
+        return self.explain(inputs, target, **per_call).maps
 
     __call__ = attribute
 
@@ -352,12 +381,7 @@ class LayerExplainer(Explainer):
         self.layer = resolve_layer_full(model, layer, channels_last)
 
     def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:
-        one = isinstance(layers, str) or (isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList))
-        specs = None if one or not isinstance(layers, Iterable) else list(layers)
-        if not specs:  # a bare string would otherwise be read as one layer per character
-            raise ValueError(f"layers must be a non-empty sequence of layer specs (e.g. [\"stage1\", \"stage2\"]), "
-                             f"got {layers!r}")
-        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in specs]
+        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in layer_specs(layers)]
 
     # subclasses implement: list of raw maps (B, h, w) per layer, target, depth ranks
     def _layer_maps(self, x, target, layers: list[Layer], guard: ModelGuard):
@@ -365,6 +389,7 @@ class LayerExplainer(Explainer):
 
     def layer_maps(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]):
         """Raw maps at every layer of ``layers`` -> (list of (B, h, w), target, depth ranks)."""
+        self.check_grad_mode()
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
         resolved = self.resolve(layers)

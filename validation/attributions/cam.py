@@ -18,6 +18,7 @@ class GradientCAM(LayerExplainer):
     """
 
     create_graph = False
+    needs_gradients = True
 
     def __init__(self, model, layer="stage1", *, score: str = "logit", **options):
         super().__init__(model, layer, **options)

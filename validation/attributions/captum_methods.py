@@ -93,6 +93,7 @@ def split_reused_relus(model: nn.Module, x: torch.Tensor, guard: ModelGuard) -> 
 class CaptumExplainer(Explainer):
     rectifier = None  # the reduction sets the sign convention
     needs_split_relus = False
+    needs_gradients = True
 
     def __init__(self, model, *, reduce: str = "sum_abs", **options):
         super().__init__(model, **options)
@@ -186,6 +187,8 @@ class IntegratedGradients(CaptumExplainer):
 class _SuperpixelExplainer(CaptumExplainer):
     """Shared by LIME and KernelShap: superpixel features, ``n_samples`` perturbations evaluated
     ``perturbations_per_eval`` at a time, removed features set to ``baseline`` (default 0)."""
+
+    needs_gradients = False  # forward passes only
 
     def __init__(self, model, *, superpixels: str = "slic", n_segments: int = 100, grid_cells: int = 8,
                  n_samples: int = 200, perturbations_per_eval: int = 50, baseline=0.0, seed: int = 0, **options):

@@ -60,6 +60,7 @@ def guided_gradients(model: nn.Module, x: torch.Tensor, target, guard: ModelGuar
 @register("guidedbackprop")
 class GuidedBackprop(Explainer):
     rectifier = None
+    needs_gradients = True
 
     def __init__(self, model, *, reduce: str = "sum_abs", score: str = "logit", **options):
         super().__init__(model, **options)

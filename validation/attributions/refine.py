@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .base import Explainer, LayerExplainer
+from .base import Explainer, LayerExplainer, layer_specs
 from .postprocess import minmax
 from .registry import METHODS, canonical_name, register, unknown_options
 
@@ -45,8 +45,7 @@ class RefineCAM(Explainer):
         super().__init__(model, **options)
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
-        if isinstance(layers, (str, torch.nn.Module)) or len(layers) == 0:
-            raise ValueError("layers must be a non-empty sequence of layer specs")
+        layers = layer_specs(layers)
         cls = METHODS[canonical_name(base)]
         if not issubclass(cls, LayerExplainer):
             raise ValueError(f"RefineCAM needs a layer method as base, {cls.name!r} is not one")
@@ -60,6 +59,7 @@ class RefineCAM(Explainer):
             raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {accepted} "
                             f"(interpolation and raw are RefineCAM's own options)")
         self.base = cls(model, layers[0], interpolation=self.interpolation, **base_options)
+        self.needs_gradients = self.base.needs_gradients
         self.layers = self.base.resolve(layers)
         if len({id(l.module) for l in self.layers}) != len(self.layers):
             raise ValueError("layers must be distinct modules")

@@ -6,6 +6,7 @@ variant="official" (default, the authors' code): masks upsampled bilinearly
 channels are skipped (w_k = 0, no forward pass spent on them). The final map is
 minmax(ReLU(sum_k w_k Up(A_k))): the raw map sum_k w_k A_k is upsampled before the ReLU, as the
 authors sum upsampled channels (ReLU and upsampling do not commute where the sum changes sign).
+A model with one output is refused (the softmax of one logit is 1 whatever the input).
 variant="pytorch-grad-cam": masks upsampled with align_corners=True and normalised as
 (u - min) / (max - min + 1e-8), no skipping; w = softmax over channels of the target logits.
 
@@ -71,6 +72,13 @@ class ScoreCAM(LayerExplainer):
         capture = guard.capture(layers)
         with torch.no_grad():
             logits = check_logits(self.model(x), x.shape[0])
+            if self.variant == "official" and logits.shape[1] == 1:
+                # the softmax of a single logit is 1 for every masked image: all weights equal, the
+                # map would not depend on the model's response at all
+                raise ValueError("scorecam variant='official' weighs channels by the softmax probability of "
+                                 "the target class, which is 1 for every input of a model with one output "
+                                 f"(logits of shape {tuple(logits.shape)}); use variant='pytorch-grad-cam' "
+                                 "(softmax over channels of the logit) or a model with two outputs")
             target = resolve_target(target, logits)
             acts = [to_nchw(a, layer, x.shape[-2:]).float() for a, layer in zip(capture.raw(), layers)]
             rank = capture.depth_rank()
