@@ -55,11 +55,27 @@ class SplitRecords:
         return {k: rec[k] for k in ["label", *META_COLUMNS]}
 
 
+def _arrow_data_files(split_dir: Path) -> list[Path]:
+    """The data files a `save_to_disk` split lists in its state.json.
+
+    `datasets` writes the cache files of `map`/`filter` on a `load_from_disk` dataset beside
+    them (``cache-*.arrow``, other columns or an indices table): they are not this split's rows.
+    """
+    state = split_dir / "state.json"
+    if not state.is_file():
+        return []
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise OutputError(f"{state} is damaged ({type(err).__name__}: {err})") from None
+    return [split_dir / name for name in names]
+
+
 def _split_files(out: Path, fmt: str, split: str) -> list[Path]:
     if fmt == "hub":
         return sorted((out / "data").glob(f"{split}-*-of-*.parquet"))
     if fmt == "arrow":
-        return sorted((out / split).glob("*.arrow"))
+        return _arrow_data_files(out / split)
     return sorted((out / split).glob("*/metadata.jsonl"))
 
 
@@ -151,15 +167,20 @@ def load_metadata(path: str | Path, split: str, allow_incomplete: bool = False) 
 
 
 def data_file_list(path: str | Path) -> list[Path]:
-    """The data files of a dataset folder (no card, preview, manifest or work files)."""
+    """The data files of a dataset folder (no card, preview, manifest or work files, nor the cache
+    files `datasets` writes beside the splits of a `load_from_disk` dataset it maps or filters)."""
     out = Path(path)
     skip = {"README.md", MANIFEST, "examples.png", "backgrounds.json"}
+    arrow_cache = set()  # `datasets` cache files beside a save_to_disk split's own data files
+    if (out / "dataset_dict.json").is_file():
+        for split_dir in (p for p in out.iterdir() if (p / "state.json").is_file()):
+            arrow_cache.update(set(split_dir.glob("*.arrow")) - set(_arrow_data_files(split_dir)))
     files = []
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
         if not p.is_file() or rel.parts[0] in (WORK_DIR,) or any(part.startswith(".") for part in rel.parts):
             continue
-        if len(rel.parts) == 1 and rel.name in skip:
+        if (len(rel.parts) == 1 and rel.name in skip) or p in arrow_cache:
             continue
         files.append(p)
     return files

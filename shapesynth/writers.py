@@ -194,7 +194,8 @@ class Arrow:
         shutil.rmtree(out / WORK_DIR)
 
     def data_files(self, split: str) -> str:
-        return f"{split}/*.arrow"
+        # save_to_disk's own files only: datasets writes cache-*.arrow beside them (map, filter)
+        return f"{split}/data-*.arrow"
 
 
 FORMATS: dict[str, object] = {f.name: f for f in (HubParquet(), ImageFolder(), Arrow())}

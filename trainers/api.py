@@ -141,6 +141,10 @@ class TrainConfig:
         if self.train_source == "disk" and self.curriculum_epochs not in (0, default["curriculum_epochs"]):
             raise ValueError(f"curriculum_epochs {self.curriculum_epochs} applies to the rendered stream only, "
                              f"not to train_source 'disk' (set it to 0)")
+        for name in ("synth", "train_synth"):
+            if "split_sizes" in getattr(self, name):  # the stream renders the lengths below instead
+                raise ValueError(f"{name}.split_sizes is not used: rendered splits are sized by train_length, "
+                                 f"val_length and test_length (drop split_sizes from {name})")
         for name in ("val_length", "test_length"):
             if self.data and getattr(self, name) != default[name]:
                 raise ValueError(f"{name} {getattr(self, name)} sizes rendered splits; with data the "
@@ -523,7 +527,8 @@ def _train_test_export(plan: FitPlan) -> dict:
     results = _test_results(best_module, trainer, ckpt)
     meta = {"arch": cfg.arch, "image_size": cfg.image_size, "class_names": list(CLASS_NAMES),
             "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": dm.fingerprint(),
-            "test_accuracy": results["test_accuracy"], "per_class_accuracy": results["per_class_accuracy"],
+            "test_accuracy": results["test_accuracy"], "test_images": results["test_images"],
+            "per_class_accuracy": results["per_class_accuracy"],
             "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
             "epochs": trainer.current_epoch, "max_epochs": cfg.max_epochs, "stopped_by": stop_reason(trainer, cfg),
             "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
@@ -675,8 +680,16 @@ def model_card(meta: dict) -> str:
     cm_rows = "\n".join(f"| {n} | " + " | ".join(str(v) for v in row) + " |"
                         for n, row in zip(names, meta["confusion_matrix"]))
     data = meta["data"]
-    source = (f"`{data['data']}` (val/test from disk; train {'rendered on the fly from its recipe' if data['train_source'] == 'stream' else 'from disk'})"
-              if data["data"] else "all splits rendered on the fly from the recipe below (no disk; val/test from their own background pools)")
+    if data["data"]:
+        source = (f"`{data['data']}` (val/test from disk; train "
+                  f"{'rendered on the fly from its recipe' if data['train_source'] == 'stream' else 'from disk'})")
+    else:
+        source = "all splits rendered on the fly from the recipe below (no disk; val/test from their own background pools"
+        if data.get("test_length") is not None:  # the recipe's split_sizes are not what was rendered
+            source += (f"; {data['train_length']} training images per epoch, {data['val_length']} val and "
+                       f"{data['test_length']} test images, whatever the recipe's split_sizes say")
+        source += ")"
+    tested_on = f" on {meta['test_images']} images" if meta.get("test_images") is not None else ""
     return f"""# Model card: {meta['arch']} on shapesynth ({meta['image_size']} px)
 
 | | |
@@ -686,7 +699,7 @@ def model_card(meta: dict) -> str:
 | classes | {', '.join(names)} |
 | data | {source} |
 | dataset fingerprint | `{meta['dataset_fingerprint']}` |
-| **test accuracy** | **{meta['test_accuracy']:.4f}** ({_tested_text(meta)}) |
+| **test accuracy** | **{meta['test_accuracy']:.4f}**{tested_on} ({_tested_text(meta)}) |
 | epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |
 | precision | {_precision_text(meta['precision'])} |

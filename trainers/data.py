@@ -264,17 +264,23 @@ class ShapesDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """What the test numbers refer to: the dataset's fingerprint, or the recipe's hash."""
+        """What the test numbers refer to: the dataset's fingerprint, or the hash of the recipe with
+        the size of the rendered test split (a split's labels depend on its length, so another
+        `test_length` is another test set; the recipe's own split_sizes are not what was rendered)."""
         if self.data:
             from shapesynth import dataset_fingerprint
 
             return dataset_fingerprint(self.data)
-        return config_fingerprint(self.synth_config)
+        rendered = {**self.synth_config.split_sizes, "test": self.test_length}
+        return config_fingerprint(self.synth_config.replace(split_sizes=rendered))
 
     def describe(self) -> dict:
         return {"data": self.data, "train_source": self.train_source, "image_size": self.image_size,
                 "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),
                 "train_length": self.train_length if self.train_source == "stream" else None,
+                # rendered val/test sizes (with data, the dataset's splits are used)
+                "val_length": None if self.data else self.val_length,
+                "test_length": None if self.data else self.test_length,
                 "train_synth": self.train_synth or None,
                 "train_crop": self.train_crop, "train_crop_epochs": self.train_crop_epochs,
                 "synth": self.synth_config.to_dict() if self.synth_config is not None else None}

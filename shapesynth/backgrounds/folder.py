@@ -49,7 +49,10 @@ def folder_pools(cfg: SynthConfig) -> dict[str, BackgroundPool]:
                 f"bg_split_paths needs 'train' and 'test' folders (and optionally 'val'), got {sorted(cfg.bg_split_paths)}"
             )
         skipped, per_split = [], {}
-        for split, folder in cfg.bg_split_paths.items():
+        # in split order, not the mapping's: the skipped list (card, backgrounds.json) must not
+        # change when the config is read back from shapesynth.json, whose keys are sorted
+        for split in (s for s in SPLITS if s in cfg.bg_split_paths):
+            folder = cfg.bg_split_paths[split]
             cands, bad = _read(folder, cfg.bg_strict)
             skipped += bad
             if not cands:

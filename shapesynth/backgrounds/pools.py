@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from shapesynth.config import SynthConfig
+from shapesynth.config import SPLITS, SynthConfig
 from shapesynth.streams import uniform_int
 
 
@@ -245,7 +245,10 @@ def hash_split(cands: list[Candidate], fractions: dict[str, float], where: str) 
     uniform number; every pool then gets at least one by moving the lowest-hash members if
     needed, and too few backgrounds overall is an error.
     """
-    splits = [s for s in fractions if fractions[s] > 0]
+    # the pools' order on the unit interval must not follow the mapping's key order: a config read
+    # back from shapesynth.json (keys sorted) would otherwise deal the same files differently
+    rank = {s: k for k, s in enumerate(SPLITS)}
+    splits = sorted((s for s in fractions if fractions[s] > 0), key=lambda s: (rank.get(s, len(rank)), s))
     if len(cands) < len(splits):
         raise BackgroundError(
             f"too few backgrounds in {where}: {len(cands)} usable image(s) for the {len(splits)} "
