@@ -350,3 +350,17 @@ def test_analyze_of_a_folder_built_with_another_profile_is_refused(tmp_path, cap
     (out / "run" / "profile.json").write_text(json.dumps({"name": "tiny"}))
     with pytest.raises(FileNotFoundError, match="not merged yet|not a run directory"):
         R.reproduce(str(_profile(tmp_path)), out, steps=["analyze"], progress=False)
+
+
+def test_report_step_without_the_analyze_step_uses_the_profiles_n_boot(tmp_path, fake_io, monkeypatch):
+    """`--steps run,report`: the report computes the missing tables itself, with the profile's
+    `analyze.n_boot` (30 here), not write_report's default of 1000 replicates."""
+    from validation import analyze as A
+
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    _existing_models(out, 0.995)
+    seen, real = [], A.analyze_run
+    monkeypatch.setattr(A, "analyze_run", lambda *a, **kw: seen.append(kw.get("n_boot")) or real(*a, **kw))
+    R.reproduce(str(_profile(tmp_path)), out, steps=["run", "report"], progress=False, components=S.components())
+    assert seen == [30] and (out / "run" / "report" / "index.html").exists()

@@ -394,16 +394,21 @@ class Reproduction:
                              f"{','.join(steps)} would {doing} it under profile {new!r}; use profile {old!r} "
                              f"(--profile), include the run step, or use another --out")
 
+    def n_boot(self) -> int:
+        return int((self.p.get("analyze") or {}).get("n_boot", 1000))
+
     def analyze(self):
         from validation.analyze import analyze_run
 
-        analyze_run(self.run_dir, n_boot=int(self.p.get("analyze", {}).get("n_boot", 1000)))
+        analyze_run(self.run_dir, n_boot=self.n_boot())
         return {"tables": str(self.run_dir / "analysis")}
 
     def report(self):
         from validation.report import write_report
 
-        return {"report": str(write_report(self.run_dir))}
+        # without the analyze step (--steps run,report) the report computes the tables itself:
+        # with the profile's replicates, not write_report's default
+        return {"report": str(write_report(self.run_dir, n_boot=self.n_boot()))}
 
 
 def reproduce(profile: str, out: str | os.PathLike, steps=None, progress: bool = True,

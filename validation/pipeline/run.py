@@ -201,6 +201,17 @@ def default_layer_methods() -> tuple[str, ...]:
                  if getattr(_method_class(m), "uses_layer", False) and m != "refinecam")
 
 
+def default_refinable() -> tuple[str, ...]:
+    """The layer methods RefineCAM refines: the paper's CAMs (``REFINABLE``) and every other
+    registered layer method that gives maps at several layers (``_layer_maps``, which RefineCAM
+    fuses), e.g. a user's CAM. LaFAM, label-free, stays out of the paper's ablation."""
+    from validation.attributions.base import LayerExplainer
+
+    return tuple(REFINABLE) + tuple(
+        m for m in default_layer_methods()
+        if m not in LAYER_METHODS and _method_class(m)._layer_maps is not LayerExplainer._layer_maps)
+
+
 def _default_evaluate(model, x, target, maps, metrics, explainer, gt, options):
     from validation.metrics import evaluate
 
@@ -214,8 +225,11 @@ class Components:
     explainer: Callable = _default_explainer
     evaluate: Callable = _default_evaluate
     fingerprint: Callable | None = None
-    layer_methods: Sequence[str] = LAYER_METHODS
-    refinable: Sequence[str] = REFINABLE
+    # read from the attributions registry when the Components are made: a method registered with
+    # ``validation.attributions.registry.register`` (a user's own) that takes a layer is run at
+    # every layer and refined; a fixed list ran it once as layer-free, at its default layer
+    layer_methods: Sequence[str] = field(default_factory=default_layer_methods)
+    refinable: Sequence[str] = field(default_factory=default_refinable)
 
 
 # ----------------------------------------------------------------------------- helpers
