@@ -761,3 +761,32 @@ def test_bootstrap_draws_the_same_images_for_models_with_different_correct_image
     diff = np.mean([x - y for x, y in zip(a, b)], axis=0)
     mean = paired.loc["mean"]
     assert (mean["pearson_diff_lo"], mean["pearson_diff_hi"]) == pytest.approx(_percentile_ci(diff), abs=1e-10)
+
+
+def test_bootstrap_replicates_without_a_correlation_are_counted():
+    """A metric that varies on one image only (constant elsewhere) has no correlation in every
+    replicate that does not draw that image: those replicates are left out of the interval, and
+    ``boot_nan`` says how many (they used to be dropped without a count)."""
+    only, n_images, n_boot = 3, 10, 60
+
+    def values(model, gt, rng, image):
+        return {"flat": gt if image == only else 0.5, "m": gt + 0.1 * rng.random()}
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for model in ("A", "B"):
+        for img in range(n_images):
+            for k, (method, layer) in enumerate(REAL):
+                gt = 0.1 * k + rng.random()
+                rows += [dict(image=img, model=model, method=method, layer=layer, metric=m, value=v)
+                         for m, v in {"gt_cosine": gt, **values(model, gt, rng, img)}.items()]
+    frame = make_results_frame(rows)
+    counts = A.image_bootstrap_counts(n_images, n_boot, seed=0)
+    expected = int((counts[:, only] == 0).sum())
+    assert 0 < expected < n_boot  # the case is informative: some replicates miss the image
+    t = A.table_validity(frame, n_boot=n_boot, seed=0).set_index(["model", "metric", "level"])
+    for model in ("A", "B", "mean+-std"):  # both models resample the same images: the same count
+        assert t.loc[(model, "flat", "pairs"), "boot_nan"] == expected
+        assert t.loc[(model, "m", "pairs"), "boot_nan"] == 0
+    paired = A.table_paired(frame, n_boot=n_boot, seed=0, pairs=[("m", "flat")]).set_index("model")
+    assert list(paired["boot_nan"]) == [expected] * 3

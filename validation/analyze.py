@@ -214,6 +214,12 @@ def _mean_replicates(per_model: list[np.ndarray], n_boot: int = 0) -> np.ndarray
         return np.nanmean(np.stack(per_model), axis=0)
 
 
+def _boot_nan(*boots: np.ndarray) -> int:
+    """Bootstrap replicates without a value (e.g. a resample whose values are all equal has no
+    correlation): left out of the percentile interval, so counted in the tables."""
+    return int(max((~np.isfinite(b)).sum() for b in boots))
+
+
 def _ci(boot: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
@@ -307,6 +313,7 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
                              # pairs: (image, configuration) pairs with a NaN; method_means:
                              # configurations without one finite pair
                              "n_dropped": int((~ok).sum()) if level == "pairs" else grid_v.shape[1] - c.n,
+                             "boot_nan": _boot_nan(c.pearson_boot, c.spearman_boot),
                              "pearson": c.pearson, "pearson_lo": plo, "pearson_hi": phi,
                              "spearman": c.spearman, "spearman_lo": slo, "spearman_hi": shi})
                 boots[(model, metric, level)] = (c.pearson_boot, c.spearman_boot)
@@ -320,11 +327,13 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
         ok = g["pearson"].notna() & g["spearman"].notna()
         dropped = g["n_dropped"] + np.where(ok, 0, g["n"])
         g, nan_models = g[ok], g.loc[~ok, "model"].tolist()
-        plo, phi = _ci(_mean_replicates([boots[(m, metric, level)][0] for m in g["model"]], n_boot))
-        slo, shi = _ci(_mean_replicates([boots[(m, metric, level)][1] for m in g["model"]], n_boot))
+        mean_p = _mean_replicates([boots[(m, metric, level)][0] for m in g["model"]], n_boot)
+        mean_s = _mean_replicates([boots[(m, metric, level)][1] for m in g["model"]], n_boot)
+        (plo, phi), (slo, shi) = _ci(mean_p), _ci(mean_s)
         summary.append({"model": "mean+-std", "metric": metric, "level": level,
                         # what the mean rests on, and all that was dropped (left-out models' too)
                         "n": int(g["n"].sum()), "n_dropped": int(dropped.sum()),
+                        "boot_nan": _boot_nan(mean_p, mean_s),
                         "n_models": len(g), "models_nan": ",".join(map(str, nan_models)),
                         "pearson": g["pearson"].mean(), "pearson_std": _spread(g["pearson"]),
                         "pearson_lo": plo, "pearson_hi": phi,
@@ -334,7 +343,7 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     out = pd.concat([out.assign(n_models=1, models_nan="", pearson_std=np.nan, spearman_std=np.nan),
                      pd.DataFrame(summary)], ignore_index=True)
     out["better"] = ["lower" if orientation(m) < 0 or m in set(lower_is_better) else "higher" for m in out["metric"]]
-    cols = ["model", "metric", "better", "level", "n_models", "models_nan", "n", "n_dropped", "pearson",
+    cols = ["model", "metric", "better", "level", "n_models", "models_nan", "n", "n_dropped", "boot_nan", "pearson",
             "pearson_std", "pearson_lo", "pearson_hi", "spearman", "spearman_std", "spearman_lo", "spearman_hi"]
     return out[cols]
 
@@ -385,7 +394,8 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
             sa, sb = orientation(a, lower_is_better), orientation(b, lower_is_better)
             boot = {"pearson": sa * ca.pearson_boot - sb * cb.pearson_boot,
                     "spearman": sa * ca.spearman_boot - sb * cb.spearman_boot}
-            row = {"model": model, "metric": a, "versus": b, "n": int(ok.sum())}
+            row = {"model": model, "metric": a, "versus": b, "n": int(ok.sum()),
+                   "boot_nan": _boot_nan(boot["pearson"], boot["spearman"])}
             for kind in ("pearson", "spearman"):
                 r_a, r_b = sa * getattr(ca, kind), sb * getattr(cb, kind)
                 lo, hi = _ci(boot[kind])
@@ -393,7 +403,7 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
                             f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
             rows.append(row)
             boots[(model, a, b)] = boot
-    columns = ["model", "metric", "versus", "n_models", "models_nan", "n"] + [
+    columns = ["model", "metric", "versus", "n_models", "models_nan", "n", "boot_nan"] + [
         f"{kind}_{part}" for kind in ("pearson", "spearman") for part in ("metric", "versus", "diff", "diff_lo", "diff_hi")]
     out = pd.DataFrame(rows).assign(n_models=1, models_nan="").reindex(columns=columns)
     if out.empty:
@@ -404,10 +414,13 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
         # and of n, and named in models_nan
         ok = g["pearson_diff"].notna() & g["spearman_diff"].notna()
         g, nan_models = g[ok], g.loc[~ok, "model"].tolist()
+        mean_boot = {kind: _mean_replicates([boots[(m, a, b)][kind] for m in g["model"]], n_boot)
+                     for kind in ("pearson", "spearman")}
         row = {"model": "mean", "metric": a, "versus": b, "n_models": len(g),
-               "models_nan": ",".join(map(str, nan_models)), "n": int(g["n"].sum())}
+               "models_nan": ",".join(map(str, nan_models)), "n": int(g["n"].sum()),
+               "boot_nan": _boot_nan(*mean_boot.values())}
         for kind in ("pearson", "spearman"):
-            lo, hi = _ci(_mean_replicates([boots[(m, a, b)][kind] for m in g["model"]]))
+            lo, hi = _ci(mean_boot[kind])
             row.update({f"{kind}_metric": g[f"{kind}_metric"].mean(), f"{kind}_versus": g[f"{kind}_versus"].mean(),
                         f"{kind}_diff": g[f"{kind}_diff"].mean(), f"{kind}_diff_lo": lo, f"{kind}_diff_hi": hi})
         summary.append(row)
