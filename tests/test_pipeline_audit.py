@@ -253,3 +253,28 @@ def test_a_bootstrap_count_below_one_is_refused_before_the_metric_is_computed(ru
         audit_run(run_dir, "user_metrics_mod:prefix_mean", name="no_boot", n_boot=0, components=S.components(),
                   progress=False)
     assert not (run_dir / "audit" / "no_boot").exists()
+
+
+def test_the_comparison_line_says_its_correlations_are_oriented():
+    """Average Drop that falls as the ground truth rises has r < 0 in table a; the verdict's
+    comparison line shows it flipped (> 0), so it must say that it is oriented."""
+    import pandas as pd
+
+    from validation import analyze as A
+    from validation.audit import verdict_text
+    from validation.pipeline.table import make_results_frame
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for img in range(15):
+        for k in range(4):
+            gt = rng.random()
+            vals = {"gt_cosine": gt, "average_drop": 1 - gt + 0.1 * rng.normal(), "mine": gt + 0.05 * rng.normal()}
+            rows += [dict(image=img, model="m1", method=f"meth{k}", layer="-", mix="identity", metric=m, value=v)
+                     for m, v in vals.items()]
+    validity = A.table_validity(make_results_frame(rows), n_boot=10)
+    r_table = validity.set_index(["model", "metric", "level"]).loc[("mean+-std", "average_drop", "pairs"), "pearson"]
+    assert r_table < -0.5
+    text = verdict_text("mine", validity, pd.DataFrame())
+    line = next(line for line in text.splitlines() if line.startswith("For comparison"))
+    assert "oriented" in line and f"average_drop r = {-r_table:.2f}" in line, line

@@ -128,9 +128,11 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
         lines.append(f"{name} {kind}: Pearson r = {r:.2f}{oriented} (95% CI {row['pearson_lo']:.2f} to "
                      f"{row['pearson_hi']:.2f}), Spearman rho = {s:.2f}, over (image, method) pairs, "
                      f"mean of {int(row['n_models'])} model(s); rank {rank} of {len(ranked)} metrics.")
+        # oriented like the line above: table a shows lower-is-better metrics (AD) with their own sign
         peers = [f"{m} r = {summary.loc[m, 'pearson']:.2f}" for m in COMPARED if m in summary.index]
         if peers:
-            lines.append("For comparison: " + ", ".join(peers) + ".")
+            lines.append("For comparison (oriented: positive = agrees with the ground truth; table a "
+                         "keeps lower-is-better metrics' own sign): " + ", ".join(peers) + ".")
         # our metrics that have a correlation: a NaN one (constant, no finite pair) is no rival
         best = [m for m in COMPARED if m in summary.index and np.isfinite(summary.loc[m, "pearson"])]
         if best:
