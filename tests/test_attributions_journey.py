@@ -172,3 +172,21 @@ def test_attribute_takes_its_images_by_captums_keyword_name():
     masks[:, 4:9, 5:11] = 1
     oracle = get_explainer("oracle", model)
     torch.testing.assert_close(oracle.attribute(inputs=x, target=[1, 2], gt=masks), oracle.attribute(x, [1, 2], gt=masks))
+
+
+@pytest.mark.parametrize("method, options", [("guidedbackprop", {}), ("guidedgradcam", {"layer": "1"})])
+def test_guided_methods_warn_on_a_model_without_relu_modules(method, options):
+    """A GELU model (ConvNeXt, Swin) has nothing to guide: the map is the plain gradient's, which
+    used to pass without a word (only extras["guided_relus"] == 0 told)."""
+    torch.manual_seed(0)
+    gelu = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+    x = images(2, 16)
+    with pytest.warns(RuntimeWarning, match=r"Sequential has no nn\.ReLU module to guide"):
+        get_explainer(method, gelu, **options).attribute(x, [0, 1])
+    if method == "guidedbackprop":  # what the warning says: the plain input gradient
+        x_in = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(gelu(x_in).gather(1, torch.tensor([[0], [1]])).sum(), x_in)
+        with pytest.warns(RuntimeWarning):
+            raw = get_explainer(method, gelu, raw=True).attribute(x, [0, 1])
+        torch.testing.assert_close(raw, grad.sum(1).abs())

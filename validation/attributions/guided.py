@@ -3,9 +3,12 @@ batches. Every ``nn.ReLU`` is swapped, for the duration of the call, for a state
 (backward passes gradient only where both the input and the incoming gradient are positive);
 this stays correct when one ReLU module is reused (torchvision ResNet blocks). Functional
 ``F.relu`` calls and other activations (GELU) are not guided; guided backpropagation reports the
-count of guided modules in ``extras["guided_relus"]``."""
+count of guided modules in ``extras["guided_relus"]``, and a model with none gets a RuntimeWarning
+(its result is the plain gradient)."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -46,6 +49,9 @@ def swap_relus(model: nn.Module, guard: ModelGuard) -> int:
 def guided_gradients(model: nn.Module, x: torch.Tensor, target, guard: ModelGuard, score: str = "logit"):
     """d score / d x with guided ReLUs: (B, C, H, W), target, number of guided ReLUs."""
     n = swap_relus(model, guard)
+    if n == 0:  # GELU models (ConvNeXt, Swin): the result is silently the plain gradient otherwise
+        warnings.warn(f"{type(model).__name__} has no nn.ReLU module to guide: guided backpropagation here is "
+                      "the plain input gradient", RuntimeWarning, stacklevel=2)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = check_logits(model(x_in), x.shape[0])
