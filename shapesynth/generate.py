@@ -103,7 +103,8 @@ def finished_shards(out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: in
 
 
 def finish(
-    out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int, pools: dict, alpha: float = 0.01
+    out: Path, cfg: SynthConfig, fmt: str, samples_per_shard: int, pools: dict, alpha: float = 0.01,
+    progress: bool = True,
 ) -> dict | None:
     """Finalize the format and write the card once every shard is in `out` (None: some are missing).
 
@@ -114,7 +115,7 @@ def finish(
 
     if missing_shards(out, cfg, fmt, samples_per_shard):
         return None
-    get_format(fmt).finalize(out, cfg, shard_plan(cfg, samples_per_shard))
+    get_format(fmt).finalize(out, cfg, shard_plan(cfg, samples_per_shard), progress=progress)
     return write_card(out, cfg, pools, fmt, alpha=alpha, samples_per_shard=samples_per_shard)
 
 
@@ -163,7 +164,7 @@ def generate(
         write_shards(cfg, out, fmt, todo, num_proc, on_done)
     finally:
         bar.close()
-    card = finish(out, cfg, fmt, samples_per_shard, pools, alpha=alpha)
+    card = finish(out, cfg, fmt, samples_per_shard, pools, alpha=alpha, progress=progress)
     if card is not None:
         summary.complete = True
         summary.audit_passed = card["audit_passed"]

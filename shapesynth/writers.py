@@ -101,7 +101,7 @@ class HubParquet:
         pq.write_table(rows_to_table(cols), buf, row_group_size=256)
         atomic_write(self.shard_path(out, shard), buf.getvalue())
 
-    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard], progress: bool = True) -> None:
         pass
 
     def data_files(self, split: str) -> str:
@@ -137,7 +137,7 @@ class ImageFolder:
             lines.append(json.dumps(row, sort_keys=True))
         atomic_write(d / "metadata.jsonl", "\n".join(lines) + "\n")
 
-    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard], progress: bool = True) -> None:
         pass
 
     def data_files(self, split: str) -> str:
@@ -164,7 +164,7 @@ class Arrow:
     def write(self, out: Path, shard: Shard, cols: dict[str, list]) -> None:
         self._parquet.write(self._work(out), shard, cols)
 
-    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard]) -> None:
+    def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard], progress: bool = True) -> None:
         import hashlib
 
         import datasets
@@ -185,7 +185,14 @@ class Arrow:
         tmp = out / WORK_DIR / "arrow"
         if tmp.exists():
             shutil.rmtree(tmp)
-        dd.save_to_disk(str(tmp))
+        bars_were_on = datasets.is_progress_bar_enabled()
+        if not progress:  # datasets' own "Saving the dataset" bars, process-wide: restored below
+            datasets.disable_progress_bars()
+        try:
+            dd.save_to_disk(str(tmp))
+        finally:
+            if bars_were_on and not progress:
+                datasets.enable_progress_bars()
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "dataset_dict.json"):
             target = out / entry.name
             if target.is_dir():  # left by an interrupted finalize (no dataset_dict.json yet)

@@ -222,3 +222,12 @@ def test_a_fitted_model_loads_in_plain_torch_and_its_card_names_the_test_set(tmp
     mean, std = (torch.tensor(loaded[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
         torch.testing.assert_close(plain((x - mean) / std), model(x))
+
+
+def test_no_progress_silences_the_arrow_conversions_bars_and_restores_them(tmp_path, capfd):
+    """``--no-progress`` (progress=False) left datasets' "Saving the dataset" bars on."""
+    datasets = pytest.importorskip("datasets")
+    assert datasets.is_progress_bar_enabled()
+    _tiny_arrow(tmp_path, train=6)
+    assert "Saving the dataset" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()  # the process-wide switch is put back
