@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from validation.metrics import (ROAD, AverageDrop, PointingGame, TopKIntersection, evaluate, linear_impute,
                                 pointing_game, relevance_rank_accuracy, road, topk_intersection)
@@ -257,3 +258,24 @@ def test_tie_policy_by_hand_with_a_soft_mask():
     tied = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
     assert pointing_game(tied, soft).item() == 1.0  # a tied maximum (pixel 0) lies in S
     assert pointing_game(tied, soft, ties="fraction").item() == pytest.approx(1 / 3)
+
+
+def test_evaluate_runs_a_users_callable_explainer_with_the_model_in_eval_mode():
+    """A plain callable explainer that calls the model used to run it in train mode: BatchNorm
+    statistics moved and the recomputed maps depended on the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).train()
+    before = model[1].running_mean.clone()
+    seen = []
+
+    def explainer(x, target):  # a gradient-free "method": the input's saliency through the model
+        seen.append(model.training)
+        return model(x).softmax(1).gather(1, target[:, None])[:, :, None] * x.mean(1)
+
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    evaluate(model, x, [0, 1, 2], maps, metrics=["coherency"], explainer=explainer)
+    assert seen == [False]
+    torch.testing.assert_close(model[1].running_mean, before, rtol=0, atol=0)
+    assert model.training and model[1].training  # handed back in the mode it came in

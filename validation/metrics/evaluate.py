@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_images, check_maps, check_target
+from ._checks import check_images, check_maps, check_target, eval_forward
 from ._forward import probabilities_and_predictions
 from .faithfulness import _combine, average_drop_from_probabilities, coherency, complexity
 from .ground_truth import gt_cosine
@@ -126,7 +126,10 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
     if any(m in metrics for m in ("complexity", "adcc", "arcc")):
         parts["complexity"] = (complexity(maps), no_reason)
     if any(m in EXPLAINER_METRICS for m in metrics):
-        parts["coherency"] = coherency(x, target, maps, explainer, return_reasons=True)
+        # a user's callable explainer may run the model as it finds it: in eval mode, as every
+        # other forward here, so BatchNorm statistics are not updated (flags restored after)
+        with eval_forward(model):
+            parts["coherency"] = coherency(x, target, maps, explainer, return_reasons=True)
     if "adcc" in metrics:
         parts["adcc"] = _combine({"coherency": parts["coherency"],
                                   "complexity": (1 - parts["complexity"][0], no_reason),
