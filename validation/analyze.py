@@ -279,6 +279,8 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     draws the same test images for every model, whichever of them each model classified correctly).
     ``better`` says which direction of each metric is better: the built-in metrics' own, and
     "lower" for the names in ``lower_is_better`` (e.g. an audited metric).
+    Every real configuration in ``df`` enters (all layers and mixes); the paper's Fig. 3a used
+    its ten methods unrefined at the shallowest stage only (docs/evaluation.md says how to run that).
     """
     df = real_rows(df)
     if reference not in set(df["metric"]):
@@ -699,6 +701,12 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, n_boot: 
 # ----------------------------------------------------------------------------- expectations
 # The metrics of the paper's Fig. 3a (faithfulness metrics, no ground truth inside).
 FIG3_METRICS = ("average_drop", "coherency", "complexity", "adcc", "road", "arcc")
+# The paper's own exception to both RefineCAM claims: its Table 1 has RefineCAM lowering Guided
+# Grad-CAM's ARCC on every model (.42->.37, .51->.44, .28->.19, .39->.36), and in its Table 2 the
+# geometric mean beats the product for it (.15 vs .12). The claims are checked on the other
+# methods; these are reported beside them, not counted (a run that reproduces the paper must not
+# fail the paper's claims).
+REFINE_CLAIM_EXCEPTIONS = ("guidedgradcam",)
 
 
 def orientation(metric: str, lower_is_better=()) -> int:
@@ -754,7 +762,8 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The papers' expectations, each with what this run found and holds / fails / n.a.
 
     Correlations are oriented (sign flipped for lower-is-better metrics such as AD), so
-    "correlates best" means "agrees best with the ground truth".
+    "correlates best" means "agrees best with the ground truth". The two RefineCAM claims leave
+    out the paper's own exception, Guided Grad-CAM (``REFINE_CLAIM_EXCEPTIONS``), and report it.
     """
     rows = []
 
@@ -806,6 +815,8 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     c = tables.get("c_refinecam", pd.DataFrame())
     if len(c):
         arcc = c[(c.model == "mean") & (c.metric == "arcc")]
+        excepted = arcc[arcc.method.isin(REFINE_CLAIM_EXCEPTIONS) & arcc.refined.notna()]
+        arcc = arcc[~arcc.method.isin(REFINE_CLAIM_EXCEPTIONS)]
         mean = arcc[arcc.refined.notna()]
         # a refined method without a paired score (NaN or errors on every image) cannot be
         # compared: left out of the count, and named (layer-free methods are never refined)
@@ -814,6 +825,10 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         found = ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in zip(mean.method, mean.base, mean.refined))
         if unscored:
             found += f"{'; ' if found else ''}no paired score for {', '.join(unscored)} (left out)"
+        if len(excepted):
+            found += (f"{'; ' if found else ''}the paper's exception (Table 1 lowers it), not counted: "
+                      + ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in
+                                  zip(excepted.method, excepted.base, excepted.refined)))
         add("RefineCAM raises ARCC at the shallowest layer (Table 1)",
             f"{ups}/{len(mean)} methods improve: {found}", ups == len(mean) if len(mean) else None)
     d = tables.get("d_aggregators", pd.DataFrame())
@@ -824,10 +839,15 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             # a method with no refined score there has no best aggregator: not a failure of the
             # claim but a claim not checked on it (left out and named; n/a when none has one)
             scored = shallow[shallow.best.notna()]
-            unscored = sorted(set(shallow.method) - set(scored.method))
+            excepted = scored[scored.method.isin(REFINE_CLAIM_EXCEPTIONS)]
+            scored = scored[~scored.method.isin(REFINE_CLAIM_EXCEPTIONS)]
+            unscored = sorted(set(shallow.method) - set(scored.method) - set(REFINE_CLAIM_EXCEPTIONS))
             found = f"best mix at the shallowest layer: {dict(zip(scored.method, scored.best))}"
             if unscored:
                 found += f"; no refined score for {', '.join(unscored)} (left out)"
+            if len(excepted):
+                found += (f"; the paper's exception (Table 2: geomean best), not counted: "
+                          f"{dict(zip(excepted.method, excepted.best))}")
             add("Product is the best aggregator (Table 2)", found,
                 bool((scored.best == "product").all()) if len(scored) else None)
     return pd.DataFrame(rows, columns=["expectation", "found", "status"])

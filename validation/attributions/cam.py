@@ -64,8 +64,11 @@ class GradCAM(GradientCAM):
 class GradCAMPlusPlus(GradientCAM):
     """alpha = g^2 / (2 g^2 + sum_ij(A) g^3), 0 where g = 0; w_k = sum_ij ReLU(g) alpha.
 
-    ``eps`` in the denominator as pytorch-grad-cam (1e-6) keeps 0/0 out where g != 0 but the
-    denominator vanishes."""
+    ``eps`` = 1e-6 in the denominator, as pytorch-grad-cam, keeps the division finite where
+    g != 0 but 2 g^2 + sum_ij(A) g^3 vanishes (g^2 underflowing, or sum_ij(A) g = -2). It is not
+    negligible where g^2 is not large against 1e-6 (|g| ~ 1e-3 and below, common at shallow
+    layers): alpha is then pulled towards 0, more so for smaller |g|, so the map
+    departs from the formula and depends on the scale of the score (docs/attributions.md)."""
 
     eps = 1e-6
 

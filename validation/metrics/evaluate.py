@@ -2,6 +2,7 @@
 ROAD forwards in one batched pass, Coherency computed once for ADCC and ARCC."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -128,7 +129,8 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
     if any(m in EXPLAINER_METRICS for m in metrics):
         # a user's callable explainer may run the model as it finds it: in eval mode, as every
         # other forward here, so BatchNorm statistics are not updated (flags restored after)
-        with eval_forward(model):
+        # (Coherency needs no model: without one the explainer runs as it is)
+        with eval_forward(model) if model is not None else contextlib.nullcontext():
             parts["coherency"] = coherency(x, target, maps, explainer, return_reasons=True)
     if "adcc" in metrics:
         parts["adcc"] = _combine({"coherency": parts["coherency"],

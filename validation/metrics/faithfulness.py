@@ -7,7 +7,9 @@
     ARCC = 3 / (1/Chn + 1/(1 - Cmx) + 1/ROAD+),  ROAD+ = clip(ROAD, 0, 1)
 
 Average Drop divides by Y as in Chattopadhay et al. and the paper's code (its printed formula
-divides by O). Harmonic means clip every part to [0, 1] and are 0 when any part is 0.
+divides by O). Complexity is the mean, not the printed L1 norm, and Coherency r is mapped to
+[0, 1], so that 1 - Cmx and Chn are valid harmonic-mean parts (docs/metrics.md). Harmonic means
+clip every part to [0, 1] and are 0 when any part is 0.
 """
 from __future__ import annotations
 
