@@ -30,6 +30,7 @@ preconditioned by a geometric multigrid V-cycle, all as batched tensor ops on th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -201,7 +202,8 @@ def imputation_system(images: torch.Tensor, removed: torch.Tensor):
     rows of kept pixels are all zero.
     """
     h, w = images.shape[-2:]
-    coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=False)
+    with _ieee_float32_convolutions():
+        coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=False)
     return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
@@ -210,7 +212,8 @@ def complementary_system(images: torch.Tensor, removed: torch.Tensor):
     (same scaling and layout as ``imputation_system``): a pixel is coupled to its in-image
     neighbours on its own side of the mask, and the other side's pixels are its known data."""
     h, w = images.shape[-2:]
-    coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=True)
+    with _ieee_float32_convolutions():
+        coef, rhs, _ = _system(images, _checked_mask(images, removed, DEFAULT_TOL, 0), complementary=True)
     return coef[..., :h, :w], _unpack(rhs)[..., :h, :w]
 
 
@@ -853,12 +856,40 @@ def _in_groups(impute, images: torch.Tensor, m: torch.Tensor, tol: float, max_it
     n = images.shape[0]
     chunk = n if images.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // max(1, images[0:1].numel()))
     # CPU: solve cache-sized groups of systems (every CG pass then runs from cache, not memory)
-    for start in range(0, n, max(1, chunk)):
-        group = {}
-        part = slice(start, start + chunk)
-        impute(images[part], m[part], tol, max_iter, group, out[part])
-        report.add(group, part if samples is None else samples[part])
+    with _ieee_float32_convolutions():
+        for start in range(0, n, max(1, chunk)):
+            group = {}
+            part = slice(start, start + chunk)
+            impute(images[part], m[part], tol, max_iter, group, out[part])
+            report.add(group, part if samples is None else samples[part])
     return out
+
+
+@contextlib.contextmanager
+def _ieee_float32_convolutions():
+    """Run the block with cuDNN's float32 convolutions in full float32 (no TF32); the caller's
+    setting is restored on exit, also when the block raises.
+
+    torch lets cuDNN run float32 convolutions on TF32 tensor cores by default (Ampere and later
+    GPUs; recent cuDNN versions do so for depthwise convolutions too), which round every operand
+    to 11 significant bits. The solver's arithmetic is exact only in float32 (integer
+    coefficients, the hi/lo residual at 2^-16, see ``_FineOperator.residual``): with TF32 the
+    right-hand sides and residuals would be ~1e-3 off, no system would meet ``tol`` and every call
+    would warn. The flag does nothing on CPU. Only the convolution flag is touched (torch >= 2.9:
+    its per-operation precision, so that no legacy/new mix is left behind; earlier:
+    ``cudnn.allow_tf32``). Matmul TF32 is off unless the user enables it, and then reaches only
+    CG's inner products and the coarsest-grid solve, not the residuals the stopping test checks."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        owner, name, value = conv, "fp32_precision", "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        owner, name, value = torch.backends.cudnn, "allow_tf32", False
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 # Systems per CPU group: 16 three-channel 128 x 128 images (a few MiB of working set) measured
@@ -901,8 +932,10 @@ def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: f
                         generator: torch.Generator | None = None, **solver) -> torch.Tensor:
     """Linear imputation plus N(0, noise^2) on the removed pixels only (in the images' units).
 
-    The noise is drawn from ``generator`` (a seeded ``torch.Generator`` on the images' device);
-    with ``generator=None`` a generator seeded with 0 is used, so results are reproducible.
+    The noise is drawn from ``generator`` (a seeded ``torch.Generator`` on any device: the draw is
+    made on the generator's device and moved to the images', so a CPU generator gives the same
+    noise on every device); with ``generator=None`` a generator on the images' device seeded with
+    0 is used, so results are reproducible.
     """
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
@@ -911,6 +944,8 @@ def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: f
         return filled
     if generator is None:
         generator = torch.Generator(device=images.device).manual_seed(0)
-    eps = torch.randn(filled.shape, generator=generator, device=filled.device, dtype=filled.dtype)
+    # on the generator's device: torch refuses a draw on another device than its generator's
+    eps = torch.randn(filled.shape, generator=generator, device=generator.device,
+                      dtype=filled.dtype).to(filled.device)
     m = (removed if removed.ndim == 4 else removed[:, None]) != 0
     return filled + noise * eps * m.to(filled.dtype)
