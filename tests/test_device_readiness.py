@@ -283,3 +283,14 @@ def test_relax_on_cuda_stays_on_the_device():
     model = build("resnet18").cuda()
     maps = get_explainer("relax", model, n_masks=16, batch_size=8).explain(images(2, 32).cuda(), None)
     assert maps.maps.device.type == "cuda" and maps.extras["uncertainty"].device.type == "cuda"
+
+
+def test_coherency_names_an_explainer_that_returns_maps_on_another_device():
+    """A user's callable returning CPU maps for CUDA images met torch's generic device error deep
+    inside Pearson; ``meta`` stands in for the other device."""
+    from validation.metrics import coherency
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"explainer returned maps on meta for images on cpu"):
+        coherency(x, [0, 1], maps, lambda images, target: torch.rand(2, 8, 8, device="meta"))

@@ -85,6 +85,9 @@ def _checked_recomputed(maps, x: torch.Tensor, source: str) -> torch.Tensor:
         maps = maps[:, 0]
     if tuple(maps.shape) != (x.shape[0], *x.shape[-2:]):
         raise ValueError(f"{source} maps of shape {tuple(maps.shape)}, expected {(x.shape[0], *x.shape[-2:])}")
+    if maps.device != x.device:  # e.g. a callable that returns CPU maps for CUDA images
+        raise ValueError(f"{source} maps on {maps.device} for images on {x.device}: return them on the "
+                         "images' device")
     bad = (~torch.isfinite(maps.flatten(1)).all(1)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"{source} NaN or Inf maps for sample(s) {bad} (on X * L)")
