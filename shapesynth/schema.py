@@ -127,13 +127,8 @@ def is_temp_file(path: str | Path) -> bool:
     return _TEMP_NAME.fullmatch(path.name) is not None and path.is_file()
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, flushed to disk, then rename over the target.
-
-    A crash (of the process or the machine) leaves either the old file or no file, never a
-    partial one under the final name.
-    """
-    path = Path(path)
+def _temp_copy(path: Path, data: bytes | str) -> str:
+    """A temp file beside `path` holding `data`, flushed to disk (removed again on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -142,7 +137,43 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             fh.flush()
             os.fsync(fh.fileno())  # else a power cut soon after the rename can leave an empty file
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; datasets are meant to be shared
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, flushed to disk, then rename over the target.
+
+    A crash (of the process or the machine) leaves either the old file or no file, never a
+    partial one under the final name.
+    """
+    path = Path(path)
+    tmp = _temp_copy(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_create(path: str | Path, data: bytes | str) -> bool:
+    """`atomic_write`, but only if `path` does not exist yet; False (nothing written) if it does.
+
+    The check and the creation are one step (a hard link of the complete temp file), so of two
+    processes creating the same file at once exactly one succeeds and the other sees its file.
+    On a file system without hard links the file is replaced as by `atomic_write`.
+    """
+    path = Path(path)
+    tmp = _temp_copy(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network or FUSE file systems)
+        os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True

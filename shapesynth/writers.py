@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from shapesynth.config import SPLITS, SynthConfig
 from shapesynth.render import ShapeSynth
-from shapesynth.schema import META_COLUMNS, atomic_write, encode_png, features, is_temp_file, meta_row
+from shapesynth.schema import META_COLUMNS, atomic_create, atomic_write, encode_png, features, is_temp_file, meta_row
 
 MANIFEST = "shapesynth.json"
 WORK_DIR = ".shapesynth"
@@ -164,13 +164,42 @@ class Arrow:
     def write(self, out: Path, shard: Shard, cols: dict[str, list]) -> None:
         self._parquet.write(self._work(out), shard, cols)
 
+    @staticmethod
+    def _converted(out: Path) -> bool:
+        if not (out / "dataset_dict.json").exists():
+            return False
+        # a run killed between the last move and the cleanup of `_convert` left the work files,
+        # which nothing reads any more
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        return True
+
     def finalize(self, out: Path, cfg: SynthConfig, plan: list[Shard], progress: bool = True) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): shard runs there must not finish at the same time
+            fcntl = None
+        if self._converted(out):
+            return
+        # --shard runs in a shared folder that finish at the same time would convert into the same
+        # work folder at once, each removing the other's files: one converts, the others wait
+        # for it here and then find the dataset converted
+        try:
+            lock = open(out / WORK_DIR / "finalize.lock", "a")
+        except FileNotFoundError:  # another run converted it (and removed the work folder) since
+            if self._converted(out):
+                return
+            raise
+        with lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._converted(out):
+                self._convert(out, plan, progress)
+
+    def _convert(self, out: Path, plan: list[Shard], progress: bool) -> None:
         import hashlib
 
         import datasets
 
-        if (out / "dataset_dict.json").exists():
-            return
         work = self._work(out)
         splits = {}
         for split in SPLITS:
@@ -289,13 +318,18 @@ def prepare_output(
 
     With `clean_temp`, resuming also removes the temp files (`atomic_write`'s naming only) that a
     killed run left behind; no other run may be writing to the folder then. `sharded`: a
-    `--shard i/n` run, which joins the folder the other shards write to (the messages say so).
+    `--shard i/n` run, which joins the folder the other shards write to (the messages say so);
+    of shard runs started at the same moment, one writes the manifest and the others check it.
     """
     if overwrite and resume:
         raise OutputError("pass either --overwrite or --resume, not both")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if sharded:
+        # another --shard run started at the same moment may be writing the manifest now: its
+        # temp file is not data, and the exclusive creation below decides which run writes it
+        entries = [name for name in entries if not is_temp_file(out / name)]
     if entries:
         if resume:
             old_path = out / MANIFEST
@@ -344,7 +378,12 @@ def prepare_output(
             raise OutputError(f"refusing to --overwrite {resolved}: pick a dedicated output folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
+    text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
+    if not sharded:
+        atomic_write(out / MANIFEST, text)
+    elif not atomic_create(out / MANIFEST, text):
+        # a --shard run that started beside this one wrote it first: join it, recipe checked
+        prepare_output(out, manifest, overwrite=False, resume=True, sharded=True)
 
 
 def pools_digest(pools: dict) -> dict[str, str]:

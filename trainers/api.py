@@ -36,6 +36,7 @@ from pytorch_lightning.callbacks import Callback
 
 from shapesynth import CLASS_NAMES
 
+from trainers.checkpointing import remove_temp_checkpoints
 from trainers.clock import CapForecast, TrainClock, max_time_seconds
 from trainers.data import ShapesDataModule, resolve_num_workers
 from trainers.export import META, WEIGHTS, load_model, save_model, write_json, write_text
@@ -266,7 +267,7 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from .checkpointing import LatestBestCheckpoint
+    from .checkpointing import AtomicCheckpointIO, LatestBestCheckpoint
 
     # enable_version_counter=False: the files keep their names (best.ckpt, last.ckpt) whatever the
     # folder holds, never best-v1.ckpt beside a stale best.ckpt that a later resume would pick up
@@ -282,6 +283,9 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
     # demand it (strict); the last checkpoint is then the one tested and exported
     stop = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience, stopping_threshold=threshold,
                          strict=cfg.limit_val_batches != 0)
+    # rerunning the same command finishes the interrupted run as it was; an explicit --resume CKPT
+    # continues a checkpoint (a finished run's too), so training goes on there
+    keep_stop = [_ResumedEarlyStop(stop)] if cfg.resume == "auto" else []
     if cfg.ema_decay is not None:
         from pytorch_lightning.callbacks import EMAWeightAveraging
 
@@ -292,7 +296,8 @@ def _trainer(cfg: TrainConfig, out: Path, callbacks=(), logger=True, **overrides
         default_root_dir=str(out), max_epochs=cfg.max_epochs, max_time=cfg.max_time,
         precision=resolve_precision(cfg.precision, cfg.accelerator), accelerator=cfg.accelerator,
         devices=cfg.devices if cfg.devices == "auto" else _devices(cfg.devices), num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, callbacks=[ckpt, last, stop, *callbacks],
+        strategy=cfg.strategy, callbacks=[ckpt, last, stop, *keep_stop, *callbacks],
+        plugins=[AtomicCheckpointIO()],
         # one version folder per session: a resumed run keeps the interrupted session's log
         logger=CSVLogger(str(out), name="logs") if logger else False,
         enable_progress_bar=cfg.progress_bar, log_every_n_steps=cfg.log_every_n_steps,
@@ -344,7 +349,9 @@ def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
     try:  # mmap: only the few bytes read are loaded, not the weights and optimiser state
         hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
     except Exception as err:  # noqa: BLE001 - re-raised naming the file
-        raise ValueError(f"resume checkpoint {path} cannot be read: {' '.join(str(err).split())}") from None
+        raise ValueError(f"resume checkpoint {path} cannot be read ({' '.join(str(err).split())}); if it is "
+                         "damaged, --resume never starts over and --resume FILE.ckpt continues another "
+                         "checkpoint") from None
     if "arch" not in hp or "image_size" not in hp:
         raise ValueError(f"resume checkpoint {path} holds no arch / image_size: not a shapesynth-train checkpoint")
     if (hp["arch"], int(hp["image_size"])) != (cfg.arch, cfg.image_size):
@@ -377,6 +384,24 @@ def _finished_run(cfg: TrainConfig, out: Path) -> dict | None:
                          f"--out, --resume never to train it again from scratch, or --resume "
                          f"{out / 'checkpoints' / 'last.ckpt'} to continue its checkpoint")
     return meta
+
+
+class _ResumedEarlyStop(Callback):
+    """Ends a resumed run at once when its checkpoint was written after early stopping fired.
+
+    Lightning saves the early stop with the checkpoint (`EarlyStopping`'s state) but does not act
+    on it when it resumes: a run killed after stopping early, while testing or exporting, would
+    train on until the criterion fired again, and end elsewhere than the uninterrupted run.
+    """
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after the checkpoint's states are restored
+        from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+
+        if self.stop.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            trainer.should_stop = True
 
 
 class _CtrlC(Callback):
@@ -482,6 +507,7 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> None:
         stale += [*(out / "checkpoints").glob("*.ckpt"), out / "train_time.json"]
     for path in stale:
         path.unlink(missing_ok=True)
+    remove_temp_checkpoints(out / "checkpoints")  # a run killed while writing a checkpoint left one
     write_json(out / "config.json", cfg.to_dict())
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

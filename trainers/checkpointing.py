@@ -1,4 +1,5 @@
-"""The best-validation checkpoint, with ties going to the later epoch.
+"""The best-validation checkpoint, with ties going to the later epoch; checkpoint files written
+atomically in their own folder.
 
 With a one-cycle schedule and a weight average, validation accuracy on a few hundred images
 saturates near the end of training (e.g. 510 of 512 for the last nine epochs of a run), and
@@ -8,10 +9,58 @@ so it is the one to keep.
 """
 from __future__ import annotations
 
+import os
+import re
+import tempfile
+from pathlib import Path
+
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["LatestBestCheckpoint"]
+from shapesynth.schema import process_umask
+
+__all__ = ["AtomicCheckpointIO", "LatestBestCheckpoint", "remove_temp_checkpoints"]
+
+# AtomicCheckpointIO's temp names: "." + checkpoint name + "." + mkstemp's 8 characters + ".tmp"
+_TEMP = re.compile(r"\..+\.ckpt\.[a-z0-9_]{8}\.tmp")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temp file beside the checkpoint.
+
+    Lightning's own writer stages the file in the system temp folder and moves it into place;
+    where that folder is another file system (a tmpfs ``/tmp``, a node-local disk) the move is a
+    copy into the checkpoint itself, so a kill during it leaves a truncated ``last.ckpt`` that
+    the next run cannot resume from (and the staged file, a full checkpoint, in the temp folder).
+    Here the temp file is in the checkpoint's folder, flushed to disk, then renamed over it.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600 files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def remove_temp_checkpoints(folder) -> None:
+    """Remove the temp files of `AtomicCheckpointIO` that a killed run left in ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _TEMP.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 class LatestBestCheckpoint(ModelCheckpoint):

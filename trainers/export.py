@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shapesynth.schema import process_umask
 from trainers.models import ShapeClassifier, build_model
 
 WEIGHTS = "model.safetensors"
@@ -27,6 +28,9 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as fh:  # on disk before the rename, or a power cut can leave it empty
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600: a model is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -88,12 +88,36 @@ def _stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
             p.wait()
 
 
+def _child_setup(parent: int):
+    """``preexec_fn`` of the children: SIGTERM when this process dies (Linux).
+
+    `_stop` covers every end this process sees; a SIGKILL (an OOM kill, a scheduler's hard stop)
+    it does not, and the trainer or shard workers would run on, beside the rerun that resumes
+    their work. Elsewhere the children are left as they are.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:  # looked up here: the child, between fork and exec, only makes the call
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:
+        if prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0 and os.getppid() != parent:  # 1: PR_SET_PDEATHSIG
+            os.kill(os.getpid(), signal.SIGTERM)  # the parent died before the request took effect
+
+    return setup
+
+
 def _run_command(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_child_setup(os.getpid()))
         try:
             returncode = proc.wait()
         finally:
@@ -357,8 +381,8 @@ class Reproduction:
             for i in range(workers):
                 cmd = base + ["--shard", f"{i}/{workers}"] + ([] if (self.progress and i == 0) else ["--no-progress"])
                 log = open(logs / f"run_shard{i}.log", "a")
-                procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT),
-                              log, cmd))
+                procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT,
+                                               preexec_fn=_child_setup(os.getpid())), log, cmd))
             for proc, _, cmd in procs:
                 if proc.wait() != 0:
                     failed.append(" ".join(cmd))

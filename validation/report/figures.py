@@ -12,17 +12,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from validation.analyze import TRIVIAL_MAPS, config_label
-from validation.pipeline.table import IDENTITY, NO_LAYER
+from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_bytes
 
 TRIVIAL_COLOURS = {"randomcam": "tab:orange", "halfcam": "tab:red", "all1scam": "tab:purple"}
 
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    # rendered in memory, then written atomically: a report killed mid-way (or two reports of one
+    # run at once) leaves no half-written PNG or temp file of a fixed name behind
+    import io
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
