@@ -40,7 +40,13 @@ class GradientCAM(LayerExplainer):
             acts = capture.raw()
             capture.enabled = False  # later passes (guided backprop) must not be recorded
             grads = layer_gradients(score, acts, layers, create_graph=self.create_graph)
-        return acts, grads, target, capture.depth_rank()
+        rank = capture.depth_rank()
+        # the backward stops at the layers, so the graph below them keeps its saved activations
+        # for as long as ``acts`` live: the capture (held by its hooks until the guard closes)
+        # lets go of them here, so that they go with the caller's ``acts`` and not only when
+        # the call returns (Guided Grad-CAM runs its guided pass inside the same guard)
+        capture.reset()
+        return acts, grads, target, rank
 
     def _layer_maps(self, x, target, layers, guard):
         acts, grads, target, rank = self.forward_backward(x, target, layers, guard)

@@ -189,6 +189,10 @@ class _SuperpixelExplainer(CaptumExplainer):
     ``perturbations_per_eval`` at a time, removed features set to ``baseline`` (default 0)."""
 
     needs_gradients = False  # forward passes only
+    # KernelShap: captum cannot sample the coalitions of one feature (its kernel has no weight
+    # to draw from and it fails deep inside torch.distributions), but the Shapley value of a
+    # single player is exact: the whole change f(x) - f(baseline)
+    exact_single_feature = False
 
     def __init__(self, model, *, superpixels: str = "slic", n_segments: int = 100, grid_cells: int = 8,
                  n_samples: int = 200, perturbations_per_eval: int = 50, baseline=0.0, seed: int = 0, **options):
@@ -212,11 +216,22 @@ class _SuperpixelExplainer(CaptumExplainer):
         # captum fits the images of a call one after another from one random stream; reseeding per
         # image makes an image's map independent of the others in its batch (captum loops anyway)
         for i in range(x.shape[0]):
+            if self.exact_single_feature and bool(mask[i].amin() == mask[i].amax()):
+                maps.append(self._single_feature(x[i:i + 1], baseline[i:i + 1], target[i:i + 1]))
+                continue
             with seeded_global_rng(self.seed, x.device):
                 maps.append(method.attribute(x[i:i + 1], baselines=baseline[i:i + 1], target=target[i:i + 1],
                                              feature_mask=mask[i:i + 1], n_samples=self.n_samples,
                                              perturbations_per_eval=self.perturbations_per_eval))
         return torch.cat(maps)
+
+    def _single_feature(self, x, baseline, target):
+        """Attributions of an image that is one feature (a 1x1 image, grid_cells=1, n_segments=1):
+        its Shapley value f(x) - f(baseline) of the target's logit on every pixel and channel."""
+        with torch.no_grad():
+            logits = check_logits(self.model(torch.cat([x, baseline]).detach()), 2)
+        value = logits[0, target[0]] - logits[1, target[0]]
+        return value.to(x.dtype).expand_as(x).clone()
 
 
 @register("lime")
@@ -228,6 +243,8 @@ class Lime(_SuperpixelExplainer):
 
 @register("kernelshap")
 class KernelShap(_SuperpixelExplainer):
+    exact_single_feature = True
+
     def _captum(self):
         from captum.attr import KernelShap as _KernelShap
         return _KernelShap(self.model)

@@ -114,7 +114,9 @@ class RELAX(Explainer):
             n = min(per_forward, self.n_masks - done)
             masks = render_masks(grids[done:done + n], offsets[:, done:done + n], (H, W), shift)
             masked = (x[:, None] * masks[None, :, None]).flatten(0, 1).to(x.dtype)  # (B*n, C, H, W)
-            emb = F.normalize(self.embed(masked, store), dim=1).view(B, n, -1)
+            # more images than batch_size (n = 1 when B > batch_size): forwards of batch_size images
+            emb = torch.cat([self.embed(chunk, store) for chunk in masked.split(self.batch_size)])
+            emb = F.normalize(emb, dim=1).view(B, n, -1)
             sim = (emb * ref[:, None]).sum(-1)                                     # (B, n)
             # float64 sums: the spread s2 - 2 R s1 + R^2 s0 is ~1 / var(s_n) times smaller than its terms
             sim, masks = sim.double(), masks.double()

@@ -79,6 +79,8 @@ def _finite_in_unit_range(values: torch.Tensor, name: str, hint: str):
 
 
 def check_target(target, batch: int, device) -> torch.Tensor:
+    if isinstance(target, (list, tuple)) and not target:  # torch.as_tensor([]) is float32
+        target = torch.zeros(0, dtype=torch.long)
     target = torch.as_tensor(target, device=device)
     if target.ndim == 0:
         target = target.expand(batch)

@@ -105,7 +105,9 @@ def coherency(x: torch.Tensor, target, maps: torch.Tensor, explainer, *, recompu
     maps = check_maps(maps)
     x = check_images(x, maps)
     target = check_target(target, x.shape[0], x.device)
-    if recomputed is None:
+    if recomputed is None and not x.shape[0]:
+        recomputed = maps  # an empty batch: nothing to recompute (the methods refuse empty input)
+    elif recomputed is None:
         recomputed = recompute_maps(explainer, x * maps[:, None].to(x.dtype), target)
     else:
         recomputed = _checked_recomputed(recomputed, x, "recomputed:")

@@ -63,7 +63,8 @@ def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
 
 
 def removal_counts(fractions: Sequence[float], height: int, width: int) -> list[int]:
-    """round(k * n), half up, for n = height * width; at least one pixel must be kept.
+    """round(k * n), half up, for n = height * width; at least one pixel must be removed and one
+    kept (ValueError naming the fraction and the map size otherwise).
 
     k is taken as the decimal it is written as (``repr``): in binary 0.29 is 0.28999..., and
     0.29 * 50 = 14.499... would round to 14 where round half up of 14.5 is 15.
@@ -72,6 +73,10 @@ def removal_counts(fractions: Sequence[float], height: int, width: int) -> list[
     fractions = check_fractions(fractions)
     counts = [int(Fraction(repr(k)) * n + Fraction(1, 2)) for k in fractions]
     for k, count in zip(fractions, counts):
+        if count == 0:  # MoRF and LeRF would both be the image itself: a silent 0 in the score's mean
+            raise ValueError(f"fraction {k} removes round({k} * {n}) = 0 of the {n} pixels of a {height}x{width} "
+                             "map, so its MoRF and LeRF images would both be the unperturbed image (use a "
+                             "larger fraction or larger maps)")
         if count >= n:  # nothing left to impute from
             raise ValueError(f"fraction {k} removes round({k} * {n}) = {count} of the {n} pixels of a "
                              f"{height}x{width} map; ROAD needs at least one kept pixel (use a smaller "
@@ -96,7 +101,8 @@ def removal_masks(maps: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACT
                   tie_seed: int = 0) -> torch.Tensor:
     """(B, H, W) maps -> (B, F, 2, H, W) bool masks, True = removed; [:, :, 0] MoRF, [:, :, 1] LeRF.
 
-    ValueError if a fraction would remove every pixel (round(k * H * W) == H * W).
+    ValueError if a fraction would remove every pixel (round(k * H * W) == H * W) or none
+    (round(k * H * W) == 0).
     """
     maps = check_maps(maps)
     b, h, w = maps.shape
