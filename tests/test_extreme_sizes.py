@@ -189,3 +189,20 @@ def test_deeplift_chunks_its_captum_calls_and_gives_the_same_maps(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         get_explainer("deeplift", model, batch_size=0)
+
+
+@pytest.mark.parametrize("call", ["metric", "method"])
+def test_images_too_small_for_the_model_are_named(call):
+    """A model whose pooling runs out of pixels (VGG below 32 px) gave torch's "Output size is too
+    small" about a layer's input, naming neither the images nor their size."""
+    from validation.metrics import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"images of 3x3 px are too small for Sequential: .*Output size is too small"):
+        if call == "metric":
+            evaluate(model, x, [0, 1], torch.rand(2, 3, 3), metrics=["average_drop"])
+        else:
+            get_explainer("inputxgradient", model).attribute(x, [0, 1])

@@ -1,4 +1,5 @@
-"""A clear error when images of one dtype meet a model of another (shared by methods and metrics)."""
+"""Clear errors after a failed forward: images of one dtype meeting a model of another, images too
+small for the model (shared by methods and metrics)."""
 from __future__ import annotations
 
 import torch
@@ -14,3 +15,17 @@ def raise_if_dtype_mismatch(model: torch.nn.Module, images: torch.Tensor, error:
     if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
         raise ValueError(f"images x are {images.dtype} but the model's weights are {weight.dtype}: pass "
                          f"x.to({weight.dtype}) or convert the model") from error
+
+
+# torch's own words when a pooling or convolution layer runs out of pixels
+_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater than actual input size")
+
+
+def raise_for_failed_forward(model: torch.nn.Module, images: torch.Tensor, error: RuntimeError) -> None:
+    """After a failed forward: the dtype check above, then a ValueError naming the images' size
+    when a layer of the model ran out of pixels (torch's message names a layer's input, not ours)."""
+    raise_if_dtype_mismatch(model, images, error)
+    if any(words in str(error) for words in _TOO_SMALL):
+        h, w = images.shape[-2:]
+        raise ValueError(f"images of {h}x{w} px are too small for {type(model).__name__}: one of its layers "
+                         f"ran out of pixels ({' '.join(str(error).split())}); use larger images") from error

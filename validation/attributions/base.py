@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._layout import fast_layout
-from .._model_input import raise_if_dtype_mismatch
+from .._model_input import raise_for_failed_forward
 from .layers import Layer, LayerSpec, resolve_layer_full
 from .postprocess import INTERPOLATIONS, finalize
 
@@ -346,7 +346,7 @@ class Explainer:
             try:
                 raw, target, extras = self._explain_raw(x, target, guard, **inputs)
             except RuntimeError as error:
-                raise_if_dtype_mismatch(self.model, x, error)
+                raise_for_failed_forward(self.model, x, error)
                 raise
         maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
         return Explanation(maps.float(), degenerate, target, extras)

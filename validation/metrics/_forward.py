@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from .._layout import fast_layout
-from .._model_input import raise_if_dtype_mismatch
+from .._model_input import raise_for_failed_forward
 from ._checks import check_num_classes, eval_forward
 
 
@@ -40,7 +40,7 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
             try:
                 output = model(fast_layout(chunk))
             except RuntimeError as error:
-                raise_if_dtype_mismatch(model, images, error)
+                raise_for_failed_forward(model, images, error)
                 raise
             check_logits(output, chunk.shape[0])
             if start == 0:
