@@ -9,20 +9,18 @@ so it is the one to keep.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from shapesynth.schema import process_umask
+from trainers.export import atomic_save
 
 __all__ = ["AtomicCheckpointIO", "LatestBestCheckpoint", "remove_temp_checkpoints"]
 
-# AtomicCheckpointIO's temp names: "." + checkpoint name + "." + mkstemp's 8 characters + ".tmp"
+# atomic_save's temp names: "." + checkpoint name + "." + mkstemp's 8 characters + ".tmp"
 _TEMP = re.compile(r"\..+\.ckpt\.[a-z0-9_]{8}\.tmp")
 
 
@@ -41,17 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600 files
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def remove_temp_checkpoints(folder) -> None:

@@ -23,8 +23,10 @@ META = "model.json"
 META_KEYS = ("arch", "image_size", "mean", "std", "class_names", "dataset_fingerprint", "test_accuracy")
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_save(path: Path, write) -> None:
+    """``write(temp_path)`` into a temp file beside ``path`` (".<name>.<8 chars>.tmp"), flushed to
+    disk, given the umask's mode, then renamed over ``path``; removed again on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -44,7 +46,7 @@ def write_json(path: Path, obj) -> None:
 def write_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically; the temp file's name is unique, so concurrent writers cannot
     clobber each other's half-written file."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_save(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_model(model: ShapeClassifier, folder, meta: dict) -> Path:
@@ -58,7 +60,7 @@ def save_model(model: ShapeClassifier, folder, meta: dict) -> Path:
     missing = [k for k in META_KEYS if k not in full]
     if missing:
         raise ValueError(f"save_model: metadata lacks {missing}")
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_save(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_json(folder / META, full)
     return folder / WEIGHTS
 
