@@ -1,5 +1,6 @@
-"""Clear errors after a failed forward: images of one dtype meeting a model of another, images too
-small for the model (shared by methods and metrics)."""
+"""Clear errors about a model's input and output, shared by methods and metrics: after a failed
+forward (images of one dtype meeting a model of another, images too small for the model), and an
+output that is not one row of logits per image."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,13 @@ def raise_for_failed_forward(model: torch.nn.Module, images: torch.Tensor, error
         h, w = images.shape[-2:]
         raise ValueError(f"images of {h}x{w} px are too small for {type(model).__name__}: one of its layers "
                          f"ran out of pixels ({' '.join(str(error).split())}); use larger images") from error
+
+
+def check_logits(output, rows: int) -> torch.Tensor:
+    """``output`` if it is an (N, K) tensor, one row per image; ValueError naming what it is else."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != rows:
+        got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"the model must return a logits tensor (N, num_classes), one row per image; for {rows} "
+                         f"images it returned {got} (wrap a model that returns a tuple, a dict or extra "
+                         "dimensions so that it returns the logits tensor)")
+    return output

@@ -74,13 +74,6 @@ def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | N
     return t
 
 
-def check_logits(logits: Any, batch: int) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"the model must return logits of shape (B, num_classes) = ({batch}, K), got {shape}")
-    return logits
-
-
 def resolve_target(target: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
     """Check the range of ``target`` against the logits; None -> the predicted classes."""
     if target is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerExplainer, check_logits, check_score, class_score, layer_gradients, resolve_target, to_nchw
+from .._model_input import check_logits
+from .base import LayerExplainer, check_score, class_score, layer_gradients, resolve_target, to_nchw
 from .registry import register
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .._rng import seeded_global_rng
-from .base import Explainer, ModelGuard, check_logits, compute_dtype, option_int, option_number, resolve_target
+from .._model_input import check_logits
+from .base import Explainer, ModelGuard, compute_dtype, option_int, option_number, resolve_target
 from .pixel import check_reduction, reduce_channels
 from .registry import register
 

@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-from .base import Explainer, ModelGuard, check_logits, check_score, class_score, compute_dtype, resolve_target
+from .._model_input import check_logits
+from .base import Explainer, ModelGuard, check_score, class_score, compute_dtype, resolve_target
 from .cam import GradCAM
 from .pixel import check_reduction, reduce_channels
 from .postprocess import rectify, upsample

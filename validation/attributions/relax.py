@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Explainer, check_logits, option_int, option_number
+from .._model_input import check_logits
+from .base import Explainer, option_int, option_number
 from .layers import resolve_layer_full
 from .registry import register
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LayerExplainer, check_logits, option_int, resolve_target, to_nchw
+from .._model_input import check_logits
+from .base import LayerExplainer, option_int, resolve_target, to_nchw
 from .postprocess import minmax, rectify, upsample
 from .registry import register
 

@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from .._layout import fast_layout
-from .._model_input import raise_for_failed_forward
+from .._model_input import check_logits, raise_for_failed_forward
 from ._checks import check_num_classes, eval_forward
 
 
@@ -53,15 +53,6 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
     if not out:
         return images.new_zeros(0), target.new_zeros(0)
     return torch.cat(out), torch.cat(predictions)
-
-
-def check_logits(output, rows: int) -> None:
-    """ValueError unless the model's output is an (N, K) tensor, one row per image."""
-    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != rows:
-        got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ValueError(f"the model must return a logits tensor (N, num_classes), one row per image; for {rows} "
-                         f"images it returned {got} (wrap a model that returns a tuple, a dict or extra "
-                         "dimensions so that it returns the logits tensor)")
 
 
 def raise_if_probabilities(output: torch.Tensor) -> None:
