@@ -158,7 +158,7 @@ def _add_generate(sub) -> None:
         help="procedural clutter preset: easy, medium (default), hard, or a number in [0, 1]",
     )
     p.add_argument("--min-contrast", type=float,
-                   help=f"least mean colour distance of a shape to the background under it, in [0, 1] (default: {d.min_contrast})")
+                   help=f"least mean colour distance of a shape to the background under it, in [0, 1) (default: {d.min_contrast})")
     p.add_argument("--clutter", type=float, help=f"procedural clutter density (default: {d.clutter}, the medium preset; hard = 1)")
     p.add_argument("--clutter-contrast", type=float, help=f"procedural clutter contrast in [0, 1] (default: {d.clutter_contrast})")
     p.add_argument(

@@ -174,8 +174,9 @@ class SynthConfig:
         self.size_bands = tuple(tuple(float(v) for v in band) for band in self.size_bands)
         if self.size_band_weights is not None:
             self.size_band_weights = tuple(float(w) for w in self.size_band_weights)
-        self.split_sizes = dict(self.split_sizes)
-        self.bg_pool_sizes = dict(self.bg_pool_sizes)
+        # numpy integer counts are stored as ints (JSON); anything else is left for validate()
+        self.split_sizes = {k: int(v) if _is_int(v) else v for k, v in dict(self.split_sizes).items()}
+        self.bg_pool_sizes = {k: int(v) if _is_int(v) else v for k, v in dict(self.bg_pool_sizes).items()}
         self.bg_pool_fractions = dict(self.bg_pool_fractions)
         self.validate()
 
@@ -223,7 +224,7 @@ class SynthConfig:
         for name, n in self.split_sizes.items():
             if name not in SPLITS:
                 raise ConfigError(f"split_sizes: unknown split {name!r} (known: {SPLITS})")
-            if not isinstance(n, int) or n < 0:
+            if not _is_int(n) or n < 0:
                 raise ConfigError(f"split_sizes[{name!r}] must be an int >= 0, got {n!r}")
         if sum(self.split_sizes.values()) == 0:
             raise ConfigError(f"split_sizes {self.split_sizes} hold no sample: give at least one split a size >= 1")
@@ -308,13 +309,21 @@ class SynthConfig:
         if self.bg_small not in ("refuse", "upscale"):
             raise ConfigError(f"bg_small must be 'refuse' or 'upscale', got {self.bg_small!r}")
         for name, n in self.bg_pool_sizes.items():
-            if name not in SPLITS or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"bg_pool_sizes[{name!r}] must be an int >= 1 for a known split")
+            if name not in SPLITS or not _is_int(n) or n < 1:
+                raise ConfigError(f"bg_pool_sizes[{name!r}] must be an int >= 1 for a known split, got {n!r}")
+        # a split left out used to get one procedural base, not its default pool
+        missing = [split for split in SPLITS if split not in self.bg_pool_sizes]
+        if missing:
+            raise ConfigError(f"bg_pool_sizes must give every split {SPLITS} a size; missing {missing} "
+                              f"(defaults: {_default_pool_sizes()})")
         if self.bg_base_scale < 1.0:
             raise ConfigError(f"bg_base_scale must be >= 1, got {self.bg_base_scale}")
-        for knob in ("clutter", "clutter_scale", "clutter_blur", "clutter_noise", "bg_jitter"):
+        for knob in ("clutter", "clutter_scale", "clutter_blur", "clutter_noise"):
             if getattr(self, knob) < 0:
                 raise ConfigError(f"{knob} must be >= 0, got {getattr(self, knob)}")
+        # the jitter multipliers are 1 +- bg_jitter: above 1 they turn negative and invert colours
+        if not 0.0 <= self.bg_jitter <= 1.0:
+            raise ConfigError(f"bg_jitter must be in [0, 1], got {self.bg_jitter}")
         for knob in ("clutter_contrast", "clutter_saturation"):
             if not 0.0 <= getattr(self, knob) <= 1.0:
                 raise ConfigError(f"{knob} must be in [0, 1], got {getattr(self, knob)}")

@@ -53,14 +53,19 @@ def preview_array(data: str | Path, split: str = "train", per_class: int = 3, sc
             picked[int(label)].append(i)
         if all(len(v) >= per_class for v in picked.values()):
             break
-    tiles = []
+    rows = []
     for label in range(len(CLASS_NAMES)):
+        row = []
         for i in picked[label]:
             image, mask, _, lab, _ = records[i]
-            tiles.append(draw_tile(image, mask, lab, scale))
-    if not tiles:
+            row.append(draw_tile(image, mask, lab, scale))
+        rows.append(row)
+    drawn = [tile for row in rows for tile in row]
+    if not drawn:
         raise OutputError(f"split {split!r} of {data} is empty: nothing to preview")
-    return grid(tiles, columns=per_class)
+    # a class with fewer samples keeps its row: blank tiles fill it up
+    blank = np.full_like(drawn[0], 255)
+    return grid([tile for row in rows for tile in row + [blank] * (per_class - len(row))], columns=per_class)
 
 
 def write_preview(data: str | Path, out: str | Path, split: str = "train", per_class: int = 3, scale: int = 2) -> Path:

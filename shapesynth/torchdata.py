@@ -64,7 +64,7 @@ class SynthStream(Dataset):
     ):
         self.config = config if config is not None else SynthConfig()
         self.split = split
-        self.length = self.config.split_size(split) if length is None else int(length)
+        self.length = self.config.split_size(split) if length is None else as_int("length", length)
         if self.length <= 0:
             raise ValueError(f"SynthStream needs length >= 1 (split {split!r} has {self.length})")
         self.epoch = check_count("epoch", epoch)
@@ -150,6 +150,7 @@ class ShapesDataset(Dataset):
     def counterfactual(self, i: int, label: int | None = None) -> dict:
         """Item i re-rendered as class `label` (same background, placement and colour), or, with
         label None, its background alone (mask and region all zero)."""
+        self._check_index(i)
         index = int(self.records.metadata(i)["index"])
         if label is None:
             bg = self.synth.background_only(self.split, index)
@@ -158,8 +159,11 @@ class ShapesDataset(Dataset):
         s = self.synth.counterfactual(self.split, index, label)
         return _to_item(s.image, s.mask, s.region, s.label, index, self.transform)
 
-    def __getitem__(self, i: int) -> dict:
+    def _check_index(self, i: int) -> None:
         if not 0 <= i < len(self.records):
             raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self.records)} samples")
+
+    def __getitem__(self, i: int) -> dict:
+        self._check_index(i)
         image, mask, region, label, index = self.records[i]
         return _to_item(image, mask, region, label, index, self.transform)

@@ -1,6 +1,7 @@
 """Background sources, pools, disjointness and every bad background input."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -272,6 +273,53 @@ def test_only_corrupt_files(tmp_path):
         build_pools(_folder_cfg(tmp_path / "bgs"))
 
 
+def test_a_subfolder_that_cannot_be_listed_is_skipped_and_listed_not_left_out(tmp_path, monkeypatch):
+    """A subfolder without read permission (simulated: these tests may run as root) held
+    backgrounds the pools silently went without (pathlib's rglob passes over such folders)."""
+    import os
+
+    _write_images(tmp_path / "bgs", 6)
+    _write_images(tmp_path / "bgs" / "locked", 3, start=20)
+    locked = str(tmp_path / "bgs" / "locked")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    assert sum(len(p) for p in pools.values()) == 6
+    skipped = dict(s for p in pools.values() for s in p.skipped)
+    assert list(skipped) == [locked] and "Permission denied" in skipped[locked]
+    clear_pool_cache()
+    with pytest.raises(BackgroundError, match=f"cannot read background {locked}: .*Permission denied"):
+        build_pools(_folder_cfg(tmp_path / "bgs", bg_strict=True))
+    clear_pool_cache()
+    with pytest.raises(BackgroundError, match="cannot be read: .*Permission denied"):
+        build_pools(_folder_cfg(tmp_path / "bgs" / "locked"))
+
+
+def test_links_to_folders_are_walked_and_links_to_nothing_are_listed(tmp_path):
+    """Every file in the folder and its subfolders is tried: a subfolder that is a link (e.g. to
+    the data on another disk) too, once, even when a link leads back up; a dangling link is
+    unreadable, so it is skipped and listed (an error with bg_strict), not left out unseen."""
+    _write_images(tmp_path / "bgs", 6)
+    elsewhere = _write_images(tmp_path / "elsewhere", 3, start=20)
+    (tmp_path / "bgs" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "bgs" / "loop").symlink_to(tmp_path / "bgs", target_is_directory=True)
+    (tmp_path / "bgs" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    pools = build_pools(_folder_cfg(tmp_path / "bgs"))
+    used = sorted(n for p in pools.values() for n in p.names)
+    assert len(used) == 9 and {str(tmp_path / "bgs" / "more" / p.name) for p in elsewhere} <= set(used)
+    skipped = [s for p in pools.values() for s in p.skipped]
+    assert skipped == [(str(tmp_path / "bgs" / "gone.png"), f"link to nothing ({tmp_path / 'deleted.png'})")]
+    clear_pool_cache()
+    with pytest.raises(BackgroundError, match="cannot read background .*gone.png: link to nothing"):
+        build_pools(_folder_cfg(tmp_path / "bgs", bg_strict=True))
+
+
 def test_small_backgrounds_are_refused_or_upscaled(tmp_path):
     _write_images(tmp_path / "bgs", 6, size=20)
     with pytest.raises(BackgroundError, match="smaller than the 32x32 image"):
@@ -300,6 +348,23 @@ def test_too_few_backgrounds_for_the_pools(tmp_path):
     _write_images(tmp_path / "bgs", 2)
     with pytest.raises(BackgroundError, match="too few backgrounds"):
         build_pools(_folder_cfg(tmp_path / "bgs"))
+
+
+@pytest.mark.parametrize("fractions, unshared", [
+    ({"train": 0.0, "val": 0.0, "test": 0.0}, "['train', 'val', 'test']"),  # was an IndexError traceback
+    ({"train": 0.8, "test": 0.2}, "['val']"),  # was "gave no pool for ['val']", the cause unsaid
+    ({"train": 0.9, "val": 0.1, "test": 0.0}, "['test']"),
+])
+def test_a_pool_without_a_share_of_the_folder_is_refused_naming_bg_pool_fractions(tmp_path, fractions, unshared):
+    _write_images(tmp_path / "bgs", 12)
+    with pytest.raises(BackgroundError, match=rf"bg_pool_fractions .* gives the {re.escape(unshared)} pool\(s\) no share"):
+        build_pools(_folder_cfg(tmp_path / "bgs", bg_pool_fractions=fractions))
+    # split folders without val: val is carved out of train by the same fractions
+    _write_images(tmp_path / "test", 3, start=50)
+    split_cfg = SynthConfig(**TINY, background="folder", bg_pool_fractions={"train": 0.9, "val": 0.0},
+                            bg_split_paths={"train": str(tmp_path / "bgs"), "test": str(tmp_path / "test")})
+    with pytest.raises(BackgroundError, match=r"gives the \['val'\] pool\(s\) no share .*\(train, to carve val\)"):
+        build_pools(split_cfg)
 
 
 def _recoloured_windows(arr: np.ndarray, side: int, meta: dict) -> np.ndarray:

@@ -78,6 +78,41 @@ def test_preview_writes_a_grid_with_contours(generated, tmp_path):
     assert grid.shape[0] > 6 * 64 and grid.shape[1] > 2 * 64  # 6 rows of 2 tiles at scale 2
     white = (grid == 255).all(axis=2)
     assert white.mean() > 0.01  # contour lines and padding are drawn
+    # row k shows the first two samples of class k, each as its own tile (padding alone was
+    # enough for the white fraction above)
+    from shapesynth.preview import draw_tile
+    from shapesynth.readers import open_split
+
+    records = open_split(generated, "train")
+    labels = [records[i][3] for i in range(len(records))]
+    side, pad = 64, 4
+    assert grid.shape == (6 * (side + pad) + pad, 2 * (side + pad) + pad, 3)
+    for label in range(6):
+        for column, i in enumerate([i for i, y in enumerate(labels) if y == label][:2]):
+            image, mask, _, stored_label, _ = records[i]
+            top, left = pad + label * (side + pad), pad + column * (side + pad)
+            tile = grid[top : top + side, left : left + side]
+            assert np.array_equal(tile, draw_tile(image, mask, stored_label, scale=2)), (label, column)
+            assert (tile == 255).all(axis=2).any()  # its contour
+
+
+def test_preview_keeps_one_row_per_class_when_a_class_has_fewer_samples(generated):
+    # val holds one sample per class: with two per class wanted, the tiles of later classes used
+    # to move up into the rows of earlier ones (3 rows of 2 for six classes)
+    from shapesynth.preview import draw_tile, preview_array
+    from shapesynth.readers import open_split
+
+    records = open_split(generated, "val")
+    labels = [records[i][3] for i in range(len(records))]
+    assert sorted(labels) == list(range(6))
+    grid = preview_array(generated, split="val", per_class=2, scale=1)
+    side, pad = 32, 4
+    assert grid.shape == (6 * (side + pad) + pad, 2 * (side + pad) + pad, 3)
+    for label in range(6):
+        image, mask, _, stored_label, _ = records[labels.index(label)]
+        top = pad + label * (side + pad)
+        assert np.array_equal(grid[top : top + side, pad : pad + side], draw_tile(image, mask, stored_label, scale=1))
+        assert (grid[top : top + side, 2 * pad + side : 2 * pad + 2 * side] == 255).all()  # nothing to show
 
 
 @pytest.mark.parametrize("flag", ["--per-class", "--scale"])
@@ -302,6 +337,27 @@ def test_generate_help_shows_the_defaults(capsys):
                           ("--small-backgrounds {refuse,upscale}", d.bg_small)):
         help_text = next(b for b in blocks if b.startswith(f"{flag} "))
         assert f"(default: {default})" in help_text, (flag, help_text)
+
+
+@pytest.mark.parametrize("flag, knob", [("--min-contrast MIN_CONTRAST", "min_contrast"),
+                                        ("--clutter-contrast CLUTTER_CONTRAST", "clutter_contrast")])
+def test_generate_help_states_the_range_the_config_accepts(capsys, flag, knob):
+    # --min-contrast said [0, 1] while the config refuses 1 (a shape as far from its background
+    # as black from white everywhere)
+    from shapesynth import ConfigError, SynthConfig
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    blocks = [" ".join(b.split()) for b in re.split(r"\n(?=  -)", capsys.readouterr().out)]
+    help_text = next(b for b in blocks if b.startswith(f"{flag} "))
+    closed = re.search(r"in \[0, 1([\])])", help_text).group(1) == "]"
+    SynthConfig(**{knob: 0.0})
+    SynthConfig(**{knob: 0.999})
+    if closed:
+        SynthConfig(**{knob: 1.0})
+    else:
+        with pytest.raises(ConfigError, match=knob):
+            SynthConfig(**{knob: 1.0})
 
 
 def test_module_entry_point_has_help():

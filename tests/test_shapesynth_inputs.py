@@ -117,6 +117,28 @@ def test_wrongly_typed_config_entries_are_named(tmp_path, capsys, entry, words):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("entry, words", [
+    # a split left out used to get one procedural base instead of its default pool, silently
+    ({"bg_pool_sizes": {"train": 4}}, ["bg_pool_sizes", "missing ['val', 'test']"]),
+    # multipliers 1 +- jitter: above 1 they turned negative and inverted the background's colours
+    ({"bg_jitter": 1.5}, ["bg_jitter", "[0, 1]", "1.5"]),
+    ({"split_sizes": {"train": True}}, ["split_sizes['train']", "True"]),
+    ({"bg_pool_sizes": {"train": True, "val": 1, "test": 1}}, ["bg_pool_sizes['train']", "True"]),
+])
+def test_out_of_range_config_values_are_named(entry, words):
+    with pytest.raises(ConfigError) as raised:
+        CFG.replace(**entry)
+    for w in words:
+        assert w in str(raised.value), (w, str(raised.value))
+
+
+def test_numpy_integer_counts_are_accepted_and_stored_as_ints():
+    cfg = CFG.replace(split_sizes={"train": np.int64(4)}, bg_pool_sizes={s: np.int32(2) for s in ("train", "val", "test")})
+    assert cfg.split_sizes == {"train": 4} and type(cfg.split_sizes["train"]) is int
+    assert json.loads(cfg.to_json())["bg_pool_sizes"] == {"train": 2, "val": 2, "test": 2}
+    assert [len(p) for p in build_pools(cfg).values()] == [2, 2, 2]
+
+
 def test_a_recipe_of_no_sample_is_refused(tmp_path, capsys):
     _refused(capsys, ["generate", "--out", str(tmp_path / "o"), *TINY, "--train-size", "0", "--val-size", "0",
                       "--test-size", "0"], "split_sizes", "hold no sample")
@@ -201,6 +223,9 @@ def test_negative_epochs_and_non_integer_indices_are_named():
         stream.set_epoch(-2)
     with pytest.raises(TypeError, match="index must be an int, got 1.0"):
         stream[1.0]
+    # int(2.5) used to make a stream of 2
+    with pytest.raises(TypeError, match="length must be an int, got 2.5"):
+        SynthStream(CFG, length=2.5)
 
 
 # ---------------------------------------------------------------- files: stale temps, fsync, umask

@@ -303,9 +303,9 @@ def test_metadata_columns(hub_dir):
     counts = meta["label"].value_counts()
     assert counts.max() - counts.min() <= 1
     assert sorted(meta["index"]) == list(range(30))
-    # mask_area and bbox describe the stored mask: area within the 8-bit quantisation, and the
-    # box holds every nonzero mask pixel, at most 1 px wider per side (alpha below half a grey
-    # level rounds to 0 on disk)
+    # mask_area, region_area and bbox describe the stored mask exactly: the alpha is quantised to
+    # k/255 before it is measured, so the 8-bit PNG holds the very values (float32 sums aside)
+    # and the box is the tight box of its nonzero pixels
     from shapesynth.torchdata import ShapesDataset
 
     ds = ShapesDataset(str(hub_dir), "train")
@@ -316,10 +316,13 @@ def test_metadata_columns(hub_dir):
         row = by_index.loc[item["index"]]
         h, w = mask.shape
         assert abs(mask.sum() / (h * w) - row["mask_area"]) <= (mask > 0).sum() * 0.5 / 255 / (h * w) + 1e-7
+        assert mask.astype(np.float64).sum() / (h * w) == pytest.approx(row["mask_area"], abs=1e-7)
+        region = item["region"][0].numpy().astype(np.float64)
+        assert region.sum() / (h * w) == pytest.approx(row["region_area"], abs=1e-7)
         x0, y0, x1, y1 = row["bbox"]
         ys, xs = np.nonzero(mask)
         assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
-        assert xs.min() - x0 <= 1 and x1 - 1 - xs.max() <= 1 and ys.min() - y0 <= 1 and y1 - 1 - ys.max() <= 1
+        assert [x0, y0, x1, y1] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 def test_card_has_yaml_counts_pools_grid_and_audit(hub_dir):
@@ -352,3 +355,7 @@ def test_counterfactuals_of_a_dataset_on_disk(hub_dir):
     outside = item["mask"][0] == 0
     assert torch.equal(bg["image"][:, outside], item["image"][:, outside])
     assert bg["mask"].sum() == 0
+    # an index outside the split is refused as ds[i] refuses it (-1 used to give the last item's)
+    for i in (-1, len(ds)):
+        with pytest.raises(IndexError, match=f"index {i} out of range for split 'test'"):
+            ds.counterfactual(i, other)

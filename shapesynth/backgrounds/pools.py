@@ -238,13 +238,23 @@ def _dedupe(cands: list[Candidate], skipped: list[tuple[str, str]], cfg: SynthCo
     return unique
 
 
-def hash_split(cands: list[Candidate], fractions: dict[str, float], where: str) -> dict[str, list[Candidate]]:
-    """Deal backgrounds into pools by their pixel hash (independent of file names and order).
+def hash_split(
+    cands: list[Candidate], fractions: dict[str, float], where: str, pools: tuple[str, ...] = SPLITS
+) -> dict[str, list[Candidate]]:
+    """Deal backgrounds into `pools` by their pixel hash (independent of file names and order).
 
     Each background goes to the split whose cumulative fraction covers its hash, read as a
     uniform number; every pool then gets at least one by moving the lowest-hash members if
-    needed, and too few backgrounds overall is an error.
+    needed, and too few backgrounds overall is an error. A pool without a fraction > 0 is an
+    error (`bg_pool_fractions`): every split draws from a pool of its own.
     """
+    unshared = [s for s in pools if not fractions.get(s, 0) > 0]
+    if unshared:
+        raise BackgroundError(
+            f"bg_pool_fractions {dict(fractions)} gives the {unshared} pool(s) no share of the backgrounds in "
+            f"{where}: every split draws its backgrounds from a pool of its own, so each of {list(pools)} "
+            "needs a fraction > 0"
+        )
     # the pools' order on the unit interval must not follow the mapping's key order: a config read
     # back from shapesynth.json (keys sorted) would otherwise deal the same files differently
     rank = {s: k for k, s in enumerate(SPLITS)}
@@ -298,7 +308,7 @@ def pools_from_candidates(
         if "val" not in groups and "train" in groups:
             # no val collection: deal a val pool out of train, by hash
             fr = {"train": cfg.bg_pool_fractions.get("train", 0.8), "val": cfg.bg_pool_fractions.get("val", 0.05)}
-            groups.update(hash_split(groups.pop("train"), fr, f"{where} (train, to carve val)"))
+            groups.update(hash_split(groups.pop("train"), fr, f"{where} (train, to carve val)", pools=("train", "val")))
         for s, c in groups.items():
             if not c:
                 raise BackgroundError(f"too few backgrounds: the {s!r} pool from {where} is empty")
