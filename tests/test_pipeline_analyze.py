@@ -1,5 +1,7 @@
 """analyze: tables a-f on synthetic long tables with planted answers; scipy is the reference."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -790,3 +792,41 @@ def test_bootstrap_replicates_without_a_correlation_are_counted():
         assert t.loc[(model, "m", "pairs"), "boot_nan"] == 0
     paired = A.table_paired(frame, n_boot=n_boot, seed=0, pairs=[("m", "flat")]).set_index("model")
     assert list(paired["boot_nan"]) == [expected] * 3
+
+
+def test_summary_replicate_without_every_models_correlation_is_left_out_and_counted():
+    """The summary row's point estimate is the mean over its ``n_models`` models, so a replicate of
+    it needs every one of them: a replicate where one model has no correlation (its resample holds
+    only constant values) is left out of the interval and counted in ``boot_nan``. It used to be
+    the mean of the other models alone (``nanmean``): those replicates estimated another quantity,
+    shifting the interval, and ``boot_nan`` counted only replicates where every model was NaN."""
+    only, n_images, n_boot = 3, 12, 80
+    rng = np.random.default_rng(7)
+    rows = []
+    for model in ("A", "B"):
+        for img in range(n_images):
+            for k, (method, layer) in enumerate(REAL):
+                gt = 0.1 * k + rng.random()
+                # B's metric varies on one image only, and runs against the ground truth there;
+                # A's tracks it everywhere: the two models' correlations are far apart
+                value = gt + 0.3 * rng.random() if model == "A" else (-gt if img == only else 0.5)
+                rows += [dict(image=img, model=model, method=method, layer=layer, metric=m, value=v)
+                         for m, v in {"gt_cosine": gt, "m": value, "other": gt + rng.random()}.items()]
+    frame = make_results_frame(rows)
+    counts = A.image_bootstrap_counts(n_images, n_boot, seed=0)
+    missed = counts[:, only] == 0
+    assert 0 < missed.sum() < n_boot  # some replicates leave B without a correlation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        per_model = [_explicit_pair_replicates(_real_wide(frame, m), "m", counts) for m in ("A", "B")]
+    pear = np.mean([p for p, _ in per_model], axis=0)  # NaN where either model has none
+    spear = np.mean([s for _, s in per_model], axis=0)
+    assert np.isnan(pear[missed]).all() and np.isfinite(pear[~missed]).all()
+    t = A.table_validity(frame, n_boot=n_boot, seed=0, metrics=["m"]).set_index(["model", "metric", "level"])
+    row = t.loc[("mean+-std", "m", "pairs")]
+    assert row["n_models"] == 2 and row["boot_nan"] == missed.sum()
+    assert (row["pearson_lo"], row["pearson_hi"]) == pytest.approx(_percentile_ci(pear), abs=1e-10)
+    assert (row["spearman_lo"], row["spearman_hi"]) == pytest.approx(_percentile_ci(spear), abs=1e-10)
+    # the paired table's mean row averages the models' replicates the same way
+    paired = A.table_paired(frame, n_boot=n_boot, seed=0, pairs=[("m", "other")]).set_index("model")
+    assert paired.loc["mean", "n_models"] == 2 and paired.loc["mean", "boot_nan"] == missed.sum()

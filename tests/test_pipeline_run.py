@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -783,3 +784,54 @@ def test_a_dataset_of_another_recipe_or_fingerprint_than_the_training_data_is_wa
     assert (f"warning: --model {paths[2]}: it was trained on another dataset (/elsewhere/data, fingerprint abc) "
             f"than {data} (fingerprint tiny-fingerprint)") in err
     assert sum("recipe" in w or "another dataset" in w for w in summary["warnings"]) == 2
+
+
+def _first_chunk(out, suffix):
+    return sorted((out / "chunks" / "alpha").glob(f"*.{suffix}"))[0]
+
+
+@pytest.mark.parametrize("damage, message", [
+    # a file of another program in place of a chunk's results or predictions: the merge failed on
+    # pandas' "Cannot convert non-finite values" (or a KeyError) naming no file
+    (lambda out: pd.DataFrame({"a": [1]}).to_parquet(_first_chunk(out, "results.parquet")),
+     r"c0000000-0000004\.results\.parquet: not a results chunk .*lack required columns.* delete it and its marker"),
+    (lambda out: pd.DataFrame({"a": [1]}).to_parquet(_first_chunk(out, "predictions.parquet")),
+     r"c0000000-0000004\.predictions\.parquet: not a predictions chunk .*lack required columns"),
+    (lambda out: _first_chunk(out, "results.parquet").unlink(),
+     r"c0000000-0000004\.results\.parquet: missing, though its marker .* delete the marker"),
+    # a marker that is not a JSON object: AttributeError 'list' object has no attribute 'get'
+    (lambda out: _first_chunk(out, "done.json").write_text("[1, 2]"),
+     r"c0000000-0000004\.done\.json: not a chunk marker \(a JSON object\), got list"),
+    # a stray file matching the marker pattern: "not enough values to unpack", naming no file
+    (lambda out: (out / "chunks" / "alpha" / "c_copy.done.json").write_text("{}"),
+     r"c_copy\.done\.json: not a chunk marker name"),
+    # a run_config.json that is not a run's: TypeError list indices must be integers
+    (lambda out: (out / "run_config.json").write_text("[]"),
+     r"run_config\.json: not the run config of a `shapesynth-eval run`"),
+], ids=["foreign-results", "foreign-predictions", "missing-results", "marker-not-object", "stray-marker-name",
+        "foreign-run-config"])
+def test_merge_of_foreign_or_damaged_files_names_the_file(models, tmp_path, capsys, damage, message):
+    from validation.cli import main
+
+    out = tmp_path / "run"
+    _single_run(models, out)
+    damage(out)
+    assert main(["merge", str(out)]) == 2  # one line on stderr, not a traceback
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, columns", [("results.parquet", "result rows"), ("predictions.parquet", "prediction rows")])
+def test_analyze_of_a_foreign_merged_table_names_the_file(models, tmp_path, capsys, name, columns):
+    """A results.parquet / predictions.parquet of another program: analyze said "result rows lack
+    required columns" without the file, and a foreign predictions.parquet was a KeyError traceback."""
+    from validation.cli import main
+
+    out = tmp_path / "run"
+    _single_run(models, out)
+    pd.DataFrame({"a": [1]}).to_parquet(out / name)
+    assert main(["analyze", str(out), "--n-boot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / name}: not a table merged by shapesynth-eval ({columns} lack required columns" in err, err
+    assert f"run `shapesynth-eval merge {out}`" in err

@@ -18,7 +18,6 @@ The bootstrap resamples *images* (all configurations of an image move together),
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,13 +204,13 @@ def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndar
 
 def _mean_replicates(per_model: list[np.ndarray], n_boot: int = 0) -> np.ndarray:
     """Bootstrap replicates of a mean over models: the models' replicates averaged replicate by
-    replicate (models fixed, images resampled); all-NaN replicates (no finite pairs) stay NaN,
-    and so do all ``n_boot`` of them when no model is given."""
+    replicate (models fixed, images resampled). A replicate where any model has no correlation
+    is NaN (left out of the interval, counted in ``boot_nan``): the mean of the other models
+    alone would be another statistic than the point estimate, the mean over all of them. All
+    ``n_boot`` replicates are NaN when no model is given."""
     if not per_model:
         return np.full(n_boot, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(per_model), axis=0)
+    return np.mean(np.stack(per_model), axis=0)
 
 
 def _boot_nan(*boots: np.ndarray) -> int:

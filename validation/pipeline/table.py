@@ -185,6 +185,9 @@ def make_predictions_frame(records: Iterable[Mapping] | pd.DataFrame) -> pd.Data
     df = records.copy() if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype=object) for c in PREDICTION_COLUMNS})
+    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"prediction rows lack required columns {missing}; have {list(df.columns)}")
     df["model"] = df["model"].astype(str)
     for col in ("image", "label", "pred"):
         df[col] = df[col].astype("int64")
@@ -203,10 +206,21 @@ def chunk_stem(run_dir: str | os.PathLike, model: str, start: int, stop: int) ->
     return Path(run_dir) / "chunks" / model / f"c{start:07d}-{stop:07d}"
 
 
+def read_marker(path: str | os.PathLike) -> dict:
+    """A chunk's ``.done.json`` marker; an error naming the file if it is not a JSON object."""
+    info = read_json(path)
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a chunk marker (a JSON object), got {type(info).__name__}; "
+                         f"delete it to recompute its chunk")
+    return info
+
+
 def chunk_is_done(run_dir, model: str, start: int, stop: int, run_id: str) -> bool:
     """The chunk's marker exists and belongs to the run identity ``run_id``."""
     marker = Path(f"{chunk_stem(run_dir, model, start, stop)}.done.json")
-    return marker.exists() and (read_json(marker) or {}).get("run_id") == run_id
+    return marker.exists() and read_marker(marker).get("run_id") == run_id
 
 
 def write_chunk(run_dir, model: str, start: int, stop: int, results: pd.DataFrame,
@@ -223,9 +237,28 @@ def read_chunk_markers(run_dir) -> dict[tuple[str, int, int], dict]:
     """(model, start, stop) -> the ``.done.json`` marker of every finished chunk, read once."""
     out = {}
     for marker in sorted((Path(run_dir) / "chunks").glob("*/c*.done.json")):
-        start, stop = marker.name[1:].split(".")[0].split("-")
-        out[(marker.parent.name, int(start), int(stop))] = read_json(marker) or {}
+        try:
+            start, stop = (int(v) for v in marker.name[1:-len(".done.json")].split("-"))
+        except ValueError:
+            raise ValueError(f"{marker}: not a chunk marker name (c<start>-<stop>.done.json); "
+                             f"move it out of {marker.parent}") from None
+        out[(marker.parent.name, start, stop)] = read_marker(marker)
     return out
+
+
+def _read_chunk_frame(stem: Path, kind: str) -> pd.DataFrame:
+    """A finished chunk's ``results`` or ``predictions`` file, checked against the schema; an
+    error naming the file (and what to do) if it is missing, unreadable or of another schema."""
+    path = Path(f"{stem}.{kind}.parquet")
+    make = make_results_frame if kind == "results" else make_predictions_frame
+    try:
+        return make(pd.read_parquet(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing, though its marker {stem.name}.done.json says the chunk "
+                                f"is finished; delete the marker to recompute the chunk") from None
+    except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a {kind} chunk of shapesynth-eval ({err}); delete it and its "
+                         f"marker {stem.name}.done.json to recompute the chunk") from None
 
 
 # ----------------------------------------------------------------------------- merge / load
@@ -270,6 +303,9 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     """
     run_dir = Path(run_dir)
     config = read_json(run_dir / "run_config.json")
+    if not isinstance(config, dict) or not {"image_range", "chunk_size", "model_names"} <= set(config):
+        raise ValueError(f"{run_dir / 'run_config.json'}: not the run config of a `shapesynth-eval run` "
+                         f"(a JSON object with image_range, chunk_size, model_names)")
     wanted = expected_chunks(config)
     weights = config.get("model_weights") or {}
     seen = marker_digests(run_dir)  # before reading: a chunk finishing during the merge counts as newer
@@ -294,9 +330,9 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     results, preds, timings = [], [], []
     for model, a, b in present:
         stem = chunk_stem(run_dir, model, a, b)
-        chunk = pd.read_parquet(f"{stem}.results.parquet")
+        chunk = _read_chunk_frame(stem, "results")
         results.append(chunk)
-        preds.append(pd.read_parquet(f"{stem}.predictions.parquet"))
+        preds.append(_read_chunk_frame(stem, "predictions"))
         info = markers[(model, a, b)]
         per_config = info.get("images")
         if per_config is None:  # chunks written before the count was recorded: images with rows
@@ -378,11 +414,20 @@ def load_results(run_dir: str | os.PathLike) -> pd.DataFrame:
                 f"{run_dir}: not merged yet (no results.parquet); run `shapesynth-eval merge {run_dir}`")
         raise FileNotFoundError(f"{run_dir}: not a run directory (no results.parquet, no run_config.json)")
     check_merge_current(run_dir)
-    return make_results_frame(pd.read_parquet(path))
+    return _read_merged(path, make_results_frame)
 
 
 def load_predictions(run_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(run_dir) / "predictions.parquet"
     if not path.exists():
         return make_predictions_frame([])
-    return make_predictions_frame(pd.read_parquet(path))
+    return _read_merged(path, make_predictions_frame)
+
+
+def _read_merged(path: Path, make) -> pd.DataFrame:
+    """A merged table checked against its schema; an error naming the file if it is not one."""
+    try:
+        return make(pd.read_parquet(path))
+    except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a table merged by shapesynth-eval ({err}); run "
+                         f"`shapesynth-eval merge {path.parent}` to rebuild it") from None
