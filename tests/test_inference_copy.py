@@ -132,6 +132,43 @@ def test_only_batchnorm_that_is_a_convolutions_sole_user_is_folded():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-6)
 
 
+class _ConvCalledTwice(nn.Module):
+    """One convolution module at two call sites, batch norm after one of them only: folding the
+    batch norm into the shared weights would change the other call's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class _BatchNormCalledTwice(nn.Module):
+    """One batch norm module after two convolutions: it can be folded into neither alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn(self.conv2(x))
+
+
+@pytest.mark.parametrize("shared", [_ConvCalledTwice, _BatchNormCalledTwice])
+def test_modules_called_at_two_places_are_not_folded(shared):
+    torch.manual_seed(0)
+    net = _with_trained_like_batchnorm(shared())
+    fast = inference_copy(net)
+    assert fast.inference_folds == [] and isinstance(fast.bn, nn.BatchNorm2d)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-6)
+
+
 def test_an_untraceable_model_is_copied_unfolded():
     class Branchy(_SharedConvOutput):
         def forward(self, x):

@@ -621,7 +621,16 @@ def test_weights_path_alone_is_recorded_as_pretrained(tmp_path):
     assert torch.equal(build_model("resnet18", image_size=32, weights_path=path).backbone.conv1.weight,
                        torch.load(path, weights_only=True)["conv1.weight"])
     out = tmp_path / "ft"
-    meta = fit(_tiny_cfg(out, weights_path=str(path), train_length=32, limit_val_batches=0))
+
+    class RemoveWeightsAfterTraining(Callback):
+        """The checkpoint holds every weight: testing and exporting it must not need the file again."""
+
+        def on_train_end(self, trainer, pl_module):
+            path.unlink()
+
+    meta = fit(_tiny_cfg(out, weights_path=str(path), train_length=32, limit_val_batches=0),
+               callbacks=[RemoveWeightsAfterTraining()])
+    assert not path.exists()
     assert meta["config"]["pretrained"] is False and meta["pretrained"] is True
     assert json.loads((out / "model.json").read_text())["pretrained"] is True
     card = (out / "MODEL_CARD.md").read_text()

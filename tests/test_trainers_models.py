@@ -1,6 +1,8 @@
 """Architecture registry: every arch at 32 px, learning on a fixed tiny set, Swin windows,
 offline ImageNet weights, and clear errors."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +199,31 @@ def test_pretrained_refuses_a_wrong_file(tmp_path):
     torch.save(tvm.squeezenet1_1(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="unexpected tensor"):
         build_model("resnet18", weights_path=path)
+
+
+def _unreadable_weights(tmp_path, kind):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "truncated":  # an interrupted download
+        torch.save(tvm.resnet18(weights=None).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:4096])
+    elif kind == "pickled_module":  # torch.save(model): refused by weights_only=True
+        torch.save(tvm.resnet18(weights=None), path)
+    else:  # not a torch file at all
+        path.write_text("<html>404 Not Found</html>")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickled_module", "text"])
+def test_an_unreadable_weights_file_is_an_error_naming_it(tmp_path, kind, capsys):
+    from trainers.cli import main
+
+    path = _unreadable_weights(tmp_path, kind)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot be read as resnet18's ImageNet weights"):
+        build_model("resnet18", image_size=32, weights_path=path)
+    # bad input, found before training: one line and exit code 2 from the CLI, no traceback
+    out = tmp_path / "run"
+    assert main(["fit", "--weights-path", str(path), "--image-size", "32", "--out", str(out),
+                 "--synth", "{size_bands: [[0.3, 0.4]]}", "--precision", "32-true", "--progress-bar", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth-train: error: ") and str(path) in err and err.count("\n") == 1
+    assert not out.exists()

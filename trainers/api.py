@@ -544,7 +544,10 @@ def _train_test_export(plan: FitPlan) -> dict:
 
     # no val_acc was ever logged (limit_val_batches 0): the last checkpoint, recorded as such
     best = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
-    best_module = ShapeClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+    # the checkpoint holds every weight: the ImageNet file the run started from (pretrained,
+    # weights_path) is not read again, and need not exist any more
+    best_module = ShapeClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True,
+                                                             pretrained=False, weights_path=None)
     # same trainer: under DDP every rank tests a shard and the confusion matrices are summed
     # (the distributed sampler may repeat up to world_size - 1 images to even the shards)
     trainer.test(best_module, datamodule=dm, verbose=False)

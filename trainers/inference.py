@@ -18,6 +18,7 @@ Measured on VGG11-BN at 64 px: 1.4x faster forwards and input gradients, 1.15x a
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -64,7 +65,8 @@ def inference_copy(model: nn.Module, image_size: int | None = None) -> nn.Module
 
 
 def _fold_batchnorm(net: nn.Module) -> list[tuple[str, str]]:
-    """Fold each eval BatchNorm2d whose input is a Conv2d output used by nothing else."""
+    """Fold each eval BatchNorm2d whose input is a Conv2d output used by nothing else, where each of
+    the two modules is called once in the forward."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
         return []
     try:
@@ -72,13 +74,17 @@ def _fold_batchnorm(net: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # untraceable user model: leave it as it is (nothing folded, listed as such)
         return []
     modules = dict(net.named_modules())
+    # folding rewrites the modules themselves: a convolution or batch norm called at more than one
+    # place in the forward (weight sharing) would change at its other call sites too
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         source = node.args[0] if node.args else None
         if (not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1
-                or type(modules.get(source.target)) is not nn.Conv2d):
+                or type(modules.get(source.target)) is not nn.Conv2d
+                or calls[source.target] != 1 or calls[node.target] != 1):
             continue
         bn, conv = modules[node.target], modules[source.target]
         if bn.running_mean is None or bn.running_var is None:

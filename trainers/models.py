@@ -188,7 +188,11 @@ def load_imagenet_weights(arch: str, backbone: nn.Module, weights_path=None) -> 
             f"--pretrained needs torchvision's ImageNet weights for {arch}, but {path} is missing. "
             f"Copy that file there from a machine with internet (torchvision "
             f"{_TORCHVISION_WEIGHTS[arch]}.DEFAULT), or train from scratch without --pretrained.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's message names neither the file nor the arch
+        raise ValueError(f"{path}: cannot be read as {arch}'s ImageNet weights (a truncated download, or not a "
+                         f"plain state dict: refused by weights_only=True): {' '.join(str(err).split())}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     head = _HEADS[arch] + "."
