@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from validation.metrics import (ROAD, AverageDrop, PointingGame, TopKIntersection, evaluate, linear_impute,
-                                pointing_game, relevance_rank_accuracy, road, topk_intersection)
+from validation.metrics import (ROAD, AverageDrop, PointingGame, TopKIntersection, adcc, arcc, evaluate,
+                                linear_impute, pointing_game, relevance_rank_accuracy, road, topk_intersection)
 from test_metrics_helpers import TinyConv, cam_maps, smooth_images
 
 H, W = 24, 40  # non-square on purpose
@@ -279,3 +279,85 @@ def test_evaluate_runs_a_users_callable_explainer_with_the_model_in_eval_mode():
     assert seen == [False]
     torch.testing.assert_close(model[1].running_mean, before, rtol=0, atol=0)
     assert model.training and model[1].training  # handed back in the mode it came in
+
+
+def test_adcc_and_arcc_run_a_users_callable_explainer_with_the_model_in_eval_mode():
+    """As evaluate does: adcc/arcc ran the explainer with the model as it came, so a train-mode
+    model's BatchNorm statistics moved and the values differed from evaluate's (ARCC 0.0085 vs
+    0.0073 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).train()
+    before = model[1].running_mean.clone()
+    seen = []
+
+    def explainer(x, target):
+        seen.append(model.training)
+        return model(x).softmax(1).gather(1, target[:, None]).detach()[:, :, None] * x.mean(1)
+
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 1, 2])
+    for metric in (adcc, arcc):
+        seen.clear()
+        values = metric(model, x, target, maps, explainer)
+        assert seen == [False], metric.__name__
+        torch.testing.assert_close(model[1].running_mean, before, rtol=0, atol=0, msg=metric.__name__)
+        assert model.training and model[1].training  # handed back in the mode it came in
+        # the reference: the same metric with the model put in eval mode by hand
+        model.eval()
+        try:
+            in_eval = metric(model, x, target, maps, explainer)
+        finally:
+            model.train()
+        torch.testing.assert_close(values, in_eval, rtol=0, atol=0, msg=metric.__name__)
+        from_evaluate = evaluate(model, x, target, maps, metrics=[metric.__name__], explainer=explainer)
+        torch.testing.assert_close(values, from_evaluate[metric.__name__], rtol=0, atol=1e-6, msg=metric.__name__)
+
+
+def test_every_class_form_has_the_functionals_name_and_values_over_several_updates():
+    """All 13 class forms (not only the four above): the registry name in CamelCase, the same
+    function, and update() over uneven batches gives the functional's per-sample values on the
+    whole batch and its reasons (NaN cases included: zero, constant maps, an empty mask)."""
+    from collections import Counter
+
+    import validation.metrics as metrics
+
+    classes = {"average_drop": "AverageDrop", "complexity": "Complexity", "coherency": "Coherency", "adcc": "ADCC",
+               "road": "ROAD", "arcc": "ARCC", "gt_cosine": "GTCosine", "pointing_game": "PointingGame",
+               "sparseness": "Sparseness", "relevance_mass_accuracy": "RelevanceMassAccuracy",
+               "relevance_rank_accuracy": "RelevanceRankAccuracy", "topk_intersection": "TopKIntersection",
+               "localisation_auc": "LocalisationAUC"}
+    assert set(classes) == set(metrics.METRICS) and set(classes.values()) <= set(metrics.__all__)
+    model = TinyConv(num_classes=5)
+    x, target, maps, gt = _batch(5, seed=1)
+    maps[1], maps[3] = 0.0, 0.25  # zero map, constant map
+    gt[2] = 0.0  # empty mask
+    inputs = {"maps": maps, "gt": gt, "x": x, "target": target}
+    signature = {"complexity": ("maps",), "sparseness": ("maps",), "average_drop": ("x", "target", "maps"),
+                 "road": ("x", "target", "maps"), "coherency": ("x", "target", "maps"),
+                 "adcc": ("x", "target", "maps"), "arcc": ("x", "target", "maps")}
+
+    def args(name, part):
+        tensors = [inputs[k][part] for k in signature.get(name, ("maps", "gt"))]
+        lead = (model,) if name in ("average_drop", "road", "adcc", "arcc") else ()
+        tail = (_explainer,) if name in ("coherency", "adcc", "arcc") else ()
+        return (*lead, *tensors, *tail)
+
+    for name, class_name in classes.items():
+        metric_class = getattr(metrics, class_name)
+        assert metric_class.function is metrics.METRICS[name], name
+        options = {"fractions": (0.5,)} if name in ("road", "arcc") else {}  # one imputation: fast
+        metric = metric_class(**options)
+        for lo, hi in [(0, 2), (2, 3), (3, 5)]:
+            metric.update(*args(name, slice(lo, hi)))
+        out = metric.compute()
+        values, reasons = metrics.METRICS[name](*args(name, slice(None)), return_reasons=True, **options)
+        # model forwards (oneDNN convolutions) round differently per batch size (AD here: 1.6e-6,
+        # the drop (Y - O) / Y amplifies the probabilities' 1e-7), the Gini's matrix product by an
+        # ulp; every other metric is exactly per sample
+        atol = {"average_drop": 1e-5, "road": 1e-5, "adcc": 1e-5, "arcc": 1e-5, "sparseness": 1e-6}.get(name, 0)
+        torch.testing.assert_close(out["values"], values, rtol=0, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        assert out["reasons"] == Counter(r for r in reasons if r), name
+        assert out["nan"] == int(torch.isnan(values).sum()), name
+        assert any(reasons) == (name not in ("average_drop", "complexity", "road")), name  # NaN cases ran

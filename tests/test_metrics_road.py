@@ -308,3 +308,49 @@ def test_misused_arguments_get_clear_errors():
     alone = evaluate(model, x, t, maps, metrics="complexity")
     torch.testing.assert_close(alone["complexity"], evaluate(model, x, t, maps, metrics=["complexity"])["complexity"])
     torch.testing.assert_close(alone["complexity"], maps.mean((1, 2)))
+
+
+def test_a_nan_score_from_non_finite_logits_has_a_reason():
+    """A model whose logits are Inf for some images (e.g. an overflow) gives NaN probabilities:
+    ROAD's NaN had the reason "" (meaning "defined"), and so had ARCC's; now "nan" and "road:nan",
+    as Average Drop already said "nan"."""
+    from validation.metrics import arcc, evaluate
+
+    class InfOnBlue(torch.nn.Module):  # Inf logits for images whose blue channel is bright
+        def __init__(self):
+            super().__init__()
+            self.inner = TinyConv()
+
+        def forward(self, images):
+            logits = self.inner(images)
+            bright = images[:, 2].mean((1, 2))[:, None] > 0.8
+            return torch.where(bright, torch.full_like(logits, float("inf")), logits)
+
+    model = InfOnBlue()
+    x, maps, target = smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
+    x[1, 2] = 0.95  # every perturbed copy keeps a bright blue channel: all of sample 1's forwards are Inf
+    values, reasons = road(model, x, target, maps, return_reasons=True)
+    assert torch.isfinite(values[0]) and torch.isnan(values[1]) and reasons == ["", "nan"]
+    curves, reasons = road(model, x, target, maps, return_curves=True, return_reasons=True)
+    assert reasons == ["", "nan"] and torch.isnan(curves.morf[1]).all()
+    explainer = lambda images, t: images.mean(1)  # noqa: E731
+    values, reasons = arcc(model, x, target, maps, explainer, return_reasons=True)
+    assert torch.isfinite(values[0]) and torch.isnan(values[1]) and reasons == ["", "road:nan"]
+    res = evaluate(model, x, target, maps, metrics=["road", "arcc"], explainer=explainer)
+    assert res.reasons == {"road": ["", "nan"], "arcc": ["", "road:nan"]}
+    metric = ROAD()
+    metric.update(model, x, target, maps)
+    assert metric.compute()["reasons"] == {"nan": 1}
+
+
+def test_noise_that_is_not_a_finite_non_negative_number_is_refused():
+    """noise=NaN (e.g. read from a config) passed the `noise < 0` check and then `noise > 0` was
+    false: ROAD ran silently noise-free; noise=Inf made every pixel NaN (0 * Inf)."""
+    from validation.metrics import evaluate
+
+    model, x, maps, t = TinyConv(), smooth_images(2, 3, 16, 16), cam_maps(2, 16, 16), torch.tensor([0, 1])
+    for noise in (float("nan"), float("inf"), -0.01):
+        for call in (lambda: road_images(x, maps, noise=noise), lambda: road(model, x, t, maps, noise=noise),
+                     lambda: evaluate(model, x, t, maps, metrics=["road"], noise=noise)):
+            with pytest.raises(ValueError, match=f"noise must be a finite number >= 0, got {noise}"):
+                call()

@@ -13,7 +13,7 @@ from .faithfulness import _combine, average_drop_from_probabilities, coherency, 
 from .ground_truth import gt_cosine
 from .localisation import (localisation_auc, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
                            sparseness, topk_intersection)
-from .road import DEFAULT_FRACTIONS, check_fractions, road_from_probabilities, road_images
+from .road import DEFAULT_FRACTIONS, check_fractions, road_from_probabilities, road_images, score_reasons
 
 __all__ = ["evaluate", "EvaluationResult", "METRIC_NAMES", "MODEL_METRICS", "GT_METRICS", "EXPLAINER_METRICS"]
 
@@ -122,7 +122,7 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
             offset += b
         if want_road:
             road = road_from_probabilities(probs[offset:].view(b, len(fractions), 2), fractions)
-            parts["road"] = (road.score, no_reason)
+            parts["road"] = (road.score, score_reasons(road.score))
             result.road_morf, result.road_lerf, result.road_fractions = road.morf, road.lerf, fractions
     if any(m in metrics for m in ("complexity", "adcc", "arcc")):
         parts["complexity"] = (complexity(maps), no_reason)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import (CONSTANT_MAP, CONSTANT_RECOMPUTED_MAP, ZERO_PROBABILITY, check_images,
-                      check_maps, check_target, finish)
+                      check_maps, check_target, eval_forward, finish)
 from ._forward import class_probabilities
-from .road import road as _road
+from .road import road as _road, score_reasons
 
 __all__ = ["average_drop", "complexity", "coherency", "adcc", "arcc", "harmonic_mean",
            "average_drop_from_probabilities", "recompute_maps"]
@@ -138,10 +138,19 @@ def _combine(parts: dict, return_reasons: bool):
     return value, reasons
 
 
+def _coherency_in_eval(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, explainer):
+    """Coherency (values, reasons) with ``model`` in eval mode while the explainer runs: a user's
+    callable explainer may call the model as it finds it, and in train mode BatchNorm statistics
+    would move (and the recomputed maps depend on the batch). Training flags restored after."""
+    with eval_forward(model):
+        return coherency(x, target, maps, explainer, return_reasons=True)
+
+
 def adcc(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, explainer, *,
          batch_size: int = 64, bf16: bool = False, return_reasons: bool = False):
-    """ADCC = harmonic mean of Coherency, 1 - Complexity and 1 - Average Drop, in [0, 1]."""
-    chn = coherency(x, target, maps, explainer, return_reasons=True)
+    """ADCC = harmonic mean of Coherency, 1 - Complexity and 1 - Average Drop, in [0, 1].
+    The explainer runs with the model in eval mode (training flags restored), as in ``evaluate``."""
+    chn = _coherency_in_eval(model, x, target, maps, explainer)
     ad = average_drop(model, x, target, maps, batch_size=batch_size, bf16=bf16, return_reasons=True)
     cmx = complexity(maps)
     no_reason = [""] * cmx.shape[0]
@@ -152,12 +161,13 @@ def adcc(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, ex
 def arcc(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, explainer, *,
          return_reasons: bool = False, **road_options):
     """ARCC = harmonic mean of Coherency, 1 - Complexity and clip(ROAD, 0, 1), in [0, 1].
-    ``road_options`` are ``road``'s (fractions, noise, seed, ...); for its curves call ``road``."""
+    ``road_options`` are ``road``'s (fractions, noise, seed, ...); for its curves call ``road``.
+    The explainer runs with the model in eval mode (training flags restored), as in ``evaluate``."""
     if "return_curves" in road_options:
         raise TypeError("arcc returns one value per sample: call road(..., return_curves=True) for the curves")
-    chn = coherency(x, target, maps, explainer, return_reasons=True)
+    chn = _coherency_in_eval(model, x, target, maps, explainer)
     score = _road(model, x, target, maps, **road_options)
     cmx = complexity(maps)
     no_reason = [""] * cmx.shape[0]
-    return _combine({"coherency": chn, "complexity": (1 - cmx, no_reason), "road": (score, no_reason)},
+    return _combine({"coherency": chn, "complexity": (1 - cmx, no_reason), "road": (score, score_reasons(score))},
                     return_reasons)

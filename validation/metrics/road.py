@@ -18,11 +18,12 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._checks import check_images, check_maps, check_target
+from ._checks import check_images, check_maps, check_target, finish
 from ._forward import class_probabilities
 from .imputation import DEFAULT_TOL, SolveReport, reported_linear_impute, reported_linear_impute_complementary
 
-__all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "RoadResult", "DEFAULT_FRACTIONS"]
+__all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "score_reasons", "RoadResult",
+           "DEFAULT_FRACTIONS"]
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 
@@ -127,8 +128,8 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    if not 0 <= noise < float("inf"):  # NaN ran noise-free (not NaN > 0), Inf made every pixel NaN
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
     if impute_batch_size < 1:
         raise ValueError(f"impute_batch_size must be >= 1, got {impute_batch_size}")
     fractions = check_fractions(fractions)
@@ -204,8 +205,9 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
     All B * 2|K| perturbed images go through the model in batches of
     ``batch_size`` (``bf16=True``: bfloat16 autocast forward, float32 softmax).
     Returns (B,) scores, or a ``RoadResult`` (score, morf, lerf, fractions) with
-    ``return_curves=True``; with ``return_reasons=True`` that and a list of B reasons, all ""
-    (ROAD is always defined: constant maps are ranked by the tie order).
+    ``return_curves=True``; with ``return_reasons=True`` that and a list of B reasons: "" (ROAD is
+    defined for every map: constant maps are ranked by the tie order) except ``nan`` where the
+    model's outputs gave a NaN probability (non-finite logits), as for Average Drop.
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
@@ -218,4 +220,9 @@ def road(model: torch.nn.Module, x: torch.Tensor, target, maps: torch.Tensor, *,
                                 batch_size=batch_size, bf16=bf16, sample_target=target)
     result = road_from_probabilities(probs.view(x.shape[0], len(fractions), 2), fractions)
     values = result if return_curves else result.score
-    return (values, [""] * x.shape[0]) if return_reasons else values
+    return (values, score_reasons(result.score)) if return_reasons else values
+
+
+def score_reasons(score: torch.Tensor) -> list[str]:
+    """ROAD's reasons: "" for every score but a NaN one (non-finite logits), which gets ``nan``."""
+    return finish(score, [], True)[1]
