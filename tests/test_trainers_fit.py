@@ -54,6 +54,20 @@ def disk_run(tiny_data, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- run folder + round trip
+def test_epoch_training_values_are_the_means_of_the_steps(disk_run):
+    """metrics.csv has per-step train_loss/train_acc (this process's batches) and their epoch
+    means train_loss_epoch/train_acc_epoch (the ones synced over processes under DDP)."""
+    import pandas as pd
+
+    out, _ = disk_run
+    log = pd.read_csv(out / "logs/version_0/metrics.csv")
+    for name in ("train_loss", "train_acc"):
+        steps = log[name].dropna().to_numpy()
+        assert len(steps) == 2  # 64 samples in batches of 32, log_every_n_steps=1
+        epoch = log[f"{name}_epoch"].dropna().to_numpy()
+        assert epoch.tolist() == pytest.approx([steps.mean()], rel=1e-6)
+
+
 def test_run_folder_holds_everything_and_loads_safely(disk_run, tiny_data):
     out, meta = disk_run
     for name in ("model.safetensors", "model.json", "config.yaml", "MODEL_CARD.md", "test_metrics.json",
@@ -562,6 +576,8 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     _, meta = load_model(out)
     assert sum(map(sum, meta["confusion_matrix"])) == 36  # 18 per rank, summed
+    # epoch-level training values are synced over the ranks: Lightning warns about any that is not
+    assert "sync_dist=True" not in done.stderr, done.stderr[-3000:]
 
 
 def test_lr_defaults_per_arch(capsys):

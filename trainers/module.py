@@ -74,8 +74,11 @@ class ShapeClassifierModule(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train_acc", acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        # step values are this process's batch (no per-step all-reduce); epoch values are synced
+        # over the processes at the epoch's end, so under DDP they are not rank 0's alone
+        for name, value in (("train_loss", loss), ("train_acc", acc)):
+            self.log(name, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
+            self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         return loss
 
     def _eval_step(self, batch, stage: str):
@@ -103,14 +106,16 @@ class ShapeClassifierModule(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         cm = self._epoch_cm("val")
-        self.log("val_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1), prog_bar=True)
+        # the matrix is summed over the processes already, so every rank holds the same value and
+        # sync_dist's mean leaves it as it is; without it Lightning warns it may be rank 0's alone
+        self.log("val_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1), prog_bar=True, sync_dist=True)
 
     def on_test_epoch_end(self):
         cm = self._epoch_cm("test")
         self.test_confusion = cm.cpu()
-        self.log("test_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1))
+        self.log("test_acc", cm.diagonal().sum().float() / cm.sum().clamp_min(1), sync_dist=True)
         for name, acc in zip(self.class_names, per_class_accuracy(cm).tolist()):
-            self.log(f"test_acc/{name}", acc)
+            self.log(f"test_acc/{name}", acc, sync_dist=True)
 
     # ------------------------------------------------------------------ epochs
     def on_train_epoch_start(self):
