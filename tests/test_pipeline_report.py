@@ -144,3 +144,32 @@ def test_report_of_a_partial_merge_says_which_chunks_are_missing(tmp_path):
     merge_run(out)
     page = write_report(out, n_boot=10).read_text()
     assert "Partial run" not in page and "<th>chunks merged</th><td>10 of 10</td>" in page
+
+
+def test_saved_maps_keep_every_chunks_images_and_name_a_configuration_some_chunks_lack(tmp_path):
+    """A configuration that failed on one chunk's images has no maps there. The grid used to drop
+    that whole chunk (its images too) without a word; it now keeps every image, shows the
+    configurations all chunks hold and warns naming the other one and the chunk lacking it."""
+    import numpy as np
+
+    from validation.report import load_saved_maps
+
+    folder = tmp_path / "chunks" / "alpha"
+    folder.mkdir(parents=True)
+
+    def chunk(name, images, configs):
+        n = len(images)
+        maps = {f"map_{i}": np.full((n, 4, 4), 10 * i + images[0], np.float32) for i in range(len(configs))}
+        np.savez(folder / name, images=np.asarray(images), x=np.zeros((n, 3, 4, 4), np.float16),
+                 gt=np.zeros((n, 4, 4), np.float16), labels=np.asarray(images) % 6, configs=np.asarray(configs),
+                 **maps)
+
+    chunk("c0-2.maps.npz", [0, 1], ["cam@stage1", "gradcam@stage1", "lafam@stage1"])
+    chunk("c2-4.maps.npz", [2, 3], ["cam@stage1", "lafam@stage1"])  # gradcam failed here
+    with pytest.warns(UserWarning, match=r"gradcam@stage1 \(not in c2-4.maps.npz\)"):
+        saved = load_saved_maps(tmp_path, "alpha")
+    assert saved["images"].tolist() == [0, 1, 2, 3]
+    assert saved["configs"].tolist() == ["cam@stage1", "lafam@stage1"]
+    # each configuration's maps come from its own entry in every chunk
+    assert saved["map_0"][:, 0, 0].tolist() == [0, 0, 2, 2]
+    assert saved["map_1"][:, 0, 0].tolist() == [20, 20, 12, 12]

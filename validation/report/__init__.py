@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,21 @@ def load_saved_maps(run_dir: Path, model: str) -> dict | None:
     if not files:
         return None
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
-    configs = list(parts[0]["configs"])
-    parts = [p for p in parts if list(p["configs"]) == configs]
-    out = {"configs": np.asarray(configs)}
-    for key in ["images", "x", "gt", "labels"] + [f"map_{i}" for i in range(len(configs))]:
+    # a configuration that failed on a chunk's images has no maps there: the grid keeps every
+    # chunk's images and shows the configurations all chunks hold, naming the others
+    held = [[str(c) for c in p["configs"]] for p in parts]
+    configs = [c for c in held[0] if all(c in h for h in held)]
+    lacking = {c: [f.name for f, h in zip(files, held) if c not in h] for c in dict.fromkeys(sum(held, []))
+               if c not in configs}
+    if lacking:
+        warnings.warn(f"report: {model}'s qualitative grid leaves out configurations whose maps some chunks "
+                      f"lack: " + "; ".join(f"{c} (not in {', '.join(names)})" for c, names in lacking.items()),
+                      stacklevel=2)
+    out = {"configs": np.asarray(configs, dtype=str)}
+    for key in ["images", "x", "gt", "labels"]:
         out[key] = np.concatenate([p[key] for p in parts])
+    for i, c in enumerate(configs):
+        out[f"map_{i}"] = np.concatenate([p[f"map_{h.index(c)}"] for p, h in zip(parts, held)])
     return out
 
 
