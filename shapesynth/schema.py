@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -127,35 +128,46 @@ def is_temp_file(path: str | Path) -> bool:
     return _TEMP_NAME.fullmatch(path.name) is not None and path.is_file()
 
 
-def _temp_copy(path: Path, data: bytes | str) -> str:
-    """A temp file beside `path` holding `data`, flushed to disk (removed again on failure)."""
+def _temp_file(path: Path, write: Callable[[str], object]) -> str:
+    """A temp file beside `path` filled by ``write(temp_path)``, flushed to disk and given the
+    umask's mode; removed again on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())  # else a power cut soon after the rename can leave an empty file
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; datasets are meant to be shared
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; datasets, models and runs are meant to be shared
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, flushed to disk, then rename over the target.
+def _data_writer(data: bytes | str) -> Callable[[str], object]:
+    return lambda tmp: Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def atomic_save(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(temp_path)`` into a temp file beside `path` (".<name>.<8 chars>.tmp"), flushed to
+    disk, then renamed over `path`: for writers that take a file name (torch.save, safetensors).
 
     A crash (of the process or the machine) leaves either the old file or no file, never a
     partial one under the final name.
     """
     path = Path(path)
-    tmp = _temp_copy(path, data)
+    tmp = _temp_file(path, write)
     try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """`atomic_save` of `data` (str as UTF-8)."""
+    atomic_save(path, _data_writer(data))
 
 
 def atomic_create(path: str | Path, data: bytes | str) -> bool:
@@ -166,7 +178,7 @@ def atomic_create(path: str | Path, data: bytes | str) -> bool:
     On a file system without hard links the file is replaced as by `atomic_write`.
     """
     path = Path(path)
-    tmp = _temp_copy(path, data)
+    tmp = _temp_file(path, _data_writer(data))
     try:
         os.link(tmp, path)
     except FileExistsError:

@@ -516,30 +516,6 @@ def test_chunk_without_marker_is_recomputed_and_not_merged(models, tmp_path):
     assert (out / "results.parquet").read_bytes() == (fresh / "results.parquet").read_bytes()
 
 
-@pytest.mark.parametrize("fail_at", ["write", "replace"])
-def test_atomic_write_bytes_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_at):
-    from validation.pipeline import table
-
-    target = tmp_path / "f.bin"
-    table.atomic_write_bytes(target, b"old")
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    if fail_at == "replace":
-        monkeypatch.setattr(os, "replace", boom)
-    else:  # the data is partly written, then the disk fills up
-        def fsync_after_partial(fd):
-            assert os.fstat(fd).st_size == len(b"new, longer content")
-            boom()
-
-        monkeypatch.setattr(os, "fsync", fsync_after_partial)
-    with pytest.raises(OSError, match="disk full"):
-        table.atomic_write_bytes(target, b"new, longer content")
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
-
-
 def test_models_are_evaluated_as_inference_copies_unless_no_fold(models, tmp_path):
     seen = []
     base = S.components()

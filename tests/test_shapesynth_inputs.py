@@ -253,6 +253,30 @@ def test_atomic_write_flushes_the_data_to_disk_before_the_rename(tmp_path, monke
     assert events == [("fsync", 5), ("replace", "f.bin")]
 
 
+@pytest.mark.parametrize("fail_at", ["write", "replace"])
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_at):
+    from shapesynth import schema
+
+    target = tmp_path / "f.bin"
+    schema.atomic_write(target, b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    if fail_at == "replace":
+        monkeypatch.setattr(os, "replace", boom)
+    else:  # the data is partly written, then the disk fills up
+        def fsync_after_partial(fd):
+            assert os.fstat(fd).st_size == len(b"new, longer content")
+            boom()
+
+        monkeypatch.setattr(os, "fsync", fsync_after_partial)
+    with pytest.raises(OSError, match="disk full"):
+        schema.atomic_write(target, b"new, longer content")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
 def test_the_umask_is_read_without_being_changed(monkeypatch):
     if not Path("/proc/self/status").exists():
         pytest.skip("reading the umask without setting it needs /proc")

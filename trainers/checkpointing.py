@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from trainers.export import atomic_save
+from shapesynth.schema import atomic_save
 
 __all__ = ["AtomicCheckpointIO", "LatestBestCheckpoint", "remove_temp_checkpoints"]
 
@@ -37,8 +37,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

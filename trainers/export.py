@@ -8,35 +8,17 @@ that could run code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from shapesynth.schema import process_umask
+from shapesynth.schema import atomic_save, atomic_write
 from trainers.models import ShapeClassifier, build_model
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
 META_KEYS = ("arch", "image_size", "mean", "std", "class_names", "dataset_fingerprint", "test_accuracy")
-
-
-def atomic_save(path: Path, write) -> None:
-    """``write(temp_path)`` into a temp file beside ``path`` (".<name>.<8 chars>.tmp"), flushed to
-    disk, given the umask's mode, then renamed over ``path``; removed again on failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:  # on disk before the rename, or a power cut can leave it empty
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600: a model is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj) -> None:
@@ -46,7 +28,7 @@ def write_json(path: Path, obj) -> None:
 def write_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically; the temp file's name is unique, so concurrent writers cannot
     clobber each other's half-written file."""
-    atomic_save(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, text)
 
 
 def save_model(model: ShapeClassifier, folder, meta: dict) -> Path:

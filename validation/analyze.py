@@ -26,7 +26,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.stats import rankdata
 
-from validation.pipeline.table import (IDENTITY, NO_LAYER, atomic_write_text, load_predictions, load_results,
+from shapesynth.schema import atomic_write
+from validation.pipeline.table import (IDENTITY, NO_LAYER, load_predictions, load_results,
                                       read_json)
 
 REFERENCE_METRIC = "gt_cosine"
@@ -679,11 +680,11 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = []
     for name, table in tables.items():
-        atomic_write_text(out_dir / f"{name}.csv",
+        atomic_write(out_dir / f"{name}.csv",
                           table.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
         md.append(f"## {name}: {TABLES.get(name, name)}\n\n"
                   + (to_markdown(table) if len(table) else "_no rows: the run has no data for this table_\n"))
-    atomic_write_text(out_dir / "tables.md", "\n".join(md))
+    atomic_write(out_dir / "tables.md", "\n".join(md))
     return out_dir
 
 

@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shapesynth.schema import atomic_write
 from validation import analyze as A
-from validation.pipeline.table import LEGACY_DEFAULTS, atomic_write_text, load_results, read_json
+from validation.pipeline.table import LEGACY_DEFAULTS, load_results, read_json
 
 COMPARED = ("average_drop", "adcc", "road", "arcc")
 
@@ -251,5 +252,5 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     text = verdict_text(name, validity, verdicts, lower, paired)
     tables = {"a_validity": validity, "a_paired": paired, "b_trivial": per_model, "b_trivial_verdict": verdicts}
     A.write_tables(tables, out_dir)
-    atomic_write_text(out_dir / "verdict.md", f"# Audit of `{spec}` as `{name}`\n\n{text}\n")
+    atomic_write(out_dir / "verdict.md", f"# Audit of `{spec}` as `{name}`\n\n{text}\n")
     return {"verdict": text, "out_dir": str(out_dir), "tables": tables}

@@ -579,7 +579,7 @@ class Runner:
                 bar.update(1)
         if saved:
             sel = [k for k, img in enumerate(images) if img < save_upto]
-            from validation.pipeline.table import atomic_write_bytes
+            from shapesynth.schema import atomic_write
             import io
 
             buf = io.BytesIO()
@@ -588,7 +588,7 @@ class Runner:
                                 gt=gtc[sel].cpu().numpy().astype(np.float16),
                                 labels=yc[sel].cpu().numpy(), configs=np.asarray(list(saved)),
                                 **{f"map_{i}": v for i, v in enumerate(saved.values())})
-            atomic_write_bytes(f"{chunk_stem(self.out, name, start, stop)}.maps.npz", buf.getvalue())
+            atomic_write(f"{chunk_stem(self.out, name, start, stop)}.maps.npz", buf.getvalue())
         else:  # a chunk recomputed for another run may have kept maps there: the report would show them
             Path(f"{chunk_stem(self.out, name, start, stop)}.maps.npz").unlink(missing_ok=True)
         write_chunk(self.out, name, start, stop, rows, preds,

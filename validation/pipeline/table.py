@@ -30,14 +30,13 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from shapesynth.schema import process_umask
+from shapesynth.schema import atomic_write
 from validation.pipeline.shards import chunk_ranges
 
 COLUMNS = ["image", "model", "method", "layer", "mix", "metric", "value", "status", "reason"]
@@ -50,33 +49,9 @@ STATUSES = ("ok", "nan", "error")
 _STR_COLS = ["model", "method", "layer", "mix", "metric", "status", "reason"]
 
 
-# ----------------------------------------------------------------------------- atomic writes
-_UMASK = process_umask()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
+# ----------------------------------------------------------------------------- JSON files (written atomically)
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike):
@@ -103,10 +78,10 @@ def write_frame(df: pd.DataFrame, path: str | os.PathLike, csv: bool = False) ->
     The CSV writes floats with 17 significant digits so that it round-trips exactly.
     """
     path = Path(path)
-    atomic_write_bytes(path, _parquet_bytes(df))
+    atomic_write(path, _parquet_bytes(df))
     if csv:
         text = df.to_csv(index=False, float_format="%.17g", lineterminator="\n")
-        atomic_write_text(path.with_suffix(".csv"), text)
+        atomic_write(path.with_suffix(".csv"), text)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -348,12 +323,12 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     write_frame(res, run_dir / "results.parquet", csv=True)
     write_frame(pred, run_dir / "predictions.parquet", csv=True)
     mis = pred[~pred["correct"]]
-    atomic_write_text(run_dir / "misclassified.csv",
+    atomic_write(run_dir / "misclassified.csv",
                       mis.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
     timing = pd.DataFrame(timings, columns=["model", "config", "seconds", "images"])
     if len(timing):
         timing = timing.groupby(["model", "config"], sort=True).sum().reset_index()
-    atomic_write_text(run_dir / "timing.csv", timing.to_csv(index=False, lineterminator="\n"))
+    atomic_write(run_dir / "timing.csv", timing.to_csv(index=False, lineterminator="\n"))
     counts = res.groupby("status").size().to_dict()
     manifest = {
         "config": config,

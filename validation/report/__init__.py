@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shapesynth.schema import atomic_write
 from validation import analyze as A
-from validation.pipeline.table import IDENTITY, atomic_write_text, check_merge_current, read_json
+from validation.pipeline.table import IDENTITY, check_merge_current, read_json
 
 FIGURES = {
     "correlation": "Metric validity: correlation with the ground-truth cosine",
@@ -222,7 +223,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     parts.append("</body></html>")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
-    atomic_write_text(path, "\n".join(parts))
+    atomic_write(path, "\n".join(parts))
     return path
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from shapesynth.schema import atomic_write
 from validation.analyze import TRIVIAL_MAPS, config_label
-from validation.pipeline.table import IDENTITY, NO_LAYER, atomic_write_bytes
+from validation.pipeline.table import IDENTITY, NO_LAYER
 
 TRIVIAL_COLOURS = {"randomcam": "tab:orange", "halfcam": "tab:red", "all1scam": "tab:purple"}
 
@@ -25,7 +26,7 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
