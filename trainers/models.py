@@ -183,6 +183,9 @@ def load_imagenet_weights(arch: str, backbone: nn.Module, weights_path=None) -> 
     resized bicubically when the window differs from the 7 it was trained with.
     """
     path = Path(weights_path) if weights_path is not None else imagenet_weights_file(arch)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not {arch}'s ImageNet weights file (torchvision "
+                                f"{_TORCHVISION_WEIGHTS[arch]}.DEFAULT, a .pth file)")
     if not path.is_file():
         raise FileNotFoundError(
             f"--pretrained needs torchvision's ImageNet weights for {arch}, but {path} is missing. "
