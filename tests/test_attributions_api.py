@@ -175,10 +175,20 @@ def test_swin_layouts_follow_the_permutes():
 # ---------------------------------------------------------------------------------------------
 # model state
 
+# every per-module hook dict torch keeps (forward, pre-forward, backward, backward-pre, with-kwargs
+# and always-called flags, state-dict hooks): a hook left behind in any of them is state
+_HOOK_DICTS = sorted(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
+
+
 def _state(model):
     return ([(n, m.training, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
               len(m._backward_hooks)) for n, m in model.named_modules()],
-            [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()])
+            [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()],
+            [(n, tuple(len(getattr(m, k)) for k in _HOOK_DICTS)) for n, m in model.named_modules()],
+            # weights and BatchNorm statistics (a pass in train mode would update the latter)
+            [(k, v.double().sum().item(), v.double().square().sum().item()) for k, v in model.state_dict().items()],
+            # torch's global flags and random state
+            torch.is_grad_enabled(), torch.get_rng_state().tolist())
 
 
 def _dirty(model):
@@ -214,7 +224,12 @@ class Exploding(nn.Module):
 
 
 @pytest.mark.parametrize("method,fail_at", [("gradcam", 1), ("guidedgradcam", 2), ("deeplift", 2),
-                                            ("deeplift", 3), ("scorecam", 2), ("relax", 2)])
+                                            ("deeplift", 3), ("scorecam", 2), ("relax", 2),
+                                            # every other method that runs the model, on its last pass
+                                            ("gradcampp", 1), ("layercam", 1), ("shapleycam", 1),
+                                            ("guidedbackprop", 1), ("lafam", 1), ("inputxgradient", 2),
+                                            ("integratedgradients", 2), ("lime", 2), ("kernelshap", 3),
+                                            ("refinecam", 1), ("guidedgradcam", 1), ("scorecam", 1)])
 def test_model_state_restored_when_a_method_raises(method, fail_at):
     model = Exploding(_dirty(build("resnet18")), fail_at)
     before = _state(model)
@@ -252,6 +267,20 @@ def test_mistyped_option_values_are_refused_by_name(resnet, method, option, valu
         get_explainer(method, resnet, **{option: value})
 
 
+@pytest.mark.parametrize("method,option,value", [
+    ("relax", "n_masks", float("inf")), ("scorecam", "batch_size", float("inf")), ("relax", "seed", float("nan")),
+    ("integratedgradients", "n_steps", float("-inf")), ("relax", "shift", float("inf")),
+    ("lime", "seed", float("inf")), ("integratedgradients", "baseline", float("inf")),
+    ("deeplift", "baseline", float("-inf")), ("centre", "sigma", float("inf")), ("relax", "p", float("nan")),
+])
+def test_non_finite_option_values_are_refused_by_name(resnet, method, option, value):
+    """An infinite or NaN option (a config's ``.inf``) used to escape as int()'s own OverflowError
+    or ValueError ("cannot convert float infinity to integer", naming no option), or was taken:
+    an infinite baseline gave NaN maps returned as zeros, an infinite sigma a constant prior."""
+    with pytest.raises(ValueError, match=rf"^{option} must be (an int|a finite real number)"):
+        get_explainer(method, resnet, **{option: value})
+
+
 def test_a_baseline_that_does_not_fit_the_images_is_named(resnet):
     with pytest.raises(ValueError, match=r"baseline of shape \(3, 8, 8\) does not broadcast to the images \(1, 3, 16, 16\)"):
         explain(resnet, images(1, 16), 0, method="integratedgradients", n_steps=2, baseline=torch.zeros(3, 8, 8))
@@ -263,6 +292,23 @@ def test_images_of_another_dtype_than_the_model_are_named(resnet):
     for method in ("gradcam", "deeplift", "lafam"):
         with pytest.raises(ValueError, match=r"images x are torch.float64 but the model's weights are torch.float32"):
             explain(resnet, images(1, 16).double(), 0, method=method)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "lafam", "scorecam", "shapleycam"])
+def test_several_layers_name_images_the_model_cannot_take(resnet, method):
+    """explain_layers and layer_maps (several layers in one pass) give the same errors as explain:
+    they used to pass on torch's "expected scalar type Double but found Float" and "Output size is
+    too small" about a layer's input, naming neither the images nor the fix."""
+    ex = get_explainer(method, resnet)
+    dtype = r"images x are torch.float64 but the model's weights are torch.float32: pass x.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=dtype):
+        ex.explain_layers(images(1, 16).double(), 0, ["stage1", "stage2"])
+    with pytest.raises(ValueError, match=dtype):
+        ex.layer_maps(images(1, 16).double(), 0, ["stage1"])
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(4, 6))
+    small = get_explainer(method, pooled.eval(), layer="1")
+    with pytest.raises(ValueError, match=r"images of 2x3 px are too small for Sequential"):
+        small.explain_layers(images(1, 3)[..., :2, :], 0, ["0", "2"])  # LaFAM stops after its deepest layer
 
 
 @pytest.mark.parametrize("method,option,value", [
@@ -422,7 +468,14 @@ def test_half_precision_models_are_explained_in_float32():
         torch.testing.assert_close(ours.double(), final(cam(rec["A"], rec["g"])), rtol=0, atol=1e-5)
     reference = TinyNet(nonlinear_head=False).eval()  # the same weights in float32
     for method, opts in [("scorecam", {"layer": "head_conv"}), ("relax", {"n_masks": 64})]:
-        half, full = (explain(m, x.to(next(m.parameters()).dtype), t, method=method, **opts) for m in (model, reference))
+        seen = []  # the dtype of every batch the model is handed, masked images included
+        h = model.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+        try:
+            half = explain(model, x, t, method=method, **opts)
+        finally:
+            h.remove()
+        assert len(seen) >= 2 and set(seen) == {torch.bfloat16}  # the plain pass, then the masked ones
+        full = explain(reference, x.float(), t, method=method, **opts)
         assert half.dtype == torch.float32 and torch.isfinite(half).all()
         assert torch.corrcoef(torch.stack([half.flatten(), full.flatten()]))[0, 1] > 0.9
 

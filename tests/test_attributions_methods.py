@@ -277,33 +277,73 @@ def test_relax_matches_a_float64_loop_over_masks():
     ex = get_explainer("relax", model, n_masks=n, batch_size=10, seed=3, raw=True)
     out = ex.explain(x)
     ref_model = copy.deepcopy(model).double()
-    emb = []
-    h = ref_model.fc.register_forward_hook(lambda m, a, o: emb.append(a[0].flatten(1)))
     masks = relax_masks(n, (16, 16), torch.Generator().manual_seed(3)).double()
-    with torch.no_grad():
-        for b in range(2):
-            xb = x[b:b + 1].double()
-            emb.clear()
-            ref_model(xb)
-            e0 = emb[-1][0]
-            sims = []
-            for m in masks:
-                emb.clear()
-                ref_model(xb * m)
-                sims.append(F.cosine_similarity(emb[-1][0], e0, dim=0))
-            s = torch.stack(sims)
-            R = (s[:, None, None] * masks).sum(0) / masks.sum(0)
-            U = (masks * (s[:, None, None] - R) ** 2).sum(0) / masks.sum(0)
-            torch.testing.assert_close(out.maps[b].double(), R, rtol=1e-5, atol=1e-7)
-            # U ~ 3e-5 is a difference of sums ~ 1 (s_n ~ 1, spread 0.005): tight only if summed in float64
-            assert U.max() < 1e-4
-            torch.testing.assert_close(out.extras["uncertainty"][b].double(), U, rtol=1e-4, atol=1e-10)
-    h.remove()
+    R, U, _ = _relax_float64(ref_model, ref_model.fc, x, masks, output=False)  # the head's input
+    torch.testing.assert_close(out.maps.double(), R, rtol=1e-5, atol=1e-7)
+    # U ~ 3e-5 is a difference of sums ~ 1 (s_n ~ 1, spread 0.005): tight only if summed in float64
+    assert U.max() < 1e-4
+    torch.testing.assert_close(out.extras["uncertainty"].double(), U, rtol=1e-4, atol=1e-10)
     # the masks are seeded and independent of the batch size
     again = get_explainer("relax", model, n_masks=n, batch_size=3, seed=3, raw=True).explain(x)
     torch.testing.assert_close(again.maps, out.maps, rtol=1e-5, atol=1e-6)
     other_seed = get_explainer("relax", model, n_masks=n, seed=4, raw=True).explain(x)
     assert (other_seed.maps - out.maps).abs().max() > 1e-4
+
+
+def _relax_float64(model, module, x, masks, output=True):
+    """RELAX by its definition, one image and one mask at a time in float64: the embedding is a
+    copy of ``module``'s flattened output (``output``) or input, taken when the module runs.
+    Returns (R, the weighted variance U, the unnormalised sum of the reference code) per image."""
+    store = []
+    pick = (lambda m, a, o: o) if output else (lambda m, a, o: a[0])
+    handle = module.register_forward_hook(lambda m, a, o: store.append(pick(m, a, o).detach().flatten(1).clone()))
+    R, U, S = [], [], []
+    try:
+        with torch.no_grad():
+            for b in range(x.shape[0]):
+                xb = x[b:b + 1].double()
+                store.clear()
+                model(xb)
+                e0 = store[-1][0]
+                sims = []
+                for m in masks:
+                    store.clear()
+                    model(xb * m)
+                    sims.append(F.cosine_similarity(store[-1][0], e0, dim=0))
+                s = torch.stack(sims)[:, None, None]
+                r = (s * masks).sum(0) / masks.sum(0)
+                spread = (masks * (s - r) ** 2).sum(0)
+                R.append(r), U.append(spread / masks.sum(0)), S.append(spread)
+    finally:
+        handle.remove()
+    return torch.stack(R), torch.stack(U), torch.stack(S)
+
+
+def test_relax_embedding_layer_is_the_layers_output_even_when_modified_in_place_afterwards():
+    """``embedding_layer`` names a Linear followed by an inplace ReLU (as in VGG's classifier):
+    the embedding is what the Linear produced, negative values included. It used to be a view of
+    that output, which the ReLU then overwrote, so RELAX silently compared ReLU(Linear) features.
+    Also ``uncertainty="sum"`` (the reference code's unnormalised spread)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 8), nn.ReLU(inplace=True), nn.Linear(8, 6)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = images(2, 12, seed=1)
+    n = 24
+    masks = relax_masks(n, (12, 12), torch.Generator().manual_seed(2)).double()
+    ref_model = copy.deepcopy(model).double()
+    R, U, S = _relax_float64(ref_model, ref_model[4], x, masks)
+    # the ReLU's output (what the view ended up holding) gives another map: the check can fail
+    R_relu, _, _ = _relax_float64(ref_model, ref_model[6], x, masks, output=False)
+    assert (R_relu - R).abs().max() > 1e-3  # 100x the tolerance below
+    for uncertainty, expected_u in (("variance", U), ("sum", S)):
+        out = get_explainer("relax", model, n_masks=n, batch_size=7, seed=2, embedding_layer="4", raw=True,
+                            uncertainty=uncertainty).explain(x)
+        torch.testing.assert_close(out.maps.double(), R, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.extras["uncertainty"].double(), expected_u, rtol=1e-4,
+                                   atol=1e-6 * expected_u.abs().max().item())
 
 
 def test_relax_masks_are_shifted_bilinear_grids():

@@ -3,6 +3,7 @@ capture at several layers in one forward pass, and post-processing of raw maps."
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -43,18 +44,25 @@ def check_input(x: Any) -> torch.Tensor:
     return fast_layout(x.detach())
 
 
+def _finite_real(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)  # an int too large for a float is finite
+
+
 def option_int(name: str, value: Any, minimum: int = 1) -> int:
     """A method's integer option, at least ``minimum``; ValueError naming the option otherwise
-    (bools, strings and floats with a fraction included)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < minimum:
+    (bools, strings, NaN, infinities and floats with a fraction included)."""
+    # finite first: int() of an infinity or NaN raises its own error, which names no option
+    if not _finite_real(value) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
 def option_number(name: str, value: Any) -> float:
-    """A method's real-valued option; ValueError naming the option otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+    """A method's finite real-valued option; ValueError naming the option otherwise."""
+    if not _finite_real(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 
 
@@ -335,14 +343,19 @@ class Explainer:
         self.check_grad_mode()
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
+        raw, target, extras = self.guarded(x, lambda guard: self._explain_raw(x, target, guard, **inputs))
+        maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
+        return Explanation(maps.float(), degenerate, target, extras)
+
+    def guarded(self, x: torch.Tensor, run):
+        """``run(guard)`` inside a :class:`ModelGuard`; a forward that fails on the images ``x``
+        (their dtype, their size) raises an error naming them instead of torch's."""
         with ModelGuard(self.model) as guard:
             try:
-                raw, target, extras = self._explain_raw(x, target, guard, **inputs)
+                return run(guard)
             except RuntimeError as error:
                 raise_for_failed_forward(self.model, x, error)
                 raise
-        maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
-        return Explanation(maps.float(), degenerate, target, extras)
 
     def postprocess(self, raw: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
         if self.raw:
@@ -386,8 +399,7 @@ class LayerExplainer(Explainer):
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
         resolved = self.resolve(layers)
-        with ModelGuard(self.model) as guard:
-            return self._layer_maps(x, target, resolved, guard)
+        return self.guarded(x, lambda guard: self._layer_maps(x, target, resolved, guard))
 
     def explain_layers(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]) -> list[Explanation]:
         """One :class:`Explanation` per layer, all from a shared pass."""

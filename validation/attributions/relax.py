@@ -80,7 +80,9 @@ class RELAX(Explainer):
     def _embedding_hook(self, guard, store: list):
         if self.embedding_layer is not None:
             module = self.embedding_layer.module
-            hook = lambda m, args, out: store.append(out.flatten(1))  # noqa: E731
+            # a copy: flatten(1) of a contiguous output is a view, which an in-place op after the
+            # layer (VGG's Linear -> ReLU(inplace=True)) would overwrite with another layer's values
+            hook = lambda m, args, out: store.append(out.flatten(1).clone())  # noqa: E731
             guard.register(module.register_forward_hook(hook))
             return
         linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
