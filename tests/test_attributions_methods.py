@@ -812,3 +812,32 @@ def test_slic_superpixels_follow_the_image():
     left, right = set(seg[:, :15].unique().tolist()), set(seg[:, 17:].unique().tolist())
     assert left.isdisjoint(right)
     assert seg.min() == 0 and seg.max() == len(seg.unique()) - 1
+
+
+def test_relax_refuses_an_embedding_layer_that_runs_twice_or_returns_no_tensor():
+    """A module called twice used to give its last output silently; one returning a tuple crashed
+    with an AttributeError naming no layer."""
+
+    class TwiceAndTuple(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.shared = nn.Linear(4, 4)
+            self.pair = _Pair()
+            self.head = nn.Linear(4, 6)
+
+        def forward(self, x):
+            z = self.shared(self.shared(self.features(x)))
+            return self.head(self.pair(z)[0])
+
+    class _Pair(nn.Module):
+        def forward(self, z):
+            return z, z
+
+    model = TwiceAndTuple().eval()
+    x = images(1, 12)
+    with pytest.raises(ValueError, match="embedding layer ran 2 times in one forward pass"):
+        get_explainer("relax", model, n_masks=4, embedding_layer="shared").explain(x)
+    with pytest.raises(TypeError, match="embedding_layer 'pair' returns tuple, not a tensor"):
+        get_explainer("relax", model, n_masks=4, embedding_layer="pair").explain(x)
+    assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone after the errors

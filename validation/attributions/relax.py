@@ -82,7 +82,14 @@ class RELAX(Explainer):
             module = self.embedding_layer.module
             # a copy: flatten(1) of a contiguous output is a view, which an in-place op after the
             # layer (VGG's Linear -> ReLU(inplace=True)) would overwrite with another layer's values
-            hook = lambda m, args, out: store.append(out.flatten(1).clone())  # noqa: E731
+            name = self.embedding_layer.name
+
+            def hook(m, args, out):
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"RELAX: embedding_layer {name!r} returns {type(out).__name__}, not a tensor; "
+                                    "pass a layer whose output is one tensor")
+                store.append(out.flatten(1).clone())
+
             guard.register(module.register_forward_hook(hook))
             return
         linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -96,6 +103,9 @@ class RELAX(Explainer):
         check_logits(self.model(x), x.shape[0])
         if not store:
             raise RuntimeError("RELAX: the embedding layer was not called in the forward pass")
+        if len(store) > 1:  # which of its outputs is the embedding? the layer methods refuse such modules too
+            raise ValueError(f"RELAX: the embedding layer ran {len(store)} times in one forward pass; pass an "
+                             "embedding_layer that runs once")
         return store[-1].float()
 
     @torch.no_grad()
