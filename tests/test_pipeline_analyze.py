@@ -110,6 +110,27 @@ def test_correlations_follow_scipy_at_any_scale_and_are_nan_for_a_constant_side(
         assert np.isnan(A._rowwise_weighted_pearson(tied[None], x[None], w)[0])
 
 
+def test_a_side_constant_up_to_rounding_has_no_spearman_either():
+    """Pearson is NaN for a side constant up to rounding; its Spearman used to stay finite, the
+    correlation of the rounding noise's ranks, in table a's per-model rows."""
+    rng = np.random.default_rng(7)
+    y = rng.normal(size=40)
+    flat = 0.5 * (1 + rng.normal(size=40) * 1e-9)  # float32-like noise on a constant metric
+    assert np.isfinite(stats.spearmanr(flat, y)[0])  # the noise does have ranks
+    counts = A.image_bootstrap_counts(40, 30, seed=0)
+    c = A.pair_correlation(flat, y, np.arange(40), counts)
+    assert np.isnan(c.pearson) and np.isnan(c.spearman)
+    assert np.isnan(c.pearson_boot).all() and np.isnan(c.spearman_boot).all()
+    # the same across configurations' means: 5 configurations x 8 images
+    m = A.means_correlation(flat.reshape(8, 5), y.reshape(8, 5), A.image_bootstrap_counts(8, 30, seed=0))
+    assert np.isnan(m.pearson) and np.isnan(m.spearman) and np.isnan(m.spearman_boot).all()
+    # a varying side keeps both (the guard is tied to Pearson's constancy test only)
+    varying = y + rng.normal(size=40)
+    v = A.pair_correlation(varying, y, np.arange(40), counts)
+    assert v.spearman == pytest.approx(stats.spearmanr(varying, y)[0], abs=1e-12)
+    assert np.isfinite(v.spearman_boot).all()
+
+
 def test_validity_planted_correlations(table):
     t = A.table_validity(table, n_boot=200, seed=0)
     one = t[(t.model == "m_a")].set_index(["metric", "level"])

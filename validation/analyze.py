@@ -168,7 +168,15 @@ def pair_correlation(x, y, image_codes, counts, block: int = 128, cache: dict | 
                 ry = cache[(key, lo)] = weighted_ranks(y, w)
         sb.append(weighted_spearman(x, y, w, ry))
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))
-    return Correlation(len(x), pear, spear, cat(pb), cat(sb))
+    return _constant_sides_nan(Correlation(len(x), pear, spear, cat(pb), cat(sb)))
+
+
+def _constant_sides_nan(c: Correlation) -> Correlation:
+    """Spearman NaN wherever Pearson is: Pearson is NaN when a side is constant up to rounding
+    (``_CONSTANT_TOL``), and the ranks of that rounding noise would give a Spearman of noise."""
+    spearman_boot = np.where(np.isnan(c.pearson_boot), np.nan, c.spearman_boot)
+    spearman = np.nan if np.isnan(c.pearson) else c.spearman
+    return Correlation(c.n, c.pearson, spearman, c.pearson_boot, spearman_boot)
 
 
 def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndarray) -> Correlation:
@@ -200,7 +208,7 @@ def means_correlation(values: np.ndarray, reference: np.ndarray, counts: np.ndar
         return Correlation(n_cfg, np.nan, np.nan, nan, nan)
     p0, s0 = corr(np.ones((1, values.shape[0])))
     pb, sb = corr(counts)
-    return Correlation(n_cfg, float(p0[0]), float(s0[0]), pb, sb)
+    return _constant_sides_nan(Correlation(n_cfg, float(p0[0]), float(s0[0]), pb, sb))
 
 
 def _mean_replicates(per_model: list[np.ndarray], n_boot: int = 0) -> np.ndarray:
