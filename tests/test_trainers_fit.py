@@ -653,6 +653,24 @@ def test_weights_path_alone_is_recorded_as_pretrained(tmp_path):
     assert "ImageNet-pretrained, fine-tuned" in card and "trained from scratch" not in card
 
 
+def test_resuming_a_run_started_from_imagenet_weights_does_not_need_the_file(tmp_path):
+    """The checkpoint holds every weight: a resumed session used to load the ImageNet file again
+    before the checkpoint overwrote it, and failed where the file had gone meanwhile."""
+    from torchvision import models as tvm
+
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(tvm.resnet18(weights=None).state_dict(), path)
+    out = tmp_path / "ft"
+    kw = dict(weights_path=str(path), train_length=32, limit_val_batches=0, scheduler="constant")
+    fit(_tiny_cfg(out, **kw))
+    (out / "model.json").unlink()  # as if killed before the end: resume auto continues last.ckpt
+    path.unlink()
+    meta = fit(_tiny_cfg(out, max_epochs=2, **kw))
+    assert meta["epochs"] == 2 and meta["pretrained"] is True
+    hp = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hp["weights_path"] == str(path)  # the checkpoints still record where the run started
+
+
 # --------------------------------------------------------------------------- weight averaging (EMA)
 class _RecordWeights(Callback):
     """The raw weights after every optimiser step (float64 copies)."""

@@ -444,13 +444,18 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
     if finished is not None:
         return FitPlan(cfg, dm, None, None, None, None, None, finished=finished)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    resumed_from = _resume_path(cfg, out)
+    # a resumed run takes every weight from its checkpoint: the ImageNet file it started from is not
+    # read again (it may be gone by now); its hyper-parameters still record that it was used
+    load_imagenet = resumed_from is None
     module = ShapeClassifierModule(
-        arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES, pretrained=cfg.pretrained,
-        weights_path=cfg.weights_path, lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
+        arch=cfg.arch, image_size=cfg.image_size, class_names=CLASS_NAMES,
+        pretrained=cfg.pretrained and load_imagenet, weights_path=cfg.weights_path if load_imagenet else None,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, pct_start=cfg.pct_start,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler,
         stochastic_depth=cfg.stochastic_depth, train_crop=cfg.train_crop)
-    resumed_from = _resume_path(cfg, out)
-    if cfg.init_from and resumed_from is None:  # a resumed run takes its weights from the checkpoint
+    module.hparams.update(pretrained=cfg.pretrained, weights_path=cfg.weights_path)
+    if cfg.init_from and resumed_from is None:
         warm_start(module.model, cfg.init_from, cfg.arch)
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
     callbacks = (clock, _CtrlC(), *callbacks)
