@@ -100,7 +100,8 @@ class CaptumExplainer(Explainer):
         super().__init__(model, **options)
         self.reduce = check_reduction(reduce)
 
-    def _captum(self):
+    def _captum(self, x: torch.Tensor):
+        """The captum attribution object for a call on the images ``x``."""
         raise NotImplementedError
 
     def _attribute(self, method, x, target):
@@ -116,8 +117,24 @@ class CaptumExplainer(Explainer):
             # captum's notices about hooks on activations and per-example LIME models are expected
             warnings.filterwarnings("ignore", module=r"captum\.")
             warnings.filterwarnings("ignore", message=r".*(non-linear|multiple inputs|required_grads).*")
-            attr = self._attribute(self._captum(), x.clone().requires_grad_(True), target)
+            attr = self._attribute(self._captum(x), x.clone().requires_grad_(True), target)
         return reduce_channels(attr.detach().to(compute_dtype(attr.dtype)), self.reduce), target, {}
+
+
+# captum DeepLift's default: an input difference smaller than this counts as zero (the rule then
+# uses the plain gradient instead of delta_out / delta_in)
+CAPTUM_DEEPLIFT_EPS = 1e-10
+
+
+def deeplift_eps(model: nn.Module, x: torch.Tensor) -> float:
+    """captum DeepLift's ``eps`` for a model: its default 1e-10, or, where a floating dtype of the
+    model's parameters and buffers (the images' dtype for a model without any) has no positive
+    value that small (float16: its smallest is 6e-8), that dtype's smallest positive value, so
+    that ``|delta_in| < eps`` still means delta_in == 0. captum compares in the activations'
+    dtype, where 1e-10 rounds to 0: in float16 every ReLU or max-pool input that the baseline
+    leaves unchanged gave 0 / 0 = NaN, and every map came back as zeros flagged degenerate."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()} or {x.dtype}
+    return max([CAPTUM_DEEPLIFT_EPS, *(torch.finfo(d).tiny * torch.finfo(d).eps for d in dtypes)])
 
 
 def check_baseline(value):
@@ -149,9 +166,9 @@ class DeepLift(CaptumExplainer):
         self.baseline = check_baseline(baseline)
         self.batch_size = None if batch_size is None else option_int("batch_size", batch_size)
 
-    def _captum(self):
+    def _captum(self, x):
         from captum.attr import DeepLift as _DeepLift
-        return _DeepLift(self.model)
+        return _DeepLift(self.model, eps=deeplift_eps(self.model, x))
 
     def _attribute(self, method, x, target):
         baselines = _baseline(self.baseline, x)
@@ -166,7 +183,7 @@ class DeepLift(CaptumExplainer):
 
 @register("inputxgradient")
 class InputXGradient(CaptumExplainer):
-    def _captum(self):
+    def _captum(self, x):
         from captum.attr import InputXGradient as _IxG
         return _IxG(self.model)
 
@@ -186,7 +203,7 @@ class IntegratedGradients(CaptumExplainer):
         self.internal_batch_size = (None if internal_batch_size is None
                                     else option_int("internal_batch_size", internal_batch_size))
 
-    def _captum(self):
+    def _captum(self, x):
         from captum.attr import IntegratedGradients as _IG
         return _IG(self.model)
 
@@ -247,7 +264,7 @@ class _SuperpixelExplainer(CaptumExplainer):
 
 @register("lime")
 class Lime(_SuperpixelExplainer):
-    def _captum(self):
+    def _captum(self, x):
         from captum.attr import Lime as _Lime
         return _Lime(self.model)
 
@@ -256,6 +273,6 @@ class Lime(_SuperpixelExplainer):
 class KernelShap(_SuperpixelExplainer):
     exact_single_feature = True
 
-    def _captum(self):
+    def _captum(self, x):
         from captum.attr import KernelShap as _KernelShap
         return _KernelShap(self.model)
