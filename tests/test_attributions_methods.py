@@ -154,7 +154,7 @@ def _authors_scorecam(model, module, x, target):
         model(x)
         h.remove()
         A = acts[0]
-        summed = torch.zeros(x.shape[0], *size)
+        summed = torch.zeros(x.shape[0], *size, dtype=x.dtype)
         forwards = 0
         for b in range(x.shape[0]):
             for k in range(A.shape[1]):
@@ -187,6 +187,19 @@ def test_scorecam_official_matches_the_authors_loop():
         h.remove()
     torch.testing.assert_close(other, ours)
     assert sum(calls) == 2 + 2 * (channels - 1)
+
+
+def test_scorecam_of_a_float64_model_is_computed_in_float64():
+    """As every other CAM: a float64 model's activations and channel scores stay float64 (they
+    were cast to float32, 4e-7 off the float64 loop)."""
+    model = ConstChannelNet().eval().double()
+    x = images(2, 16).double()
+    target = torch.tensor([1, 4])
+    expected, _, _ = _authors_scorecam(model, model.feat, x, target)
+    (raw,), _, _ = get_explainer("scorecam", model, layer="feat").layer_maps(x, target, ["feat"])
+    assert raw.dtype == torch.float64
+    up = F.interpolate(raw[:, None], size=(16, 16), mode="bilinear")[:, 0]
+    torch.testing.assert_close(up.clamp_min(0), expected.clamp_min(0), rtol=1e-12, atol=1e-12)
 
 
 def test_scorecam_official_final_map_is_the_authors_where_activations_are_negative():

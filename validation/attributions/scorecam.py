@@ -54,7 +54,7 @@ class ScoreCAM(LayerExplainer):
         """Model response (B, C) to x masked by each channel of A (B, C, h, w)."""
         B, C = A.shape[:2]
         official = self.variant == "official"
-        scores = torch.zeros(B, C, device=x.device, dtype=torch.float32)
+        scores = torch.zeros(B, C, device=x.device, dtype=A.dtype)  # compute_dtype: float32 or float64
         pairs = torch.arange(B * C, device=x.device)
         if official:  # constant channels are skipped before any forward pass
             flat = A.flatten(2)
@@ -62,9 +62,10 @@ class ScoreCAM(LayerExplainer):
         for chunk in pairs.split(self.batch_size):
             b, k = chunk // C, chunk % C
             masks, usable = self._masks(A[b, k], x.shape[-2:])
-            # masks are float32: the masked images go back to the images' (the model's) dtype
+            # masks are in A's dtype: the masked images go back to the images' (the model's) dtype
             out = check_logits(self.model((x[b] * masks[:, None]).to(x.dtype)), len(chunk))
-            s = out.float().softmax(1) if official else out.float()
+            s = out.to(A.dtype)
+            s = s.softmax(1) if official else s
             s = s.gather(1, target[b][:, None])[:, 0]
             scores[b, k] = torch.where(usable, s, torch.zeros_like(s))
         return scores if official else scores.softmax(dim=1)
@@ -81,7 +82,7 @@ class ScoreCAM(LayerExplainer):
                                  f"(logits of shape {tuple(logits.shape)}); use variant='pytorch-grad-cam' "
                                  "(softmax over channels of the logit) or a model with two outputs")
             target = resolve_target(target, logits)
-            acts = [to_nchw(a, layer, x.shape[-2:]).float() for a, layer in zip(capture.raw(), layers)]
+            acts = [to_nchw(a, layer, x.shape[-2:]) for a, layer in zip(capture.raw(), layers)]
             rank = capture.depth_rank()
             capture.enabled = False  # the masked forwards below must not be recorded
             maps = []
