@@ -32,8 +32,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from trainers import build_model
+# before anything imports tqdm: it reads TQDM_* settings once, at import (the peer's Score-CAM
+# prints a progress bar per call otherwise)
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from trainers import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from validation._layout import fast_layout  # noqa: E402
@@ -63,10 +67,10 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+        if self.device.type == "cuda":  # the device named, not the current one (--device cuda:1)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -79,8 +83,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+            torch.cuda.synchronize(self.device)
+            self.peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
         else:
             self.peak = (_proc_kib("VmHWM") * 1024 - self.base) / 2 ** 20 if self.ok else float("nan")
 
@@ -90,7 +94,7 @@ def _timed(fn, device) -> tuple[float, float]:
         t0 = time.perf_counter()
         fn()
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     return seconds, mem.peak
 
@@ -112,13 +116,21 @@ def measure(fns, reps: int, device) -> list[tuple[float, float]]:
 
 def peer_runner(method, model, x, target, layer, args):
     """(callable running pytorch-grad-cam's version of ``method``, cleanup), or None if it has none.
-    cleanup removes the peer's hooks from the model (they would slow down every later call)."""
+
+    The peer runs on its own copy of ``model`` (same weights): its cams hook the target layers
+    for as long as they exist, and those hooks keep a CPU copy of the layer's output (and, via a
+    tensor hook, of its gradient) on every forward pass through the layer. On the shared model
+    they would run inside ours' and the floors' timed calls too (on a GPU, a device-to-host copy
+    and a synchronisation per pass, charged to ours). cleanup removes the peer's hooks."""
     try:
         import pytorch_grad_cam as pgc
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget
     except ImportError:
         return None
+    model = copy.deepcopy(model)
     targets = [ClassifierOutputTarget(int(t)) for t in target]
+    if method == "shapleycam":  # ours explains ShapleyCAM's ReST score by default, as its authors do
+        targets = [ClassifierOutputReST(int(t)) for t in target]
     module = resolve_layer(model, layer)
     simple = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
               "scorecam": pgc.ScoreCAM, "shapleycam": pgc.ShapleyCAM}
@@ -295,7 +307,6 @@ def n_images(method, args):
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the peer's Score-CAM prints progress bars
     argv = sys.argv[1:] if argv is None else list(argv)
     args, model, x_all, t_all = setup(argv)
     device = x_all.device

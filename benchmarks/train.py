@@ -31,15 +31,21 @@ from trainers.models import available_archs, build_model
 from trainers.precision import resolve_precision
 
 
-def _bench(fn, warmup: int, steps: int) -> float:
+def _synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` (the one named: ``cuda:1`` is not the current device)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench(fn, warmup: int, steps: int, device: str) -> float:
     for _ in range(warmup):
         fn()
+    _synchronize(device)  # else the first timed step also waits for the warm-up's queued kernels
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -76,11 +82,11 @@ def measure(arch: str, size: int, batch: int, bf16: bool, warmup: int, steps: in
             model(x)
 
     model.train()
-    t_train = _bench(lambda: train_step(x, y), warmup, steps)
+    t_train = _bench(lambda: train_step(x, y), warmup, steps, device)
     if not inference:
         return batch / t_train, None
     model.eval()
-    t_infer = _bench(infer, warmup, steps)
+    t_infer = _bench(infer, warmup, steps, device)
     return batch / t_train, batch / t_infer
 
 
@@ -105,8 +111,7 @@ def measure_loader(arch: str, size: int, batch: int, crop: int | None, workers: 
         y = y.to(device)
         t1 = time.perf_counter()
         train_step(x, y)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronize(device)
         t2 = time.perf_counter()
         if i >= warmup:
             waits.append(t1 - t0)
