@@ -234,7 +234,7 @@ def _cmd_preview(args) -> int:
 
 
 def _cmd_card(args) -> int:
-    from shapesynth.backgrounds import build_pools
+    from shapesynth.backgrounds import BackgroundError, build_pools, relative_folders_hint
     from shapesynth.generate import finish, missing_shards
     from shapesynth.writers import MANIFEST, OutputError, pools_digest
 
@@ -252,12 +252,16 @@ def _cmd_card(args) -> int:
             f"{out} is incomplete: {len(missing)} shard(s) missing (e.g. {', '.join(s.stem for s in missing[:3])}); "
             "run the remaining `--shard i/n` parts or copy their folders in"
         )
-    pools = build_pools(cfg)
+    try:
+        pools = build_pools(cfg)
+    except BackgroundError as err:
+        raise BackgroundError(f"{out}: cannot rebuild its background pools: {err}{relative_folders_hint(cfg)}") from err
     recorded = manifest.get("backgrounds")
     if recorded is not None and recorded != pools_digest(pools):
         raise OutputError(
             f"the background files of {out} differ from those it was generated from (see {MANIFEST}): "
             "the card would list other pools than the data was drawn from; restore them, or regenerate"
+            f"{relative_folders_hint(cfg)}"
         )
     result = finish(out, cfg, fmt, per_shard, pools)
     print(json.dumps(result))

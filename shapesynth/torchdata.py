@@ -96,7 +96,13 @@ class SynthStream(Dataset):
         return _to_item(s.image, s.mask, s.region, s.label, i, self.transform)
 
 
-def _check_pools_match(path, synth: ShapeSynth) -> None:
+_COUNTERFACTUALS = "counterfactuals would not match the stored images"
+
+
+def _check_pools_match(path, synth: ShapeSynth, splits=None, use: str = _COUNTERFACTUALS) -> None:
+    """Refuse pools of ``synth`` (those of ``splits``, default all) that differ from the ones the
+    dataset at ``path`` was generated with (its ``backgrounds.json``); ``use`` says what would go wrong."""
+    from shapesynth.backgrounds import relative_folders_hint
     from shapesynth.writers import OutputError
 
     listing_file = Path(path) / "backgrounds.json"
@@ -104,14 +110,38 @@ def _check_pools_match(path, synth: ShapeSynth) -> None:
         return
     listing = json.loads(listing_file.read_text())
     for split, pool in synth.pools.items():
+        if splits is not None and split not in splits:
+            continue
         recorded = [b["sha256"] for b in listing.get(split, [])]
         if list(pool.hashes) != recorded:
             changed = sum(a != b for a, b in zip(pool.hashes, recorded)) + abs(len(pool.hashes) - len(recorded))
             raise OutputError(
                 f"the backgrounds of {path} changed since it was generated: pool {split!r} now has "
-                f"{len(pool.hashes)} bases, {changed} of them unlike {listing_file.name}; counterfactuals "
-                "would not match the stored images (restore the background files, or regenerate)"
+                f"{len(pool.hashes)} bases, {changed} of them unlike {listing_file.name}; {use} "
+                f"(restore the background files, or regenerate){relative_folders_hint(synth.config)}"
             )
+
+
+def dataset_generator(path, splits=None, use: str = _COUNTERFACTUALS) -> ShapeSynth:
+    """The generator of the dataset at ``path``, rebuilt from its recipe (``shapesynth.json``), with
+    the background pools of ``splits`` (default all) checked against its ``backgrounds.json``.
+
+    Background files that changed since generation, or relative background folders read from
+    another current folder than the one generation ran in, would render other backgrounds than
+    the dataset's; that is an error (`BackgroundError` or `OutputError` naming the dataset and the
+    folder), not a silent mismatch. ``use`` says what would go wrong.
+    """
+    from shapesynth.backgrounds import BackgroundError, relative_folders_hint
+    from shapesynth.readers import load_config
+
+    synth = ShapeSynth(load_config(path))
+    try:
+        synth.pools  # noqa: B018 - built (and cached) here, to name the dataset when they cannot be
+    except BackgroundError as err:
+        raise BackgroundError(f"dataset {path}: cannot rebuild its background pools: {err}"
+                              f"{relative_folders_hint(synth.config)}") from err
+    _check_pools_match(path, synth, splits, use)
+    return synth
 
 
 class ShapesDataset(Dataset):
@@ -140,11 +170,7 @@ class ShapesDataset(Dataset):
         stored pixels, so that is an error rather than a silent mismatch.
         """
         if getattr(self, "_synth", None) is None:
-            from shapesynth.readers import load_config
-
-            synth = ShapeSynth(load_config(self.path))
-            _check_pools_match(self.path, synth)
-            self._synth = synth
+            self._synth = dataset_generator(self.path)
         return self._synth
 
     def counterfactual(self, i: int, label: int | None = None) -> dict:

@@ -443,6 +443,7 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
     finished = _finished_run(cfg, out)
     if finished is not None:
         return FitPlan(cfg, dm, None, None, None, None, None, finished=finished)
+    dm.check_train_backgrounds()  # what it trains on: a finished run, reported above, needs none
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     resumed_from = _resume_path(cfg, out)
     # a resumed run takes every weight from its checkpoint: the ImageNet file it started from is not
@@ -559,7 +560,9 @@ def _train_test_export(plan: FitPlan) -> dict:
     if not trainer.is_global_zero:
         return {}
     results = _test_results(best_module, trainer, ckpt)
-    meta = {"arch": cfg.arch, "image_size": cfg.image_size, "class_names": list(CLASS_NAMES),
+    # every key save_model writes to model.json: fit returns what load_model and a rerun return
+    meta = {"arch": cfg.arch, "image_size": cfg.image_size, "num_classes": len(CLASS_NAMES),
+            "class_names": list(CLASS_NAMES),
             "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": dm.fingerprint(),
             "test_accuracy": results["test_accuracy"], "test_images": results["test_images"],
             "per_class_accuracy": results["per_class_accuracy"],

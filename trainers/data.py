@@ -195,6 +195,26 @@ def check_dataset(path, split: str, image_size: int, class_names=CLASS_NAMES, *,
     return n
 
 
+def check_train_backgrounds(path, recipe: SynthConfig) -> None:
+    """A training stream renders its images from the dataset's ``recipe``, over the train background
+    pool that recipe rebuilds: refuse one of background files (``folder``, ``hf``) that is not the
+    pool the dataset was generated with (its ``backgrounds.json``). Files changed since generation,
+    or a relative background folder read from another current folder, would train on other
+    backgrounds than the dataset's train split holds, and on any mixed in from its val or test
+    pools. (Procedural pools are seeded per split: they cannot mix, and need no files.)"""
+    from shapesynth.backgrounds import BackgroundError
+    from shapesynth.torchdata import dataset_generator
+    from shapesynth.writers import OutputError
+
+    if recipe.background == "procedural":
+        return
+    try:
+        dataset_generator(path, splits=("train",), use="the training stream (train_source 'stream') would "
+                          "render other backgrounds than the dataset's train split")
+    except (BackgroundError, OutputError) as err:
+        raise DataError(f"{err} (or train on the stored images: --train-source disk)") from err
+
+
 def config_fingerprint(cfg: SynthConfig) -> str:
     return "synth-" + hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
 
@@ -261,6 +281,15 @@ class ShapesDataModule(pl.LightningDataModule):
                                 f"shapes need windows of {need} px at any rotation (image_size {self.image_size})")
         self.epoch = 0
         self.train_set = self.val_set = self.test_set = None
+        self._train_backgrounds_checked = False
+
+    def check_train_backgrounds(self) -> None:
+        """Before training: a stream rendered from a dataset's recipe draws on the dataset's own
+        train background pool (`check_train_backgrounds`). `plan_fit` calls it before anything is
+        written; ``setup("fit")`` too, for a trainer driven directly."""
+        if self.data and self.train_source == "stream" and not self._train_backgrounds_checked:
+            check_train_backgrounds(self.data, self.synth_config)
+            self._train_backgrounds_checked = True
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
@@ -310,6 +339,7 @@ class ShapesDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
+            self.check_train_backgrounds()
             if self.train_source == "stream":
                 self.train_set = SynthStream(self.train_config(self.epoch), "train", self.train_length, self.epoch)
                 if self.train_crop is not None:

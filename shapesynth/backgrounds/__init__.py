@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from typing import Callable
 
 from shapesynth.backgrounds.pools import (
@@ -44,7 +45,11 @@ _NOT_POOL_FIELDS = {
 
 
 def _pool_key(cfg: SynthConfig) -> str:
-    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in _NOT_POOL_FIELDS}, sort_keys=True)
+    key = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_POOL_FIELDS}
+    paths = [cfg.bg_path, *(cfg.bg_split_paths or {}).values()]
+    if cfg.background != "procedural" and any(p and not os.path.isabs(p) for p in paths):
+        key["read_from"] = os.getcwd()  # a relative folder read from another current folder is another folder
+    return json.dumps(key, sort_keys=True)
 
 
 def build_pools(cfg: SynthConfig, num_proc: int = 1) -> dict[str, BackgroundPool]:
@@ -90,6 +95,20 @@ def _build_pools(cfg: SynthConfig, num_proc: int) -> dict[str, BackgroundPool]:
     return pools
 
 
+def relative_folders_hint(cfg: SynthConfig) -> str:
+    """Where a recipe's relative background folders are looked for: the current folder, not the one
+    `shapesynth generate` ran in (the recipe keeps the paths as they were given)."""
+    if cfg.background != "folder":
+        return ""
+    folders = [cfg.bg_path] if cfg.bg_path else list((cfg.bg_split_paths or {}).values())
+    relative = [f for f in folders if f and not os.path.isabs(f)]
+    if not relative:
+        return ""
+    return (f"; its recipe names the background folder(s) {', '.join(relative)} relative to the folder "
+            f"`shapesynth generate` ran in, and they are read from the current folder, {os.getcwd()}: "
+            f"run from that folder")
+
+
 # sources register themselves on import
 from shapesynth.backgrounds import folder as _folder  # noqa: E402,F401
 from shapesynth.backgrounds import hf as _hf  # noqa: E402,F401
@@ -106,4 +125,5 @@ __all__ = [
     "draw_background",
     "pixel_hash",
     "register_source",
+    "relative_folders_hint",
 ]
