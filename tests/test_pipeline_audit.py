@@ -278,3 +278,15 @@ def test_the_comparison_line_says_its_correlations_are_oriented():
     text = verdict_text("mine", validity, pd.DataFrame())
     line = next(line for line in text.splitlines() if line.startswith("For comparison"))
     assert "oriented" in line and f"average_drop r = {-r_table:.2f}" in line, line
+
+
+def test_a_run_without_the_ground_truth_cosine_is_refused_before_the_metric_is_computed(tmp_path, run_dir):
+    """The audit judges a metric against gt_cosine: on a run without it, every map was recomputed
+    and scored (minutes on a real run) before "reference metric 'gt_cosine' not in the table"."""
+    models = S.make_models(tmp_path)
+    out = tmp_path / "run"
+    run_eval(S.config(models, methods=["cam", "randomcam"], metrics=["complexity"]), out,
+             components=S.components(), progress=False)
+    with pytest.raises(ValueError, match=r"has no gt_cosine rows.*rerun it with gt_cosine among its --metrics"):
+        audit_run(out, "user_metrics_mod:prefix_mean", n_boot=10, components=S.components(), progress=False)
+    assert not (out / "audit").exists()

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,24 @@ def test_an_empty_or_malformed_image_range_is_refused_naming_its_flag(tmp_path, 
     code = main(["run", "--data", str(tmp_path), "--model", str(tmp_path / "m"), "--methods", "gradcam",
                  "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress"] + flags)
     assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--metric-options", "{bad", "--metric-options '{bad': neither a file nor valid JSON"),
+    ("--method-grid", "[1]", "--method-grid '[1]': expected a mapping, got list"),
+    ("--method-options", "FILE", "--method-options 'FILE': cannot read the file as JSON or YAML"),
+])
+def test_unreadable_options_are_refused_naming_their_flag(tmp_path, capsys, flag, value, message):
+    """Options that were neither JSON nor a mapping ended the command with exit status 1 and
+    "options '{bad': ...", naming none of the three option flags (nor the command)."""
+    if value == "FILE":
+        value = str(tmp_path / "options.yaml")
+        Path(value).write_text("lime: {n_samples: [1, 2}\n")
+        message = message.replace("FILE", value)
+    code = main(["run", "--data", str(tmp_path), "--model", str(tmp_path / "m"), "--methods", "gradcam",
+                 "--metrics", "gt_cosine", "--out", str(tmp_path / "o"), "--no-progress", flag, value])
+    assert code == 2 and f"shapesynth-eval run: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

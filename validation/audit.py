@@ -180,6 +180,22 @@ def metric_source_hash(fn: Callable) -> str:
     return "sha256:" + hashlib.sha256(text).hexdigest()
 
 
+def _refuse_missing_inputs(run_dir: Path, cfg: dict, data: bool = True) -> None:
+    """The audit recomputes the run's maps from the models and dataset its ``run_config.json``
+    names, as the run was given them: say so when one is missing, rather than blame a ``--model``
+    or ``--data`` flag the audit does not have (a relative path is read from the current folder)."""
+    named = [("model", p) for p in cfg.get("models", [])]
+    if data and cfg.get("data"):
+        named.append(("dataset", cfg["data"]))
+    for kind, path in named:
+        if not Path(path).exists():
+            where = ("" if Path(path).is_absolute() else
+                     f" from {Path.cwd()} (the run recorded it relative to the folder it was started in: "
+                     f"audit from that folder)")
+            raise FileNotFoundError(f"{run_dir / 'run_config.json'}: the run's {kind} {path} does not exist"
+                                    f"{where}; the audit recomputes the run's maps with it")
+
+
 def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images: int | None = None,
               n_boot: int = 1000, components=None, progress: bool = True,
               lower_is_better: bool | None = None, overwrite: bool = False) -> dict:
@@ -201,9 +217,13 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
     if "@" in name:  # "@" marks the curve columns (road_morf@0.2), which the tables leave out
         raise ValueError(f"metric name {name!r}: '@' is reserved for curve columns; pass another --name")
     base = load_results(run_dir)
+    if A.REFERENCE_METRIC not in set(base.metric):  # refused before the metric is computed, not after
+        raise ValueError(f"the run {run_dir} has no {A.REFERENCE_METRIC} rows, the ground truth a metric is "
+                         f"judged against; rerun it with {A.REFERENCE_METRIC} among its --metrics")
     if name in set(base.metric):
         raise ValueError(f"metric name {name!r} already exists in the run; pass --name")
     cfg = read_json(run_dir / "run_config.json")
+    _refuse_missing_inputs(run_dir, cfg, data=components is None)
     # the maps are recomputed: other weights than the run's would judge the metric on other maps
     for model, path in zip(cfg.get("model_names", []), cfg.get("models", [])):
         was = (cfg.get("model_weights") or {}).get(model)

@@ -31,22 +31,27 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _options(text: str | None) -> dict:
-    """JSON text, or a path to a JSON/YAML file: ``{"lime": {"n_samples": 100}}``."""
+def _options(text: str | None, flag: str) -> dict:
+    """JSON text, or a path to a JSON/YAML file: ``{"lime": {"n_samples": 100}}``; what is neither
+    is a ValueError naming ``flag`` (one line and exit status 2, as every other bad argument)."""
     if not text:
         return {}
     path = Path(text)
     if path.exists():
         import yaml
 
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"{flag} {text!r}: cannot read the file as JSON or YAML "
+                             f"({' '.join(str(err).split())})") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"options {text!r}: neither a file nor valid JSON ({err})") from None
+            raise ValueError(f"{flag} {text!r}: neither a file nor valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"options {text!r}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{flag} {text!r}: expected a mapping, got {type(data).__name__}")
     return data
 
 
@@ -126,8 +131,9 @@ def cmd_run(args) -> int:
         layers=_csv_list(args.layers), mixes=_csv_list(args.mix), image_range=image_range,
         refine_layers=_csv_list(args.refine_layers) if args.refine_layers else [],
         split=args.split, chunk_size=args.chunk_size, seed=args.seed,
-        method_options=_options(args.method_options), metric_options=_options(args.metric_options),
-        method_grid=_options(args.method_grid), device=args.device,
+        method_options=_options(args.method_options, "--method-options"),
+        metric_options=_options(args.metric_options, "--metric-options"),
+        method_grid=_options(args.method_grid, "--method-grid"), device=args.device,
         save_maps=args.save_maps, fold=not args.no_fold)
     shard = parse_shard(args.shard)
     if args.threads:

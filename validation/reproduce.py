@@ -17,6 +17,7 @@ argument lists the profile gives (placeholders ``{data}``, ``{model_dir}``, ``{a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,8 +68,21 @@ def load_profile(name_or_path: str) -> dict:
     return profile
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
 def _fill(args, **values) -> list[str]:
-    return [str(a).format(**values) for a in args]
+    """The arguments with each placeholder ``{name}`` replaced by its value. Other braces stay as
+    written: an argument such as ``--synth '{size_bands: [[0.31, 0.39]]}'`` (a YAML mapping) is
+    passed on unchanged, where ``str.format`` raised a KeyError on it."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise ValueError(f"profile: unknown placeholder {{{name}}} in {match.string!r}; "
+                             f"placeholders: {', '.join(f'{{{k}}}' for k in sorted(values))}")
+        return str(values[name])
+
+    return [_PLACEHOLDER.sub(value, str(a)) for a in args]
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
@@ -181,7 +195,7 @@ class Reproduction:
         """What ``trainers.load_model`` is given: ``train.checkpoint`` (e.g.
         ``"{model_dir}/best.safetensors"``) filled in, or the training run folder itself."""
         pattern = self.p["train"].get("checkpoint")
-        return {arch: Path(pattern.format(model_dir=str(d), arch=arch, **self.values)) if pattern else d
+        return {arch: Path(_fill([pattern], model_dir=str(d), arch=arch, **self.values)[0]) if pattern else d
                 for arch, d in self.model_dirs().items()}
 
     def _time(self, step: str, fn) -> None:
@@ -230,9 +244,22 @@ class Reproduction:
     def train(self):
         return self._models(train=True)
 
+    def _data_image_size(self) -> int:
+        """The image size of the profile's data: what the generated dataset records (the generate
+        step refuses a dataset of another ``data.image_size``), else that setting, else the
+        generator's default."""
+        meta_path = self.data / "shapesynth.json"
+        if meta_path.exists():
+            size = ((read_json(meta_path) or {}).get("config") or {}).get("image_size")
+            if size is not None:
+                return int(size)
+        return int(self.p["data"].get("image_size", 128))
+
     def _models(self, train: bool) -> dict:
         """Each profile model, trained first where it is missing (``train``; otherwise missing is
         an error), then checked: it fits the data and reaches ``min_test_accuracy``."""
+        # `{image_size}` and the fit check: the data's own size, which the profile need not repeat
+        self.values["image_size"] = self._data_image_size()
         tr = self.p["train"]
         min_acc = tr.get("min_test_accuracy")
         info = {}
