@@ -46,3 +46,18 @@ def save_untrained_model():
         return folder
 
     return save
+
+
+@pytest.fixture
+def user_cam():
+    """A user's own CAM, registered the documented way; unregistered afterwards."""
+    from validation.attributions.cam import GradCAM
+    from validation.attributions.registry import METHODS, register
+
+    @register("usercam")
+    class UserCAM(GradCAM):
+        """Grad-CAM with the absolute value as rectifier (a user's variant)."""
+        rectifier = "abs"
+
+    yield "usercam"
+    METHODS.pop("usercam", None)

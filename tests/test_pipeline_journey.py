@@ -34,21 +34,6 @@ def _load_two_conv(path):
     return TwoConvNet().eval(), {"arch": "twoconv", "image_size": S.SIZE, "class_names": list(S.CLASSES)}
 
 
-@pytest.fixture
-def user_cam():
-    """A user's own CAM, registered the documented way; unregistered afterwards."""
-    from validation.attributions.cam import GradCAM
-    from validation.attributions.registry import METHODS, register
-
-    @register("usercam")
-    class UserCAM(GradCAM):
-        """Grad-CAM with the absolute value as rectifier (a user's variant)."""
-        rectifier = "abs"
-
-    yield "usercam"
-    METHODS.pop("usercam", None)
-
-
 def test_registered_user_layer_method_runs_at_every_layer_and_is_refined(user_cam, tmp_path):
     """A method registered with ``@register`` that takes a layer is run at each of ``layers`` and
     refined by RefineCAM like the built-in CAMs; it used to run once, as a layer-free method

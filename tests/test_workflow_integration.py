@@ -49,21 +49,6 @@ def _generate(root: Path) -> None:
         os.chdir(here)
 
 
-@pytest.fixture
-def user_cam():
-    """The user's own CAM, registered the documented way; unregistered afterwards."""
-    from validation.attributions.cam import GradCAM
-    from validation.attributions.registry import METHODS, register
-
-    @register("wfcam")
-    class WorkflowCAM(GradCAM):
-        """Grad-CAM with the absolute value as rectifier."""
-        rectifier = "abs"
-
-    yield "wfcam"
-    METHODS.pop("wfcam", None)
-
-
 METRIC_MODULE = '''
 import torch
 
