@@ -689,7 +689,7 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
     md = []
     for name, table in tables.items():
         atomic_write(out_dir / f"{name}.csv",
-                          table.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
+                     table.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
         md.append(f"## {name}: {TABLES.get(name, name)}\n\n"
                   + (to_markdown(table) if len(table) else "_no rows: the run has no data for this table_\n"))
     atomic_write(out_dir / "tables.md", "\n".join(md))

@@ -324,7 +324,7 @@ def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     write_frame(pred, run_dir / "predictions.parquet", csv=True)
     mis = pred[~pred["correct"]]
     atomic_write(run_dir / "misclassified.csv",
-                      mis.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
+                 mis.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
     timing = pd.DataFrame(timings, columns=["model", "config", "seconds", "images"])
     if len(timing):
         timing = timing.groupby(["model", "config"], sort=True).sum().reset_index()
