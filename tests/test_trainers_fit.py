@@ -54,6 +54,14 @@ def disk_run(tiny_data, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- run folder + round trip
+def test_the_card_of_a_model_trained_on_a_dataset_points_to_its_recipe(disk_run):
+    """No rendered recipe: the card used to print "see the dataset folder" as a JSON block."""
+    out, _ = disk_run
+    card = (out / "MODEL_CARD.md").read_text()
+    recipe = card.split("## Data recipe", 1)[1]
+    assert "```json" not in recipe and "`shapesynth.json` in the dataset folder" in recipe
+
+
 def test_epoch_training_values_are_the_means_of_the_steps(disk_run):
     """metrics.csv has per-step train_loss/train_acc (this process's batches) and their epoch
     means train_loss_epoch/train_acc_epoch (the ones synced over processes under DDP)."""

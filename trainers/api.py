@@ -710,6 +710,13 @@ def _tested_text(meta: dict) -> str:
     return f"best checkpoint by val accuracy, {meta['best_val_accuracy']}"
 
 
+def _recipe_block(data: dict) -> str:
+    """The card's data recipe: the rendered recipe as JSON, or where a dataset's recipe is kept."""
+    if data["synth"]:
+        return f"```json\n{json.dumps(data['synth'], indent=1, sort_keys=True)}\n```"
+    return "The recipe is the dataset's own: `shapesynth.json` in the dataset folder."
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -756,9 +763,7 @@ def model_card(meta: dict) -> str:
 
 ## Data recipe
 
-```json
-{json.dumps(data['synth'], indent=1, sort_keys=True) if data['synth'] else 'see the dataset folder'}
-```
+{_recipe_block(data)}
 {_train_synth_text(data)}
 Load: `model, meta = trainers.load_model("<this folder>")` (safetensors, no code execution).
 The full training configuration is in `config.yaml`; the learning curves in `logs/version_*/metrics.csv`.
