@@ -173,3 +173,18 @@ def test_saved_maps_keep_every_chunks_images_and_name_a_configuration_some_chunk
     # each configuration's maps come from its own entry in every chunk
     assert saved["map_0"][:, 0, 0].tolist() == [0, 0, 2, 2]
     assert saved["map_1"][:, 0, 0].tolist() == [20, 20, 12, 12]
+
+
+def test_the_grid_shows_the_first_model_with_saved_maps(run_dir, tmp_path):
+    """A first model without maps in the saved range (e.g. it misclassified those images) used to
+    leave the report without a qualitative grid although the others had maps."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for f in (run / "chunks" / "alpha").glob("*.maps.npz"):
+        f.unlink()
+    analyze_run(run, n_boot=20)
+    page = write_report(run).read_text()
+    assert (run / "report" / "figures" / "qualitative.png").exists()
+    assert "<h2>Qualitative grid</h2><p>Model beta:" in page

@@ -47,6 +47,12 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def grid_model(run_dir: Path, names: list[str]) -> str | None:
+    """The model the qualitative grid shows: the first of the run's models with maps saved for
+    the report (``--save-maps``; a model may have none in the saved range, e.g. all misclassified)."""
+    return next((n for n in names if any((Path(run_dir) / "chunks" / n).glob("*.maps.npz"))), None)
+
+
 def load_saved_maps(run_dir: Path, model: str) -> dict | None:
     """Concatenate the maps kept for the report (``--save-maps``) over a model's chunks."""
     files = sorted((run_dir / "chunks" / model).glob("*.maps.npz"))
@@ -144,8 +150,8 @@ def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
         made["refinecam"] = F.save(F.refine_bars(tables["c_refinecam"]), fig_dir / "refinecam.png")
     if len(tables.get("f_road_curves", [])):
         made["road_curves"] = F.save(F.road_curves(tables["f_road_curves"], shallow), fig_dir / "road_curves.png")
-    names = cfg.get("model_names") or []
-    saved = load_saved_maps(run_dir, names[0]) if names else None
+    model = grid_model(run_dir, cfg.get("model_names") or [])
+    saved = load_saved_maps(run_dir, model) if model is not None else None
     if saved is not None:
         configs = [str(c) for c in saved["configs"]]
         # one map per method: the unrefined map at the shallowest layer (or layer-free)
@@ -217,8 +223,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
                          "metrics (wall time inside the run, summed over chunks; other jobs may have shared "
                          "the machine).</p>" + _table_html(piv))
     if "qualitative" in figs:
-        parts.append("<h2>Qualitative grid</h2><p>Image, ground truth, each method's unrefined map at the "
-                     "shallowest layer (layer-free methods as they are), then base vs RefineCAM (product).</p>")
+        shown = grid_model(run_dir, read_json(run_dir / "run_config.json").get("model_names") or [])
+        parts.append(f"<h2>Qualitative grid</h2><p>Model {html.escape(str(shown))}: image, ground truth, each "
+                     "method's unrefined map at the shallowest layer (layer-free methods as they are), then base "
+                     "vs RefineCAM (product).</p>")
         parts.append(_img_tag(figs["qualitative"], FIGURES["qualitative"]))
     parts.append("</body></html>")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,4 +235,4 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     return path
 
 
-__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps"]
+__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "grid_model"]
