@@ -518,6 +518,66 @@ def test_hf_hub_failure_is_a_clear_error(monkeypatch):
         build_pools(SynthConfig(**TINY, background="hf", bg_path="someone/missing"))
 
 
+def test_hf_hub_name_offline_says_how_to_provide_it_locally(tmp_path):
+    # the real datasets.load_dataset behind _load_from_hub, with the Hub switched off
+    import os
+    import subprocess
+    import sys
+
+    code = ("from shapesynth import SynthConfig; from shapesynth.backgrounds import build_pools; "
+            "build_pools(SynthConfig(background='hf', bg_path='shapesynth-tests/no-such-tiles'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("shapesynth.backgrounds.pools.BackgroundError: "), done.stderr
+    assert "'shapesynth-tests/no-such-tiles' is no local folder and could not be loaded from the Hub" in last
+    assert "OfflineModeIsEnabled" in last
+    assert "`datasets.load_dataset('shapesynth-tests/no-such-tiles').save_to_disk(DIR)`" in last
+    assert "pass it as --backgrounds" in last
+
+
+def test_hf_chosen_column_that_holds_no_images_is_named(tmp_path):
+    _hf_dataset(tmp_path, {"train": 4}).map(lambda row, k: {"n": k}, with_indices=True).save_to_disk(str(tmp_path / "hfds"))
+    with pytest.raises(BackgroundError, match=r"hfds\[train\]: column 'n' \(Value\('int64'\)\) cannot be read as images"):
+        build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds"), bg_image_column="n"))
+
+
+def test_hf_rows_without_an_image_are_skipped_and_say_so(tmp_path):
+    import datasets
+
+    imgs = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (40, 40, 3), dtype=np.uint8)) for k in range(8)]
+    datasets.Dataset.from_dict({"picture": imgs + [None]}, features=datasets.Features({"picture": datasets.Image()})
+                               ).save_to_disk(str(tmp_path / "hfds"))
+    cfg = SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds"))
+    pools = build_pools(cfg)
+    assert sum(len(p) for p in pools.values()) == 8
+    skipped = dict(s for p in pools.values() for s in p.skipped)
+    assert skipped == {f"{tmp_path / 'hfds'}:train[8]": "ValueError: no image in this row (empty cell)"}
+    clear_pool_cache()
+    with pytest.raises(BackgroundError, match=r"hfds:train\[8\]: ValueError: no image in this row"):
+        build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds"), bg_strict=True))
+
+
+def test_hf_grey_alpha_palette_16bit_and_tiny_images(tmp_path):
+    # a Hub dataset's odd images: decoded to RGB like a folder's, and a too small one is refused by name
+    import datasets
+
+    rng = np.random.default_rng(4)
+    rgb = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(8)]
+    odd = [rgb[0].convert("L"), rgb[1].convert("RGBA"), rgb[2].convert("P"),
+           Image.fromarray(rng.integers(0, 65536, (40, 40)).astype(np.uint16))]
+    feats = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"picture": odd + rgb[4:], "caption": ["x"] * 8}, features=feats).save_to_disk(str(tmp_path / "ok"))
+    pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "ok")))
+    bases = {n: b for p in pools.values() for n, b in zip(p.names, p.images)}
+    assert len(bases) == 8 and all(b.shape == (40, 40, 3) and b.dtype == np.uint8 for b in bases.values())
+    assert np.array_equal(bases[f"{tmp_path / 'ok'}:train[0]"], np.repeat(np.asarray(odd[0])[..., None], 3, -1))
+    small = odd + [rgb[4].resize((16, 16))]
+    datasets.Dataset.from_dict({"picture": small, "caption": ["x"] * 5}, features=feats).save_to_disk(str(tmp_path / "small"))
+    with pytest.raises(BackgroundError, match=r"small:train\[4\] is 16x16, smaller than the 32x32 image"):
+        build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "small")))
+
+
 def test_hf_missing_image_column(tmp_path):
     import datasets
 

@@ -1,6 +1,7 @@
 """`shapesynth generate / preview / push` from the command line, bad input and the Hub upload."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -378,19 +379,6 @@ class RecordingApi:
         return type("Commit", (), {"commit_url": f"https://hf.co/datasets/{kw['repo_id']}/commit/abc"})()
 
 
-def test_push_to_hub_uploads_exactly_what_is_on_disk(monkeypatch, tmp_path, capsys):
-    api = RecordingApi()
-    monkeypatch.setattr(hub, "_hf_api", lambda: api)
-    out = tmp_path / "pushed"
-    assert main(["generate", "--out", str(out), *TINY, "--push-to-hub", "me/shapes", "--private"]) == 0
-    assert "hf.co/datasets/me/shapes" in capsys.readouterr().out
-    (create, repo, ckw), (upload, repo2, ukw) = api.calls
-    assert (create, repo, upload, repo2) == ("create_repo", "me/shapes", "upload_folder", "me/shapes")
-    assert ckw["repo_type"] == "dataset" and ckw["private"] is True and ckw["exist_ok"] is True
-    assert ukw["repo_type"] == "dataset" and Path(ukw["folder_path"]) == out
-    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert sorted(ukw["allow_patterns"]) == on_disk
-    assert "README.md" in ukw["allow_patterns"] and any(f.startswith("data/") for f in ukw["allow_patterns"])
 
 
 def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch, capsys):
@@ -406,6 +394,120 @@ def test_push_refuses_an_incomplete_folder(tmp_path, monkeypatch, capsys):
     (out / "README.md").write_text("a card written by hand")
     assert main(["push", "--data", str(out), "me/x"]) == 2
     assert "incomplete" in capsys.readouterr().err and api.calls == []
+
+
+class LocalHub:
+    """The Hub as `upload_folder` documents it, kept in a local folder: the allow, ignore and
+    delete patterns are matched by huggingface_hub's own `filter_repo_objects`; files uploaded
+    are never deleted, nor is `.gitattributes`."""
+
+    def __init__(self, root):
+        self.root, self.calls = Path(root), []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        (self.root / repo_id / ".gitattributes").touch()
+
+    def upload_folder(self, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        local, remote = Path(kw["folder_path"]), self.root / kw["repo_id"]
+
+        def files(root):
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+        added = list(filter_repo_objects(files(local), allow_patterns=kw.get("allow_patterns"),
+                                         ignore_patterns=kw.get("ignore_patterns")))
+        if kw.get("delete_patterns") is not None:
+            for rel in filter_repo_objects(files(remote), allow_patterns=kw["delete_patterns"]):
+                if rel != ".gitattributes" and rel not in added:
+                    (remote / rel).unlink()
+        for rel in added:
+            (remote / rel).parent.mkdir(parents=True, exist_ok=True)
+            (remote / rel).write_bytes((local / rel).read_bytes())
+        return type("Commit", (), {"commit_url": f"https://hf.co/datasets/{kw['repo_id']}/commit/{len(self.calls)}"})()
+
+
+def test_push_to_hub_uploads_exactly_what_is_on_disk(monkeypatch, tmp_path, capsys):
+    api = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    out = tmp_path / "pushed"
+    assert main(["generate", "--out", str(out), *TINY, "--push-to-hub", "me/shapes", "--private"]) == 0
+    assert "hf.co/datasets/me/shapes" in capsys.readouterr().out
+    (create, repo, ckw), (upload, repo2, ukw) = api.calls
+    assert (create, repo, upload, repo2) == ("create_repo", "me/shapes", "upload_folder", "me/shapes")
+    assert ckw["repo_type"] == "dataset" and ckw["private"] is True and ckw["exist_ok"] is True
+    assert ukw["repo_type"] == "dataset" and Path(ukw["folder_path"]) == out
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    remote = tmp_path / "hub" / "me" / "shapes"
+    assert sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()) == sorted(on_disk + [".gitattributes"])
+    assert "README.md" in on_disk and any(f.startswith("data/") for f in on_disk)
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "arrow"])
+def test_push_leaves_out_work_temp_and_cache_files_with_few_patterns(monkeypatch, tmp_path, fmt):
+    import datasets
+
+    api = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    out = tmp_path / fmt
+    assert main(["generate", "--out", str(out), *TINY, "--format", fmt]) == 0
+    (out / "train" / ".000001.png.Ab3xYz12.tmp").write_bytes(b"a killed run's temp file")
+    (out / ".shapesynth").mkdir(exist_ok=True)
+    (out / ".shapesynth" / "train-00000.parquet").write_bytes(b"work")
+    if fmt == "arrow":  # `datasets` writes these beside a split it maps; `[1]` is no fnmatch class here
+        (out / "train" / "cache-[1].arrow").write_bytes(b"cache")
+        (out / "train" / "cache-1.arrow").write_bytes(b"cache")
+    hub.push_to_hub(out, "me/shapes")
+    remote = tmp_path / "hub" / "me" / "shapes"
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) == sorted(
+        hub.upload_list(out) + [".gitattributes"])
+    assert "train/cache-1.arrow" not in hub.upload_list(out) and len(hub.upload_list(out)) > (60 if fmt == "imagefolder" else 6)
+    # huggingface_hub matches every file against every pattern: one pattern per file made the push
+    # of a default-size imagefolder dataset (15,000 files) spend half a minute before uploading
+    (_, _, kw), = [c for c in api.calls if c[0] == "upload_folder"]
+    assert len(kw.get("allow_patterns") or []) + len(kw.get("ignore_patterns") or []) <= 4
+    loaded = datasets.load_dataset(str(remote), cache_dir=str(tmp_path / "hf_cache"))
+    assert {s: len(d) for s, d in loaded.items()} == {"train": 24, "val": 6, "test": 12}
+
+
+def test_pushing_a_regenerated_dataset_leaves_no_stale_shards_on_the_hub(monkeypatch, tmp_path):
+    # the card loads data/{split}-*.parquet: a shard of the first push that the second one does not
+    # overwrite (fewer shards, so other names) would be loaded beside the new data
+    import datasets
+
+    from shapesynth.readers import load_metadata
+
+    api = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["generate", "--out", str(first), *TINY]) == 0
+    assert main(["generate", "--out", str(second), *TINY, "--train-size", "12", "--seed", "5"]) == 0
+    hub.push_to_hub(first, "me/shapes", token="hf_secret")
+    hub.push_to_hub(second, "me/shapes", private=True, token="hf_secret")
+    remote = tmp_path / "hub" / "me" / "shapes"
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) == sorted(
+        hub.upload_list(second) + [".gitattributes"])
+    # what the token and private flag reach: every call of both pushes carries the token
+    assert [(c[0], c[2]["token"]) for c in api.calls] == [("create_repo", "hf_secret"), ("upload_folder", "hf_secret")] * 2
+    assert [c[2]["private"] for c in api.calls if c[0] == "create_repo"] == [False, True]
+    loaded = datasets.load_dataset(str(remote), cache_dir=str(tmp_path / "hf_cache"))
+    for split in ("train", "val", "test"):
+        assert loaded[split]["index"] == load_metadata(second, split)["index"].tolist(), split
+        assert loaded[split]["label"] == load_metadata(second, split)["label"].tolist(), split
+
+
+def test_push_without_the_hub_is_one_clear_error(generated, tmp_path):
+    # the real HfApi, offline: no traceback, the error says what failed and how to push later
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    done = subprocess.run([sys.executable, "-m", "shapesynth", "push", "--data", str(generated), "me/shapes",
+                           "--private"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert f"cannot push {generated} to the Hub dataset repo 'me/shapes': OfflineModeIsEnabled" in done.stderr
+    assert f"`shapesynth push --data {generated} me/shapes --private` uploads it" in done.stderr
 
 
 def test_upload_list_skips_hidden_and_work_files(generated):

@@ -2,6 +2,7 @@
 offline ImageNet weights, and clear errors."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,22 @@ def test_pretrained_without_weights_names_the_missing_file(tmp_path, monkeypatch
     assert expected.parent == tmp_path / "checkpoints"
     with pytest.raises(FileNotFoundError, match=expected.name):
         build_model("resnet18", pretrained=True)
+
+
+def test_pretrained_reads_the_file_where_torchvision_caches_it(tmp_path, monkeypatch):
+    # no mock: TORCH_HOME moves torch's hub folder, and the file name is the one torchvision's
+    # load_state_dict_from_url gives the download (the last part of the weights' URL)
+    from urllib.parse import urlparse
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    name = Path(urlparse(tvm.ResNet18_Weights.DEFAULT.url).path).name
+    assert imagenet_weights_file("resnet18") == tmp_path / "hub" / "checkpoints" / name
+    torch.manual_seed(3)
+    imagenet = tvm.resnet18(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(imagenet.state_dict(), tmp_path / "hub" / "checkpoints" / name)
+    model = build_model("resnet18", image_size=32, pretrained=True)
+    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
 
 
 def test_pretrained_loads_local_weights_except_the_head(tmp_path):

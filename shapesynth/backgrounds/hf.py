@@ -42,7 +42,10 @@ def load_hf(path_or_name: str):
         return _load_from_hub(path_or_name)
     except Exception as err:  # noqa: BLE001
         raise BackgroundError(
-            f"HF background {path_or_name!r} is no local folder and could not be loaded from the Hub: {err}"
+            f"HF background {path_or_name!r} is no local folder and could not be loaded from the Hub: {err}. "
+            f"Without the Hub: on a machine with it, run `datasets.load_dataset({path_or_name!r}).save_to_disk(DIR)`, "
+            "copy DIR here and pass it as --backgrounds (bg_path; or load it online once: with HF_HUB_OFFLINE=1 "
+            "datasets then reads its own cache)"
         ) from err
 
 
@@ -59,24 +62,31 @@ def _image_column(ds, wanted: str | None, where: str) -> str:
     raise BackgroundError(f"{where} has no Image column (columns: {list(ds.features)}); set bg_image_column")
 
 
-def _rows(ds, column: str, label: str):
+def _rows(ds, column: str, label: str, where: str):
     """(name, opener) pairs; decoding happens in decode_candidates so failures are counted."""
     import datasets
 
-    raw = ds.cast_column(column, datasets.Image(decode=False))
-    for k, row in enumerate(raw):
-        value = row[column]
+    try:
+        raw = ds.cast_column(column, datasets.Image(decode=False))
+    except Exception as err:  # noqa: BLE001 - arrow's message names neither the column nor the dataset
+        raise BackgroundError(f"{where}: column {column!r} ({ds.features[column]}) cannot be read as images "
+                              f"({type(err).__name__}: {err}); set bg_image_column to an Image column") from err
+    return ((f"{label}[{k}]", _opener(row[column])) for k, row in enumerate(raw))
 
-        def opener(value=value):
-            import io
 
-            from PIL import Image
+def _opener(value):
+    def opener():
+        import io
 
-            if value.get("bytes") is not None:
-                return Image.open(io.BytesIO(value["bytes"]))
-            return Image.open(value["path"])
+        from PIL import Image
 
-        yield f"{label}[{k}]", opener
+        if value is None or (value.get("bytes") is None and value.get("path") is None):
+            raise ValueError("no image in this row (empty cell)")
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+
+    return opener
 
 
 @register_source("hf")
@@ -102,14 +112,14 @@ def hf_pools(cfg: SynthConfig) -> dict[str, BackgroundPool]:
                                 "train/validation/test splits are the pools; bg_hf_split picks one split"))
                 continue
             col = _image_column(ds, cfg.bg_image_column, f"{where}[{name}]")
-            cands, bad = decode_candidates(_rows(ds, col, f"{where}:{name}"), cfg.bg_strict)
+            cands, bad = decode_candidates(_rows(ds, col, f"{where}:{name}", f"{where}[{name}]"), cfg.bg_strict)
             skipped += bad
             per_split[mapped[name]] = per_split.get(mapped[name], []) + cands
         return pools_from_candidates(None, per_split, skipped, cfg, where)
     cands = []
     for name, ds in loaded.items():
         col = _image_column(ds, cfg.bg_image_column, f"{where}[{name}]")
-        got, bad = decode_candidates(_rows(ds, col, f"{where}:{name}"), cfg.bg_strict)
+        got, bad = decode_candidates(_rows(ds, col, f"{where}:{name}", f"{where}[{name}]"), cfg.bg_strict)
         cands += got
         skipped += bad
     if not cands:
