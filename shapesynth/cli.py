@@ -17,7 +17,12 @@ def _load_config(path: str | None) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text()
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a JSON/YAML file (a dataset's config is its shapesynth.json)")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {p} cannot be read as text ({err})") from None
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -34,6 +39,14 @@ def _load_config(path: str | None) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping")
     return data
+
+
+def nonempty(text: str) -> str:
+    """argparse type of a path, name or word flag (all three CLIs): an empty value would silently
+    mean the current folder, the default, or nothing."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("an empty value names nothing")
+    return text
 
 
 def _difficulty(text: str) -> float | str:
@@ -129,8 +142,8 @@ def _add_generate(sub) -> None:
         description="Render a dataset to disk. The recipe defaults shown are SynthConfig's; a --config "
         "file replaces them, and flags override the file.",
     )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="SynthConfig as JSON/YAML (or a dataset's shapesynth.json); flags override it")
+    p.add_argument("--out", type=nonempty, required=True, help="output folder")
+    p.add_argument("--config", type=nonempty, help="SynthConfig as JSON/YAML (or a dataset's shapesynth.json); flags override it")
     p.add_argument("--format", default="hub", choices=["hub", "imagefolder", "arrow"], help="output layout (default: %(default)s)")
     p.add_argument("--image-size", type=int, help=f"image side in px (default: {d.image_size})")
     p.add_argument("--seed", type=int, help=f"seed of every random draw (default: {d.seed})")
@@ -145,9 +158,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--stroke-fraction", type=float, help=f"stroke width of empty shapes / size (default: {d.stroke_fraction})")
     p.add_argument("--pool-sizes", type=_pool_sizes, help="procedural background bases per split: train,val,test "
                    f"(default: {','.join(str(d.bg_pool_sizes[s]) for s in SPLITS)})")
-    p.add_argument("--backgrounds", help="a folder of background images (or an HF dataset with --backgrounds-source hf)")
+    p.add_argument("--backgrounds", type=nonempty, help="a folder of background images (or an HF dataset with --backgrounds-source hf)")
     for split in SPLITS:
-        p.add_argument(f"--backgrounds-{split}", help=f"a separate folder of {split} backgrounds")
+        p.add_argument(f"--backgrounds-{split}", type=nonempty, help=f"a separate folder of {split} backgrounds")
     p.add_argument("--backgrounds-source", choices=["procedural", "folder", "hf"],
                    help=f"(default: {d.background}, or folder when background folders are given)")
     p.add_argument("--small-backgrounds", choices=["refuse", "upscale"],
@@ -170,7 +183,7 @@ def _add_generate(sub) -> None:
                    help="samples per output file, the unit of --resume and --shard (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds data")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping finished shards")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this dataset repo")
+    p.add_argument("--push-to-hub", type=nonempty, metavar="REPO_ID", help="upload the finished folder to this dataset repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     p.add_argument("--no-progress", action="store_true")
 
@@ -283,16 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     p = sub.add_parser("preview", help="a PNG grid of samples with mask contours")
-    p.add_argument("--data", required=True, help="a folder written by `shapesynth generate`")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--data", type=nonempty, required=True, help="a folder written by `shapesynth generate`")
+    p.add_argument("--out", type=nonempty, required=True, help="PNG file to write")
     p.add_argument("--split", default="train", choices=list(SPLITS), help="(default: %(default)s)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default: %(default)s)")
     p.add_argument("--scale", type=int, default=2, help="pixel magnification (default: %(default)s)")
     p = sub.add_parser("card", help="(re)write the dataset card of a finished folder")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", type=nonempty, required=True)
     p = sub.add_parser("push", help="upload a finished folder to the Hub")
-    p.add_argument("--data", required=True)
-    p.add_argument("repo_id")
+    p.add_argument("--data", type=nonempty, required=True)
+    p.add_argument("repo_id", type=nonempty)
     p.add_argument("--private", action="store_true")
     return parser
 
@@ -306,7 +319,9 @@ def main(argv=None) -> int:
     handlers = {"generate": _cmd_generate, "preview": _cmd_preview, "card": _cmd_card, "push": _cmd_push}
     try:
         return handlers[args.command](args)
-    except (ConfigError, BackgroundError, OutputError, FileNotFoundError) as err:
+    # NotADirectoryError etc.: --out under a file, a folder that cannot be written
+    except (ConfigError, BackgroundError, OutputError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as err:
         print(f"shapesynth {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C: one line saying what is kept, not a traceback

@@ -275,3 +275,44 @@ def test_help_shows_the_defaults(capsys):
     text = _help(capsys, "analyze")
     assert "(default: 1000)" in text and "seed of the bootstrap (default: 0)" in text
     assert "(default: quick)" in _help(capsys, "reproduce")
+
+
+@pytest.mark.parametrize("steps", ["", ","])
+def test_steps_that_name_no_step_are_refused_not_read_as_all(monkeypatch, tmp_path, capsys, steps):
+    """`reproduce --steps ''` started the whole profile: generate, train, run, analyze, report."""
+    import validation.reproduce
+
+    monkeypatch.setattr(validation.reproduce, "reproduce", lambda *a, **k: pytest.fail("reproduce started"))
+    assert main(["reproduce", "--out", str(tmp_path / "o"), "--steps", steps, "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"shapesynth-eval reproduce: error: --steps {steps!r} names no step: give a "
+                                       "subset of generate,train,run,analyze,report, or leave --steps out for all\n")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["merge", "FILE"], ["reproduce", "--out", "FILE", "--steps", "report", "--no-progress"]])
+def test_a_file_where_a_folder_belongs_is_a_one_line_error(tmp_path, capsys, argv):
+    """A file given as the run folder ended in a NotADirectoryError / FileExistsError traceback."""
+    (tmp_path / "file").write_text("x")
+    argv = [str(tmp_path / "file") if a == "FILE" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shapesynth-eval {argv[0]}: error:") and str(tmp_path / "file") in err
+    assert len(err.splitlines()) == 1 and (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["run", "--data", "d", "--model", "m", "--out", ""], "--out"),
+    (["reproduce", "--out", "", "--steps", "report"], "--out"),
+])
+def test_an_empty_path_is_refused_naming_its_flag(tmp_path, capsys, monkeypatch, argv, flag):
+    """`run --out ''` and `reproduce --out ''` worked in the current folder."""
+    import validation.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(cli.COMMANDS, argv[0], lambda args: pytest.fail("the empty value was accepted"))
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"shapesynth-eval {argv[0]}: error: argument {flag}: an empty value names nothing")
+    assert list(tmp_path.iterdir()) == []

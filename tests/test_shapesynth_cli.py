@@ -558,3 +558,37 @@ def test_shape_and_pool_flags_reach_the_config(capsys):
         assert exc.value.code == 2, flag
         err = capsys.readouterr().err
         assert f"error: argument {flag}: {why} (got '{value}')" in err, err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp: tmp, "is a folder, not a JSON/YAML file"),
+    (lambda tmp: (tmp / "c.json").write_bytes(b"\xd0\xff\x00") and tmp / "c.json", "cannot be read as text"),
+])
+def test_a_config_that_is_a_folder_or_not_text_is_named(tmp_path, capsys, make, words):
+    """A folder or a binary --config ended in an IsADirectoryError / UnicodeDecodeError traceback."""
+    config = make(tmp_path)
+    assert main(["generate", "--out", str(tmp_path / "o"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shapesynth generate: error: config file {config} {words}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--config", "--backgrounds", "--backgrounds-train", "--push-to-hub"])
+def test_an_empty_path_or_name_is_refused_naming_its_flag(tmp_path, capsys, flag, monkeypatch):
+    """`--backgrounds-train ''` and `--push-to-hub ''` were dropped silently (a procedural dataset
+    was written, nothing pushed); `--config ''` was a traceback; `--out ''` meant the current folder."""
+    monkeypatch.chdir(tmp_path)
+    out = [] if flag == "--out" else ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *out, *TINY, flag, ""])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"shapesynth generate: error: argument {flag}: an empty value names nothing"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_below_a_file_is_a_one_line_error(tmp_path, capsys):
+    """--out under a file ended in a NotADirectoryError traceback."""
+    (tmp_path / "file").write_text("x")
+    assert main(["generate", "--out", str(tmp_path / "file" / "o"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shapesynth generate: error:") and str(tmp_path / "file") in err and len(err.splitlines()) == 1

@@ -22,6 +22,9 @@ SMALL = ["--image-size", "32", "--synth", "{size_bands: [[0.3, 0.4]]}", "--preci
     (["--threads", "-1"], "threads"),
     (["--devices", "abc"], "devices"),
     (["--lr", "0"], "lr"),
+    # inf passed `> 0` and reached the optimiser
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number"),
     (["--seed", "-1"], "seed"),
     (["--limit-train-batches", "0"], "limit_train_batches"),
     (["--limit-val-batches", "1.5"], "limit_val_batches"),
@@ -128,3 +131,70 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) in (0, 141)
         assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("fit", "--out"), ("fit", "--data"), ("fit", "--init-from"), ("fit", "--config"), ("fit", "--recipe"),
+    ("test", "--data"), ("test", "--out"),
+])
+def test_an_empty_path_or_word_is_refused_naming_its_flag(tmp_path, capsys, monkeypatch, command, flag):
+    """`fit --out ''` trained into the current folder; `--data ''`, `--init-from ''`, `--config ''` and
+    `--recipe ''` were dropped silently (rendered splits, no warm start, the default recipe)."""
+    import trainers.api
+
+    monkeypatch.chdir(tmp_path)
+    for work in ("plan_fit", "evaluate"):  # the old code went on to train or evaluate
+        monkeypatch.setattr(trainers.api, work, lambda *a, **k: pytest.fail("the empty value was accepted"))
+    argv = {"fit": ["fit", "--out", str(tmp_path / "run")], "test": ["test", "--model", str(tmp_path / "m")]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, flag, ""])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"shapesynth-train {command}: error: argument {flag}: an empty value names nothing")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_a_run_folder_that_is_or_lies_below_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch, below):
+    """`--out FILE` got past every check and failed only once the model and data were built."""
+    import trainers.api
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / below if below else tmp_path / "file"
+    monkeypatch.setattr(trainers.api, "plan_fit", lambda cfg: pytest.fail("planned a run in a file"))
+    assert main(["fit", "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err == f"shapesynth-train: error: out {out}: {tmp_path / 'file'} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("where", ["test", "plan"])
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, where):
+    """Ctrl+C in `test` or while the data is built (before training) printed a traceback."""
+    import trainers.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainers.api, {"test": "evaluate", "plan": "plan_fit"}[where], interrupted)
+    argv = ["test", "--model", str(tmp_path / "m")] if where == "test" else ["fit", "--out", str(tmp_path / "r"), *SMALL]
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # not raised on: it would stop the whole test session
+        pytest.fail("KeyboardInterrupt escaped main() (a traceback for the user)")
+    assert code == 130 and capsys.readouterr().err == "shapesynth-train: interrupted\n"
+
+
+@pytest.mark.parametrize("kind, says", [("folder", "is a folder, not a YAML file"),
+                                        ("binary", "cannot be read as text")])
+def test_a_config_that_is_a_folder_or_not_text_is_named(tmp_path, capsys, kind, says):
+    """A folder was called missing; a binary file gave a decode error naming no file."""
+    config = tmp_path / "cfg"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes(b"\xff\xfe\x00binary")
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and says in err and len(err.splitlines()) == 1
+    assert not out.exists()

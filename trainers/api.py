@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -180,13 +181,15 @@ def _coerce(name: str, hint, value):
             return value
     elif int in kinds and isinstance(value, int):
         return value
-    elif float in kinds and isinstance(value, (int, float)):
-        return float(value)
-    elif float in kinds and isinstance(value, str):
+    elif float in kinds and isinstance(value, (int, float, str)):
         try:
-            return float(value)  # PyYAML reads 1e-3 (no dot) as the string '1e-3'
+            number = float(value)  # PyYAML reads 1e-3 (no dot) as the string '1e-3'
         except ValueError:
             pass
+        else:
+            if not math.isfinite(number):  # lr inf passed `> 0` and reached the optimiser
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return number
     elif str in kinds and isinstance(value, (str, int)):  # YAML `devices: 2`, `precision: 32`
         return str(value)
     elif dict in kinds and isinstance(value, dict):
@@ -235,10 +238,14 @@ _RULES = {
 def read_yaml_mapping(path) -> dict:
     """The mapping a YAML config file holds (empty: {}); ValueError naming the file otherwise."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ValueError(f"config file {p} is a folder, not a YAML file")
+    if not p.exists():
         raise FileNotFoundError(f"config file {p} does not exist")
     try:
         values = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {p} cannot be read as text ({err})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"config file {p} is not valid YAML: {' '.join(str(err).split())}") from None
     if values is None:

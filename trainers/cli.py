@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from shapesynth.cli import nonempty
+
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -168,7 +170,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elif "int" in hint and "float" in hint:  # limit_*_batches: a count or a fraction
             p.add_argument(flag, dest=f.name, type=_none_or(_number), default=argparse.SUPPRESS, help=text)
         else:
-            kind = int if "int" in hint else float if "float" in hint else str
+            kind = int if "int" in hint else float if "float" in hint else nonempty
             kind = _none_or(kind) if "None" in hint else kind
             p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
 
@@ -182,20 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train, test the best checkpoint, export model + card. The defaults shown "
                                        "are TrainConfig's: --config and --recipe set their own values, and flags "
                                        "win over both (--print-config shows the result).")
-        p.add_argument("--config", help="YAML recipe (TrainConfig fields)")
-        p.add_argument("--recipe", help=f"bundled recipe name: {', '.join(available_recipes())}")
+        p.add_argument("--config", type=nonempty, help="YAML recipe (TrainConfig fields)")
+        p.add_argument("--recipe", type=nonempty, help=f"bundled recipe name: {', '.join(available_recipes())}")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         _add_config_flags(p)
     t = sub.add_parser("test", help="evaluate a saved model (run folder or model file)")
-    t.add_argument("--model", required=True, help="a run folder, a .safetensors file or a .ckpt")
-    t.add_argument("--data", help="a generated dataset folder at the model's image size (default: a split "
+    t.add_argument("--model", type=nonempty, required=True, help="a run folder, a .safetensors file or a .ckpt")
+    t.add_argument("--data", type=nonempty, help="a generated dataset folder at the model's image size (default: a split "
                                   "rendered from the recipe the model was trained with, from its metadata; the "
                                   "default recipe if it has none)")
     t.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default test)")
     t.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     t.add_argument("--length", type=int, default=600, help="rendered split size when no --data (default 600)")
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
-    t.add_argument("--out", help="write the results JSON here")
+    t.add_argument("--out", type=nonempty, help="write the results JSON here")
     sub.add_parser("archs", help="list the architectures")
     sub.add_parser("recipes", help="list the bundled recipes")
     return parser
@@ -244,6 +246,17 @@ def resolve_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _check_run_folder(out) -> None:
+    """The run folder must be a folder, or not exist yet below one: a file there got past every
+    check, and the trainer was built for it."""
+    path = Path(out)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"out {out}: {existing} is a file, not a folder")
+            return
+
+
 def _usage_error(err: Exception) -> int:
     """Bad input: one line naming the problem on stderr, exit code 2 (no traceback)."""
     print(f"shapesynth-train: error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -267,6 +280,9 @@ def main(argv=None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
         return code
+    except KeyboardInterrupt:  # Ctrl+C outside training (`test`, building the data): one line, 128 + SIGINT
+        print("shapesynth-train: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise  # some other pipe: a fault
@@ -310,6 +326,7 @@ def _main(argv=None) -> int:
     # bad input is found before training starts (DataError is a ValueError); an error raised once
     # training runs is a fault, not a usage error, and keeps its traceback
     try:
+        _check_run_folder(cfg.out)
         plan = plan_fit(cfg)
     except (ValueError, FileNotFoundError) as err:
         return _usage_error(err)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from shapesynth.cli import nonempty
+
 DEFAULT_LAYERS = "stage1,stage2,stage3,stage4"
 DEFAULT_MIXES = "identity,product,geomean,invexp"
 DEFAULT_N_IMAGES = 200
@@ -71,8 +73,8 @@ def all_metrics() -> list[str]:
 def _add_run(sub):
     p = sub.add_parser("run", help="maps and metrics for every model, image, method, layer and mix",
                        formatter_class=_HelpFormatter)
-    p.add_argument("--data", required=True, help="dataset folder written by `shapesynth generate`")
-    p.add_argument("--model", action="append", required=True, dest="models",
+    p.add_argument("--data", type=nonempty, required=True, help="dataset folder written by `shapesynth generate`")
+    p.add_argument("--model", type=nonempty, action="append", required=True, dest="models",
                    help="checkpoint or training run folder (repeat for several models)")
     p.add_argument("--methods", default="all", help="comma list, or 'all' (default)")
     p.add_argument("--layers", default=DEFAULT_LAYERS, help="comma list, shallow to deep")
@@ -99,7 +101,7 @@ def _add_run(sub):
     p.add_argument("--no-fold", action="store_true",
                    help="evaluate the models as loaded, without folding batch norm and VGG's pooled "
                         "classifier into their neighbours (folding: same outputs to float rounding, faster)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", type=nonempty, required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing run in --out (with --shard i/n: only this shard's chunks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -207,9 +209,13 @@ def cmd_reproduce(args) -> int:
 
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the trainer and shard workers
     # this command started are stopped with it rather than left running
+    steps = _csv_list(args.steps) if args.steps is not None else None
+    if steps == []:  # reproduce() would read "no steps" as all of them
+        raise ValueError(f"--steps {args.steps!r} names no step: give a subset of generate,train,run,analyze,"
+                         "report, or leave --steps out for all")
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        result = reproduce(args.profile, args.out, steps=_csv_list(args.steps) if args.steps else None,
+        result = reproduce(args.profile, args.out, steps=steps,
                            progress=not args.no_progress)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="generate, train, run, analyze and report from a profile",
                        formatter_class=_HelpFormatter)
     p.add_argument("--profile", default="quick", help="quick | paper | path to a profile YAML")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=nonempty, required=True)
     p.add_argument("--steps", help="subset of generate,train,run,analyze,report (default all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -274,7 +280,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:  # user errors: one clear line
+    # user errors: one clear line (the OSErrors: a path under a file, a file where a folder belongs)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ValueError, RuntimeError) as err:
         print(f"shapesynth-eval {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
