@@ -274,7 +274,10 @@ def test_help_shows_the_defaults(capsys):
     assert "--n-boot N_BOOT bootstrap replicates (>= 1) (default: 1000)" in _help(capsys, "audit")
     text = _help(capsys, "analyze")
     assert "(default: 1000)" in text and "seed of the bootstrap (default: 0)" in text
-    assert "(default: quick)" in _help(capsys, "reproduce")
+    text = _help(capsys, "reproduce")
+    assert "(default: quick)" in text
+    from validation.reproduce import available_profiles  # every bundled profile is named (quick_resnet18 was not)
+    assert " | ".join(available_profiles()) + " | path to a profile YAML" in " ".join(text.split())
 
 
 @pytest.mark.parametrize("steps", ["", ","])

@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder (default RUN_DIR/report)")
     p = sub.add_parser("reproduce", help="generate, train, run, analyze and report from a profile",
                        formatter_class=_HelpFormatter)
-    p.add_argument("--profile", default="quick", help="quick | paper | path to a profile YAML")
+    # the bundled profiles' names, read without importing validation.reproduce (pandas) for --help
+    bundled = " | ".join(sorted(f.stem for f in Path(__file__).with_name("profiles").glob("*.yaml")))
+    p.add_argument("--profile", default="quick", help=f"{bundled} | path to a profile YAML")
     p.add_argument("--out", type=nonempty, required=True)
     p.add_argument("--steps", help="subset of generate,train,run,analyze,report (default all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
