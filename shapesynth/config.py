@@ -97,6 +97,9 @@ def difficulty_knobs(level: float | str) -> dict[str, float]:
     return {k: round(EASY_CLUTTER[k] + t * (HARD_CLUTTER[k] - EASY_CLUTTER[k]), 6) for k in EASY_CLUTTER}
 
 
+MAX_IMAGE_SIZE = 4096  # px; the papers use 224
+
+
 def _default_split_sizes() -> dict[str, int]:
     return {"train": 4096, "val": 256, "test": 600}
 
@@ -219,8 +222,9 @@ class SynthConfig:
 
     def validate(self) -> None:
         self._check_types()
-        if self.image_size < 16:
-            raise ConfigError(f"image_size must be an int >= 16, got {self.image_size!r}")
+        # the upper bound keeps a mistyped size from a MemoryError deep inside rendering
+        if not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be an int in [16, {MAX_IMAGE_SIZE}], got {self.image_size!r}")
         for name, n in self.split_sizes.items():
             if name not in SPLITS:
                 raise ConfigError(f"split_sizes: unknown split {name!r} (known: {SPLITS})")

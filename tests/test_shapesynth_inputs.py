@@ -123,6 +123,8 @@ def test_wrongly_typed_config_entries_are_named(tmp_path, capsys, entry, words):
     # multipliers 1 +- jitter: above 1 they turned negative and inverted the background's colours
     ({"bg_jitter": 1.5}, ["bg_jitter", "[0, 1]", "1.5"]),
     ({"split_sizes": {"train": True}}, ["split_sizes['train']", "True"]),
+    # a mistyped size used to end in a MemoryError traceback inside rendering
+    ({"image_size": 100_000_000}, ["image_size must be an int in [16, 4096]", "100000000"]),
     ({"bg_pool_sizes": {"train": True, "val": 1, "test": 1}}, ["bg_pool_sizes['train']", "True"]),
 ])
 def test_out_of_range_config_values_are_named(entry, words):
