@@ -1010,6 +1010,14 @@ def _impute_complementary(images: torch.Tensor, m: torch.Tensor, tol: float, max
     torch.where(removed, images, x, out=out[:, 1])
 
 
+def check_noise(noise: float) -> None:
+    """The noise amplitude must be a finite number >= 0: NaN passed a ``< 0`` check and then ran
+    noise-free (ROAD: ``NaN > 0`` is false) or made every pixel NaN (NaN * eps * 0 on kept ones),
+    as Inf did."""
+    if not 0 <= noise < math.inf:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+
+
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
                         generator: torch.Generator | None = None, **solver) -> torch.Tensor:
     """Linear imputation plus N(0, noise^2) on the removed pixels only (in the images' units).
@@ -1019,8 +1027,7 @@ def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: f
     noise on every device); with ``generator=None`` a generator on the images' device seeded with
     0 is used, so results are reproducible.
     """
-    if not 0 <= noise < math.inf:  # NaN made every pixel NaN (NaN * eps * 0 on kept ones), as Inf did
-        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+    check_noise(noise)
     filled = linear_impute(images, removed, **solver)
     if noise == 0:
         return filled

@@ -20,7 +20,8 @@ import torch
 
 from ._checks import check_images, check_maps, check_target, finish
 from ._forward import class_probabilities
-from .imputation import DEFAULT_TOL, SolveReport, reported_linear_impute, reported_linear_impute_complementary
+from .imputation import (DEFAULT_TOL, SolveReport, check_noise, reported_linear_impute,
+                         reported_linear_impute_complementary)
 
 __all__ = ["road", "removal_masks", "road_images", "complementary_pairs", "score_reasons", "RoadResult",
            "DEFAULT_FRACTIONS"]
@@ -128,8 +129,7 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     """
     maps = check_maps(maps)
     x = check_images(x, maps)
-    if not 0 <= noise < float("inf"):  # NaN ran noise-free (not NaN > 0), Inf made every pixel NaN
-        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+    check_noise(noise)
     if impute_batch_size < 1:
         raise ValueError(f"impute_batch_size must be >= 1, got {impute_batch_size}")
     fractions = check_fractions(fractions)
