@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from shapesynth.config import SPLITS, ConfigError, SynthConfig, difficulty_knobs
+from shapesynth.config import SPLITS, ConfigError, SynthConfig, difficulty_knobs, read_config_text
 
 
 def _load_config(path: str | None) -> dict:
@@ -17,12 +17,7 @@ def _load_config(path: str | None) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a folder, not a JSON/YAML file (a dataset's config is its shapesynth.json)")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {p} cannot be read as text ({err})") from None
+    text = read_config_text(p, "a JSON/YAML file (a dataset's config is its shapesynth.json)")
     if p.suffix in (".yaml", ".yml"):
         import yaml
 

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,18 @@ def difficulty_knobs(level: float | str) -> dict[str, float]:
         raise ConfigError(f"difficulty must be in [0, 1], got {level!r}")
     t = float(level)
     return {k: round(EASY_CLUTTER[k] + t * (HARD_CLUTTER[k] - EASY_CLUTTER[k]), 6) for k in EASY_CLUTTER}
+
+
+def read_config_text(path, expected: str) -> str:
+    """The text of the config file ``path``; a folder (described against ``expected``, what the
+    file should be) or a file that cannot be read as text is a ConfigError naming it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not {expected}")
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {p} cannot be read as text ({err})") from None
 
 
 MAX_IMAGE_SIZE = 4096  # px; the papers use 224

@@ -36,6 +36,7 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 
 from shapesynth import CLASS_NAMES
+from shapesynth.config import read_config_text
 
 from trainers.checkpointing import remove_temp_checkpoints
 from trainers.clock import CapForecast, TrainClock, max_time_seconds
@@ -238,14 +239,11 @@ _RULES = {
 def read_yaml_mapping(path) -> dict:
     """The mapping a YAML config file holds (empty: {}); ValueError naming the file otherwise."""
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"config file {p} is a folder, not a YAML file")
     if not p.exists():
         raise FileNotFoundError(f"config file {p} does not exist")
+    text = read_config_text(p, "a YAML file")
     try:
-        values = yaml.safe_load(p.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"config file {p} cannot be read as text ({err})") from None
+        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"config file {p} is not valid YAML: {' '.join(str(err).split())}") from None
     if values is None:
