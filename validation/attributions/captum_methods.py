@@ -12,6 +12,7 @@ stream), and the caller's random state, CUDA's included, is left untouched.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -50,26 +51,42 @@ def slic_segments(x: torch.Tensor, n_segments: int = 100, compactness: float = 1
     return torch.as_tensor(np.stack(segs), dtype=torch.long, device=x.device)[:, None]
 
 
-class _PerCallReLU(nn.Module):
-    """Stands in for one ReLU module that a forward pass calls n times: call i uses child i, so
-    hook-based methods (captum DeepLift) see a distinct module per use."""
+# the module types captum DeepLift gives a nonlinear rule (its SUPPORTED_NON_LINEAR): it keeps
+# each one's input and output on the module itself, so one module object must run once per pass
+# (matched by exact type, as captum does: a subclass may compute something else)
+DEEPLIFT_NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax,
+                      nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
-    def __init__(self, n: int):
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    # a ReLU copy runs out of place: captum's rule needs the input the in-place one overwrites
+    return nn.ReLU() if type(module) is nn.ReLU else copy.deepcopy(module)
+
+
+class _PerCall(nn.Module):
+    """Stands in for one nonlinear module that a forward pass calls n times: call i uses copy i,
+    so hook-based methods (captum DeepLift) see a distinct module per use."""
+
+    def __init__(self, module: nn.Module, n: int):
         super().__init__()
-        self.relus = nn.ModuleList(nn.ReLU() for _ in range(n))
+        self.copies = nn.ModuleList(_fresh_copy(module) for _ in range(n))
         self.calls = 0
 
     def forward(self, x):
-        relu = self.relus[self.calls % len(self.relus)]
+        module = self.copies[self.calls % len(self.copies)]
         self.calls += 1
-        return relu(x)
+        return module(x)
 
 
-def split_reused_relus(model: nn.Module, x: torch.Tensor, guard: ModelGuard) -> int:
-    """Give every use of an nn.ReLU its own fresh, not-in-place module (restored by ``guard``)."""
+def split_reused_nonlinearities(model: nn.Module, x: torch.Tensor, guard: ModelGuard) -> int:
+    """Give every registration and every use of a module DeepLift has a rule for (ReLU, max-pool,
+    ...) its own fresh module (restored by ``guard``): one module called twice per forward (ResNet's
+    ReLUs) or registered under two names would have its stored input overwritten, and captum
+    would hook it once per name. Returns the number of modules swapped."""
     counts: dict[nn.Module, int] = {}
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    handles = [m.register_forward_hook(lambda m, a, o: counts.__setitem__(m, counts.get(m, 0) + 1)) for m in relus]
+    nonlinear = [m for m in model.modules() if type(m) in DEEPLIFT_NONLINEAR]
+    handles = [m.register_forward_hook(lambda m, a, o: counts.__setitem__(m, counts.get(m, 0) + 1))
+               for m in nonlinear]
     try:
         with torch.no_grad():
             model(x[:1])
@@ -77,10 +94,11 @@ def split_reused_relus(model: nn.Module, x: torch.Tensor, guard: ModelGuard) -> 
         for h in handles:
             h.remove()
     swapped = []
+    # `_modules`, not `named_children()`, which lists a module registered twice under one parent once
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.ReLU):
-                replacement = _PerCallReLU(max(1, counts.get(child, 1)))
+        for name, child in list(parent._modules.items()):
+            if type(child) in DEEPLIFT_NONLINEAR:
+                replacement = _PerCall(child, max(1, counts.get(child, 1)))
                 guard.swap(parent, name, replacement)
                 swapped.append(replacement)
 
@@ -91,9 +109,28 @@ def split_reused_relus(model: nn.Module, x: torch.Tensor, guard: ModelGuard) -> 
     return len(swapped)
 
 
+class _EachModuleOnce(nn.Module):
+    """The model for captum DeepLift: captum registers its hooks through ``model.apply``, which
+    visits a submodule shared by two parents once per parent, and a module hooked twice fails
+    (its stored input is gone the second time). Here ``apply`` visits every distinct module once."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def apply(self, fn):
+        for module in self.model.modules():
+            fn(module)
+        fn(self)
+        return self
+
+
 class CaptumExplainer(Explainer):
     rectifier = None  # the reduction sets the sign convention
-    needs_split_relus = False
+    needs_split_nonlinearities = False
     needs_gradients = True
 
     def __init__(self, model, *, reduce: str = "sum_abs", **options):
@@ -111,8 +148,8 @@ class CaptumExplainer(Explainer):
         with torch.no_grad():
             logits = check_logits(self.model(x), x.shape[0])
         target = resolve_target(target, logits)
-        if self.needs_split_relus:
-            split_reused_relus(self.model, x, guard)
+        if self.needs_split_nonlinearities:
+            split_reused_nonlinearities(self.model, x, guard)
         with torch.enable_grad(), warnings.catch_warnings():
             # captum's notices about hooks on activations and per-example LIME models are expected
             warnings.filterwarnings("ignore", module=r"captum\.")
@@ -155,11 +192,11 @@ def _baseline(value, x):
 @register("deeplift")
 class DeepLift(CaptumExplainer):
     """captum DeepLift (Rescale rule), baseline ``baseline`` (a value or an image; default 0 = black).
-    Reused ReLU modules are split per call so the rule sees each use. ``batch_size`` images per
+    Reused ReLU and max-pool modules are split per call so the rule sees each use. ``batch_size`` images per
     captum call (None: all at once): captum keeps every ReLU's input and output for the images and
     their baselines, ~110 MB per image for ResNet18 at 224 px."""
 
-    needs_split_relus = True
+    needs_split_nonlinearities = True
 
     def __init__(self, model, *, baseline=0.0, batch_size: int | None = 16, **options):
         super().__init__(model, **options)
@@ -168,7 +205,7 @@ class DeepLift(CaptumExplainer):
 
     def _captum(self, x):
         from captum.attr import DeepLift as _DeepLift
-        return _DeepLift(self.model, eps=deeplift_eps(self.model, x))
+        return _DeepLift(_EachModuleOnce(self.model), eps=deeplift_eps(self.model, x))
 
     def _attribute(self, method, x, target):
         baselines = _baseline(self.baseline, x)
