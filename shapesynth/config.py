@@ -317,8 +317,8 @@ class SynthConfig:
             )
         if self.background == "hf" and not self.bg_path:
             raise ConfigError(
-                "background='hf' needs bg_path (--backgrounds: a save_to_disk folder, an imagefolder or a Hub "
-                "dataset name); folders per split (bg_split_paths, --backgrounds-train/-val/-test) are for "
+                "background='hf' needs bg_path (--backgrounds: a save_to_disk folder, a downloaded dataset repo, "
+                "an imagefolder or a Hub dataset name); folders per split (bg_split_paths, --backgrounds-train/-val/-test) are for "
                 "background='folder'"
             )
         if self.background == "folder" and not (self.bg_path or self.bg_split_paths):

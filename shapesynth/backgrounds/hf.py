@@ -1,13 +1,15 @@
 """The `hf` source: a Hugging Face image dataset as backgrounds.
 
-`bg_path` is a local `save_to_disk` folder, a local imagefolder, or (online) a Hub dataset name;
-the network is touched only in `_load_from_hub`. Dataset splits named train / validation (or
-val) / test become the pools; otherwise (or with `bg_hf_split`) the images are dealt into pools
-by pixel hash like a folder.
+`bg_path` is a local folder (a `save_to_disk` folder, a downloaded dataset repo such as
+`hf download --repo-type dataset NAME --local-dir DIR` gives, or an imagefolder) or
+(online) a Hub dataset name; the network is touched only in `_load_from_hub`. Dataset splits
+named train / validation (or val) / test become the pools; otherwise (or with `bg_hf_split`) the
+images are dealt into pools by pixel hash like a folder.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from shapesynth.backgrounds import register_source
@@ -24,8 +26,8 @@ def _load_from_hub(name: str):
     return datasets.load_dataset(name)
 
 
-def load_hf(path_or_name: str):
-    """A DatasetDict (or Dataset) from a local save_to_disk / imagefolder path or a Hub name."""
+def load_hf(path_or_name: str, image_column: str | None = None):
+    """A DatasetDict (or Dataset) from a local folder (see `_read_local_folder`) or a Hub name."""
     import datasets
 
     path = Path(path_or_name)
@@ -34,19 +36,81 @@ def load_hf(path_or_name: str):
             raise BackgroundError(f"HF background path {path} is not a folder")
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return datasets.load_from_disk(str(path))
-        try:
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
-        except Exception as err:  # noqa: BLE001
-            raise BackgroundError(f"cannot load {path} as an imagefolder dataset: {err}") from err
+        return _read_local_folder(path, image_column)
     try:
         return _load_from_hub(path_or_name)
     except Exception as err:  # noqa: BLE001
         raise BackgroundError(
             f"HF background {path_or_name!r} is no local folder and could not be loaded from the Hub: {err}. "
-            f"Without the Hub: on a machine with it, run `datasets.load_dataset({path_or_name!r}).save_to_disk(DIR)`, "
+            f"Without the Hub: on a machine with it, run `datasets.load_dataset({path_or_name!r}).save_to_disk(DIR)` "
+            f"(or `hf download --repo-type dataset {path_or_name} --local-dir DIR`), "
             "copy DIR here and pass it as --backgrounds (bg_path; or load it online once: with HF_HUB_OFFLINE=1 "
             "datasets then reads its own cache)"
         ) from err
+
+
+def _read_local_folder(path: Path, image_column: str | None):
+    """A local folder that is no save_to_disk folder, read by `datasets` itself, offline.
+
+    First as `datasets.load_dataset(folder)` reads a downloaded dataset repo, as the Hub would:
+    the card's `configs` (README.md YAML) when it declares them, else the packaged builder of the
+    most common data file type (parquet, arrow, csv, json, images, ...). A folder whose card
+    declares no configs and that this reading gives no image column (images with caption .txt
+    files beside them read as text) or cannot read is read as an imagefolder, as before.
+
+    Every load builds in a throwaway cache: `datasets` caches a folder with configs under its
+    name rather than its files, so files replaced in place (a newer download) would otherwise
+    come back as the old images.
+    """
+    import datasets
+
+    tried = []
+    with tempfile.TemporaryDirectory(prefix="shapesynth-hf-", ignore_cleanup_errors=True) as cache:
+        folder = str(path.resolve())  # datasets names the dataset after the folder: "." has no name
+        attempts = [("datasets.load_dataset(folder)", dict(path=folder))]
+        if not _card_declares_configs(path):
+            attempts.append(("an imagefolder", dict(path="imagefolder", data_dir=folder)))
+        first_loaded = None
+        for how, args in attempts:
+            try:
+                # in memory: the tables must outlive the throwaway cache
+                loaded = datasets.load_dataset(cache_dir=cache, keep_in_memory=True, **args)
+            except Exception as err:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read"
+                tried.append(f"as {how}: {type(err).__name__}: {err}")
+                continue
+            if _offers_images(loaded, image_column):
+                return loaded
+            if first_loaded is None:
+                first_loaded = loaded
+    if first_loaded is not None:
+        return first_loaded  # no reading gave images: hf_pools names the columns of the first
+    raise BackgroundError(f"cannot read the HF background folder {path} with datasets (tried " + "; ".join(tried)
+                          + "): a save_to_disk folder, a downloaded dataset repo (README.md configs or data "
+                          "files datasets reads) or an imagefolder is needed")
+
+
+def _card_declares_configs(path: Path) -> bool:
+    """Whether the folder declares `configs` (the author's layout, which datasets follows) in its
+    README.md YAML or its standalone .huggingface.yaml, the two places datasets reads them from."""
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    try:
+        card = DatasetCard.load(path / "README.md").data.to_dict() if (path / "README.md").is_file() else {}
+        standalone = path / ".huggingface.yaml"
+        extra = yaml.safe_load(standalone.read_text(encoding="utf-8")) if standalone.is_file() else {}
+    except Exception:  # noqa: BLE001 - a card datasets cannot parse declares nothing it could follow
+        return False
+    return bool(card.get("configs") or (isinstance(extra, dict) and extra.get("configs")))
+
+
+def _offers_images(loaded, image_column: str | None) -> bool:
+    """Whether any split of a DatasetDict has the chosen column, or else an Image column."""
+    import datasets
+
+    if image_column is not None:
+        return any(image_column in ds.features for ds in loaded.values())
+    return any(isinstance(f, datasets.Image) for ds in loaded.values() for f in ds.features.values())
 
 
 def _image_column(ds, wanted: str | None, where: str) -> str:
@@ -94,7 +158,7 @@ def hf_pools(cfg: SynthConfig) -> dict[str, BackgroundPool]:
     import datasets
 
     where = str(cfg.bg_path)
-    loaded = load_hf(cfg.bg_path)
+    loaded = load_hf(cfg.bg_path, cfg.bg_image_column)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({cfg.bg_hf_split or "train": loaded})
     if cfg.bg_hf_split is not None:
