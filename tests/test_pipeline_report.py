@@ -188,3 +188,32 @@ def test_the_grid_shows_the_first_model_with_saved_maps(run_dir, tmp_path):
     page = write_report(run).read_text()
     assert (run / "report" / "figures" / "qualitative.png").exists()
     assert "<h2>Qualitative grid</h2><p>Model beta:" in page
+
+
+def test_the_grid_caption_names_the_model_the_grid_shows_when_maps_appear_meanwhile(run_dir, tmp_path, monkeypatch):
+    """The saved maps were listed three times per report (the figure's model, its maps, the
+    caption's model): maps written while the figures were drawn (a chunk finishing meanwhile)
+    gave a grid of beta captioned "Model alpha". They are listed once now."""
+    import shutil
+
+    from validation.report import figures as F
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    kept = tmp_path / "alpha_maps"
+    kept.mkdir()
+    for f in (run / "chunks" / "alpha").glob("*.maps.npz"):
+        shutil.move(f, kept / f.name)
+    analyze_run(run, n_boot=20)
+    drawn, real = [], F.qualitative_grid
+
+    def draw_then_alpha_maps_appear(saved, *args, **kwargs):
+        drawn.append(saved["images"].tolist())
+        for f in kept.iterdir():
+            shutil.copy(f, run / "chunks" / "alpha" / f.name)
+        return real(saved, *args, **kwargs)
+
+    monkeypatch.setattr(F, "qualitative_grid", draw_then_alpha_maps_appear)
+    page = write_report(run).read_text()
+    assert len(drawn) == 1 and list((run / "chunks" / "alpha").glob("*.maps.npz"))
+    assert "<h2>Qualitative grid</h2><p>Model beta:" in page

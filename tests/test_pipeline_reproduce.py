@@ -415,3 +415,124 @@ def test_the_data_image_size_is_the_generated_datasets_when_the_profile_does_not
     rec = R.reproduce(str(path), tmp_path / "out", steps=["generate", "train"], progress=False)
     assert rec["steps"]["train"]["alpha"]["status"] == "trained"
     assert (tmp_path / "out" / "models" / "alpha" / "size_arg").read_text() == str(S.SIZE)
+
+
+def _with(path, section, **values):
+    """The profile file at ``path`` with ``values`` set in ``section``."""
+    prof = yaml.safe_load(path.read_text())
+    prof[section].update(values)
+    path.write_text(yaml.safe_dump(prof))
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_eval_value_names_the_profile_key_and_file_in_both_paths(tmp_path, fake_io, capsys, workers):
+    """The run's checks name its flags: a profile's `mixes: [identity, prodct]` was reported as
+    "unknown --mix ['prodct']" by a single-worker run, and by a two-worker run as "2 shard
+    process(es) failed" after both workers had started. Both now name eval.mixes and the file."""
+    from validation.cli import main
+
+    path = _with(_profile(tmp_path, workers=workers), "eval", mixes=["identity", "prodct"])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"^eval.mixes in profile {path}: unknown --mix \['prodct'\]; choose from"):
+        R.reproduce(str(path), out, progress=False, components=S.components())
+    assert not list((out / "logs").glob("*shard*")) and not (out / "run" / "chunks").exists()
+    # a value the profile gives in the wrong form is named too, before any step runs
+    _with(path, "eval", mixes=["identity"], chunk_size="eight")
+    assert main(["reproduce", "--profile", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert (f"reproduce: error: eval.chunk_size in profile {path}: expected an integer, got 'eight'"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unknown_layer_names_eval_layers_and_the_file_in_both_paths(tmp_path, fake_io, workers):
+    """The layer check (the project's explainer, models loaded) said "unknown layer 'stage9'
+    (--layers)"; with two workers it only reached their logs."""
+    from validation.pipeline.run import Components
+
+    components = Components(load_model=S.load_model, dataset=lambda path, split: S.TinyDataset(),
+                            fingerprint=lambda path: "tiny-fingerprint")  # the project's explainer and evaluate
+    path = _with(_profile(tmp_path, workers=workers), "eval", methods=["gradcam"], metrics=["gt_cosine"],
+                 layers=["stage9"], mixes=["identity"])
+    with pytest.raises(ValueError, match=rf"^eval.layers in profile {path}: --model \S+/models/alpha: unknown "
+                                         r"layer 'stage9' \(--layers\)"):
+        R.reproduce(str(path), tmp_path / "out", progress=False, components=components)
+    assert not list((tmp_path / "out" / "logs").glob("*shard*"))
+
+
+def test_a_key_inherited_with_extends_names_the_file_that_set_it(tmp_path, fake_io):
+    base = _with(_profile(tmp_path), "eval", save_maps=-1)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {base}\nname: child\neval: {{mixes: [identity, prodct]}}\n")
+    with pytest.raises(ValueError, match=rf"^eval.save_maps in profile {base}: must be >= 0, got -1"):
+        R.reproduce(str(child), tmp_path / "out", progress=False, components=S.components())
+    _with(base, "eval", save_maps=2)
+    with pytest.raises(ValueError, match=rf"^eval.mixes in profile {child}: unknown --mix"):
+        R.reproduce(str(child), tmp_path / "out", progress=False, components=S.components())
+
+
+def test_a_failed_training_command_names_its_profile_key_and_file(tmp_path, fake_io):
+    path = _profile(tmp_path)
+    prof = yaml.safe_load(path.read_text())
+    prof["train"]["models"]["beta"] = {"command": [sys.executable, "-c", "import sys; sys.exit('bad --lr')"]}
+    path.write_text(yaml.safe_dump(prof))
+    with pytest.raises(RuntimeError, match=rf"^train.models.beta.command in profile {path}: command failed \(exit 1\)"):
+        R.reproduce(str(path), tmp_path / "out", steps=["generate", "train"], progress=False)
+    prof["train"]["command"] = [sys.executable, "-c", "import sys; sys.exit(2)"]
+    path.write_text(yaml.safe_dump(prof))
+    with pytest.raises(RuntimeError, match=rf"^train.command in profile {path}: command failed \(exit 2\)"):
+        R.reproduce(str(path), tmp_path / "other", steps=["generate", "train"], progress=False)
+    prof["train"]["command"][-1] = "{archh}"
+    path.write_text(yaml.safe_dump(prof))
+    with pytest.raises(ValueError, match=rf"^train.command in profile {path}: unknown placeholder {{archh}}"):
+        R.reproduce(str(path), tmp_path / "third", steps=["generate", "train"], progress=False)
+
+
+def test_a_list_given_as_text_is_a_comma_list_as_on_the_command_line(tmp_path, fake_io):
+    """`layers: l1,l2` (or `layers: l2`) was read letter by letter: layers 'l', '1', ',', ..."""
+    torch.set_num_threads(1)
+    path = _with(_profile(tmp_path), "eval", layers="l1, l2", mixes="identity,product")
+    R.reproduce(str(path), tmp_path / "out", steps=["generate", "train", "run"], progress=False,
+                components=S.components())
+    cfg = json.loads((tmp_path / "out" / "run" / "run_config.json").read_text())
+    assert cfg["layers"] == ["l1", "l2"] and cfg["mixes"] == ["identity", "product"]
+
+
+def test_a_run_folder_of_other_settings_is_refused_with_what_reproduce_can_do(tmp_path, fake_io):
+    """The run's hint said "use another --out or --overwrite": reproduce has no --overwrite."""
+    torch.set_num_threads(1)
+    path, out = _profile(tmp_path), tmp_path / "out"
+    R.reproduce(str(path), out, steps=["generate", "train", "run"], progress=False, components=S.components())
+    _with(path, "eval", layers=["l1"])
+    with pytest.raises(ValueError, match=rf"^profile {path}: .*differs in \[.*'layers', 'refine_layers'\]\); use another "
+                                         rf"--out, or remove {out / 'run'} to compute the run again$"):
+        R.reproduce(str(path), out, steps=["run"], progress=False, components=S.components())
+
+
+def test_a_failed_shard_worker_says_why(tmp_path, fake_io):
+    """A worker's own error (here: the workers' real registry does not know the stand-in methods
+    the in-process checks accept) is in the reproduction's error, not only in the worker's log;
+    the log of an earlier failure is not."""
+    path = _profile(tmp_path, workers=2)
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "run_shard1.log").write_text("shapesynth-eval run: error: an earlier failure\n")
+    with pytest.raises(RuntimeError) as err:
+        R.reproduce(str(path), out, progress=False, components=S.components())
+    text = str(err.value)
+    assert text.startswith(f"2 shard process(es) failed: profile {path}: unknown method 'cam'; available: ")
+    assert "an earlier failure" not in text and f"(see {out / 'logs'}/run_shard*.log)" in text
+
+
+def test_every_worker_flag_has_its_profile_key(tmp_path):
+    """The mapping used to name keys covers every flag the workers are given."""
+    from validation.pipeline.run import RunConfig
+
+    r = R.Reproduction(R.load_profile(str(_profile(tmp_path))), tmp_path / "out")
+    config = RunConfig(data="d", models=["m"], methods=["cam"], metrics=["road"], fold=False)
+    flags = [flag for flag, _ in r._worker_flags(config, 1)]
+    assert "--no-fold" in flags and set(flags) <= set(R.RUN_FLAG_KEYS)
+    # the eval keys docs/evaluation.md lists
+    documented = ("n_images methods metrics layers refine_layers mixes split seed method_options metric_options "
+                  "method_grid chunk_size save_maps device fold workers threads").split()
+    assert set(R.RUN_FLAG_KEYS.values()) <= {f"eval.{k}" for k in documented}

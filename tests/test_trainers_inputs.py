@@ -29,6 +29,8 @@ SMALL = ["--image-size", "32", "--synth", "{size_bands: [[0.3, 0.4]]}", "--preci
     (["--limit-train-batches", "0"], "limit_train_batches"),
     (["--limit-val-batches", "1.5"], "limit_val_batches"),
     (["--accelerator", "quantum"], "accelerator"),
+    # Lightning takes a zero cap: the fit stopped before its first step and died on a missing checkpoint
+    (["--max-time", "00:00:00:00"], "--max-time 00:00:00:00: a zero wall-clock cap stops training"),
     # a known accelerator that this machine lacks: Lightning's own check, before anything is written
     (["--accelerator", "tpu"], "accelerator 'tpu'"),
     # options the data source would ignore
@@ -198,3 +200,41 @@ def test_a_config_that_is_a_folder_or_not_text_is_named(tmp_path, capsys, kind, 
     err = capsys.readouterr().err
     assert str(config) in err and says in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_zero_time_cap_from_a_config_file_is_refused_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text('max_time: "00:00:00:00"\n')
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"max_time (from config {config}) 00:00:00:00: a zero wall-clock cap" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    # a flag wins over the file: no cap, or a positive one, is accepted
+    for flag in ("none", "00:00:00:01"):
+        assert main(["fit", "--config", str(config), "--max-time", flag, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["max_time"] == (None if flag == "none" else flag)
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_a_better_val_acc_as_the_help_says(capsys):
+    """--patience 0 is legitimate: Lightning's EarlyStopping (as fit builds it) stops at the first
+    epoch whose val_acc is not above the best, exactly as with patience 1; the help says so."""
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    def stop_epoch(patience, accs):
+        stop = EarlyStopping(monitor="val_acc", mode="max", patience=patience)
+        for epoch, acc in enumerate(accs):
+            if stop._evaluate_stopping_criteria(torch.tensor(acc))[0]:
+                return epoch
+        return None
+
+    accs = [0.5, 0.6, 0.6, 0.7, 0.65, 0.8]
+    assert stop_epoch(0, accs) == stop_epoch(1, accs) == 2  # the first epoch not above the best
+    assert stop_epoch(2, accs) is None  # never two in a row
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "without a better val_acc before training stops (0 stops at the first one, as 1 does)" in text
+    assert main(["fit", "--patience", "-1", "--print-config"]) == 2  # only negatives are refused
+    assert "patience must be >= 0, got -1" in capsys.readouterr().err

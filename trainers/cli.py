@@ -102,8 +102,11 @@ _FLAG_HELP = {
     "batch_size": "training images per step",
     "eval_batch_size": "images per validation/test batch",
     "max_epochs": "epochs of the schedule",
-    "max_time": "wall-clock cap DD:HH:MM:SS",
-    "patience": "epochs without a better val_acc before early stopping",
+    "max_time": "wall-clock cap DD:HH:MM:SS, more than zero",
+    # Lightning's EarlyStopping counts epochs whose val_acc is not above the best so far and stops
+    # when the count reaches patience: 0 and 1 both stop at the first such epoch
+    "patience": "early stopping: epochs in a row without a better val_acc before training stops "
+                "(0 stops at the first one, as 1 does)",
     "stop_at_val_acc": "stop once val accuracy reaches this (none: never)",
     "precision": "'auto' or a Lightning precision such as 32-true, bf16-mixed",
     "accelerator": "auto, cpu, gpu, cuda, mps or tpu",
@@ -243,7 +246,20 @@ def resolve_config(args: argparse.Namespace):
             print("shapesynth-train: note: with --data the dataset's own splits and recipe are used; dropped "
                   + "; ".join(f"{', '.join(names)} of {where}" for where, names in dropped.items()), file=sys.stderr)
     values.update(flags)
-    return TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values)
+    _refuse_zero_time_cap(cfg.max_time, "--max-time" if "max_time" in flags else f"max_time (from {origin.get('max_time')})")
+    return cfg
+
+
+def _refuse_zero_time_cap(max_time: str | None, source: str) -> None:
+    """A cap of 00:00:00:00 passes Lightning's check but stops the fit before its first step: it
+    trained nothing and ended in a traceback (no checkpoint to test). Negative caps are not
+    'DD:HH:MM:SS' and are refused by TrainConfig already."""
+    from trainers.clock import max_time_seconds
+
+    if max_time is not None and max_time_seconds(max_time) <= 0:
+        raise ValueError(f"{source} {max_time}: a zero wall-clock cap stops training before its first "
+                         f"step; give a positive DD:HH:MM:SS (e.g. 00:01:00:00), or none for no cap")
 
 
 def _check_run_folder(out) -> None:

@@ -16,6 +16,8 @@ argument lists the profile gives (placeholders ``{data}``, ``{model_dir}``, ``{a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -56,16 +58,60 @@ def load_profile(name_or_path: str) -> dict:
     if not isinstance(profile, dict):  # empty, or a list: "extends" in None raised a TypeError
         raise ValueError(f"profile {path}: expected a mapping with sections data, train, eval; "
                          f"got {type(profile).__name__}")
+    sources = _sources(profile, path)
     if "extends" in profile:
         base = {k: v for k, v in load_profile(profile.pop("extends")).items() if k not in ("name", "description")}
+        base_sources = base.pop("_sources")
         for key, value in profile.items():
-            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        profile = base
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:  # replaced whole: none of the base's keys of this section remain
+                base[key] = value
+                base_sources = {k: v for k, v in base_sources.items() if k.split(".")[0] != key}
+        profile, sources = base, {**base_sources, **sources}
     for key in ("data", "train", "eval"):
         if key not in profile:
             raise ValueError(f"profile {path}: missing section {key!r}")
+        if not isinstance(profile[key], dict):  # `eval:` left empty, say: every lookup failed on None
+            raise ValueError(f"profile {sources.get(key, path)}: section {key!r} must be a mapping, "
+                             f"got {profile[key]!r}")
     profile.setdefault("name", path.stem)
+    profile["_sources"] = sources
     return profile
+
+
+def _sources(profile: dict, path: Path) -> dict[str, str]:
+    """Each section and ``section.key`` of ``profile`` -> its file, for errors about the values
+    (with ``extends``, a key may come from the base profile's file)."""
+    out = {}
+    for section, value in profile.items():
+        out[section] = str(path)
+        if isinstance(value, dict):
+            out.update({f"{section}.{key}": str(path) for key in value})
+    return out
+
+
+class ProfileValueError(ValueError):
+    """A bad profile value; the message names its key and the profile file."""
+
+
+# The `shapesynth-eval run` flags the profile's settings become (the shard workers' command line,
+# `Reproduction._worker_flags`) -> the profile key each comes from. The run's checks name flags in
+# their errors ("unknown --mix", "(--layers)"); reproduce reports those errors under the keys.
+RUN_FLAG_KEYS = {
+    "--methods": "eval.methods", "--metrics": "eval.metrics", "--layers": "eval.layers",
+    "--refine-layers": "eval.refine_layers", "--mix": "eval.mixes", "--images": "eval.n_images",
+    "--split": "eval.split", "--chunk-size": "eval.chunk_size", "--seed": "eval.seed",
+    "--method-options": "eval.method_options", "--metric-options": "eval.metric_options",
+    "--method-grid": "eval.method_grid", "--save-maps": "eval.save_maps", "--threads": "eval.threads",
+    "--device": "eval.device", "--no-fold": "eval.fold",
+}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def _flag_keys(message: str) -> tuple[str, ...]:
+    """The profile keys of the run flags a message names, in order."""
+    return tuple(dict.fromkeys(RUN_FLAG_KEYS[f] for f in _FLAG.findall(message) if f in RUN_FLAG_KEYS))
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -78,7 +124,7 @@ def _fill(args, **values) -> list[str]:
     def value(match: re.Match) -> str:
         name = match.group(1)
         if name not in values:
-            raise ValueError(f"profile: unknown placeholder {{{name}}} in {match.string!r}; "
+            raise ValueError(f"unknown placeholder {{{name}}} in {match.string!r}; "
                              f"placeholders: {', '.join(f'{{{k}}}' for k in sorted(values))}")
         return str(values[name])
 
@@ -126,7 +172,9 @@ def _child_setup(parent: int):
     return setup
 
 
-def _run_command(cmd: list[str], log: Path) -> None:
+def _run_command(cmd: list[str], log: Path, source: str = "") -> None:
+    """Run ``cmd`` with its output in ``log``; a failure is a RuntimeError with the log's last
+    lines, starting with ``source`` (the profile key and file that gave the command)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -138,8 +186,20 @@ def _run_command(cmd: list[str], log: Path) -> None:
             _stop([proc])
     if returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"command failed (exit {returncode}): {' '.join(cmd)}\n"
+        raise RuntimeError(f"{source}{': ' if source else ''}command failed (exit {returncode}): {' '.join(cmd)}\n"
                            f"--- last lines of {log} ---\n{tail}")
+
+
+def _worker_errors(log: Path, start: int) -> list[str]:
+    """The one-line errors a ``shapesynth-eval run`` worker wrote to ``log`` after byte ``start``."""
+    marker = "shapesynth-eval run: error: "
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
 
 
 def _dataset_ready(data: Path, split: str, n_needed: int) -> bool:
@@ -188,15 +248,87 @@ class Reproduction:
         self.values = {"data": str(self.data), "python": sys.executable,
                        "image_size": profile["data"].get("image_size", 128)}
 
+    # -- the profile's values, checked and named ---------------------------------------
+    def where(self, keys=()) -> str:
+        """``eval.layers in profile FILE``: profile keys and the file that set each (the profile's
+        name for a profile given as a dict); ``profile FILE`` without keys."""
+        sources = self.p.get("_sources") or {}
+        default = next(iter(sources.values()), None) or repr(self.p.get("name"))
+        if not keys:
+            return f"profile {default}"
+        by_file: dict[str, list[str]] = {}
+        for key in keys:  # train.models.alpha.args: set where train.models (else train) was
+            parts = key.split(".")
+            file = next((sources[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+                         if k in sources), default)
+            by_file.setdefault(file, []).append(key)
+        return "; ".join(f"{', '.join(k)} in profile {f}" for f, k in by_file.items())
+
+    @contextlib.contextmanager
+    def naming_profile(self, *keys: str):
+        """A ValueError raised inside (by the run's checks, say) starts with ``keys`` and the
+        profile file; without ``keys``, with the keys of the run flags it names (`RUN_FLAG_KEYS`)."""
+        try:
+            yield
+        except ProfileValueError:
+            raise
+        except ValueError as err:
+            raise ProfileValueError(f"{self.where(keys or _flag_keys(str(err)))}: {err}") from err
+
+    def setting(self, key: str, default, least: int | None = None):
+        """The profile's integer ``section.name`` (``default`` where it is absent or null)."""
+        section, name = key.split(".")
+        value = (self.p.get(section) or {}).get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+            raise ProfileValueError(f"{self.where([key])}: expected an integer, got {value!r}")
+        if least is not None and int(value) < least:
+            raise ProfileValueError(f"{self.where([key])}: must be >= {least}, got {value!r}")
+        return int(value)
+
+    def names(self, key: str, default: list) -> list:
+        """The profile's list ``eval.<name>``; a string is a comma list, as on the run's command
+        line (``layers: stage4`` was read letter by letter: layers 's', 't', ...)."""
+        value = self.p["eval"].get(key.split(".")[1])
+        if value is None:
+            return list(default)
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ProfileValueError(f"{self.where([key])}: expected a list of names, got {value!r}")
+        return list(value)
+
+    def mapping(self, key: str) -> dict:
+        value = self.p["eval"].get(key.split(".")[1])
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ProfileValueError(f"{self.where([key])}: expected a mapping, got {value!r}")
+        return value
+
+    def models(self) -> dict:
+        """``train.models``: architecture -> its overrides of the train args (or null)."""
+        models = self.p["train"].get("models")
+        if not isinstance(models, dict) or not models:
+            raise ProfileValueError(f"{self.where(['train.models'])}: expected a mapping of architecture to its "
+                                    f"overrides or null, e.g. {{resnet18: null}}; got {models!r}")
+        bad = [arch for arch, spec in models.items() if spec is not None and not isinstance(spec, dict)]
+        if bad:
+            raise ProfileValueError(f"{self.where(['train.models'])}: the overrides of {bad} must be a mapping "
+                                    f"(args or command) or null, got {[models[a] for a in bad]}")
+        return models
+
     def model_dirs(self) -> dict[str, Path]:
-        return {arch: self.out / "models" / arch for arch in self.p["train"]["models"]}
+        return {arch: self.out / "models" / arch for arch in self.models()}
 
     def checkpoints(self) -> dict[str, Path]:
         """What ``trainers.load_model`` is given: ``train.checkpoint`` (e.g.
         ``"{model_dir}/best.safetensors"``) filled in, or the training run folder itself."""
         pattern = self.p["train"].get("checkpoint")
-        return {arch: Path(_fill([pattern], model_dir=str(d), arch=arch, **self.values)[0]) if pattern else d
-                for arch, d in self.model_dirs().items()}
+        with self.naming_profile("train.checkpoint"):
+            return {arch: Path(_fill([pattern], model_dir=str(d), arch=arch, **self.values)[0]) if pattern else d
+                    for arch, d in self.model_dirs().items()}
 
     def _time(self, step: str, fn) -> None:
         t0 = time.perf_counter()
@@ -206,14 +338,17 @@ class Reproduction:
         write_json(self.out / "reproduce.json", self.record)
         print(f"[reproduce] {step}: {info}", flush=True)
 
-    @staticmethod
-    def _command(spec: dict, module: str, **values) -> list[str]:
-        """``command`` (a full argument list) or ``args`` for ``python -m <module>``."""
-        if spec.get("command"):
-            return _fill(spec["command"], **values)
-        if not spec.get("args"):
-            raise ValueError(f"profile: a {module} step needs 'args' (or 'command')")
-        return [sys.executable, "-m", module] + _fill(spec["args"], **values)
+    def _command(self, spec: dict, module: str, keys: dict[str, str], **values) -> tuple[list[str], str]:
+        """``command`` (a full argument list) or ``args`` for ``python -m <module>``, and where
+        the profile sets it (``keys``: ``command``/``args`` -> the profile key)."""
+        name = "command" if spec.get("command") else "args"
+        with self.naming_profile(keys[name]):
+            if not spec.get(name):
+                raise ValueError(f"a {module} step needs 'args' (or 'command')")
+            if not isinstance(spec[name], (list, tuple)):
+                raise ValueError(f"expected a list of arguments, got {spec[name]!r}")
+            cmd = _fill(spec[name], **values)
+        return (cmd if name == "command" else [sys.executable, "-m", module] + cmd), self.where([keys[name]])
 
     # -- steps -------------------------------------------------------------------------
     def _check_existing_dataset(self) -> None:
@@ -230,12 +365,13 @@ class Reproduction:
 
     def generate(self):
         ev = self.p["eval"]
-        need = int(ev.get("n_images", 200))
+        need = self.setting("eval.n_images", 200, least=1)
         self._check_existing_dataset()
         if _dataset_ready(self.data, ev.get("split", "test"), need):
             return {"reused": True}
-        cmd = self._command(self.p["data"], "shapesynth", **self.values)
-        _run_command(cmd, self.out / "logs" / "generate.log")
+        cmd, source = self._command(self.p["data"], "shapesynth", {"args": "data.args", "command": "data.command"},
+                                    **self.values)
+        _run_command(cmd, self.out / "logs" / "generate.log", source)
         if not _dataset_ready(self.data, ev.get("split", "test"), need):
             raise RuntimeError(f"{self.data}: generation finished but the {ev.get('split', 'test')} split "
                                f"does not hold {need} images; check the profile's data args")
@@ -262,6 +398,14 @@ class Reproduction:
         self.values["image_size"] = self._data_image_size()
         tr = self.p["train"]
         min_acc = tr.get("min_test_accuracy")
+        if min_acc is not None:
+            try:
+                ok = not isinstance(min_acc, bool) and 0 <= float(min_acc) <= 1
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ProfileValueError(f"{self.where(['train.min_test_accuracy'])}: expected a number in "
+                                        f"[0, 1], got {min_acc!r}")
         info = {}
         checkpoints = self.checkpoints()
         for arch, model_dir in self.model_dirs().items():
@@ -272,10 +416,12 @@ class Reproduction:
                                    f"include the train step (e.g. --steps train,run,analyze,report, or no --steps)")
             status = "reused"
             if trained:
-                spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **(tr["models"][arch] or {})}
-                cmd = self._command(spec, "trainers", arch=arch, model_dir=str(model_dir), **self.values)
+                own = self.models()[arch] or {}
+                spec = {**{k: v for k, v in tr.items() if k in ("args", "command")}, **own}
+                keys = {k: f"train.models.{arch}.{k}" if k in own else f"train.{k}" for k in ("args", "command")}
+                cmd, source = self._command(spec, "trainers", keys, arch=arch, model_dir=str(model_dir), **self.values)
                 status = "resumed" if _resumes(cmd, model_dir) else "trained"
-                _run_command(cmd, self.out / "logs" / f"train_{arch}.log")
+                _run_command(cmd, self.out / "logs" / f"train_{arch}.log", source)
                 ready, meta = _model_ready(checkpoints[arch])
                 if not ready:
                     raise RuntimeError(f"{checkpoints[arch]}: training finished but trainers.load_model "
@@ -310,41 +456,30 @@ class Reproduction:
             raise ValueError(f"{checkpoint} holds a model with {' and '.join(found)}; {how}")
 
     def run(self):
-        from validation.cli import all_methods
-        from validation.pipeline.run import DEFAULT_METRICS, RunConfig, run_eval
+        from validation.pipeline.run import run_eval
 
-        ev = self.p["eval"]
         models = None
         if not self.models_checked:  # --steps without train: the same gate before any work
             models = self._models(train=False)
-        methods = ev.get("methods", "all")
-        metrics = ev.get("metrics", "all")
-        config = RunConfig(
-            data=str(self.data), models=[str(c) for c in self.checkpoints().values()],
-            methods=all_methods() if methods == "all" else list(methods),
-            metrics=list(DEFAULT_METRICS) if metrics == "all" else list(metrics),
-            layers=list(ev.get("layers", ["stage1", "stage2", "stage3", "stage4"])),
-            mixes=list(ev.get("mixes", ["identity", "product", "geomean", "invexp"])),
-            refine_layers=list(ev.get("refine_layers") or []), method_grid=ev.get("method_grid") or {},
-            image_range=(0, int(ev.get("n_images", 200))), split=ev.get("split", "test"),
-            chunk_size=int(ev.get("chunk_size", 16)), seed=int(ev.get("seed", 0)),
-            method_options=ev.get("method_options") or {}, metric_options=ev.get("metric_options") or {},
-            save_maps=int(ev.get("save_maps", 8)), device=str(ev.get("device", "cpu")),
-            fold=bool(ev["fold"]) if "fold" in ev else self._existing_run_fold())
-        workers = int(ev.get("workers", 1))
-        if workers > 1:
-            summary = self._run_sharded(config, workers, int(ev.get("threads", 1)))
-        else:
-            import torch
+        config = self.run_config()
+        workers = self.setting("eval.workers", 1, least=1)
+        threads = self.setting("eval.threads", None, least=1)
+        # the run's errors name its flags: said here under the profile keys, in both paths
+        with self.naming_profile():
+            if workers > 1:
+                summary = self._run_sharded(config, workers, threads or 1)
+            else:
+                import torch
 
-            threads = torch.get_num_threads()
-            try:
-                if ev.get("threads"):
-                    torch.set_num_threads(int(ev["threads"]))
-                summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress,
-                                   range_source=self._n_images_source(config.image_range[1]))
-            finally:
-                torch.set_num_threads(threads)
+                before = torch.get_num_threads()
+                try:
+                    if threads:
+                        torch.set_num_threads(threads)
+                    summary = run_eval(config, self.run_dir, components=self.components, progress=self.progress,
+                                       conflict_hint=self._conflict_hint(),
+                                       range_source=self._n_images_source(config.image_range[1]))
+                finally:
+                    torch.set_num_threads(before)
         write_json(self.run_dir / "profile.json",
                    {"name": self.p.get("name"), "description": self.p.get("description"),
                     "budget_notes": self.p.get("budget_notes")})
@@ -352,6 +487,38 @@ class Reproduction:
         if models is not None:
             summary["models"] = models
         return summary
+
+    def run_config(self):
+        """The run's configuration from the profile's ``eval`` section."""
+        from validation.cli import all_methods
+        from validation.pipeline.run import DEFAULT_METRICS, RunConfig
+
+        ev = self.p["eval"]
+        methods = self.names("eval.methods", ["all"])
+        metrics = self.names("eval.metrics", ["all"])
+        fold = ev.get("fold")
+        if fold is not None and not isinstance(fold, bool):  # bool("false") is True
+            raise ProfileValueError(f"{self.where(['eval.fold'])}: expected true or false, got {fold!r}")
+        for key in ("split", "device"):
+            if not isinstance(ev.get(key, ""), str):
+                raise ProfileValueError(f"{self.where([f'eval.{key}'])}: expected a name, got {ev[key]!r}")
+        return RunConfig(
+            data=str(self.data), models=[str(c) for c in self.checkpoints().values()],
+            methods=all_methods() if methods == ["all"] else methods,
+            metrics=list(DEFAULT_METRICS) if metrics == ["all"] else metrics,
+            layers=self.names("eval.layers", ["stage1", "stage2", "stage3", "stage4"]),
+            mixes=self.names("eval.mixes", ["identity", "product", "geomean", "invexp"]),
+            refine_layers=self.names("eval.refine_layers", []), method_grid=self.mapping("eval.method_grid"),
+            image_range=(0, self.setting("eval.n_images", 200, least=1)), split=ev.get("split") or "test",
+            chunk_size=self.setting("eval.chunk_size", 16, least=1), seed=self.setting("eval.seed", 0),
+            method_options=self.mapping("eval.method_options"), metric_options=self.mapping("eval.metric_options"),
+            save_maps=self.setting("eval.save_maps", 8, least=0), device=ev.get("device") or "cpu",
+            fold=fold if fold is not None else self._existing_run_fold())
+
+    def _conflict_hint(self) -> str:
+        """What to do when DIR/run holds a run of other settings (the run's own hint names its
+        --overwrite, which reproduce does not have)."""
+        return f"use another --out, or remove {self.run_dir} to compute the run again"
 
     def _n_images_source(self, n: int) -> str:
         """What set the run's image count, for the error when the split is smaller."""
@@ -374,31 +541,13 @@ class Reproduction:
 
     def _run_sharded(self, config, workers: int, threads: int) -> dict:
         """Split the run over ``workers`` local processes (``run --shard i/n``), then merge."""
-        from validation.pipeline.run import Components
         from validation.pipeline.table import merge_run
 
-        a, b = config.image_range
-        # checked here, not only in the workers, whose errors land in their logs
-        n_data = len((self.components or Components()).dataset(config.data, config.split))
-        if b > n_data:
-            raise ValueError(f"{self._n_images_source(b)} asks for more images than the {config.split} "
-                             f"split of {config.data} has ({n_data})")
-        opts = self.run_dir / "options"
-        write_json(opts / "method_options.json", config.method_options)
-        write_json(opts / "metric_options.json", config.metric_options)
-        write_json(opts / "method_grid.json", config.method_grid)
-        base = [sys.executable, "-m", "validation", "run", "--data", config.data,
-                "--methods", ",".join(config.methods), "--metrics", ",".join(config.metrics),
-                "--layers", ",".join(config.layers), "--refine-layers", ",".join(config.refine_layers),
-                "--mix", ",".join(config.mixes), "--images", f"{a}:{b}", "--split", config.split,
-                "--chunk-size", str(config.chunk_size), "--seed", str(config.seed),
-                "--method-options", str(opts / "method_options.json"),
-                "--metric-options", str(opts / "metric_options.json"),
-                "--method-grid", str(opts / "method_grid.json"),
-                "--save-maps", str(config.save_maps), "--threads", str(threads), "--device", config.device,
-                "--out", str(self.run_dir)]
-        if not config.fold:
-            base.append("--no-fold")
+        self._check_before_workers(config)
+        base = [sys.executable, "-m", "validation", "run", "--data", config.data]
+        for flag, value in self._worker_flags(config, threads):
+            base += [flag] if value is None else [flag, value]
+        base += ["--out", str(self.run_dir)]
         for m in config.models:
             base += ["--model", m]
         logs = self.out / "logs"
@@ -407,21 +556,61 @@ class Reproduction:
         try:
             for i in range(workers):
                 cmd = base + ["--shard", f"{i}/{workers}"] + ([] if (self.progress and i == 0) else ["--no-progress"])
-                log = open(logs / f"run_shard{i}.log", "a")
+                path = logs / f"run_shard{i}.log"
+                log = open(path, "ab")
                 procs.append((subprocess.Popen(cmd, stdout=log, stderr=None if i == 0 else subprocess.STDOUT,
-                                               preexec_fn=_child_setup(os.getpid())), log, cmd))
-            for proc, _, cmd in procs:
+                                               preexec_fn=_child_setup(os.getpid())), (log, path, log.tell()), cmd))
+            for proc, (_, path, start), cmd in procs:
                 if proc.wait() != 0:
-                    failed.append(" ".join(cmd))
+                    failed.append((" ".join(cmd), path, start))
         finally:
             _stop([proc for proc, _, _ in procs])
-            for _, log, _ in procs:
+            for _, (log, _, _), _ in procs:
                 log.close()
         if failed:
-            raise RuntimeError(f"{len(failed)} shard process(es) failed (see {logs}/run_shard*.log): {failed[0]}")
+            # the first worker error, with the profile keys of the flags it names, as an unsharded run
+            # says it (shard 0's stderr is the terminal's, not in its log)
+            errors = [e for _, path, start in failed for e in _worker_errors(path, start)]
+            why = f": {self.where(_flag_keys(errors[0]))}: {errors[0]}" if errors else ""
+            raise RuntimeError(f"{len(failed)} shard process(es) failed{why} (see {logs}/run_shard*.log): {failed[0][0]}")
         manifest = merge_run(self.run_dir)
         return {"workers": workers, "threads_per_worker": threads, "rows": manifest["rows"],
                 "status_counts": manifest["status_counts"]}
+
+    def _check_before_workers(self, config) -> None:
+        """The run's checks before any work, made here as the unsharded run makes them (on the
+        CPU: the check reads layer names and metadata), so that a bad profile value is the same
+        error in both paths: the workers' errors would only reach their log files."""
+        from validation.pipeline.run import Components, Runner
+
+        components = self.components or Components()
+        runner = Runner(dataclasses.replace(config, device="cpu"), self.run_dir, components, progress=False,
+                        conflict_hint=self._conflict_hint())
+        a, b = config.image_range
+        dataset = components.dataset(config.data, config.split)
+        if b > len(dataset):
+            raise ValueError(f"{self._n_images_source(b)} asks for more images than the {config.split} "
+                             f"split of {config.data} has ({len(dataset)})")
+        models, metas = runner._load_models()
+        runner._check_before_work(dataset, models, metas)
+
+    def _worker_flags(self, config, threads: int) -> list[tuple[str, str | None]]:
+        """The profile's settings as the workers' ``run`` flags (each in `RUN_FLAG_KEYS`); the
+        options go through files in ``DIR/run/options``."""
+        opts = self.run_dir / "options"
+        write_json(opts / "method_options.json", config.method_options)
+        write_json(opts / "metric_options.json", config.metric_options)
+        write_json(opts / "method_grid.json", config.method_grid)
+        a, b = config.image_range
+        flags = [("--methods", ",".join(config.methods)), ("--metrics", ",".join(config.metrics)),
+                 ("--layers", ",".join(config.layers)), ("--refine-layers", ",".join(config.refine_layers)),
+                 ("--mix", ",".join(config.mixes)), ("--images", f"{a}:{b}"), ("--split", config.split),
+                 ("--chunk-size", str(config.chunk_size)), ("--seed", str(config.seed)),
+                 ("--method-options", str(opts / "method_options.json")),
+                 ("--metric-options", str(opts / "metric_options.json")),
+                 ("--method-grid", str(opts / "method_grid.json")),
+                 ("--save-maps", str(config.save_maps)), ("--threads", str(threads)), ("--device", config.device)]
+        return flags + ([] if config.fold else [("--no-fold", None)])
 
     def recorded_profile(self) -> str | None:
         """The profile this folder's run was built with (``run/profile.json``, else the
@@ -446,7 +635,7 @@ class Reproduction:
                              f"(--profile), include the run step, or use another --out")
 
     def n_boot(self) -> int:
-        return int((self.p.get("analyze") or {}).get("n_boot", 1000))
+        return self.setting("analyze.n_boot", 1000, least=1)
 
     def analyze(self):
         from validation.analyze import analyze_run

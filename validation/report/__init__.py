@@ -47,15 +47,27 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def grid_maps(run_dir: Path, names: list[str]) -> tuple[str | None, list[Path]]:
+    """The model the qualitative grid shows, the first of the run's models with maps saved for the
+    report (``--save-maps``; a model may have none in the saved range, e.g. all misclassified),
+    and its maps files; (None, []) when no model has any. Listed once per report: the figure
+    and its caption then name the same model even if chunks are written meanwhile."""
+    for name in names:
+        files = sorted((Path(run_dir) / "chunks" / name).glob("*.maps.npz"))
+        if files:
+            return name, files
+    return None, []
+
+
 def grid_model(run_dir: Path, names: list[str]) -> str | None:
-    """The model the qualitative grid shows: the first of the run's models with maps saved for
-    the report (``--save-maps``; a model may have none in the saved range, e.g. all misclassified)."""
-    return next((n for n in names if any((Path(run_dir) / "chunks" / n).glob("*.maps.npz"))), None)
+    """The model the qualitative grid shows (see `grid_maps`)."""
+    return grid_maps(run_dir, names)[0]
 
 
-def load_saved_maps(run_dir: Path, model: str) -> dict | None:
-    """Concatenate the maps kept for the report (``--save-maps``) over a model's chunks."""
-    files = sorted((run_dir / "chunks" / model).glob("*.maps.npz"))
+def load_saved_maps(run_dir: Path, model: str, files: list[Path] | None = None) -> dict | None:
+    """Concatenate the maps kept for the report (``--save-maps``) over a model's chunks
+    (``files``: its maps files as `grid_maps` listed them; default: listed now)."""
+    files = sorted((Path(run_dir) / "chunks" / model).glob("*.maps.npz")) if files is None else list(files)
     if not files:
         return None
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
@@ -134,7 +146,10 @@ def _summary(run_dir: Path) -> str:
     return f"{warning}<ul>{''.join(items)}</ul><table class='kv'>{table}</table>"
 
 
-def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
+def make_figures(run_dir: Path, tables: dict, fig_dir: Path,
+                 grid: tuple[str | None, list[Path]] | None = None) -> dict[str, Path]:
+    """The report's figures; ``grid``: the qualitative grid's model and maps files (`grid_maps`,
+    listed here when not given)."""
     from validation.report import figures as F
 
     cfg = read_json(run_dir / "run_config.json") if (run_dir / "run_config.json").exists() else {}
@@ -150,8 +165,8 @@ def make_figures(run_dir: Path, tables: dict, fig_dir: Path) -> dict[str, Path]:
         made["refinecam"] = F.save(F.refine_bars(tables["c_refinecam"]), fig_dir / "refinecam.png")
     if len(tables.get("f_road_curves", [])):
         made["road_curves"] = F.save(F.road_curves(tables["f_road_curves"], shallow), fig_dir / "road_curves.png")
-    model = grid_model(run_dir, cfg.get("model_names") or [])
-    saved = load_saved_maps(run_dir, model) if model is not None else None
+    model, files = grid if grid is not None else grid_maps(run_dir, cfg.get("model_names") or [])
+    saved = load_saved_maps(run_dir, model, files) if model is not None else None
     if saved is not None:
         configs = [str(c) for c in saved["configs"]]
         # one map per method: the unrefined map at the shallowest layer (or layer-free)
@@ -184,7 +199,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
     tables = load_tables(run_dir, n_boot=n_boot)
-    figs = make_figures(run_dir, tables, out_dir / "figures")
+    config = run_dir / "run_config.json"
+    grid = grid_maps(run_dir, (read_json(config) if config.exists() else {}).get("model_names") or [])
+    figs = make_figures(run_dir, tables, out_dir / "figures", grid)
     exp = tables.get("expectations", pd.DataFrame())
     exp_rows = "".join(
         f"<tr><td>{html.escape(str(r.expectation))}</td><td>{html.escape(str(r.found))}</td>"
@@ -223,8 +240,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
                          "metrics (wall time inside the run, summed over chunks; other jobs may have shared "
                          "the machine).</p>" + _table_html(piv))
     if "qualitative" in figs:
-        shown = grid_model(run_dir, read_json(run_dir / "run_config.json").get("model_names") or [])
-        parts.append(f"<h2>Qualitative grid</h2><p>Model {html.escape(str(shown))}: image, ground truth, each "
+        parts.append(f"<h2>Qualitative grid</h2><p>Model {html.escape(str(grid[0]))}: image, ground truth, each "
                      "method's unrefined map at the shallowest layer (layer-free methods as they are), then base "
                      "vs RefineCAM (product).</p>")
         parts.append(_img_tag(figs["qualitative"], FIGURES["qualitative"]))
@@ -235,4 +251,4 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     return path
 
 
-__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "grid_model"]
+__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "grid_maps", "grid_model"]
