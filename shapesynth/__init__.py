@@ -27,4 +27,13 @@ def dataset_fingerprint(path) -> str:
     return _fingerprint(path)
 
 
-__all__ += ["SPLITS", "ConfigError", "Sample", "ShapeSynth", "SynthConfig", "dataset_fingerprint"]
+def samples_fingerprint(path) -> str:
+    """A short hash of the samples a generated dataset stores, the same whichever format stores
+    them (see `shapesynth.readers`)."""
+    from shapesynth.readers import samples_fingerprint as _fingerprint
+
+    return _fingerprint(path)
+
+
+__all__ += ["SPLITS", "ConfigError", "Sample", "ShapeSynth", "SynthConfig", "dataset_fingerprint",
+            "samples_fingerprint"]

@@ -1,4 +1,5 @@
-"""Read back any format `shapesynth generate` writes: samples, metadata and a fingerprint."""
+"""Read back any format `shapesynth generate` writes: samples, metadata and two fingerprints
+(`dataset_fingerprint` of the files, `samples_fingerprint` of the samples they store)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shapesynth.config import SPLITS
 from shapesynth.schema import META_COLUMNS, decode_image, decode_mask
 from shapesynth.writers import MANIFEST, WORK_DIR, OutputError, detect_format
 
@@ -199,4 +201,71 @@ def dataset_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["SplitRecords", "check_complete", "data_file_list", "dataset_fingerprint", "load_metadata", "open_split"]
+_SAMPLE_COLUMNS = ("label", *META_COLUMNS)
+
+
+def _sample_digest(pngs, row: dict) -> bytes:
+    """sha256 of one sample: its image, mask and region PNG bytes and its label and metadata
+    (as JSON holds them, so a parquet row and an imagefolder metadata line give the same text)."""
+    h = hashlib.sha256()
+    for png in pngs:
+        h.update(hashlib.sha256(png).digest())
+    h.update(json.dumps([row[k] for k in _SAMPLE_COLUMNS], separators=(",", ":")).encode())
+    return h.digest()
+
+
+def _table_digests(table: pa.Table) -> list[tuple[int, bytes]]:
+    cols = {k: table.column(k).to_pylist() for k in ("image", "mask", "region", *_SAMPLE_COLUMNS)}
+    return [(cols["index"][i],
+             _sample_digest([cols[k][i]["bytes"] for k in ("image", "mask", "region")],
+                            {k: cols[k][i] for k in _SAMPLE_COLUMNS}))
+            for i in range(table.num_rows)]
+
+
+def _imagefolder_digests(metadata_file: Path) -> list[tuple[int, bytes]]:
+    digests = []
+    for line in metadata_file.read_text().splitlines():
+        rec = json.loads(line)
+        pngs = [(metadata_file.parent / rec[k]).read_bytes()
+                for k in ("file_name", "mask_file_name", "region_file_name")]
+        digests.append((rec["index"], _sample_digest(pngs, rec)))
+    return digests
+
+
+def _file_digests(fmt: str, data_file: Path) -> list[tuple[int, bytes]]:
+    if fmt == "hub":
+        return _table_digests(pq.read_table(data_file))
+    if fmt == "arrow":
+        return _table_digests(_arrow_table([data_file]))
+    return _imagefolder_digests(data_file)
+
+
+def samples_fingerprint(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) over the samples a dataset folder stores, whatever its format:
+    per split and sample (by index), the image, mask and region PNG bytes, label and metadata.
+
+    `shapesynth generate` stores the same PNG bytes and metadata in every format, so one recipe
+    written as hub, imagefolder or arrow has one samples fingerprint, while `dataset_fingerprint`
+    (the files' names and bytes) differs per format. Any changed sample (pixels, label, metadata,
+    a sample added or removed) changes it; so do images re-encoded to other PNG bytes.
+    """
+    out = Path(path)
+    if not out.exists():
+        raise FileNotFoundError(f"dataset folder {out} does not exist")
+    fmt = detect_format(out)
+    h, samples = hashlib.sha256(), 0
+    for split in SPLITS:
+        digests = sorted(d for f in _split_files(out, fmt, split) for d in _file_digests(fmt, f))
+        if not digests:
+            continue
+        samples += len(digests)
+        h.update(f"{split}\0{len(digests)}\0".encode())
+        for index, digest in digests:
+            h.update(f"{index}\0".encode() + digest)
+    if not samples:
+        raise OutputError(f"{out} holds no samples to fingerprint")
+    return h.hexdigest()[:16]
+
+
+__all__ = ["SplitRecords", "check_complete", "data_file_list", "dataset_fingerprint", "load_metadata", "open_split",
+           "samples_fingerprint"]

@@ -290,3 +290,28 @@ def test_a_run_without_the_ground_truth_cosine_is_refused_before_the_metric_is_c
     with pytest.raises(ValueError, match=r"has no gt_cosine rows.*rerun it with gt_cosine among its --metrics"):
         audit_run(out, "user_metrics_mod:prefix_mean", n_boot=10, components=S.components(), progress=False)
     assert not (out / "audit").exists()
+
+
+def test_the_audit_keeps_every_component_it_is_given_but_the_evaluator(run_dir, monkeypatch):
+    """The audit replaces only the evaluator; it rebuilt the Components field by field, so a
+    component added later (the samples fingerprint) silently fell back to its default."""
+    import dataclasses
+
+    import validation.pipeline.run as run_module
+
+    given = dataclasses.replace(S.components(), samples_fingerprint=lambda: None)
+    seen = {}
+    real_run_eval = run_module.run_eval
+
+    def recording_run_eval(config, out_dir, components=None, **kw):
+        seen["components"] = components
+        return real_run_eval(config, out_dir, components=components, **kw)
+
+    monkeypatch.setattr(run_module, "run_eval", recording_run_eval)
+    audit_run(run_dir, "user_metrics_mod:gt_copy", name="components_probe", n_images=4, n_boot=10,
+              components=given, progress=False)
+    used = seen["components"]
+    assert used.evaluate is not given.evaluate
+    for f in dataclasses.fields(given):
+        if f.name != "evaluate":
+            assert getattr(used, f.name) is getattr(given, f.name), f.name

@@ -238,3 +238,13 @@ def test_patience_zero_stops_at_the_first_epoch_without_a_better_val_acc_as_the_
     assert "without a better val_acc before training stops (0 stops at the first one, as 1 does)" in text
     assert main(["fit", "--patience", "-1", "--print-config"]) == 2  # only negatives are refused
     assert "patience must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_zero_time_cap_is_refused_by_the_python_api_too():
+    """`fit(max_time="00:00:00:00")` passed TrainConfig's check and ended in a missing last.ckpt
+    traceback after Lightning stopped before the first step."""
+    from trainers.api import TrainConfig
+
+    with pytest.raises(ValueError, match=r"max_time 00:00:00:00: a zero wall-clock cap"):
+        TrainConfig(arch="resnet18", max_time="00:00:00:00")
+    assert TrainConfig(arch="resnet18", max_time="00:00:00:01").max_time == "00:00:00:01"

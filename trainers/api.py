@@ -12,7 +12,7 @@ Run folder (``out``)::
     model.json             ... and metadata: what `trainers.load_model` reads; written last, it marks
                            a finished run (a rerun with resume auto reports it and trains nothing)
     test_metrics.json      test accuracy, per class, confusion matrix
-    MODEL_CARD.md          arch, image size, data fingerprint, test results, training time, hardware
+    MODEL_CARD.md          arch, image size, data fingerprints, test results, training time, hardware
 
 Only global rank 0 writes these (DDP runs `run_plan` in every process), each file atomically.
 """
@@ -39,7 +39,7 @@ from shapesynth import CLASS_NAMES
 from shapesynth.config import read_config_text
 
 from trainers.checkpointing import remove_temp_checkpoints
-from trainers.clock import CapForecast, TrainClock, max_time_seconds
+from trainers.clock import CapForecast, TrainClock, max_time_seconds, positive_max_time
 from trainers.data import ShapesDataModule, resolve_num_workers
 from trainers.export import META, WEIGHTS, load_model, save_model, write_json, write_text
 from trainers.models import _check_arch
@@ -136,7 +136,7 @@ class TrainConfig:
                              f"image_size {self.image_size} and need not tile a {self.train_crop} px crop")
         resolve_num_workers(self.num_workers, "cpu")  # validates the value
         if self.max_time is not None:
-            max_time_seconds(self.max_time)  # validates the value
+            positive_max_time(self.max_time)  # validates the value
         # options the chosen data source would silently ignore (a default left alone is fine)
         default = {f.name: f.default for f in dataclasses.fields(self)}
         if self.train_crop_epochs is not None and self.train_crop is None:
@@ -461,6 +461,11 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last, scheduler=cfg.scheduler,
         stochastic_depth=cfg.stochastic_depth, train_crop=cfg.train_crop)
     module.hparams.update(pretrained=cfg.pretrained, weights_path=cfg.weights_path)
+    # what it trains on travels in every checkpoint, so a .ckpt evaluated on other data is noticed as
+    # a model.json is; computed once here (a pass over the data each), model.json records the same.
+    # Plain JSON values, as model.json holds them: weights_only loading refuses any other object
+    module.hparams.update(data=json.loads(json.dumps(dm.describe(), default=str)),
+                          dataset_fingerprint=dm.fingerprint(), dataset_samples_fingerprint=dm.samples_fingerprint())
     if cfg.init_from and resumed_from is None:
         warm_start(module.model, cfg.init_from, cfg.arch)
     clock = TrainClock()  # its seconds travel in the checkpoints: a resumed run adds earlier sessions'
@@ -568,7 +573,8 @@ def _train_test_export(plan: FitPlan) -> dict:
     # every key save_model writes to model.json: fit returns what load_model and a rerun return
     meta = {"arch": cfg.arch, "image_size": cfg.image_size, "num_classes": len(CLASS_NAMES),
             "class_names": list(CLASS_NAMES),
-            "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": dm.fingerprint(),
+            "mean": list(dm.mean), "std": list(dm.std), "dataset_fingerprint": module.hparams.dataset_fingerprint,
+            "dataset_samples_fingerprint": module.hparams.dataset_samples_fingerprint,
             "test_accuracy": results["test_accuracy"], "test_images": results["test_images"],
             "per_class_accuracy": results["per_class_accuracy"],
             "confusion_matrix": results["confusion_matrix"], "best_val_accuracy": results["best_val_accuracy"],
@@ -722,6 +728,15 @@ def _recipe_block(data: dict) -> str:
     return "The recipe is the dataset's own: `shapesynth.json` in the dataset folder."
 
 
+def _samples_fingerprint_text(meta: dict) -> str:
+    fp = meta.get("dataset_samples_fingerprint")
+    if fp is not None:
+        return f"`{fp}` (the dataset's samples, the same in any storage format)"
+    if not (meta.get("data") or {}).get("data"):
+        return "none: no dataset on disk (the fingerprint above is the rendered recipe's)"
+    return "not recorded"
+
+
 def model_card(meta: dict) -> str:
     names = meta["class_names"]
     rows = "\n".join(f"| {n} | {meta['per_class_accuracy'][n]:.4f} |" for n in names)
@@ -748,6 +763,7 @@ def model_card(meta: dict) -> str:
 | classes | {', '.join(names)} |
 | data | {source} |
 | dataset fingerprint | `{meta['dataset_fingerprint']}` |
+| samples fingerprint | {_samples_fingerprint_text(meta)} |
 | **test accuracy** | **{meta['test_accuracy']:.4f}**{tested_on} ({_tested_text(meta)}) |
 | epochs / steps | {_epochs_text(meta)} |
 | training time | {_train_time_text(meta)} |

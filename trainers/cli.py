@@ -218,6 +218,7 @@ def resolve_config(args: argparse.Namespace):
     with the recipe on the dataset. The same settings given as flags beside ``--data`` stay an error.
     """
     from trainers.api import TrainConfig, read_yaml_mapping
+    from trainers.clock import positive_max_time
 
     values: dict = {}
     origin: dict = {}  # field -> the file that set it
@@ -246,20 +247,10 @@ def resolve_config(args: argparse.Namespace):
             print("shapesynth-train: note: with --data the dataset's own splits and recipe are used; dropped "
                   + "; ".join(f"{', '.join(names)} of {where}" for where, names in dropped.items()), file=sys.stderr)
     values.update(flags)
-    cfg = TrainConfig.from_dict(values)
-    _refuse_zero_time_cap(cfg.max_time, "--max-time" if "max_time" in flags else f"max_time (from {origin.get('max_time')})")
-    return cfg
-
-
-def _refuse_zero_time_cap(max_time: str | None, source: str) -> None:
-    """A cap of 00:00:00:00 passes Lightning's check but stops the fit before its first step: it
-    trained nothing and ended in a traceback (no checkpoint to test). Negative caps are not
-    'DD:HH:MM:SS' and are refused by TrainConfig already."""
-    from trainers.clock import max_time_seconds
-
-    if max_time is not None and max_time_seconds(max_time) <= 0:
-        raise ValueError(f"{source} {max_time}: a zero wall-clock cap stops training before its first "
-                         f"step; give a positive DD:HH:MM:SS (e.g. 00:01:00:00), or none for no cap")
+    if values.get("max_time") is not None:  # checked here to name where the value came from
+        positive_max_time(values["max_time"], "--max-time" if "max_time" in flags
+                          else f"max_time (from {origin.get('max_time')})")
+    return TrainConfig.from_dict(values)
 
 
 def _check_run_folder(out) -> None:

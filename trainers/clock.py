@@ -52,6 +52,16 @@ def max_time_seconds(text: str) -> float:
         raise ValueError(f"max_time must be 'DD:HH:MM:SS' (e.g. 00:01:00:00 for one hour), got {text!r}") from None
 
 
+def positive_max_time(text: str, name: str = "max_time") -> float:
+    """`max_time_seconds`, refusing a zero cap (``name`` says where it was given): Lightning
+    accepts 00:00:00:00, then stops before the first step, and the fit ends without a checkpoint."""
+    seconds = max_time_seconds(text)
+    if seconds <= 0:
+        raise ValueError(f"{name} {text}: a zero wall-clock cap stops training before its first step; give a "
+                         f"positive DD:HH:MM:SS (e.g. 00:01:00:00), or none for no cap")
+    return seconds
+
+
 def cap_forecast(seconds_done: float, epochs_done: int, last_epoch_seconds: float, max_epochs: int,
                  budget_seconds: float, full_from_epoch: int | None = None) -> str | None:
     """Why the time cap will cut the schedule, at the pace of the last epoch; None if it fits.

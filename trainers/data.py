@@ -303,6 +303,15 @@ class ShapesDataModule(pl.LightningDataModule):
         rendered = {**self.synth_config.split_sizes, "test": self.test_length}
         return config_fingerprint(self.synth_config.replace(split_sizes=rendered))
 
+    def samples_fingerprint(self) -> str | None:
+        """The dataset's `shapesynth.samples_fingerprint`, the same for a copy of it in another
+        storage format (None without a dataset: `fingerprint` names the rendered recipe)."""
+        if not self.data:
+            return None
+        from shapesynth import samples_fingerprint
+
+        return samples_fingerprint(self.data)
+
     def describe(self) -> dict:
         return {"data": self.data, "train_source": self.train_source, "image_size": self.image_size,
                 "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),

@@ -18,7 +18,11 @@ from trainers.models import ShapeClassifier, build_model
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
-META_KEYS = ("arch", "image_size", "mean", "std", "class_names", "dataset_fingerprint", "test_accuracy")
+META_KEYS = ("arch", "image_size", "mean", "std", "class_names", "dataset_fingerprint",
+             "dataset_samples_fingerprint", "test_accuracy")
+# keys save_model fills in when the caller has none: the dataset's samples fingerprint is newer than
+# the other keys (model.json files written before it lack it, and read as before)
+META_DEFAULTS = {"dataset_samples_fingerprint": None}
 
 
 def write_json(path: Path, obj) -> None:
@@ -38,7 +42,7 @@ def save_model(model: ShapeClassifier, folder, meta: dict) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     full = {"arch": model.arch, "image_size": model.image_size, "num_classes": model.num_classes,
             "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist(),
-            **meta}
+            **META_DEFAULTS, **meta}
     missing = [k for k in META_KEYS if k not in full]
     if missing:
         raise ValueError(f"save_model: metadata lacks {missing}")
@@ -75,8 +79,13 @@ def _from_ckpt(path: Path) -> tuple[dict, dict]:
     if "arch" not in hp:
         raise ValueError(f"{path}: no trainer hyper-parameters (arch) in this checkpoint")
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    # the training data's description and fingerprints are in the hyper-parameters of checkpoints
+    # written since they were recorded there (`trainers.api.plan_fit`); older checkpoints have none
     meta = {"arch": hp["arch"], "image_size": int(hp["image_size"]), "class_names": list(hp["class_names"]),
-            "num_classes": len(hp["class_names"]), "dataset_fingerprint": None, "test_accuracy": None}
+            "num_classes": len(hp["class_names"]), "dataset_fingerprint": hp.get("dataset_fingerprint"),
+            "dataset_samples_fingerprint": hp.get("dataset_samples_fingerprint"), "test_accuracy": None}
+    if isinstance(hp.get("data"), dict):  # what it was trained on, as model.json's "data" records it
+        meta["data"] = hp["data"]
     return state, meta
 
 
@@ -84,6 +93,7 @@ def load_model(path, map_location="cpu", image_size: int | None = None):
     """(model in eval mode, metadata) from a run folder, ``model.safetensors`` or a ``.ckpt``.
 
     Metadata: arch, image_size, num_classes, mean, std, class_names, dataset_fingerprint,
+    dataset_samples_fingerprint (absent from model.json files written before it was recorded),
     test_accuracy (plus per-class accuracy and training details when the run folder has them).
     ``image_size`` given and different from the checkpoint's: ValueError.
     """

@@ -23,6 +23,7 @@ and ARCC, followed by a plain verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -242,9 +243,7 @@ def audit_run(run_dir: str | Path, spec: str, name: str | None = None, n_images:
         keep["image_range"] = [start, min(start + n_images, keep["image_range"][1])]
     config = RunConfig(**keep)
     comps = components or Components()
-    comps = Components(load_model=comps.load_model, dataset=comps.dataset, explainer=comps.explainer,
-                       evaluate=metric_evaluator(fn, name), fingerprint=comps.fingerprint,
-                       layer_methods=comps.layer_methods, refinable=comps.refinable)
+    comps = dataclasses.replace(comps, evaluate=metric_evaluator(fn, name))  # every other component kept
     out_dir = run_dir / "audit" / name
     previous = out_dir / "run_config.json"
     if not overwrite and previous.exists():

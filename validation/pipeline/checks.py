@@ -221,17 +221,34 @@ def distribution_differences(model_recipe: dict, data_recipe: dict) -> dict[str,
 
 
 def check_training_data(data: str, model_paths: Sequence[str], metas: Sequence[dict], fingerprint,
-                        note: Callable[[str], None]) -> None:
+                        note: Callable[[str], None],
+                        samples_fingerprint: Callable[[], str | None] | None = None) -> None:
     """A warning (``note``, once per model) when the dataset ``data`` is not what the model was
     trained on: its recorded rendering recipe (``meta["data"]["synth"]``) differs from the
     dataset's in a field that changes the images, or it was trained from disk on a dataset of
-    another fingerprint. Evaluating on a shifted distribution is legitimate: a notice, not an error."""
+    another fingerprint. Evaluating on a shifted distribution is legitimate: a notice, not an error.
+
+    The fingerprint (``dataset_fingerprint``) hashes the data files, so a copy of the training
+    data in another storage format (hub, imagefolder, arrow) has another one. When the model also
+    recorded the samples fingerprint of its data (``dataset_samples_fingerprint``), the
+    dataset's, from ``samples_fingerprint()`` (called at most once, only then; None: unknown),
+    decides instead: the same samples in other files are not another dataset, and say nothing.
+    Models without it, or a dataset whose samples cannot be fingerprinted, compare the files."""
     manifest = Path(data) / "shapesynth.json"
     try:
         data_recipe = (read_json(manifest) or {}).get("config") if manifest.is_file() else None
     except (OSError, ValueError):
         data_recipe = None
     usable_fp = isinstance(fingerprint, str) and not fingerprint.startswith("unavailable")
+    data_samples = []  # the dataset's samples fingerprint, once computed
+
+    def same_samples(recorded) -> bool:
+        if not isinstance(recorded, str) or samples_fingerprint is None:
+            return False
+        if not data_samples:
+            data_samples.append(samples_fingerprint())
+        return data_samples[0] == recorded
+
     for path, meta in zip(model_paths, metas):
         trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
         notes = []
@@ -243,7 +260,8 @@ def check_training_data(data: str, model_paths: Sequence[str], metas: Sequence[d
                              + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in diff.items())
                              + " (model's -> dataset's)")
         source, fp = trained_on.get("data"), meta.get("dataset_fingerprint")
-        if source and fp and usable_fp and fp != fingerprint:
+        if (source and fp and usable_fp and fp != fingerprint
+                and not same_samples(meta.get("dataset_samples_fingerprint"))):
             notes.append(f"it was trained on another dataset ({source}, fingerprint {fp}) than "
                          f"{data} (fingerprint {fingerprint})")
         if notes:

@@ -225,6 +225,9 @@ class Components:
     explainer: Callable = _default_explainer
     evaluate: Callable = _default_evaluate
     fingerprint: Callable | None = None
+    # the dataset's samples fingerprint (None: shapesynth's), asked only of a model that recorded its
+    # own and whose file fingerprint differs (`check_training_data`)
+    samples_fingerprint: Callable | None = None
     # read from the attributions registry when the Components are made: a method registered with
     # ``validation.attributions.registry.register`` (a user's own) that takes a layer is run at
     # every layer and refined; a fixed list ran it once as layer-free, at its default layer
@@ -248,17 +251,29 @@ def _model_names(paths: Sequence[str], metas: Sequence[dict]) -> list[str]:
     return names
 
 
-def _data_fingerprint(path: str, components: Components) -> str | None:
-    fn = components.fingerprint
+def _fingerprint(fn: Callable | None, shapesynth_name: str, path: str) -> str:
+    """``fn(path)``, or shapesynth's function ``shapesynth_name`` where ``fn`` is None."""
     if fn is None:
-        try:
-            from shapesynth import dataset_fingerprint as fn
-        except ImportError:
-            return None
+        import shapesynth
+
+        fn = getattr(shapesynth, shapesynth_name)
+    return fn(path)
+
+
+def _data_fingerprint(path: str, components: Components) -> str:
     try:
-        return fn(path)
+        return _fingerprint(components.fingerprint, "dataset_fingerprint", path)
     except Exception as err:  # recorded, not fatal: the manifest says why it is missing
         return f"unavailable: {type(err).__name__}: {err}"
+
+
+def _data_samples_fingerprint(path: str, components: Components) -> str | None:
+    """The dataset's samples fingerprint; None when it cannot be computed (not a shapesynth
+    dataset, say): the training-data check then compares the files' fingerprints."""
+    try:
+        return _fingerprint(components.samples_fingerprint, "samples_fingerprint", path)
+    except Exception:  # noqa: BLE001 - an unknown fingerprint only means the stricter comparison
+        return None
 
 
 def _error_text(where: str, err: BaseException) -> str:
@@ -476,7 +491,7 @@ class Runner:
         cfg_dict = self._prepare_config(metas)
         self.warnings = []  # run-time notices: on stderr as they come, and in the summary
         check_training_data(self.config.data, self.config.models, metas, cfg_dict["data_fingerprint"],
-                            self._note)
+                            self._note, lambda: _data_samples_fingerprint(self.config.data, self.c))
         self.out.mkdir(parents=True, exist_ok=True)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
         self._check_or_write_config(cfg_dict, shard, chunks)
