@@ -149,3 +149,20 @@ def test_layouts_follow_torchvision_permutes(arch, expected):
     for name, channels_last in expected.items():
         assert resolve_layer_full(model, name).channels_last == channels_last, name
         assert resolve_layer_full(model, name, channels_last=not channels_last).channels_last != channels_last
+
+
+def np_bilinear(grid, H, W):
+    """align_corners=False bilinear upsampling in numpy: source coordinate (i + 0.5) n / H - 0.5,
+    clamped at 0, neighbours clamped at the last cell."""
+    import numpy as np
+
+    def axis(out, n):
+        src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    r0, r1, fr = axis(H, grid.shape[0])
+    c0, c1, fc = axis(W, grid.shape[1])
+    top = grid[r0][:, c0] * (1 - fc) + grid[r0][:, c1] * fc
+    bottom = grid[r1][:, c0] * (1 - fc) + grid[r1][:, c1] * fc
+    return top * (1 - fr[:, None]) + bottom * fr[:, None]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_attributions_common import TinyNet, build, images
+from test_attributions_common import TinyNet, build, images, np_bilinear
 from validation.attributions import explain, get_explainer, mix_maps
 from validation.attributions.relax import relax_masks
 
@@ -359,6 +359,39 @@ def test_relax_embedding_layer_is_the_layers_output_even_when_modified_in_place_
                                    atol=1e-6 * expected_u.abs().max().item())
 
 
+def test_relax_mask_options_reach_the_explainer():
+    """RELAX with non-default ``cells``, ``p`` and ``shift`` against the float64 loop over masks
+    built here by their definition: from a generator seeded with ``seed``, Bernoulli(p) grids
+    (rand < p), then crop offsets in [0, 2 * shift]; numpy bilinear upsampling, reflect padding
+    by ``shift``, crop. The other RELAX checks of the explainer use the defaults (7, 0.5, 3), so
+    an option that never reached the masks went unnoticed."""
+    import numpy as np
+
+    model = TinyNet().eval()
+    x = images(2, 16, seed=7)
+    n, cells, p, shift = 29, 5, 0.3, 1
+    g = torch.Generator().manual_seed(2)
+    grids = (torch.rand(n, 1, cells, cells, generator=g) < p).double()
+    offsets = torch.randint(0, 2 * shift + 1, (2, n), generator=g)
+    masks = []
+    for k in range(n):
+        padded = np.pad(np_bilinear(grids[k, 0].numpy(), 16, 16), shift, mode="reflect")
+        r, c = offsets[:, k].tolist()
+        masks.append(torch.as_tensor(padded[r:r + 16, c:c + 16]))
+    masks = torch.stack(masks)
+    assert grids.mean() < 0.4  # p, not 0.5, decides the grids
+    ref_model = copy.deepcopy(model).double()
+    R, U, _ = _relax_float64(ref_model, ref_model.fc, x, masks, output=False)
+    out = get_explainer("relax", model, n_masks=n, seed=2, cells=cells, p=p, shift=shift, raw=True).explain(x)
+    torch.testing.assert_close(out.maps.double(), R, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.extras["uncertainty"].double(), U, rtol=1e-4, atol=1e-10)
+    # each option changes the map here by far more than the tolerance
+    for option in ({"cells": 7}, {"p": 0.5}, {"shift": 3}):
+        other = get_explainer("relax", model, n_masks=n, seed=2, raw=True,
+                              **{"cells": cells, "p": p, "shift": shift, **option}).explain(x)
+        assert (other.maps.double() - R).abs().max() > 1e-4, option
+
+
 def test_relax_masks_are_shifted_bilinear_grids():
     m = relax_masks(200, (28, 28), torch.Generator().manual_seed(0))
     assert m.shape == (200, 28, 28) and m.min() >= 0 and m.max() <= 1
@@ -366,23 +399,6 @@ def test_relax_masks_are_shifted_bilinear_grids():
     assert ((m > 0) & (m < 1)).float().mean() > 0.2  # bilinear, not binary
     # shifts: the cell borders fall at different places
     assert len({tuple(mm[0].round(decimals=3).tolist()) for mm in m}) > 150
-
-
-def _np_bilinear(grid, H, W):
-    """align_corners=False bilinear upsampling in numpy: source coordinate (i + 0.5) n / H - 0.5,
-    clamped at 0, neighbours clamped at the last cell."""
-    import numpy as np
-
-    def axis(out, n):
-        src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0)
-        i0 = np.floor(src).astype(int)
-        return i0, np.minimum(i0 + 1, n - 1), src - i0
-
-    r0, r1, fr = axis(H, grid.shape[0])
-    c0, c1, fc = axis(W, grid.shape[1])
-    top = grid[r0][:, c0] * (1 - fc) + grid[r0][:, c1] * fc
-    bottom = grid[r1][:, c0] * (1 - fc) + grid[r1][:, c1] * fc
-    return top * (1 - fr[:, None]) + bottom * fr[:, None]
 
 
 @pytest.mark.parametrize("size,shift,pad_mode", [((5, 7), 2, "reflect"), ((3, 4), 3, "edge")])
@@ -399,11 +415,11 @@ def test_relax_masks_by_hand(size, shift, pad_mode):
                          [[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]]])
     offsets = torch.tensor([[0, 2 * shift], [2 * shift - 1, 1]])  # (row, col) x 2 masks, rows != cols
     ours = relax_module.render_masks(grid, offsets, size, shift)
-    up0 = _np_bilinear(grid[0, 0].numpy().astype(np.float64), H, W)
+    up0 = np_bilinear(grid[0, 0].numpy().astype(np.float64), H, W)
     torch.testing.assert_close(torch.as_tensor(up0), F.interpolate(grid[:1].double(), size=size, mode="bilinear",
                                                                   align_corners=False)[0, 0])
     for k in range(2):
-        up = _np_bilinear(grid[k, 0].numpy().astype(np.float64), H, W)
+        up = np_bilinear(grid[k, 0].numpy().astype(np.float64), H, W)
         padded = np.pad(up, shift, mode=pad_mode)
         r, c = offsets[:, k].tolist()
         expected = torch.as_tensor(padded[r:r + H, c:c + W])
@@ -415,7 +431,7 @@ def test_relax_masks_by_hand(size, shift, pad_mode):
     grids = (torch.rand(3, 1, 3, 3, generator=g) < 0.5).float()
     offs = torch.randint(0, 2 * shift + 1, (2, 3), generator=g)
     for k in range(3):
-        up = _np_bilinear(grids[k, 0].numpy().astype(np.float64), H, W)
+        up = np_bilinear(grids[k, 0].numpy().astype(np.float64), H, W)
         r, c = offs[:, k].tolist()
         expected = torch.as_tensor(np.pad(up, shift, mode=pad_mode)[r:r + H, c:c + W])
         torch.testing.assert_close(masks[k].double(), expected, rtol=0, atol=1e-6)
@@ -533,6 +549,42 @@ def test_guided_gradcam_is_guided_backprop_times_upsampled_gradcam(resnet):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
+class _HandGuidedReLU(nn.Module):
+    """ReLU whose backward passes the gradient only where both it and the input are positive."""
+
+    def forward(self, t):
+        out = t.clamp_min(0)
+        if out.requires_grad:
+            out.register_hook(lambda g, t=t: g.clamp_min(0) * (t > 0))
+        return out
+
+
+@pytest.mark.parametrize("score", ["softmax", "log_softmax"])
+def test_guided_methods_explain_the_chosen_score(score):
+    """``score=`` reaches the guided pass: guided backpropagation of the hand-written score
+    (SCORES) through a copy with hand-made guided ReLUs, in float64; Guided Grad-CAM is that times
+    the ReLU'd Grad-CAM of the same score (``feat`` is at input resolution: no upsampling).
+    Every other guided check explains the logit, the default."""
+    model = TinyNet(nonlinear_head=True).double().eval()
+    x = images(2, 16, seed=6).double()
+    t = torch.tensor([2, 4])
+    ref_model = copy.deepcopy(model)
+    ref_model.feat = _HandGuidedReLU()
+    xi = x.clone().requires_grad_(True)
+    SCORES[score](ref_model(xi), t).sum().backward()
+    expected = xi.grad.sum(1)
+    ours = explain(model, x, t, method="guidedbackprop", reduce="sum", raw=True, score=score)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-9 * expected.abs().max().item())
+    logit = explain(model, x, t, method="guidedbackprop", reduce="sum", raw=True)
+    assert (logit.double() - expected).abs().max() > 0.1 * expected.abs().max()  # the score matters
+    cam = explain(model, x, t, method="gradcam", layer="feat", raw=True, score=score).double().clamp_min(0)
+    assert cam.shape == (2, 16, 16) and (cam > 0).any()
+    guided_cam = explain(model, x, t, method="guidedgradcam", layer="feat", reduce="sum", raw=True, score=score)
+    expected_cam = (xi.grad * cam[:, None]).sum(1)
+    torch.testing.assert_close(guided_cam.double(), expected_cam, rtol=1e-6,
+                               atol=1e-9 * expected_cam.abs().max().item())
+
+
 def test_deeplift_on_resnet_with_reused_relus_is_complete(resnet):
     """DeepLift's summation-to-delta: sum of attributions = f(x)_c - f(baseline)_c. It only
     holds if every use of the reused ResNet ReLU gets its own multiplier. (captum's max-pool rule
@@ -645,6 +697,38 @@ def test_integrated_gradients_is_gauss_legendre_quadrature_in_float64():
     assert ((mid * xd).sum(1) - expected).abs().max() > 1e-3 * expected.abs().max()
     fewer = explain(model, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=n - 1)
     assert (fewer.double() - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+@pytest.mark.parametrize("baseline", ["grey", "image"])
+def test_integrated_gradients_from_a_baseline_is_gauss_legendre_quadrature_in_float64(baseline):
+    """The same quadrature from a non-zero baseline b (a number, or an image per batch):
+    sum_k w_k grad f(b + a_k (x - b)) (x - b). Every other IG check starts from 0, so a
+    baseline that never reached captum (which then integrates from 0) went unnoticed."""
+    import numpy as np
+
+    model = TinyNet(nonlinear_head=True).eval()
+    ref_model = copy.deepcopy(model).double()
+    x = images(2, 16, seed=4)
+    t = torch.tensor([1, 3])
+    n = 5
+    if baseline == "grey":
+        option, base = 0.3, torch.full((2, 3, 16, 16), 0.3, dtype=torch.float64)
+    else:
+        option = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+        base = option.double().expand(2, 3, 16, 16)
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    xd = x.double()
+    total = torch.zeros_like(xd)
+    for a_k, w_k in zip(((nodes + 1) / 2).tolist(), (weights / 2).tolist()):
+        point = (base + a_k * (xd - base)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(ref_model(point).gather(1, t[:, None]).sum(), point)
+        total += w_k * grad
+    expected = (total * (xd - base)).sum(1)
+    ours = explain(model, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=n, baseline=option)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    # the baseline matters here: integrating from 0 gives another map
+    from_zero = explain(model, x, t, method="integratedgradients", reduce="sum", raw=True, n_steps=n)
+    assert (from_zero.double() - expected).abs().max() > 0.1 * expected.abs().max()
 
 
 def test_every_channel_reduction_by_hand():

@@ -134,6 +134,25 @@ def test_gt_cosine_hand_computed():
 
 
 
+def test_gt_cosine_uses_the_soft_mask_itself():
+    """The ground-truth score of the meta-evaluation is the cosine with the anti-aliased alpha
+    mask G as given (docs/metrics.md), not with S = G >= 0.5: float64 numpy on soft masks whose
+    edges hold every alpha in (0, 1). Every other check of gt_cosine used a 0/1 mask, where the
+    two agree."""
+    maps, _ = _tie_free(b=3, h=16, w=16, seed=4)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    radius = torch.tensor([3.2, 4.7, 6.1]).view(3, 1, 1)
+    distance = ((yy - 7.3) ** 2 + (xx - 8.1) ** 2).sqrt()[None]
+    gt = (radius + 0.5 - distance).clamp(0, 1) * torch.tensor([1.0, 0.8, 0.6]).view(3, 1, 1)  # soft disc edges
+    assert ((gt > 0) & (gt < 1)).sum() > 50
+    a, g = maps.flatten(1).double().numpy(), gt.flatten(1).double().numpy()
+    expected = (a * g).sum(1) / np.sqrt((a * a).sum(1) * (g * g).sum(1))
+    np.testing.assert_allclose(gt_cosine(maps, gt).numpy(), expected, rtol=1e-6, atol=0)
+    binary = (g >= 0.5).astype(np.float64)
+    thresholded = (a * binary).sum(1) / np.sqrt((a * a).sum(1) * binary.sum(1))
+    assert np.abs(thresholded - expected).min() > 1e-3  # a thresholded mask would be caught
+
+
 def test_gt_cosine_of_float32_maps_makes_no_float64_copy_of_the_maps():
     """Metrics are computed in float32: only the (B,) sums are widened, never a (B, H*W) tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
