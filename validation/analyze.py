@@ -255,6 +255,12 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
     return df.set_index(keys)["value"].unstack("metric").sort_index()
 
 
+def metric_column(w: pd.DataFrame, metric: str) -> np.ndarray:
+    """One metric's values in a :func:`wide` table; all NaN where the model has no row of it, so
+    such a model is reported without a correlation (and named), like one where it is never finite."""
+    return w[metric].to_numpy() if metric in w else np.full(len(w), np.nan)
+
+
 def layer_order(df: pd.DataFrame, config: dict | None) -> list[str]:
     layers = [l for l in (config or {}).get("layers", []) if l in set(df["layer"])]
     rest = sorted(set(df["layer"]) - set(layers) - {NO_LAYER})
@@ -293,7 +299,8 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     df = real_rows(df)
     if reference not in set(df["metric"]):
         raise ValueError(f"reference metric {reference!r} not in the table; metrics: {scalar_metrics(df)}")
-    metrics = [m for m in (metrics or scalar_metrics(df)) if m != reference]
+    present = set(df["metric"])
+    metrics = [m for m in (metrics or scalar_metrics(df)) if m != reference and m in present]
     rows, boots = [], {}
     # one resampling of the run's images for every model (each model has rows only for the images
     # it classified correctly), so replicate b draws the same images for each model and the summary
@@ -303,12 +310,10 @@ def table_validity(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: 
     for model, mdf in df.groupby("model", sort=True):
         w = wide(mdf).droplevel("model")
         codes = np.searchsorted(uniq, w.index.get_level_values("image").to_numpy())
-        ref = w[reference].to_numpy() if reference in w else np.full(len(w), np.nan)
+        ref = metric_column(w, reference)
         rank_cache: dict = {}
         for metric in metrics:
-            if metric not in w:
-                continue
-            val = w[metric].to_numpy()
+            val = metric_column(w, metric)
             ok = np.isfinite(val) & np.isfinite(ref)
             pc = pair_correlation(val[ok], ref[ok], codes[ok], counts, cache=rank_cache)
             grid_v = pd.Series(val, index=w.index).unstack(["method", "layer", "mix"])
@@ -394,10 +399,10 @@ def table_paired(df: pd.DataFrame, reference: str = REFERENCE_METRIC, n_boot: in
     for model, mdf in df.groupby("model", sort=True):
         w = wide(mdf)
         codes = np.searchsorted(uniq, w.index.get_level_values("image").to_numpy())
-        ref = w[reference].to_numpy()
+        ref = metric_column(w, reference)
         cache: dict = {}
         for a, b in pairs:
-            va, vb = w[a].to_numpy(), w[b].to_numpy()
+            va, vb = metric_column(w, a), metric_column(w, b)
             ok = np.isfinite(va) & np.isfinite(vb) & np.isfinite(ref)
             ca = pair_correlation(va[ok], ref[ok], codes[ok], counts, cache=cache)
             cb = pair_correlation(vb[ok], ref[ok], codes[ok], counts, cache=cache)
