@@ -479,3 +479,136 @@ def test_expectations_text_follows_tables_a_and_a_paired(table, validity, paired
         lo, hi = -row["pearson_diff_hi"], -row["pearson_diff_lo"]
         assert f"vs {other} {diffs[other]:+.3f} [{lo:+.3f}, {hi:+.3f}]" in same["found"]
     assert same["status"] == ("holds" if all(d > 0 for d in diffs.values()) else "FAILS")
+
+
+# ----------------------------------------------------------------------------- over how many models
+def _partial_refine_case():
+    """_refine_case's ma and mb, plus two models its mean rows cannot rest on:
+    mc: gradcam's product errs on every image (no paired score); lime is NaN everywhere;
+    md: gradcam has no refined rows at all (identity only), lime has scores."""
+    base = _refine_case()
+    rows = []
+    for img in range(3):
+        for mix, v, status in (("identity", 0.9, "ok"), ("product", np.nan, "error"), ("geomean", 0.95, "ok")):
+            rows.append(dict(model="mc", image=img, method="gradcam", layer="stage1", mix=mix, metric="arcc",
+                             value=v, status=status))
+        rows.append(dict(model="mc", image=img, method="lime", layer="-", mix="identity", metric="arcc",
+                         value=np.nan, status="nan"))
+        rows.append(dict(model="md", image=img, method="gradcam", layer="stage1", mix="identity", metric="arcc",
+                         value=5.0, status="ok"))
+        rows.append(dict(model="md", image=img, method="lime", layer="-", mix="identity", metric="arcc",
+                         value=0.1 * img, status="ok"))
+    extra = make_results_frame(pd.DataFrame(rows).assign(reason=""))
+    return pd.concat([base, extra], ignore_index=True)
+
+
+def _ref_paired_mean(df, model, method, layer, mixes):
+    """Plain pandas: one model's per-mix means over the images where every mix in ``mixes`` is finite."""
+    sub = df[(df.model == model) & (df.method == method) & (df.layer == layer) & (df.metric == "arcc")]
+    w = sub.pivot(index="image", columns="mix", values="value").reindex(columns=list(mixes)).dropna()
+    return w.mean(), len(w)
+
+
+def test_refine_mean_rows_say_on_how_many_models_they_rest():
+    """Table c's mean rows averaged whichever models had a value (pandas skips NaN) and said
+    nothing: gradcam's mean rested on 2 of the run's 4 models, lime's on 3, as if on all of them."""
+    df, config = _partial_refine_case(), {"layers": ["stage1", "stage2"]}
+    c = A.table_refine(df, config).set_index(["model", "method", "metric"])
+    g = c.loc[("mean", "gradcam", "arcc")]
+    per = {m: _ref_paired_mean(df, m, "gradcam", "stage1", ("identity", "product")) for m in ("ma", "mb")}
+    assert (g["n_models"], g["models_nan"]) == (2, "mc,md")  # mc: no paired image; md: never refined
+    assert g["base"] == pytest.approx(np.mean([per[m][0]["identity"] for m in per]))
+    assert g["refined"] == pytest.approx(np.mean([per[m][0]["product"] for m in per]))
+    assert (g["n"], g["n_dropped"]) == (2 + 4, 3)  # mc's three images are dropped, md has no row
+    lime = c.loc[("mean", "lime", "arcc")]
+    assert (lime["n_models"], lime["models_nan"]) == (3, "mc")
+    assert lime["base"] == pytest.approx(np.mean([0.25, 0.75, 0.1]))
+    assert (c.loc[("ma", "gradcam", "arcc"), "n_models"], c.loc[("ma", "gradcam", "arcc"), "models_nan"]) == (1, "")
+
+
+def test_aggregator_mean_rows_rest_on_the_same_models_in_every_column():
+    """Table d's mean row took each column's mean over the models that had it, so identity averaged
+    md's 5.0 (md has no refined map) while product and geomean did not: best_gain compared means
+    over different models. Now every column is over the models with a score in all of them,
+    counted in n_models and the others named."""
+    df, config = _partial_refine_case(), {"layers": ["stage1", "stage2"]}
+    d = A.table_aggregators(df, config)
+    d = d[d.metric == "arcc"].set_index(["model", "layer"])
+    mixes = ("identity", "product", "geomean")
+    per = {m: _ref_paired_mean(df, m, "gradcam", "stage1", mixes) for m in ("ma", "mb")}
+    row = d.loc[("mean", "stage1")]
+    assert (row["n_models"], row["models_nan"]) == (2, "mc,md")
+    for mix in mixes:
+        assert row[mix] == pytest.approx(np.mean([per[m][0][mix] for m in per])), mix
+    assert row["best_gain"] == pytest.approx(row["geomean"] - row["identity"])
+    # n over the models it rests on; every image of a left-out model counts as dropped
+    assert row["n"] == sum(n for _, n in per.values())
+    assert row["n_dropped"] == (4 - per["mb"][1]) + 3 + 3
+    # stage2 (identity only): mc has no stage2 row, md neither
+    deep = d.loc[("mean", "stage2")]
+    assert (deep["n_models"], deep["models_nan"], deep["identity"]) == (2, "mc,md", pytest.approx((1.3 + 1.25) / 2))
+
+
+def test_refinecam_expectations_say_when_a_mean_rests_on_fewer_models():
+    df, config = _partial_refine_case(), {"layers": ["stage1", "stage2"]}
+    c, d = A.table_refine(df, config), A.table_aggregators(df, config)
+    exp = A.check_expectations({"c_refinecam": c, "d_aggregators": d}).set_index("expectation")
+    mean = c[(c.model == "mean") & (c.method == "gradcam")].iloc[0]
+    raise_ = exp.loc["RefineCAM raises ARCC at the shallowest layer (Table 1)"]
+    assert raise_["found"] == (f"1/1 methods improve: gradcam {mean.base:.3f}->{mean.refined:.3f} "
+                               "(mean of 2/4 models, without mc, md)")
+    best = exp.loc["Product is the best aggregator (Table 2)"]
+    assert best["found"] == ("best mix at the shallowest layer: {'gradcam': 'geomean'}; "
+                             "gradcam: mean of 2/4 models, without mc, md")
+    # on every model: the texts as before
+    full = A.check_expectations({"c_refinecam": A.table_refine(_refine_case(), config),
+                                 "d_aggregators": A.table_aggregators(_refine_case(), config)})
+    assert not full["found"].str.contains("models").any()
+
+
+def _trivial_models_case():
+    """adcc (higher is better), one image per model; real means gradcam / lime, halfcam's score:
+    ma: 0.2 / 0.6, halfcam 0.5 (fooled);  mb: 0.4 / 0.8, halfcam 0.5 (fooled);
+    mc: 0.0 / 1.0, halfcam NaN (unscored: its real range must not widen the verdict's);
+    md: halfcam 0.5 but no real method rows at all (unscored, not skipped)."""
+    real = {"ma": (0.2, 0.6), "mb": (0.4, 0.8), "mc": (0.0, 1.0)}
+    half = {"ma": 0.5, "mb": 0.5, "mc": np.nan, "md": 0.5}
+    rows = []
+    for model, (g, l) in real.items():
+        rows += [dict(model=model, image=0, method="gradcam", metric="adcc", value=g),
+                 dict(model=model, image=0, method="lime", metric="adcc", value=l)]
+    for model, v in half.items():
+        rows.append(dict(model=model, image=0, method="halfcam", metric="adcc", value=v))
+    return make_results_frame(rows)
+
+
+def test_trivial_verdict_columns_rest_on_the_scored_models():
+    """The verdict's real_worst / real_best averaged every model (mc's wider range too) while
+    trivial_score averaged only the scored ones, so the columns compared different models."""
+    per_model, verdict = A.table_trivial(_trivial_models_case())
+    v = verdict.set_index(["metric", "trivial"]).loc[("adcc", "halfcam")]
+    assert v["trivial_score"] == 0.5
+    assert (v["real_worst"], v["real_best"]) == pytest.approx(((0.2 + 0.4) / 2, (0.6 + 0.8) / 2))
+    t = per_model.set_index("model")
+    assert (t.loc["mc", "real_worst"], t.loc["mc", "real_best"]) == (0.0, 1.0)  # shown per model
+    assert pd.isna(t.loc["mc", "fooled"])
+
+
+def test_a_model_without_real_rows_is_an_unscored_model_not_a_skipped_one():
+    """md has HalfCAM rows but no real method's: it was left out of table b, so the verdict said
+    "fooled" over 3 models and an expectation resting on it "holds" though md was never checked."""
+    df = _trivial_models_case()
+    df = df[df.model != "mc"]
+    per_model, verdict = A.table_trivial(df)
+    md = per_model.set_index("model").loc["md"]
+    assert md["n_real"] == 0 and np.isnan(md["real_worst"]) and md["trivial_score"] == 0.5
+    assert pd.isna(md["fooled"]) and np.isnan(md["real_beaten"])
+    v = verdict.set_index(["metric", "trivial"]).loc[("adcc", "halfcam")]
+    assert (v["models"], v["models_unscored"], v["models_nan"]) == (3, 1, "md")
+    assert v["verdict"] == "fooled, 1/3 models unscored"
+    exp = A.check_expectations({"b_trivial_verdict": verdict}).set_index("expectation")
+    assert exp.loc["HalfCAM fools adcc (Fig. 1)", "status"] == "n/a"
+    # both kinds of unscored model named together
+    _, verdict = A.table_trivial(_trivial_models_case())
+    v = verdict.set_index(["metric", "trivial"]).loc[("adcc", "halfcam")]
+    assert (v["models"], v["models_unscored"], v["models_nan"]) == (4, 2, "mc,md")

@@ -462,17 +462,21 @@ def table_trivial(df: pd.DataFrame, metrics: list[str] | None = None,
     Means are over finite scores; the rows left out are counted (``real_n_nan``: the real
     configurations' rows, ``trivial_n_nan``: the trivial map's; NaN or error). ``n_real`` counts
     the real configurations with a finite mean. A model where the trivial map or every real
-    configuration has no finite score stays in the table, unscored (``fooled`` empty).
-    Returns (per-model rows, verdict per metric and trivial map over models).
+    configuration has no finite score (NaN, errors, or no real method's row at all) stays in the
+    table, unscored (``fooled`` empty).
+    Returns (per-model rows, verdict per metric and trivial map over models). A verdict row counts
+    the models (``models``, ``models_unscored``, the unscored ones named in ``models_nan``); its
+    ``trivial_score``, ``real_worst`` and ``real_best`` are means over the scored models only, the
+    same models for all three.
     """
     metrics = metrics or scalar_metrics(df)
     df = df[df["metric"].isin(metrics)]
     means = {key: g for key, g in _config_means(df).groupby(["model", "metric"], sort=True)}
     rows = []
     for (model, metric), computed in df.groupby(["model", "metric"], sort=True):
+        # a model with no real method's row has nothing to compare a trivial map with: it stays,
+        # unscored like one whose real rows are all NaN (below), and is not passed over
         is_real = ~computed["method"].isin(BASELINES)
-        if not is_real.any():  # no real method computed: nothing to compare a trivial map with
-            continue
         g = means.get((model, metric), pd.DataFrame(columns=["method", "mean"]))
         real = g[~g["method"].isin(BASELINES)]["mean"]
         failed = computed["status"] != "ok"
@@ -501,11 +505,16 @@ def table_trivial(df: pd.DataFrame, metrics: list[str] | None = None,
         return per_model, per_model
     verdicts = []
     for (metric, trivial), g in per_model.groupby(["metric", "trivial"], sort=True):
-        scored = g[g["fooled"].notna()]
+        # the verdict is per model; its score and range columns average the same models, those
+        # where the trivial map and the real configurations both have a score (an unscored
+        # model's real range beside the others' trivial score would compare different models)
+        ok = g["fooled"].notna()
+        scored = g[ok]
         k, n, unscored = int(scored["fooled"].astype(bool).sum()), len(g), len(g) - len(scored)
         verdicts.append({"metric": metric, "trivial": trivial, "models_fooled": k, "models": n,
-                         "models_unscored": unscored, "trivial_score": scored["trivial_score"].mean(),
-                         "real_worst": g["real_worst"].mean(), "real_best": g["real_best"].mean(),
+                         "models_unscored": unscored, "models_nan": ",".join(map(str, g.loc[~ok, "model"])),
+                         "trivial_score": scored["trivial_score"].mean(),
+                         "real_worst": scored["real_worst"].mean(), "real_best": scored["real_best"].mean(),
                          "verdict": _trivial_verdict(k, len(scored), unscored)})
     return per_model, pd.DataFrame(verdicts)
 
@@ -532,7 +541,10 @@ def refined_methods(df: pd.DataFrame) -> list[str]:
 
 def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "product",
                  metrics=REFINE_METRICS) -> pd.DataFrame:
-    """Table c. Base vs RefineCAM (``mix``) at the shallowest layer: paired mean over images."""
+    """Table c. Base vs RefineCAM (``mix``) at the shallowest layer: paired mean over images.
+
+    ``model = mean`` rows average the models with a score (``n_models``; the run's others, without
+    a paired image or without a row, are named in ``models_nan`` and left out, as in table a)."""
     layers = layer_order(df, config)
     if not layers:
         return pd.DataFrame()
@@ -562,11 +574,31 @@ def table_refine(df: pd.DataFrame, config: dict | None = None, mix: str = "produ
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    mean = (out.groupby(["method", "layer", "metric"], sort=True, dropna=False)
-            .agg(n=("n", "sum"), n_dropped=("n_dropped", "sum"), base=("base", "mean"),
-                 refined=("refined", "mean"), delta=("delta", "mean"), improved_frac=("improved_frac", "mean"))
-            .reset_index().assign(model="mean"))
-    return pd.concat([out, mean[out.columns]], ignore_index=True)
+    out = out.assign(n_models=1, models_nan="")
+    # a model's row has a score when it has a paired (or, layer-free, a finite) image
+    mean = _mean_over_models(out, ["method", "layer", "metric"], ["base", "refined", "delta", "improved_frac"],
+                             out["n"] > 0, sorted(set(df["model"])), sort=True)
+    cols = ["model", "method", "layer", "metric", "n_models", "models_nan", "n", "n_dropped", "base", "refined",
+            "delta", "improved_frac"]
+    return pd.concat([out[cols], mean[cols]], ignore_index=True)
+
+
+def _mean_over_models(per_model: pd.DataFrame, keys: list[str], values: list[str], scored: pd.Series,
+                      run_models: list, sort: bool) -> pd.DataFrame:
+    """``model = mean`` rows of tables c and d: ``values`` averaged over the models whose row is
+    ``scored``, as table a's summary: ``n_models`` counts them, ``models_nan`` names the run's other
+    models (a model without a score, or without a row at all), ``n`` sums the images the mean
+    rests on and ``n_dropped`` every model's dropped images (a left-out model's all count)."""
+    rows = []
+    for key, g in per_model.groupby(keys, sort=sort):
+        ok = scored.loc[g.index]
+        counted = g[ok]
+        rows.append({"model": "mean", **dict(zip(keys, key)),
+                     **{v: counted[v].mean() for v in values},
+                     "n_models": len(counted),
+                     "models_nan": ",".join(str(m) for m in run_models if m not in set(counted["model"])),
+                     "n": int(counted["n"].sum()), "n_dropped": int(g["n_dropped"].sum() + g.loc[~ok, "n"].sum())})
+    return pd.DataFrame(rows)
 
 
 def table_aggregators(df: pd.DataFrame, config: dict | None = None,
@@ -575,7 +607,10 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
 
     Paired: a row's means are over the images where every aggregator computed for it (identity
     included) has a finite score, so its columns compare the same images; ``n`` counts them and
-    ``n_dropped`` the images left out (a NaN or error in any column).
+    ``n_dropped`` the images left out (a NaN or error in any column). The mean rows are paired
+    over models the same way: over the models with a score in every column the row has
+    (``n_models``; the run's others named in ``models_nan``; a left-out model's images, where it has
+    a row, count in ``n_dropped``).
     ``best``: the aggregator (identity excluded: it is the unrefined map, not an aggregator) with
     the highest mean; ``best_gain``: its mean minus identity's (> 0: refining with it helps). Both
     NaN on rows without a refined score (e.g. the deepest layer, which nothing refines)."""
@@ -593,11 +628,13 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
     m = pd.DataFrame(rows)
     mixes = [x for x in MIX_ORDER if x in m.columns] + sorted(set(m.columns) - set(MIX_ORDER) - set(keys)
                                                               - {"n", "n_dropped"})
-    m = m[keys + mixes + ["n", "n_dropped"]]
-    mean = (m.groupby(["method", "layer", "metric"], sort=False)
-            .agg(**{x: (x, "mean") for x in mixes}, n=("n", "sum"), n_dropped=("n_dropped", "sum"))
-            .reset_index())
-    out = pd.concat([m, mean.assign(model="mean")[m.columns]], ignore_index=True)
+    m = m.assign(n_models=1, models_nan="")[keys + mixes + ["n_models", "models_nan", "n", "n_dropped"]]
+    # paired over models as a row is over images: a model enters the mean row when it has a score
+    # in every column that any model has there, so all of the row's columns rest on the same models
+    present = m.groupby(["method", "layer", "metric"], sort=False)[mixes].transform("count") > 0
+    scored = (m[mixes].notna() | ~present).all(axis=1) & (m["n"] > 0)
+    mean = _mean_over_models(m, ["method", "layer", "metric"], mixes, scored, sorted(set(df["model"])), sort=False)
+    out = pd.concat([m, mean[m.columns]], ignore_index=True)
     order = {l: i for i, l in enumerate(layer_order(df, config))}
     out["_l"] = out["layer"].map(order)
     out = out.sort_values(["model", "metric", "method", "_l"], kind="mergesort").drop(columns="_l")
@@ -771,12 +808,24 @@ def _paired_expectations(paired: pd.DataFrame, add) -> None:
         add(claim, f"paired difference of oriented Pearson r (95 % CI), mean over models: {found}", holds)
 
 
+def _fewer_models(row) -> str:
+    """'mean of 2/4 models, without mc, md' for a mean row of table c or d that rests on fewer
+    models than the run has; '' when it rests on all of them (or the table does not say)."""
+    left = getattr(row, "models_nan", "")
+    left = [m for m in str(left).split(",") if m] if isinstance(left, str) else []
+    if not left:
+        return ""
+    n = int(row.n_models)
+    return f"mean of {n}/{n + len(left)} models, without {', '.join(left)}"
+
+
 def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The papers' expectations, each with what this run found and holds / fails / n.a.
 
     Correlations are oriented (sign flipped for lower-is-better metrics such as AD), so
     "correlates best" means "agrees best with the ground truth". The two RefineCAM claims leave
-    out the paper's own exception, Guided Grad-CAM (``REFINE_CLAIM_EXCEPTIONS``), and report it.
+    out the paper's own exception, Guided Grad-CAM (``REFINE_CLAIM_EXCEPTIONS``), and report it;
+    a method whose mean (table c or d) rests on fewer models than the run has is marked so.
     """
     rows = []
 
@@ -835,13 +884,16 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         # compared: left out of the count, and named (layer-free methods are never refined)
         unscored = sorted(set(arcc.loc[arcc.refined.isna() & (arcc.layer != NO_LAYER), "method"]))
         ups = int((mean.delta > 0).sum())
-        found = ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in zip(mean.method, mean.base, mean.refined))
+
+        def listed(rows):
+            return ", ".join(f"{r.method} {r.base:.3f}->{r.refined:.3f}"
+                             + (f" ({_fewer_models(r)})" if _fewer_models(r) else "") for r in rows.itertuples())
+        found = listed(mean)
         if unscored:
             found += f"{'; ' if found else ''}no paired score for {', '.join(unscored)} (left out)"
         if len(excepted):
             found += (f"{'; ' if found else ''}the paper's exception (Table 1 lowers it), not counted: "
-                      + ", ".join(f"{m} {b:.3f}->{r:.3f}" for m, b, r in
-                                  zip(excepted.method, excepted.base, excepted.refined)))
+                      + listed(excepted))
         add("RefineCAM raises ARCC at the shallowest layer (Table 1)",
             f"{ups}/{len(mean)} methods improve: {found}", ups == len(mean) if len(mean) else None)
     d = tables.get("d_aggregators", pd.DataFrame())
@@ -856,6 +908,9 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             scored = scored[~scored.method.isin(REFINE_CLAIM_EXCEPTIONS)]
             unscored = sorted(set(shallow.method) - set(scored.method) - set(REFINE_CLAIM_EXCEPTIONS))
             found = f"best mix at the shallowest layer: {dict(zip(scored.method, scored.best))}"
+            partial = [f"{r.method}: {_fewer_models(r)}" for r in scored.itertuples() if _fewer_models(r)]
+            if partial:
+                found += "; " + "; ".join(partial)
             if unscored:
                 found += f"; no refined score for {', '.join(unscored)} (left out)"
             if len(excepted):
