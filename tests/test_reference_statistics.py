@@ -465,7 +465,14 @@ def test_expectations_text_follows_tables_a_and_a_paired(table, validity, paired
                 for m in ("average_drop", "complexity", "road", "arcc")}
     ranked = sorted(oriented, key=oriented.get, reverse=True)
     best = exp.loc["ARCC correlates best with the ground-truth cosine (Fig. 3a)"]
-    listing = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
+
+    def note(m):  # a correlation averaged over fewer models than the run has says so
+        row = validity.loc[("mean+-std", m, "pairs")]
+        left = [x for x in row["models_nan"].split(",") if x]
+        return f" (mean of {row['n_models']}/{row['n_models'] + len(left)} models, without {', '.join(left)})" if left else ""
+
+    listing = ", ".join(f"{m} {oriented[m]:+.2f}{note(m)}" for m in ranked)
+    assert any(note(m) for m in ranked)  # the messy table has such a metric (road lacks model mc)
     assert best["found"].startswith(f"oriented Pearson r, mean over models: {listing}")
     assert best["status"] == ("holds" if ranked[0] == "arcc" else "FAILS")
     worst = exp.loc["Average Drop correlates worst (Fig. 3a)"]
@@ -612,3 +619,19 @@ def test_a_model_without_real_rows_is_an_unscored_model_not_a_skipped_one():
     _, verdict = A.table_trivial(_trivial_models_case())
     v = verdict.set_index(["metric", "trivial"]).loc[("adcc", "halfcam")]
     assert (v["models"], v["models_unscored"], v["models_nan"]) == (4, 2, "mc,md")
+
+
+def test_fig3a_expectation_says_when_a_correlation_rests_on_fewer_models():
+    """Table a's summary row of a metric without a correlation on one model averages the others
+    only; the expectation's ranking printed it as a mean over all models."""
+    from validation.analyze import check_expectations
+
+    def row(metric, r, n_models, models_nan):
+        return {"model": "mean+-std", "metric": metric, "level": "pairs", "pearson": r,
+                "n_models": n_models, "models_nan": models_nan}
+
+    a = pd.DataFrame([row("arcc", 0.6, 2, ""), row("road", 0.5, 1, "vgg"), row("average_drop", -0.1, 2, "")])
+    found = check_expectations({"a_validity": a}).set_index("expectation")["found"]
+    text = found["ARCC correlates best with the ground-truth cosine (Fig. 3a)"]
+    assert "road +0.50 (mean of 1/2 models, without vgg)" in text
+    assert "arcc +0.60," in text and "average_drop +0.10" in text  # AD oriented; full means unmarked

@@ -809,7 +809,7 @@ def _paired_expectations(paired: pd.DataFrame, add) -> None:
 
 
 def _fewer_models(row) -> str:
-    """'mean of 2/4 models, without mc, md' for a mean row of table c or d that rests on fewer
+    """'mean of 2/4 models, without mc, md' for a mean row of table a, c or d that rests on fewer
     models than the run has; '' when it rests on all of them (or the table does not say)."""
     left = getattr(row, "models_nan", "")
     left = [m for m in str(left).split(",") if m] if isinstance(left, str) else []
@@ -825,7 +825,8 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     Correlations are oriented (sign flipped for lower-is-better metrics such as AD), so
     "correlates best" means "agrees best with the ground truth". The two RefineCAM claims leave
     out the paper's own exception, Guided Grad-CAM (``REFINE_CLAIM_EXCEPTIONS``), and report it;
-    a method whose mean (table c or d) rests on fewer models than the run has is marked so.
+    a metric's or method's mean (table a, c or d) that rests on fewer models than the run has is
+    marked so.
     """
     rows = []
 
@@ -838,9 +839,10 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         s = a[(a.model == "mean+-std") & (a.level == "pairs") & a.metric.isin(FIG3_METRICS)]
         # metrics without a correlation (constant, or no finite pair) cannot be ranked
         oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
+        fewer = {row.metric: _fewer_models(row) for row in s.itertuples(index=False)}
         if len(oriented) >= 2:
             ranked = sorted(oriented, key=oriented.get, reverse=True)
-            found = ", ".join(f"{m} {oriented[m]:+.2f}" for m in ranked)
+            found = ", ".join(f"{m} {oriented[m]:+.2f}" + (f" ({fewer[m]})" if fewer[m] else "") for m in ranked)
             rival = ranked[1] if ranked[0] == "arcc" and len(ranked) > 1 else ranked[0]
             paired_table = tables.get("a_paired", pd.DataFrame())
             paired = _paired_difference(paired_table, "arcc", rival)
