@@ -476,6 +476,25 @@ class Runner:
                             f.unlink()
         write_json(path, d)
 
+    def _remove_killed_runs_temp_files(self, shard: tuple[int, int], own_chunks) -> None:
+        """Remove the temp files (``.<name>.<8 chars>.tmp``) that a killed run (kill -9, out of
+        memory, a power cut) left beside the files it was writing: those of this shard's chunks,
+        which no other process writes, and for an unsharded run, which owns its folder, those of
+        the merged tables too. Resumed after every kill, a long run would otherwise keep them all."""
+        from shapesynth.schema import is_temp_file
+
+        stems = {chunk_stem(self.out, name, s, e) for name in self.config.model_names for s, e in own_chunks}
+        for folder in {stem.parent for stem in stems}:
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    # ".c0000000-0000016.results.parquet.ab12cd34.tmp" belongs to chunk c0000000-0000016
+                    if is_temp_file(p) and folder / p.name[1:].split(".", 1)[0] in stems:
+                        p.unlink(missing_ok=True)
+        if shard[1] == 1:
+            for p in self.out.iterdir():
+                if is_temp_file(p):
+                    p.unlink(missing_ok=True)
+
     # -- main ----------------------------------------------------------------------------
     def run(self, shard: tuple[int, int] = (0, 1), merge: bool | None = None) -> dict:
         """Compute this shard's unfinished chunks. Merges when the whole run is done
@@ -495,6 +514,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         chunks = shard_chunks(chunk_ranges(self.config.image_range, self.config.chunk_size), *shard)
         self._check_or_write_config(cfg_dict, shard, chunks)
+        self._remove_killed_runs_temp_files(shard, chunks)
         todo = [(name, model, s, e) for name, model in zip(self.config.model_names, models)
                 for s, e in chunks if not chunk_is_done(self.out, name, s, e, self.run_id)]
         summary = {"chunks_in_shard": len(chunks) * len(models), "chunks_computed": 0,
