@@ -524,31 +524,6 @@ def test_explain_layers_equals_single_layer_calls(resnet):
 # ---------------------------------------------------------------------------------------------
 # Guided Grad-CAM, captum methods
 
-def test_guided_gradcam_is_guided_backprop_times_upsampled_gradcam(resnet):
-    x = images(2, 32)
-    ours = explain(resnet, x, [2, 3], method="guidedgradcam", layer="stage2", reduce="sum", raw=True)
-    # guided backprop with hand-made guided ReLUs, on an independent copy
-    ref_model = copy.deepcopy(resnet)
-
-    class Guided(nn.Module):
-        def forward(self, t):
-            out = t.clamp_min(0)
-            if out.requires_grad:
-                out.register_hook(lambda g, t=t: g.clamp_min(0) * (t > 0))
-            return out
-
-    for parent in list(ref_model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.ReLU):
-                setattr(parent, name, Guided())
-    xi = x.clone().requires_grad_(True)
-    ref_model(xi).gather(1, torch.tensor([[2], [3]])).sum().backward()
-    cam = explain(resnet, x, [2, 3], method="gradcam", layer="stage2", raw=True).clamp_min(0)
-    up = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)
-    expected = (xi.grad * up).sum(1)
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
-
-
 class _HandGuidedReLU(nn.Module):
     """ReLU whose backward passes the gradient only where both it and the input are positive."""
 
@@ -557,6 +532,23 @@ class _HandGuidedReLU(nn.Module):
         if out.requires_grad:
             out.register_hook(lambda g, t=t: g.clamp_min(0) * (t > 0))
         return out
+
+
+def test_guided_gradcam_is_guided_backprop_times_upsampled_gradcam(resnet):
+    x = images(2, 32)
+    ours = explain(resnet, x, [2, 3], method="guidedgradcam", layer="stage2", reduce="sum", raw=True)
+    # guided backprop with hand-made guided ReLUs, on an independent copy
+    ref_model = copy.deepcopy(resnet)
+    for parent in list(ref_model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, _HandGuidedReLU())
+    xi = x.clone().requires_grad_(True)
+    ref_model(xi).gather(1, torch.tensor([[2], [3]])).sum().backward()
+    cam = explain(resnet, x, [2, 3], method="gradcam", layer="stage2", raw=True).clamp_min(0)
+    up = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+    expected = (xi.grad * up).sum(1)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("score", ["softmax", "log_softmax"])
