@@ -217,3 +217,92 @@ def test_the_grid_caption_names_the_model_the_grid_shows_when_maps_appear_meanwh
     page = write_report(run).read_text()
     assert len(drawn) == 1 and list((run / "chunks" / "alpha").glob("*.maps.npz"))
     assert "<h2>Qualitative grid</h2><p>Model beta:" in page
+
+
+# ----------------------------------------------------------------------------- figure data
+def _trivial_per_model():
+    """Table b's per-model rows, adcc and road, real range ma (0.2, 0.6), mb (0.4, 0.8), mc (0.0, 1.0):
+    halfcam is scored on ma and mb (mc's halfcam is NaN); randomcam on ma only for adcc, on all
+    three for road."""
+    import numpy as np
+
+    from validation.analyze import table_trivial
+    from validation.pipeline.table import make_results_frame
+
+    real = {"ma": (0.2, 0.6), "mb": (0.4, 0.8), "mc": (0.0, 1.0)}
+    rows = []
+    for model, (g, l) in real.items():
+        for metric in ("adcc", "road"):
+            rows += [dict(model=model, image=0, method="gradcam", metric=metric, value=g),
+                     dict(model=model, image=0, method="lime", metric=metric, value=l + 0.1 * (metric == "road")),
+                     dict(model=model, image=0, method="halfcam", metric=metric,
+                          value=np.nan if model == "mc" else 0.5)]
+        rows.append(dict(model=model, image=0, method="randomcam", metric="adcc",
+                         value=0.3 if model == "ma" else np.nan))
+        rows.append(dict(model=model, image=0, method="randomcam", metric="road", value=0.1))
+    return table_trivial(make_results_frame(rows))
+
+
+def test_trivial_figure_averages_the_models_the_verdict_does(tmp_path):
+    """The figure averaged every model's real range (mc's too, where halfcam has no score) with
+    NaN-skipping means, so its range was wider than the verdict table's for the same trivial map,
+    and it drew randomcam's adcc score (ma only) against a range over all three models."""
+    from validation.report import figures as F
+    from validation.report import read_table
+
+    per_model, verdict = _trivial_per_model()
+    labels = [t.get_text() for t in F.trivial_bars(per_model).axes[0].get_xticklabels()]
+    assert labels == ["randomcam (1/3 models)", "halfcam (2/3 models)"]  # adcc: each in its own range
+    path = tmp_path / "b_trivial.csv"
+    per_model.to_csv(path, index=False)  # as the report reads it back: `fooled` empty where unscored
+    for table in (per_model, read_table(path)):
+        d = F.trivial_bar_data(table).set_index(["metric", "trivial"])
+        half = d.loc[("adcc", "halfcam")]
+        assert (half.real_worst, half.real_median, half.real_best, half.trivial_score) == pytest.approx(
+            ((0.2 + 0.4) / 2, (0.4 + 0.6) / 2, (0.6 + 0.8) / 2, 0.5))
+        assert (half.n_models, half.models, half.scored_models) == (2, 3, "ma,mb")
+        rand = d.loc[("adcc", "randomcam")]
+        assert (rand.real_worst, rand.real_best, rand.trivial_score, rand.n_models) == pytest.approx((0.2, 0.6, 0.3, 1))
+        assert not half.shared_range and not rand.shared_range  # adcc: no one range fits both
+        # road: halfcam on ma, mb; randomcam on all three, so no shared range either
+        assert d.loc[("road", "randomcam"), "real_best"] == pytest.approx((0.7 + 0.9 + 1.1) / 3)
+        assert not d.loc[("road", "halfcam"), "shared_range"]
+        # the verdict table's columns, for every (metric, trivial map)
+        v = verdict.set_index(["metric", "trivial"])
+        for col in ("real_worst", "real_best", "trivial_score"):
+            assert d[col].to_numpy() == pytest.approx(v.loc[d.index, col].to_numpy(), nan_ok=True), col
+
+
+def test_trivial_figure_draws_one_range_when_every_trivial_map_rests_on_the_same_models():
+    from validation.report import figures as F
+
+    per_model, _ = _trivial_per_model()
+    same = per_model[per_model.model != "mc"]
+    d = F.trivial_bar_data(same).set_index(["metric", "trivial"])
+    assert d.loc["road", "shared_range"].all() and d.loc["road", "n_models"].tolist() == [2, 2]
+    assert not d.loc["adcc", "shared_range"].any()  # adcc randomcam: ma only
+    road = F.trivial_bars(same).axes[1]
+    assert [t.get_text() for t in road.get_xticklabels()] == ["real range", "randomcam", "halfcam"]
+
+
+def test_refine_and_correlation_figures_mark_means_over_fewer_models():
+    """The RefineCAM figure was titled "mean over models" and the correlation figure "mean of N
+    model(s)" even where a method's or metric's mean rested on fewer of the run's models."""
+    from validation.report import figures as F
+
+    refine = pd.DataFrame({"model": ["ma", "mean", "mean", "mean"], "method": ["gradcam", "gradcam", "layercam", "lime"],
+                           "layer": ["s1", "s1", "s1", "-"], "metric": "arcc", "n_models": [1, 3, 1, 3],
+                           "models_nan": ["", float("nan"), "mb,mc", ""], "base": 0.1, "refined": [0.2, 0.2, 0.3, None]})
+    fig = F.refine_bars(refine)
+    assert fig._suptitle.get_text() == "RefineCAM before / after (mean over 3 model(s), fewer where marked)"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["gradcam", "layercam (1/3 models)"]
+    d = F.refine_bar_data(refine)
+    assert d.label.tolist() == ["gradcam", "layercam (1/3 models)"] and d.run_models.tolist() == [3, 3]
+    validity = pd.DataFrame({"model": ["mean+-std"] * 2 + ["ma"], "metric": ["arcc", "road", "arcc"],
+                             "level": "pairs", "n_models": [2, 1, 1], "models_nan": ["", "mb", ""],
+                             "pearson": [0.5, 0.4, 0.5], "spearman": 0.5, "pearson_lo": 0.3, "pearson_hi": 0.6,
+                             "spearman_lo": 0.3, "spearman_hi": 0.6, "pearson_std": 0.1, "spearman_std": 0.1})
+    assert F.correlation_bar_data(validity).label.tolist() == ["arcc", "road (1/2 models)"]
+    ax = F.correlation_bars(validity).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["arcc", "road (1/2 models)"]
+    assert ax.get_title() == "pairs (mean of 2 model(s), fewer where marked)"

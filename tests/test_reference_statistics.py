@@ -635,3 +635,49 @@ def test_fig3a_expectation_says_when_a_correlation_rests_on_fewer_models():
     text = found["ARCC correlates best with the ground-truth cosine (Fig. 3a)"]
     assert "road +0.50 (mean of 1/2 models, without vgg)" in text
     assert "arcc +0.60," in text and "average_drop +0.10" in text  # AD oriented; full means unmarked
+
+
+# ----------------------------------------------------------------------------- table e
+def _localisation_case():
+    """lafam@stage1 on three models: mb has one NaN gt_cosine sample, mc none finite (left out of
+    the mean, its samples counted); md has no lafam row at all; relax (layer-free) on every model;
+    gradcam on md only."""
+    vals = {"ma": {"pointing_game": [1.0, 0.0], "gt_cosine": [0.2, 0.4]},
+            "mb": {"pointing_game": [1.0, 1.0], "gt_cosine": [0.6, np.nan]},
+            "mc": {"pointing_game": [0.0, 0.0], "gt_cosine": [np.nan, np.nan]}}
+    rows = [dict(model=model, image=img, method="lafam", layer="stage1", metric=metric, value=v)
+            for model, per in vals.items() for metric, vs in per.items() for img, v in enumerate(vs)]
+    rows += [dict(model=m, image=0, method="relax", layer="-", metric="gt_cosine", value=0.1 * k)
+             for k, m in enumerate(("ma", "mb", "mc", "md"))]
+    rows.append(dict(model="md", image=0, method="gradcam", layer="stage1", metric="gt_cosine", value=0.5))
+    return make_results_frame(rows)
+
+
+def test_localisation_mean_rows_say_on_how_many_models_they_rest():
+    """Table e's mean rows averaged each column over whichever models had a value (pandas skips
+    NaN) and said nothing: lafam's pointing game averaged mc's 0.0 while its cosine did not (mc has
+    none), so the row's columns rested on different models, and md (no lafam row) went unnamed."""
+    e = A.table_localisation(_localisation_case()).set_index(["model", "method", "layer"])
+    lafam = e.loc[("mean", "lafam", "stage1")]
+    assert (lafam["n_models"], lafam["models_nan"]) == (2, "mc,md")
+    assert (lafam["pointing_game"], lafam["gt_cosine"]) == pytest.approx(((0.5 + 1.0) / 2, (0.3 + 0.6) / 2))
+    # left out of the mean: mb's NaN sample, and every sample of mc
+    assert (lafam["pointing_game_n_nan"], lafam["gt_cosine_n_nan"]) == (0 + 0 + 2, 0 + 1 + 2)
+    relax = e.loc[("mean", "relax", "-")]
+    assert (relax["n_models"], relax["models_nan"], relax["gt_cosine"]) == (4, "", pytest.approx(0.15))
+    assert pd.isna(relax["pointing_game"]) and pd.isna(relax["pointing_game_n_nan"])  # no model has it
+    gradcam = e.loc[("mean", "gradcam", "stage1")]
+    assert (gradcam["n_models"], gradcam["models_nan"], gradcam["gt_cosine"]) == (1, "ma,mb,mc", 0.5)
+    mc = e.loc[("mc", "lafam", "stage1")]
+    assert (mc["n_models"], mc["models_nan"], mc["pointing_game"], mc["gt_cosine_n_nan"]) == (1, "", 0.0, 2)
+
+
+def test_localisation_has_a_row_only_for_what_the_run_computed():
+    """pivot_table(dropna=False) filled in every combination of the index levels: rows of NaN for
+    relax@stage1, lafam@- and gradcam on models that never computed it (the shipped benchmark's
+    table e had 12 of them)."""
+    e = A.table_localisation(_localisation_case())
+    computed = {("ma", "lafam", "stage1"), ("mb", "lafam", "stage1"), ("mc", "lafam", "stage1"),
+                ("md", "gradcam", "stage1")} | {(m, "relax", "-") for m in ("ma", "mb", "mc", "md")}
+    computed |= {("mean", method, layer) for _, method, layer in computed}
+    assert set(zip(e.model, e.method, e.layer)) == computed and len(e) == len(computed)

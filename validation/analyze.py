@@ -651,24 +651,43 @@ def table_aggregators(df: pd.DataFrame, config: dict | None = None,
 def table_localisation(df: pd.DataFrame, methods=LOCALISATION_METHODS,
                        metrics=LOCALISATION_METRICS) -> pd.DataFrame:
     """Table e. Mean and per-sample NaN count (``<metric>_n_nan``: rows whose value is NaN, status
-    ``nan`` or ``error``, left out of the mean) of the localisation metrics, identity maps.
-    ``model = mean`` averages the models' means and sums their NaN counts."""
+    ``nan`` or ``error``, left out of the mean) of the localisation metrics, identity maps; one
+    row per (model, method, layer) the run computed.
+
+    ``model = mean`` rows are paired over models as table d's: they average the models with a
+    finite mean in every metric column that any model has there (``n_models``; the run's others,
+    without such a mean or without a row, are named in ``models_nan``), so all of a row's columns
+    rest on the same models. Their ``<metric>_n_nan`` counts every sample left out of the mean:
+    the NaN samples of the models it averages and all samples of a left-out model."""
     sub = df[df["method"].isin(methods) & df["metric"].isin(metrics) & (df["mix"] == IDENTITY)]
     if sub.empty:
         return pd.DataFrame()
     keys = ["model", "method", "layer", "metric"]
     stats = (sub.assign(is_nan=sub["value"].isna()).groupby(keys, sort=True)
-             .agg(mean=("value", "mean"), n_nan=("is_nan", "sum")).reset_index())
-    over_models = (stats.groupby(["method", "layer", "metric"], sort=True)
-                   .agg(mean=("mean", "mean"), n_nan=("n_nan", "sum")).reset_index().assign(model="mean"))
-    both = pd.concat([stats, over_models], ignore_index=True)
+             .agg(mean=("value", "mean"), n_nan=("is_nan", "sum"), rows=("value", "size")).reset_index())
     index = ["model", "method", "layer"]
-    means = both.pivot_table(index=index, columns="metric", values="mean", dropna=False, sort=False)
-    nans = both.pivot_table(index=index, columns="metric", values="n_nan", dropna=False, sort=False)
-    out = means.join(nans.astype("Int64").add_suffix("_n_nan")).reset_index()
     present = [m for m in metrics if m in set(sub["metric"])]
-    cols = index + present + [f"{m}_n_nan" for m in present]
-    return out.reindex(columns=cols)
+    # pivot, not pivot_table(dropna=False): the latter filled in every (model, method, layer)
+    # combination of the index levels, e.g. rows of NaN for RELAX at layers it never takes
+    wide_stats = {v: stats.pivot(index=index, columns="metric", values=v).reindex(columns=present)
+                  for v in ("mean", "n_nan", "rows")}
+    per_model = wide_stats["mean"].reset_index().assign(n_models=1, models_nan="")
+    nan_cols = [f"{m}_n_nan" for m in present]
+    per_model[nan_cols] = wide_stats["n_nan"].to_numpy()
+    means = per_model[present]
+    has_column = means.notna().groupby([per_model["method"], per_model["layer"]]).transform("any")
+    scored = (means.notna() | ~has_column).all(axis=1) & means.notna().any(axis=1)
+    mean = _mean_over_models(per_model.assign(n=0, n_dropped=0), ["method", "layer"], present, scored,
+                             sorted(set(df["model"])), sort=True)
+    # left out of a mean: the NaN samples of the models it averages, every sample of the others
+    left_out = pd.DataFrame(np.where(scored.to_numpy()[:, None], wide_stats["n_nan"].to_numpy(),
+                                     wide_stats["rows"].to_numpy()), columns=nan_cols, index=per_model.index)
+    left_out = left_out.groupby([per_model["method"], per_model["layer"]], sort=True).sum(min_count=1)
+    mean[nan_cols] = left_out.to_numpy()
+    cols = index + ["n_models", "models_nan"] + present + nan_cols
+    out = pd.concat([per_model[cols], mean[cols]], ignore_index=True)
+    out[nan_cols] = out[nan_cols].astype("Int64")
+    return out
 
 
 def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None) -> pd.DataFrame:

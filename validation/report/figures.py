@@ -30,10 +30,40 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def _left_out(names) -> list[str]:
+    """The models a mean row names in ``models_nan`` (empty, or NaN as read back from a CSV: none)."""
+    return [m for m in names.split(",") if m] if isinstance(names, str) else []
+
+
+def _of_models(label: str, n_models: int, run_models: int) -> str:
+    """``label``, marked ``(n/N models)`` when its mean rests on fewer models than the run has."""
+    return label if n_models >= run_models else f"{label} ({n_models}/{run_models} models)"
+
+
+def _mean_row_labels(rows: pd.DataFrame, label: pd.Series) -> pd.DataFrame:
+    """``rows`` (mean rows of table a, c or d) with ``run_models`` (those averaged plus those named
+    in ``models_nan``) and ``label`` marked where the mean rests on fewer models than that."""
+    rows = rows.assign(label=label)
+    if "n_models" not in rows:  # a table written before mean rows counted their models: unmarked
+        return rows.assign(run_models=np.nan)
+    n = rows["n_models"].astype(int)
+    rows["run_models"] = n + rows["models_nan"].map(lambda v: len(_left_out(v)))
+    rows["label"] = [_of_models(text, k, total) for text, k, total in zip(label, n, rows["run_models"])]
+    return rows
+
+
+def correlation_bar_data(validity: pd.DataFrame) -> pd.DataFrame:
+    """The summary rows of table a the correlation bars draw, each metric labelled with its model
+    count where it rests on fewer models than the run has (a model without a correlation)."""
+    s = validity[validity.model == "mean+-std"]
+    return _mean_row_labels(s, s["metric"].astype(str))
+
+
 def correlation_bars(validity: pd.DataFrame):
     """Mean Pearson and Spearman r with the ground-truth cosine per metric; error bars: +- std over
-    models when there are several, else the bootstrap 95 % interval."""
-    s = validity[validity.model == "mean+-std"]
+    models when there are several, else the bootstrap 95 % interval. A metric whose mean rests on
+    fewer models than the run has is marked ``(n/N models)``."""
+    s = correlation_bar_data(validity)
     levels = [lv for lv in ("pairs", "method_means") if lv in set(s.level)]
     fig = Figure(figsize=(6.5 * len(levels), 3.8))
     axes = fig.subplots(1, len(levels), squeeze=False)
@@ -48,50 +78,90 @@ def correlation_bars(validity: pd.DataFrame):
             ax.bar(x + (k - 0.5) * 0.38, t[col], 0.38, yerr=err, capsize=3, color=colour,
                    label=col.capitalize())
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(x, t.metric, rotation=40, ha="right")
+        ax.set_xticks(x, t.label, rotation=40, ha="right")
         ax.set_ylim(-1.05, 1.05)
         ax.set_ylabel("r with ground-truth cosine")
-        n_models = int(t["n_models"].max()) if len(t) else 0
-        ax.set_title(f"{level.replace('_', ' ')} (mean of {n_models} model(s))", fontsize=10)
+        n_models = int(t["run_models"].max()) if len(t) else 0
+        ax.set_title(f"{level.replace('_', ' ')} (mean of {n_models} model(s), fewer where marked)", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle("Metric validity (error bars: " +
                  ("+- std over models" if len(s) and (s.n_models > 1).all() else "bootstrap 95 % CI") + ")")
     return fig
 
 
+def trivial_bar_data(per_model: pd.DataFrame) -> pd.DataFrame:
+    """What the trivial-map figure draws: one row per (metric, trivial map) with the real
+    configurations' range (``real_worst``, ``real_median``, ``real_best``) and the trivial map's
+    ``trivial_score``, all means over the models where that trivial map has a verdict (``fooled``
+    set), as in the verdict table; ``n_models`` counts them, ``models`` the models with the trivial
+    map. ``shared_range``: every trivial map of the metric rests on the same models, so one real
+    range stands for all of them; otherwise each trivial map is drawn beside its own range."""
+    keys = ["metric", "trivial"]
+    columns = ["real_worst", "real_median", "real_best", "trivial_score"]
+    scored = per_model[per_model["fooled"].notna()]
+    means = scored.groupby(keys, sort=True)[columns].mean()
+    out = per_model.groupby(keys, sort=True).size().rename("models").to_frame().join(means)
+    out["n_models"] = scored.groupby(keys).size().reindex(out.index, fill_value=0)
+    out["scored_models"] = scored.groupby(keys)["model"].agg(lambda m: ",".join(sorted(map(str, m))))
+    out["scored_models"] = out["scored_models"].reindex(out.index).fillna("")
+    out = out.reset_index()
+    out["shared_range"] = out.groupby("metric")["scored_models"].transform("nunique") == 1
+    return out[keys + columns + ["n_models", "models", "scored_models", "shared_range"]]
+
+
+def _real_range(ax, x: float, row, width: float, label: bool) -> None:
+    lo, hi = sorted([row.real_worst, row.real_best])
+    ax.bar(x, hi - lo, bottom=lo, color="tab:blue", alpha=0.35 if not label else 0.6, width=width)
+    ax.plot([x - width / 2, x + width / 2], [row.real_median] * 2, color="k", lw=1.5)
+
+
 def trivial_bars(per_model: pd.DataFrame):
     """Per metric: the real configurations' range (bar from worst to best, tick at the median)
-    beside each trivial map's score; means over models."""
-    m = per_model.groupby(["metric", "trivial"], sort=True)[
-        ["real_worst", "real_median", "real_best", "trivial_score"]].mean().reset_index()
+    beside each trivial map's score; means over the models where the trivial map has a score, as
+    the verdict table (`trivial_bar_data`). When the trivial maps of a metric rest on different
+    models, no single range fits them all: each is drawn inside its own range (pale bar), and a
+    trivial map scored on fewer models than have it is marked ``(n/N models)``."""
+    m = trivial_bar_data(per_model)
     metrics = sorted(m.metric.unique())
     ncol = min(4, max(1, len(metrics)))
     nrow = int(np.ceil(len(metrics) / ncol))
     fig = Figure(figsize=(3.2 * ncol, 2.8 * nrow))
     axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        g = m[m.metric == metric]
-        lo, hi = sorted([g.real_worst.iloc[0], g.real_best.iloc[0]])
-        ax.bar(0, hi - lo, bottom=lo, color="tab:blue", alpha=0.6, width=0.6)
-        ax.plot([-0.3, 0.3], [g.real_median.iloc[0]] * 2, color="k", lw=1.5)
-        labels = ["real range"]
-        for k, t in enumerate([t for t in TRIVIAL_MAPS if t in set(g.trivial)], start=1):
-            v = g[g.trivial == t].trivial_score.iloc[0]
-            ax.bar(k, v, width=0.6, color=TRIVIAL_COLOURS.get(t, "grey"))
-            labels.append(t)
+        g = m[m.metric == metric].set_index("trivial")
+        trivials = [t for t in TRIVIAL_MAPS if t in g.index] + [t for t in g.index if t not in TRIVIAL_MAPS]
+        shared = bool(g.shared_range.iloc[0])
+        labels = []
+        if shared:
+            _real_range(ax, 0, g.loc[trivials[0]], 0.6, label=True)
+            labels.append(_of_models("real range", int(g.n_models.iloc[0]), int(g.models.max())))
+        for k, t in enumerate(trivials, start=len(labels)):
+            row = g.loc[t]
+            if not shared:
+                _real_range(ax, k, row, 0.8, label=False)
+            ax.bar(k, row.trivial_score, width=0.6 if shared else 0.35, color=TRIVIAL_COLOURS.get(t, "grey"))
+            labels.append(_of_models(t, int(row.n_models), int(row.models)))
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(metric, fontsize=9)
+        ax.set_title(metric if shared else f"{metric} (pale: real range on the same models)", fontsize=9)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.suptitle("Trivial maps vs the range of real methods (mean over models)")
+    fig.suptitle("Trivial maps vs the range of real methods (mean over the models where the trivial map has a score)")
     fig.tight_layout()
     return fig
 
 
-def refine_bars(refine: pd.DataFrame):
-    """Base vs RefineCAM at the shallowest layer, mean over models, per metric."""
+def refine_bar_data(refine: pd.DataFrame) -> pd.DataFrame:
+    """The mean rows of table c with a refined score, each method labelled with its model count
+    where its mean rests on fewer models than the run has (``run_models``)."""
     t = refine[(refine.model == "mean") & refine.refined.notna()]
+    return _mean_row_labels(t, t["method"].astype(str))
+
+
+def refine_bars(refine: pd.DataFrame):
+    """Base vs RefineCAM at the shallowest layer, mean over models, per metric; a method whose
+    mean rests on fewer models than the run has is marked ``(n/N models)``."""
+    t = refine_bar_data(refine)
     metrics = list(dict.fromkeys(t.metric))
     fig = Figure(figsize=(5 * len(metrics), 3.4))
     axes = fig.subplots(1, len(metrics), squeeze=False)
@@ -100,10 +170,12 @@ def refine_bars(refine: pd.DataFrame):
         x = np.arange(len(g))
         ax.bar(x - 0.2, g.base, 0.4, label="base", color="tab:grey")
         ax.bar(x + 0.2, g.refined, 0.4, label="RefineCAM", color="tab:green")
-        ax.set_xticks(x, g.method, rotation=30, ha="right")
+        ax.set_xticks(x, g.label, rotation=30, ha="right")
         ax.set_title(f"{metric} at {g.layer.iloc[0]}" if len(g) else metric, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle("RefineCAM before / after (mean over models)")
+    n_models = t["run_models"].max() if len(t) else np.nan
+    over = f"{int(n_models)} model(s), fewer where marked" if np.isfinite(n_models) else "models"
+    fig.suptitle(f"RefineCAM before / after (mean over {over})")
     fig.tight_layout()
     return fig
 
