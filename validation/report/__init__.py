@@ -59,15 +59,10 @@ def grid_maps(run_dir: Path, names: list[str]) -> tuple[str | None, list[Path]]:
     return None, []
 
 
-def grid_model(run_dir: Path, names: list[str]) -> str | None:
-    """The model the qualitative grid shows (see `grid_maps`)."""
-    return grid_maps(run_dir, names)[0]
-
-
 def load_saved_maps(run_dir: Path, model: str, files: list[Path] | None = None) -> dict | None:
     """Concatenate the maps kept for the report (``--save-maps``) over a model's chunks
     (``files``: its maps files as `grid_maps` listed them; default: listed now)."""
-    files = sorted((Path(run_dir) / "chunks" / model).glob("*.maps.npz")) if files is None else list(files)
+    files = grid_maps(run_dir, [model])[1] if files is None else list(files)
     if not files:
         return None
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
@@ -251,4 +246,4 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, n_boot:
     return path
 
 
-__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "grid_maps", "grid_model"]
+__all__ = ["write_report", "make_figures", "load_tables", "load_saved_maps", "grid_maps"]
