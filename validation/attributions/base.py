@@ -13,7 +13,7 @@ from torch import nn
 
 from .._layout import fast_layout
 from .._model_input import raise_for_failed_forward
-from .layers import Layer, LayerSpec, resolve_layer_full
+from .layers import STAGES, CellGeometry, Layer, LayerSpec, resolve_layer_full
 from .postprocess import INTERPOLATIONS, finalize
 
 
@@ -298,11 +298,18 @@ def layer_specs(layers: Any) -> list:
 # ---------------------------------------------------------------------------------------------
 # explainers
 
+CELL_CENTRES = ("stride", "model")
+
+
 class Explainer:
     """Base of every method: ``attribute(x, target)`` -> maps (B, H, W) in [0, 1] on x's device.
 
-    Options shared by every method: ``interpolation`` ("bilinear" or "nearest") and ``raw``
-    (return the method's raw map: no rectification, no upsampling, no normalisation).
+    Options shared by every method: ``interpolation`` ("bilinear" or "nearest"), ``raw``
+    (return the method's raw map: no rectification, no upsampling, no normalisation) and
+    ``cell_centres``: "stride" (default) stretches a layer's grid over the image, centring cell i
+    of a stride-S grid at pixel S i + (S - 1) / 2; "model" centres it where the model does (see
+    :class:`~validation.attributions.layers.CellGeometry`; refused for a layer whose geometry is
+    not declared). Methods without a layer map at the input's resolution: there it has no effect.
     """
 
     name = "explainer"
@@ -314,14 +321,18 @@ class Explainer:
     # torch.no_grad it cannot be lifted by the torch.enable_grad() the methods run under
     needs_gradients = False
 
-    def __init__(self, model: nn.Module, *, interpolation: str = "bilinear", raw: bool = False):
+    def __init__(self, model: nn.Module, *, interpolation: str = "bilinear", raw: bool = False,
+                 cell_centres: str = "stride"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        if cell_centres not in CELL_CENTRES:
+            raise ValueError(f"cell_centres must be one of {CELL_CENTRES}, got {cell_centres!r}")
         self.model = model
         self.interpolation = interpolation
         self.raw = bool(raw)
+        self.cell_centres = cell_centres
 
     # subclasses implement: raw maps (B, h, w), resolved target (or None), extras; ``inputs`` are
     # the per-call inputs named in ``call_inputs``
@@ -357,11 +368,14 @@ class Explainer:
                 raise_for_failed_forward(self.model, x, error)
                 raise
 
-    def postprocess(self, raw: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    def postprocess(self, raw: torch.Tensor, size, cells: CellGeometry | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectified, upsampled (cells placed by ``cells``: see :meth:`LayerExplainer.cells`) and
+        min-maxed maps, or the raw maps with ``raw``."""
         if self.raw:
             return raw.detach(), torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
         maps, degenerate = finalize(raw.detach().to(compute_dtype(raw.dtype)), size, rectifier=self.rectifier,
-                                    interpolation=self.interpolation)
+                                    interpolation=self.interpolation, cells=cells)
         return maps, degenerate
 
     def attribute(self, inputs: torch.Tensor, target: Any = None, **per_call) -> torch.Tensor:
@@ -384,10 +398,24 @@ class LayerExplainer(Explainer):
                  **options):
         super().__init__(model, **options)
         self.channels_last = channels_last
-        self.layer = resolve_layer_full(model, layer, channels_last)
+        self.layer = self.resolve([layer])[0]
 
     def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:
-        return [resolve_layer_full(self.model, spec, self.channels_last) for spec in layer_specs(layers)]
+        """The layers, each with its cell geometry, which ``cell_centres="model"`` requires."""
+        resolved = [resolve_layer_full(self.model, spec, self.channels_last) for spec in layer_specs(layers)]
+        if self.cell_centres == "model":
+            for layer in resolved:
+                if layer.cells is None:
+                    raise ValueError(
+                        f"cell_centres='model': where the cells of layer {layer.name!r} are centred is not "
+                        f"declared (it is for the stages {', '.join(STAGES)} of ResNet, VGG, ConvNeXt and "
+                        f"Swin-T); use cell_centres='stride' (the default) for this layer")
+        return resolved
+
+    def cells(self, layer: Layer) -> CellGeometry | None:
+        """Where upsampling puts ``layer``'s cells: its geometry with ``cell_centres="model"``, None
+        (stretch-to-fit) otherwise."""
+        return layer.cells if self.cell_centres == "model" else None
 
     # subclasses implement: list of raw maps (B, h, w) per layer, target, depth ranks
     def _layer_maps(self, x, target, layers: list[Layer], guard: ModelGuard):
@@ -395,20 +423,27 @@ class LayerExplainer(Explainer):
 
     def layer_maps(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]):
         """Raw maps at every layer of ``layers`` -> (list of (B, h, w), target, depth ranks)."""
+        return self._resolved_layer_maps(x, target, self.resolve(layers))
+
+    def _resolved_layer_maps(self, x: torch.Tensor, target: Any, layers: list[Layer]):
         self.check_grad_mode()
         x = check_input(x)
         target = as_target(target, x.shape[0], x.device)
-        resolved = self.resolve(layers)
-        return self.guarded(x, lambda guard: self._layer_maps(x, target, resolved, guard))
+        return self.guarded(x, lambda guard: self._layer_maps(x, target, layers, guard))
 
     def explain_layers(self, x: torch.Tensor, target: Any, layers: Sequence[LayerSpec]) -> list[Explanation]:
         """One :class:`Explanation` per layer, all from a shared pass."""
-        raws, target, _ = self.layer_maps(x, target, layers)
+        resolved = self.resolve(layers)
+        raws, target, _ = self._resolved_layer_maps(x, target, resolved)
         out = []
-        for raw in raws:
-            maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]))
+        for raw, layer in zip(raws, resolved):
+            maps, degenerate = self.postprocess(raw, tuple(x.shape[-2:]), self.cells(layer))
             out.append(Explanation(maps.float(), degenerate, target, {}))
         return out
+
+    def postprocess(self, raw: torch.Tensor, size, cells: CellGeometry | None = None):
+        """As :meth:`Explainer.postprocess`, for this explainer's layer unless ``cells`` is given."""
+        return super().postprocess(raw, size, self.cells(self.layer) if cells is None else cells)
 
     def _explain_raw(self, x, target, guard):
         raws, target, _ = self._layer_maps(x, target, [self.layer], guard)

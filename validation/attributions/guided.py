@@ -94,6 +94,8 @@ class GuidedGradCAM(GradCAM):
         cams, target, rank = super()._layer_maps(x, target, layers, guard)
         grad, target, _ = guided_gradients(self.model, x, target, guard, self.score)
         size = tuple(x.shape[-2:])
-        maps = [reduce_channels(grad * upsample(rectify(c, "relu"), size, self.interpolation)[:, None], self.reduce)
-                for c in cams]
+        maps = []
+        for cam, layer in zip(cams, layers):
+            up = upsample(rectify(cam, "relu"), size, self.interpolation, self.cells(layer))
+            maps.append(reduce_channels(grad * up[:, None], self.reduce))
         return maps, target, rank

@@ -20,12 +20,37 @@ STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
 @dataclass(frozen=True)
+class CellGeometry:
+    """Where the model centres the cells of a layer's grid: cell i (on either axis) at input pixel
+    ``stride * i + first_centre``, whatever the image size."""
+
+    stride: int
+    first_centre: float  # pixel of cell 0's centre: (stride - 1) / 2 for a patch, 0 for ResNet
+
+
+@dataclass(frozen=True)
 class Layer:
-    """A resolved layer: the module, a readable name and the layout of its output."""
+    """A resolved layer: the module, a readable name, the layout of its output and, for a
+    reference architecture's stage, where the model centres its cells (None: not declared)."""
 
     module: nn.Module
     name: str
     channels_last: bool = False  # output is (B, H, W, C), e.g. Swin-T stages
+    cells: CellGeometry | None = None
+
+
+STAGE_STRIDES = (4, 8, 16, 32)  # every reference architecture's stage1..stage4
+
+
+def _patch_centre(stride: int) -> float:
+    """Cell i covers pixels S i .. S i + S - 1 (stride-S patches, 2x2 pools or merges of them)."""
+    return (stride - 1) / 2
+
+
+def _resnet_centre(stride: int) -> float:
+    """torchvision's ResNet pads its strided convolutions and max-pool symmetrically (7x7 pad 3,
+    3x3 pad 1, 1x1 pad 0): each halving centres output j on input 2 j, so cell i on pixel S i."""
+    return 0.0
 
 
 def _resnet_stages(net: nn.Module) -> list[str]:
@@ -49,6 +74,14 @@ _ARCHITECTURES: dict[type, Callable[[nn.Module], list[str]]] = {
     tvm.SwinTransformer: _features_stages,
     tvm.ConvNeXt: _features_stages,
 }
+# architecture type -> pixel of cell 0's centre at a stage of stride S (tests/test_reference_alignment.py
+# measures each from the model's gradients)
+_CELL_CENTRES: dict[type, Callable[[int], float]] = {
+    tvm.ResNet: _resnet_centre,
+    tvm.VGG: _patch_centre,
+    tvm.SwinTransformer: _patch_centre,
+    tvm.ConvNeXt: _patch_centre,
+}
 
 
 def _find_architecture(model: nn.Module):
@@ -68,6 +101,17 @@ def stage_names(model: nn.Module) -> dict[str, str]:
         return {}
     net, prefix, stages = found
     return {alias: prefix + name for alias, name in zip(STAGES, stages(net))}
+
+
+def stage_cells(model: nn.Module) -> dict[str, CellGeometry]:
+    """Full dotted stage name -> where the model centres that stage's cells; ``{}`` for an
+    architecture not recognised."""
+    found = _find_architecture(model)
+    if found is None:
+        return {}
+    net, prefix, stages = found
+    centre = next(rule for arch_type, rule in _CELL_CENTRES.items() if isinstance(net, arch_type))
+    return {prefix + name: CellGeometry(stride, centre(stride)) for name, stride in zip(stages(net), STAGE_STRIDES)}
 
 
 def _is_channels_last(model: nn.Module, name: str) -> bool:
@@ -94,12 +138,12 @@ def _module_names(model: nn.Module) -> list[str]:
 
 
 def resolve_layer_full(model: nn.Module, layer: LayerSpec, channels_last: bool | None = None) -> Layer:
-    """Resolve a layer spec to a :class:`Layer` (module, name, output layout)."""
+    """Resolve a layer spec to a :class:`Layer` (module, name, output layout, cell geometry)."""
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
                 cl = _is_channels_last(model, name) if channels_last is None else channels_last
-                return Layer(module, name or "<model>", cl)
+                return Layer(module, name or "<model>", cl, stage_cells(model).get(name))
         raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a stage name, a module name or an nn.Module, got {type(layer).__name__}")
@@ -112,7 +156,7 @@ def resolve_layer_full(model: nn.Module, layer: LayerSpec, channels_last: bool |
     for candidate in candidates:
         if candidate in modules and candidate:
             cl = _is_channels_last(model, candidate) if channels_last is None else channels_last
-            return Layer(modules[candidate], candidate, cl)
+            return Layer(modules[candidate], candidate, cl, stage_cells(model).get(candidate))
     names = _module_names(model)
     shown = names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"]
     alias_text = (", ".join(f"{a} -> {n}" for a, n in aliases.items())

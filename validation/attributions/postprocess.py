@@ -5,7 +5,10 @@ its authors do), in this order:
    ``reduce`` over channels sets the sign convention, e.g. ``sum_abs``) and for maps that are
    non-negative by construction (LaFAM, RELAX, baselines);
 2. upsample to the input size: bilinear (``align_corners=False``, no antialiasing) by default,
-   ``nearest`` (centre-aligned, ``nearest-exact``) on request;
+   ``nearest`` (centre-aligned, ``nearest-exact``) on request. This stretches the grid over the
+   image, centring cell i of a stride-S grid at pixel S i + (S - 1) / 2; given the layer's
+   :class:`~validation.attributions.layers.CellGeometry` (``cell_centres="model"``), cell i is
+   placed at the pixel the model centres it on instead (the same result where the two agree);
 3. per-sample min-max to [0, 1]; a constant map (max == min up to float rounding) becomes all
    zeros and is flagged, as is a map with non-finite values: results are never NaN.
 
@@ -15,11 +18,16 @@ pytorch-grad-cam does), because bilinear interpolation is affine and maps consta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 INTERPOLATIONS = {"bilinear": "bilinear", "nearest": "nearest-exact"}
 RECTIFIERS = ("relu", "abs", None)
+
+if TYPE_CHECKING:
+    from .layers import CellGeometry
 
 
 def rectify(maps: torch.Tensor, how: str | None) -> torch.Tensor:
@@ -32,15 +40,52 @@ def rectify(maps: torch.Tensor, how: str | None) -> torch.Tensor:
     raise ValueError(f"rectify must be one of {RECTIFIERS}, got {how!r}")
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
-    """(B, h, w) -> (B, *size)."""
+def upsample(maps: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear",
+             cells: "CellGeometry | None" = None) -> torch.Tensor:
+    """(B, h, w) -> (B, *size). ``cells``: where the model centres the grid's cells (None: the
+    stretch-to-fit convention)."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
-    if tuple(maps.shape[-2:]) == tuple(size):
+    if tuple(maps.shape[-2:]) == tuple(size):  # already at the input's resolution: no cells to place
         return maps
+    if cells is not None and not _is_convention(cells, maps.shape[-2:], size):
+        return _upsample_cells(maps, tuple(size), interpolation, cells)
     mode = INTERPOLATIONS[interpolation]
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(maps[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0]
+
+
+def _is_convention(cells: "CellGeometry", grid, size) -> bool:
+    """Whether ``cells`` centres the grid's cells where stretching it over ``size`` does: then
+    torch's own kernel gives the same sampling (and the default's result, bitwise)."""
+    return (cells.first_centre == (cells.stride - 1) / 2
+            and all(cells.stride * n == out for n, out in zip(grid, size)))
+
+
+def _cell_axis(n_out: int, n_cells: int, cells: "CellGeometry", interpolation: str, like: torch.Tensor):
+    """Per output pixel along one axis: (lower cell, upper cell, weight of the upper cell). Pixel
+    y sits at s = (y - first_centre) / stride in cell units, clamped to the grid (the border
+    value continues outwards, as ``align_corners=False`` upsampling does)."""
+    y = torch.arange(n_out, device=like.device, dtype=like.dtype)
+    s = ((y - cells.first_centre) / cells.stride).clamp(0, n_cells - 1)
+    if interpolation == "nearest":
+        # round half up, as ``nearest-exact``: a pixel midway between two centres takes the later cell
+        nearest = torch.floor(s + 0.5).long().clamp_(max=n_cells - 1)
+        return nearest, nearest, torch.zeros_like(s)
+    lower = torch.floor(s).long()
+    upper = (lower + 1).clamp_(max=n_cells - 1)
+    return lower, upper, s - lower
+
+
+def _upsample_cells(maps: torch.Tensor, size: tuple[int, int], interpolation: str,
+                    cells: "CellGeometry") -> torch.Tensor:
+    """Separable linear (or nearest) interpolation that samples the cell centres at the pixels
+    ``cells`` puts them on: rows first, then columns, for the whole batch."""
+    (h, w), (H, W) = maps.shape[-2:], size
+    r0, r1, fr = _cell_axis(H, h, cells, interpolation, maps)
+    c0, c1, fc = _cell_axis(W, w, cells, interpolation, maps)
+    rows = maps[:, r0, :] * (1 - fr)[:, None] + maps[:, r1, :] * fr[:, None]  # (B, H, w)
+    return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc  # (B, H, W)
 
 
 def minmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +111,15 @@ def minmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def finalize(raw: torch.Tensor, size, *, rectifier: str | None = "relu",
-             interpolation: str = "bilinear", normalize: bool = True):
-    """Rectify, upsample to ``size`` and min-max a batch of raw maps (B, h, w).
+             interpolation: str = "bilinear", normalize: bool = True, cells: "CellGeometry | None" = None):
+    """Rectify, upsample to ``size`` (cells placed by ``cells``, see :func:`upsample`) and min-max
+    a batch of raw maps (B, h, w).
 
     Returns (maps, degenerate flags). With ``normalize=False`` the flags are all False.
     """
     maps = rectify(raw, rectifier)
     if size is not None:
-        maps = upsample(maps, size, interpolation)
+        maps = upsample(maps, size, interpolation, cells)
     if not normalize:
         return maps, torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
     return minmax(maps)

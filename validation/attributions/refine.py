@@ -1,7 +1,7 @@
 """RefineCAM (RefineCAM paper, Eq. 7-9) over any layer method. At layer l:
 L = minmax(mix over listed layers l' deeper than or as deep as l of L_l'), each L_l' the base
 method's final map (rectified, upsampled to the input with ``interpolation``, bilinear by
-default, and min-max normalised).
+default, its cells placed by ``cell_centres``, and min-max normalised).
 Depth is the order in which the layers run in the forward pass, not the order given.
 
 mix: "product" (Eq. 7, default), "geomean" (Eq. 8, N-th root of the product) or "invexp"
@@ -54,11 +54,13 @@ class RefineCAM(Explainer):
         base_options = dict(base_options or {})
         # RefineCAM itself upsamples and normalises the fused map: the base's own settings for
         # that would be ignored or clash, so they are refused like any unknown option
-        unknown, accepted = unknown_options(cls, base_options, reserved=("layer", "interpolation", "raw"))
+        unknown, accepted = unknown_options(cls, base_options,
+                                            reserved=("layer", "interpolation", "raw", "cell_centres"))
         if unknown:
             raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {accepted} "
-                            f"(interpolation and raw are RefineCAM's own options)")
-        self.base = cls(model, layers[0], interpolation=self.interpolation, **base_options)
+                            f"(interpolation, cell_centres and raw are RefineCAM's own options)")
+        self.base = cls(model, layers[0], interpolation=self.interpolation, cell_centres=self.cell_centres,
+                        **base_options)
         self.needs_gradients = self.base.needs_gradients
         self.layers = self.base.resolve(layers)
         if len({id(l.module) for l in self.layers}) != len(self.layers):
@@ -74,11 +76,12 @@ class RefineCAM(Explainer):
         size = tuple(x.shape[-2:])
         modules = [l.module for l in self.layers]
         l_rank = 0 if self.refined is None else rank[modules.index(self.refined.module)]
-        chosen = [self.base.postprocess(raw, size)[0] for raw, r in zip(raws, rank) if r >= l_rank]
+        chosen = [self.base.postprocess(raw, size, self.base.cells(layer))[0]
+                  for raw, r, layer in zip(raws, rank, self.layers) if r >= l_rank]
         mixed = mix_maps(torch.stack(chosen), self.mix)
         return mixed, target, {"layers": [l.name for l, r in zip(self.layers, rank) if r >= l_rank]}
 
-    def postprocess(self, raw, size):
+    def postprocess(self, raw, size, cells=None):  # the fused map is at the input's resolution
         if self.raw:
             return raw, torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
         return minmax(raw)

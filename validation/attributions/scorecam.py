@@ -9,6 +9,8 @@ authors sum upsampled channels (ReLU and upsampling do not commute where the sum
 A model with one output is refused (the softmax of one logit is 1 whatever the input).
 variant="pytorch-grad-cam": masks upsampled with align_corners=True and normalised as
 (u - min) / (max - min + 1e-8), no skipping; w = softmax over channels of the target logits.
+With ``cell_centres="model"`` (official variant only) the masks and the map put each cell where
+the model centres it.
 
 All masked forwards of the batch run in chunks of ``batch_size`` images.
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from .._model_input import check_logits
 from .base import LayerExplainer, option_int, resolve_target, to_nchw
+from .layers import CellGeometry
 from .postprocess import minmax, rectify, upsample
 from .registry import register
 
@@ -32,13 +35,22 @@ class ScoreCAM(LayerExplainer):
         super().__init__(model, layer, **options)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant != "official" and self.cell_centres != "stride":
+            # that variant reproduces pytorch-grad-cam's corner-aligned masks, which place cells
+            # neither by the stride convention nor where the model centres them
+            raise ValueError(f"scorecam variant={variant!r} upsamples its masks with align_corners=True; "
+                             f"cell_centres={self.cell_centres!r} needs variant='official'")
         self.variant = variant
         self.batch_size = option_int("batch_size", batch_size)
 
-    def _masks(self, acts: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upsampled normalised masks (n, H, W) for low-res maps (n, h, w), and which are usable."""
+    def _masks(self, acts: torch.Tensor, size, cells: CellGeometry | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upsampled normalised masks (n, H, W) for low-res maps (n, h, w), and which are usable;
+        ``cells``: where the cells land (``cell_centres="model"``, official variant)."""
         official = self.variant == "official"
-        up = F.interpolate(acts[:, None], size=size, mode="bilinear", align_corners=not official)[:, 0]
+        if cells is not None:
+            up = upsample(acts, tuple(size), "bilinear", cells)
+        else:
+            up = F.interpolate(acts[:, None], size=size, mode="bilinear", align_corners=not official)[:, 0]
         lo = up.flatten(1).amin(1)[:, None, None]
         hi = up.flatten(1).amax(1)[:, None, None]
         if official:
@@ -50,8 +62,10 @@ class ScoreCAM(LayerExplainer):
         return masks, usable
 
     @torch.no_grad()
-    def channel_scores(self, x: torch.Tensor, target: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """Model response (B, C) to x masked by each channel of A (B, C, h, w)."""
+    def channel_scores(self, x: torch.Tensor, target: torch.Tensor, A: torch.Tensor,
+                       cells: CellGeometry | None = None) -> torch.Tensor:
+        """Model response (B, C) to x masked by each channel of A (B, C, h, w), its cells placed by
+        ``cells`` (None: stretched over the image)."""
         B, C = A.shape[:2]
         official = self.variant == "official"
         scores = torch.zeros(B, C, device=x.device, dtype=A.dtype)  # compute_dtype: float32 or float64
@@ -61,7 +75,7 @@ class ScoreCAM(LayerExplainer):
             pairs = pairs[(flat.amax(2) > flat.amin(2)).flatten()]
         for chunk in pairs.split(self.batch_size):
             b, k = chunk // C, chunk % C
-            masks, usable = self._masks(A[b, k], x.shape[-2:])
+            masks, usable = self._masks(A[b, k], x.shape[-2:], cells)
             # masks are in A's dtype: the masked images go back to the images' (the model's) dtype
             out = check_logits(self.model((x[b] * masks[:, None]).to(x.dtype)), len(chunk))
             s = out.to(A.dtype)
@@ -86,13 +100,14 @@ class ScoreCAM(LayerExplainer):
             rank = capture.depth_rank()
             capture.enabled = False  # the masked forwards below must not be recorded
             maps = []
-            for A in acts:
-                w = self.channel_scores(x, target, A)
+            for A, layer in zip(acts, layers):
+                w = self.channel_scores(x, target, A, self.cells(layer))
                 maps.append((w[:, :, None, None] * A).sum(dim=1))
         return maps, target, rank
 
-    def postprocess(self, raw, size):
+    def postprocess(self, raw, size, cells: CellGeometry | None = None):
         if self.raw or self.variant != "official":
-            return super().postprocess(raw, size)
+            return super().postprocess(raw, size, cells)
+        cells = self.cells(self.layer) if cells is None else cells
         # Up(sum_k w_k A_k) = sum_k w_k Up(A_k) (interpolation is linear): the authors' sum
-        return minmax(rectify(upsample(raw.detach(), size, self.interpolation), "relu"))
+        return minmax(rectify(upsample(raw.detach(), size, self.interpolation, cells), "relu"))
