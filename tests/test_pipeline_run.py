@@ -811,3 +811,44 @@ def test_analyze_of_a_foreign_merged_table_names_the_file(models, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{out / name}: not a table merged by shapesynth-eval ({columns} lack required columns" in err, err
     assert f"run `shapesynth-eval merge {out}`" in err
+
+
+@pytest.mark.parametrize("options", [{"interpolation": "nearest"}, {"cell_centres": "model"},
+                                     {"interpolation": "nearest", "cell_centres": "model", "score": "softmax"}])
+def test_a_refined_configuration_takes_the_methods_upsampling_options(options):
+    """`method_options` of a refinable method reach its RefineCAM configurations: the upsampling
+    options are RefineCAM's own (it refuses them among its base's), the rest its base's. Before,
+    every refined configuration of such a run failed with "unknown base_options"."""
+    import torchvision
+
+    from validation.attributions import explain
+    from validation.pipeline.run import MapConfig, _default_explainer
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=6).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    layers = ["stage1", "stage2", "stage3", "stage4"]
+    given = {"gradcam": dict(options)}
+    explainer = _default_explainer(model, MapConfig("gradcam", "stage2", "product"), layers, given, seed=0)
+    assert given == {"gradcam": options}  # the run's options are not consumed
+    ours = explainer.attribute(x, target=[1, 2])
+    own = {k: v for k, v in options.items() if k in ("interpolation", "cell_centres")}
+    base = {k: v for k, v in options.items() if k not in own}
+    expected = explain(model, x, [1, 2], method="refinecam", base="gradcam", layers=("stage2", "stage3", "stage4"),
+                       mix="product", base_options=base, **own)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    default = explain(model, x, [1, 2], method="refinecam", base="gradcam", layers=("stage2", "stage3", "stage4"),
+                      mix="product", base_options=base)
+    assert (ours - default).abs().max() > 1e-3  # the options changed the maps
+
+
+def test_an_explainer_its_options_refuse_is_refused_before_any_work(models, tmp_path):
+    """cell_centres='model' at a layer without declared cell geometry (the stand-in's `conv`) was
+    refused by the explainer map by map: every row of the configuration an error, exit 0."""
+    torch.set_num_threads(1)
+    config = S.config(models, methods=["gradcam", "halfcam"], metrics=["gt_cosine"], layers=["conv"],
+                      mixes=["identity"], image_range=(0, 4), method_options={"gradcam": {"cell_centres": "model"}})
+    with pytest.raises(ValueError, match=r"these configurations cannot be explained: --model .*gradcam at conv "
+                                         r"\(identity\): cell_centres='model': where the cells of layer 'conv'"):
+        run_eval(config, tmp_path / "run", components=_own_components(), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -177,6 +177,9 @@ def _method_accepts(method: str, option: str) -> bool:
     return option in _accepted_options(_method_class(method))
 
 
+REFINECAM_OWN_OPTIONS = ("interpolation", "cell_centres")
+
+
 def _default_explainer(model, cfg: MapConfig, layers: Sequence[str], options: dict, seed: int):
     """The project's explainer for one configuration; stochastic methods get the chunk seed."""
     from validation.attributions import get_explainer
@@ -186,8 +189,10 @@ def _default_explainer(model, cfg: MapConfig, layers: Sequence[str], options: di
         opts["seed"] = seed
     if cfg.mix != IDENTITY:
         deeper = tuple(layers[layers.index(cfg.layer):])
+        # RefineCAM upsamples the base's maps itself: the method's upsampling options are its own
+        own = {k: opts.pop(k) for k in REFINECAM_OWN_OPTIONS if k in opts}
         return get_explainer("refinecam", model, base=cfg.method, layers=deeper, mix=cfg.mix,
-                             base_options=opts)
+                             base_options=opts, **own)
     if cfg.layer != NO_LAYER:
         opts["layer"] = cfg.layer
     return get_explainer(cfg.method, model, **opts)
@@ -432,8 +437,24 @@ class Runner:
         if self.c.explainer is _default_explainer:
             check_layers(cfg.models, models,
                          wanted_layers(self.configs, cfg.layers, cfg.refine_layers, cfg.method_options))
+            self._check_explainers_build(models)
         if self.c.evaluate is _default_evaluate:
             check_metric_option_values(cfg.metrics, cfg.metric_options, dataset)
+
+    def _check_explainers_build(self, models) -> None:
+        """Every configuration's explainer is built for every model before any work: an option that
+        its method, RefineCAM or a layer refuses (``cell_centres="model"`` at a layer whose cell
+        geometry is not declared, say) would otherwise fail every image of that configuration."""
+        cfg, problems = self.config, []
+        for path, model in zip(cfg.models, models):
+            for c in self.configs:
+                try:
+                    _default_explainer(model, c, cfg.refine_layers, cfg.method_options, seed=0)
+                except (ValueError, TypeError) as err:
+                    problems.append(f"--model {path}, {c.method} at {c.layer} ({c.mix}): {err}")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError("these configurations cannot be explained: " + "; ".join(problems[:3]) + more)
 
     def _check_or_write_config(self, d: dict, shard: tuple[int, int], own_chunks) -> None:
         """Refuse a run directory holding another run; with ``overwrite``, discard this shard's
