@@ -40,8 +40,10 @@ class GuidedReLU(nn.Module):
 
 def swap_relus(model: nn.Module, guard: ModelGuard) -> int:
     """Replace every nn.ReLU child by a GuidedReLU through ``guard`` (restored on exit)."""
+    # `_modules`, not `named_children()`, which lists a ReLU registered twice under one parent
+    # once: called through its second name, it stayed unguided
     slots = [(parent, name) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, nn.ReLU)]
+             for name, child in parent._modules.items() if isinstance(child, nn.ReLU)]
     for parent, name in slots:
         guard.swap(parent, name, GuidedReLU())
     return len(slots)

@@ -1,7 +1,8 @@
-"""DeepLift on models whose nonlinear modules are shared: one ReLU registered under several names
-and called twice, a container shared by two parents, a max-pool called twice. captum alone fails
-on all three ("used more than once"); ours must equal captum on the same network written with a
-distinct module per use (the independent reference), and leave the model as it was."""
+"""DeepLift and guided backprop on models whose nonlinear modules are shared: one ReLU
+registered under several names and called twice, a container shared by two parents, a max-pool
+called twice, one ReLU under two names of one parent. captum alone fails on the first three
+("used more than once"); ours must equal the same network written with a distinct module per use
+(captum on it for DeepLift: the independent reference), and leave the model as it was."""
 
 from __future__ import annotations
 
@@ -102,3 +103,31 @@ def test_the_split_covers_exactly_captums_nonlinear_rules():
     from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 
     assert set(DEEPLIFT_NONLINEAR) == set(SUPPORTED_NON_LINEAR)
+
+
+class _TwoNames(nn.Module):
+    """One ReLU registered as `act` and `act2` of the same parent, called through both names."""
+
+    def __init__(self, alias: bool):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.act2 = self.act if alias else nn.ReLU()
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.act2(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method, options", [("guidedbackprop", {}), ("guidedgradcam", {"layer": "conv2"}),
+                                             ("deeplift", {})])
+def test_a_relu_under_two_names_of_one_parent_is_handled_at_each_use(method, options):
+    """Guided backprop swapped the ReLUs found by `named_children()`, which lists a module
+    registered twice under one parent once: its use through the second name stayed unguided."""
+    shared, unshared = _seeded(_TwoNames(True), 2), _seeded(_TwoNames(False), 2)
+    x, t = images(2, 16, seed=6), torch.tensor([0, 3])
+    ours = explain(shared, x, t, method=method, reduce="sum", raw=True, **options)
+    expected = explain(unshared, x, t, method=method, reduce="sum", raw=True, **options)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9)
+    assert expected.abs().max() > 1e-6
+    assert shared.act2 is shared.act and type(shared.act) is nn.ReLU  # restored
