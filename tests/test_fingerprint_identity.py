@@ -155,10 +155,7 @@ def test_the_pipeline_asks_the_datasets_samples_fingerprint_once(tmp_path, capsy
     data = tmp_path / "data"
     data.mkdir()
     recorded = {"copy": "samples-1", "edited": "samples-2", "old": None}
-    paths = []
-    for name in recorded:
-        (tmp_path / f"{name}.ckpt").write_bytes(b"stand-in")
-        paths.append(str(tmp_path / f"{name}.ckpt"))
+    paths = S.make_models(tmp_path, recorded)
 
     def load_model(path):
         model, meta = S.load_model(path)

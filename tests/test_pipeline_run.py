@@ -737,10 +737,7 @@ def test_a_dataset_of_another_recipe_or_fingerprint_than_the_training_data_is_wa
     trained_on = {"rendered": {"data": None, "synth": two_bands},
                   "same": {"data": None, "synth": SynthConfig(image_size=64, seed=7).to_dict()},
                   "disk": {"data": "/elsewhere/data", "synth": None}}
-    paths = []
-    for name in trained_on:
-        (tmp_path / f"{name}.ckpt").write_bytes(b"stand-in")
-        paths.append(str(tmp_path / f"{name}.ckpt"))
+    paths = S.make_models(tmp_path, trained_on)
 
     def load_model(path):
         model, meta = S.load_model(path)

@@ -142,9 +142,10 @@ def components(counter=None, interrupt_after=None):
                       layer_methods=("cam", "boom"), refinable=("cam",))
 
 
-def make_models(folder: Path) -> list[str]:
+def make_models(folder: Path, names=("alpha", "beta")) -> list[str]:
+    """Stand-in model files ``folder/<name>.ckpt`` (`load_model` builds each model from its name)."""
     paths = []
-    for name in ("alpha", "beta"):
+    for name in names:
         p = folder / f"{name}.ckpt"
         p.write_bytes(b"stand-in")
         paths.append(str(p))

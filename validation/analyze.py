@@ -827,11 +827,15 @@ def _paired_expectations(paired: pd.DataFrame, add) -> None:
         add(claim, f"paired difference of oriented Pearson r (95 % CI), mean over models: {found}", holds)
 
 
+def models_left_out(models_nan) -> list[str]:
+    """The models a mean row's ``models_nan`` names (empty, or NaN as read back from a CSV: none)."""
+    return [m for m in models_nan.split(",") if m] if isinstance(models_nan, str) else []
+
+
 def _fewer_models(row) -> str:
     """'mean of 2/4 models, without mc, md' for a mean row of table a, c or d that rests on fewer
     models than the run has; '' when it rests on all of them (or the table does not say)."""
-    left = getattr(row, "models_nan", "")
-    left = [m for m in str(left).split(",") if m] if isinstance(left, str) else []
+    left = models_left_out(getattr(row, "models_nan", ""))
     if not left:
         return ""
     n = int(row.n_models)

@@ -29,7 +29,8 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _csv_list(text: str) -> list[str]:
+def csv_list(text: str) -> list[str]:
+    """A comma-separated flag value as its names (blanks dropped)."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -128,10 +129,10 @@ def cmd_run(args) -> int:
         range_source = f"--n-images {DEFAULT_N_IMAGES} (its default: neither --n-images nor --images was given)"
     config = RunConfig(
         data=args.data, models=args.models,
-        methods=all_methods() if args.methods == "all" else _csv_list(args.methods),
-        metrics=all_metrics() if args.metrics == "all" else _csv_list(args.metrics),
-        layers=_csv_list(args.layers), mixes=_csv_list(args.mix), image_range=image_range,
-        refine_layers=_csv_list(args.refine_layers) if args.refine_layers else [],
+        methods=all_methods() if args.methods == "all" else csv_list(args.methods),
+        metrics=all_metrics() if args.metrics == "all" else csv_list(args.metrics),
+        layers=csv_list(args.layers), mixes=csv_list(args.mix), image_range=image_range,
+        refine_layers=csv_list(args.refine_layers) if args.refine_layers else [],
         split=args.split, chunk_size=args.chunk_size, seed=args.seed,
         method_options=_options(args.method_options, "--method-options"),
         metric_options=_options(args.metric_options, "--metric-options"),
@@ -209,7 +210,7 @@ def cmd_reproduce(args) -> int:
 
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the trainer and shard workers
     # this command started are stopped with it rather than left running
-    steps = _csv_list(args.steps) if args.steps is not None else None
+    steps = csv_list(args.steps) if args.steps is not None else None
     if steps == []:  # reproduce() would read "no steps" as all of them
         raise ValueError(f"--steps {args.steps!r} names no step: give a subset of generate,train,run,analyze,"
                          "report, or leave --steps out for all")

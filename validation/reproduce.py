@@ -294,7 +294,9 @@ class Reproduction:
         if value is None:
             return list(default)
         if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
+            from validation.cli import csv_list
+
+            return csv_list(value)
         if not isinstance(value, (list, tuple)):
             raise ProfileValueError(f"{self.where([key])}: expected a list of names, got {value!r}")
         return list(value)

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from shapesynth.schema import atomic_write
-from validation.analyze import TRIVIAL_MAPS, config_label
+from validation.analyze import TRIVIAL_MAPS, config_label, models_left_out
 from validation.pipeline.table import IDENTITY, NO_LAYER
 
 TRIVIAL_COLOURS = {"randomcam": "tab:orange", "halfcam": "tab:red", "all1scam": "tab:purple"}
@@ -30,11 +30,6 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def _left_out(names) -> list[str]:
-    """The models a mean row names in ``models_nan`` (empty, or NaN as read back from a CSV: none)."""
-    return [m for m in names.split(",") if m] if isinstance(names, str) else []
-
-
 def _of_models(label: str, n_models: int, run_models: int) -> str:
     """``label``, marked ``(n/N models)`` when its mean rests on fewer models than the run has."""
     return label if n_models >= run_models else f"{label} ({n_models}/{run_models} models)"
@@ -47,7 +42,7 @@ def _mean_row_labels(rows: pd.DataFrame, label: pd.Series) -> pd.DataFrame:
     if "n_models" not in rows:  # a table written before mean rows counted their models: unmarked
         return rows.assign(run_models=np.nan)
     n = rows["n_models"].astype(int)
-    rows["run_models"] = n + rows["models_nan"].map(lambda v: len(_left_out(v)))
+    rows["run_models"] = n + rows["models_nan"].map(lambda v: len(models_left_out(v)))
     rows["label"] = [_of_models(text, k, total) for text, k, total in zip(label, n, rows["run_models"])]
     return rows
 
