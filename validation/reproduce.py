@@ -585,16 +585,9 @@ class Reproduction:
         error in both paths: the workers' errors would only reach their log files."""
         from validation.pipeline.run import Components, Runner
 
-        components = self.components or Components()
-        runner = Runner(dataclasses.replace(config, device="cpu"), self.run_dir, components, progress=False,
-                        conflict_hint=self._conflict_hint())
-        a, b = config.image_range
-        dataset = components.dataset(config.data, config.split)
-        if b > len(dataset):
-            raise ValueError(f"{self._n_images_source(b)} asks for more images than the {config.split} "
-                             f"split of {config.data} has ({len(dataset)})")
-        models, metas = runner._load_models()
-        runner._check_before_work(dataset, models, metas)
+        Runner(dataclasses.replace(config, device="cpu"), self.run_dir, self.components or Components(),
+               progress=False, conflict_hint=self._conflict_hint(),
+               range_source=self._n_images_source(config.image_range[1])).check_inputs()
 
     def _worker_flags(self, config, threads: int) -> list[tuple[str, str | None]]:
         """The profile's settings as the workers' ``run`` flags (each in `RUN_FLAG_KEYS`); the

@@ -428,6 +428,19 @@ class Runner:
         d["configs"] = [c.label for c in self.configs]
         return d
 
+    def check_inputs(self) -> tuple[list, list[dict], object]:
+        """Load the models and the dataset and make every check before work (image range, classes,
+        layers, explainers, metric options); nothing is written. Returns (models, metas, dataset)."""
+        models, metas = self._load_models()
+        dataset = self.c.dataset(self.config.data, self.config.split)
+        n_data = len(dataset)
+        a, b = self.config.image_range
+        if b > n_data:
+            raise ValueError(f"{self.range_source or f'--images {a}:{b}'} asks for more images than the "
+                             f"{self.config.split} split of {self.config.data} has ({n_data})")
+        self._check_before_work(dataset, models, metas)
+        return models, metas, dataset
+
     def _check_before_work(self, dataset, models, metas) -> None:
         """The checks of the loaded models and the dataset before anything is written (see
         `validation.pipeline.checks`): the layer and metric option checks hold for the project's
@@ -520,14 +533,7 @@ class Runner:
     def run(self, shard: tuple[int, int] = (0, 1), merge: bool | None = None) -> dict:
         """Compute this shard's unfinished chunks. Merges when the whole run is done
         (``merge=None``: only for an unsharded run). Returns a summary dict."""
-        models, metas = self._load_models()
-        dataset = self.c.dataset(self.config.data, self.config.split)
-        n_data = len(dataset)
-        a, b = self.config.image_range
-        if b > n_data:
-            raise ValueError(f"{self.range_source or f'--images {a}:{b}'} asks for more images than the "
-                             f"{self.config.split} split of {self.config.data} has ({n_data})")
-        self._check_before_work(dataset, models, metas)
+        models, metas, dataset = self.check_inputs()
         cfg_dict = self._prepare_config(metas)
         self.warnings = []  # run-time notices: on stderr as they come, and in the summary
         check_training_data(self.config.data, self.config.models, metas, cfg_dict["data_fingerprint"],
