@@ -161,7 +161,13 @@ def test_relax_masked_forwards_stay_within_batch_size(net):
         handle.remove()
     assert sizes[0] == 5 and max(sizes[1:]) <= 2  # the unmasked reference, then the masked images
     one_go = get_explainer("relax", net, n_masks=6, batch_size=30).explain(x)
-    torch.testing.assert_close(chunked.maps, one_go.maps, rtol=1e-5, atol=1e-6)
+    # oneDNN picks its convolution kernel by batch size on some CPUs (AMD EPYC: forwards of 2 and
+    # of 30 images round differently), and min-max scaling of importances that span ~1e-3 turns
+    # that float32 rounding into up to ~1e-4 on the [0, 1] maps; a wrong mask-to-image pairing
+    # moves them by O(0.1), as another seed's masks do (checked below)
+    torch.testing.assert_close(chunked.maps, one_go.maps, rtol=0, atol=5e-4)
+    other_masks = get_explainer("relax", net, n_masks=6, batch_size=30, seed=1).explain(x)
+    assert (other_masks.maps - one_go.maps).abs().max() > 0.1
     torch.testing.assert_close(chunked.extras["uncertainty"], one_go.extras["uncertainty"], rtol=1e-4, atol=1e-7)
 
 
