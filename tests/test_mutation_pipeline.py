@@ -349,6 +349,20 @@ def test_road_curve_start_is_each_images_own_probability_per_model():
     assert len(f) == len(expected)
 
 
+def test_road_curve_start_holds_an_image_whose_first_fraction_is_nan():
+    """Image 1's curve is NaN at the smallest fraction and finite further on: the curve's start
+    still holds its unperturbed probability (it started from the smallest fraction's images)."""
+    rows = [("m1", 0, "gradcam", "layer1", "identity", "road_lerf@0.2", 0.5),
+            ("m1", 0, "gradcam", "layer1", "identity", "road_lerf@0.4", 0.4),
+            ("m1", 1, "gradcam", "layer1", "identity", "road_lerf@0.2", np.nan),
+            ("m1", 1, "gradcam", "layer1", "identity", "road_lerf@0.4", 0.2)]
+    preds = pd.DataFrame({"model": ["m1", "m1"], "image": [0, 1], "label": [0, 1], "pred": [0, 1],
+                          "prob": [0.9, 0.7], "correct": [True, True]})
+    f = A.table_road_curves(_long(rows), preds).set_index(["order", "fraction"])
+    assert f.loc[("LERF", 0.0), "prob"] == pytest.approx(0.8) and f.loc[("LERF", 0.0), "n"] == 2
+    assert f.loc[("LERF", 0.2), "n"] == 1 and f.loc[("LERF", 0.4), "prob"] == pytest.approx(0.3)
+
+
 def _seed_table(n_images=12):
     rng = np.random.default_rng(5)
     rows = []

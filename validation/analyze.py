@@ -694,7 +694,7 @@ def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None)
     """Table f. Mean class probability per method configuration, order (morf/lerf) and fraction.
 
     With the run's ``predictions``, each curve starts at fraction 0 with the unperturbed
-    probability of the same images."""
+    probability of the images it has a finite point for (at any fraction)."""
     curves = df[df["metric"].str.match(CURVE_METRIC) & (df["status"] == "ok")].copy()
     if curves.empty:
         return pd.DataFrame(columns=["model", "method", "layer", "mix", "order", "fraction", "prob", "n"])
@@ -703,8 +703,10 @@ def table_road_curves(df: pd.DataFrame, predictions: pd.DataFrame | None = None)
     curves["fraction"] = parts[1].astype(float)
     keys = ["model", "method", "layer", "mix", "order"]
     if predictions is not None and len(predictions):
-        first = curves[curves["fraction"] == curves["fraction"].min()]
-        start = first[keys + ["image"]].merge(predictions[["model", "image", "prob"]], on=["model", "image"])
+        # every image the curve has a point for, not only those whose smallest fraction is ok:
+        # an image NaN there but scored further on would be missing from the start alone
+        shown = curves[keys + ["image"]].drop_duplicates()
+        start = shown.merge(predictions[["model", "image", "prob"]], on=["model", "image"])
         start = start.rename(columns={"prob": "value"}).assign(fraction=0.0)
         curves = pd.concat([curves[keys + ["image", "fraction", "value"]], start], ignore_index=True)
     out = (curves.groupby(keys + ["fraction"], sort=True)["value"]
