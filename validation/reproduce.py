@@ -366,16 +366,17 @@ class Reproduction:
                                  f"{self.p.get('name')!r} wants {key}={want}; use another --out or remove it")
 
     def generate(self):
-        ev = self.p["eval"]
+        # the split the run step reads (`run_config`): an empty or null `eval.split` is the test split
+        split = self.p["eval"].get("split") or "test"
         need = self.setting("eval.n_images", 200, least=1)
         self._check_existing_dataset()
-        if _dataset_ready(self.data, ev.get("split", "test"), need):
+        if _dataset_ready(self.data, split, need):
             return {"reused": True}
         cmd, source = self._command(self.p["data"], "shapesynth", {"args": "data.args", "command": "data.command"},
                                     **self.values)
         _run_command(cmd, self.out / "logs" / "generate.log", source)
-        if not _dataset_ready(self.data, ev.get("split", "test"), need):
-            raise RuntimeError(f"{self.data}: generation finished but the {ev.get('split', 'test')} split "
+        if not _dataset_ready(self.data, split, need):
+            raise RuntimeError(f"{self.data}: generation finished but the {split} split "
                                f"does not hold {need} images; check the profile's data args")
         return {"reused": False, "command": " ".join(cmd)}
 
