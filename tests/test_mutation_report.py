@@ -745,3 +745,30 @@ def test_the_verdict_names_the_documented_band_of_the_correlation(r, kind):
                              "n_models": 2})
     first = verdict_text("mine", validity, pd.DataFrame()).splitlines()[0]
     assert first.startswith(f"mine {kind}: Pearson r = {r:.2f} (95% CI {r - 0.1:.2f} to {r + 0.1:.2f})"), first
+
+
+def test_a_doubled_minus_sign_is_refused_naming_its_key(tmp_path):
+    """'--5' passed the integer check (it stripped every leading minus), then int() raised a
+    ValueError that named neither the key nor the file."""
+    path = _with(_profile(tmp_path), "eval", chunk_size="--5")
+    with pytest.raises(R.ProfileValueError, match=r"eval\.chunk_size.*expected an integer"):
+        _reproduction(path, tmp_path / "out").run_config()
+
+
+def test_extends_reads_a_relative_file_from_the_naming_profiles_folder(tmp_path, monkeypatch):
+    """A profile and the one it extends, side by side in a folder, load from any working
+    directory (the relative path was read from the current one)."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump(yaml.safe_load(_profile(tmp_path).read_text())))
+    (folder / "child.yaml").write_text("extends: base.yaml\nname: child\neval: {n_images: 7}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    profile = R.load_profile(str(folder / "child.yaml"))
+    assert profile["name"] == "child" and profile["eval"]["n_images"] == 7
+    assert profile["_sources"]["eval.n_images"] == str(folder / "child.yaml")
+    assert profile["_sources"]["data"] == str(folder / "base.yaml")
+    (folder / "child.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "missing.yaml"))):
+        R.load_profile(str(folder / "child.yaml"))

@@ -40,7 +40,8 @@ def available_profiles() -> list[str]:
 def load_profile(name_or_path: str) -> dict:
     """A built-in profile by name (``quick``, ``paper``) or a YAML file path.
 
-    ``extends: NAME_OR_PATH`` starts from that profile: each section of this one is merged into
+    ``extends: NAME_OR_PATH`` starts from that profile (a relative path is read from this
+    profile's folder): each section of this one is merged into
     the base's section one level deep (a key given here replaces the base's value whole, so
     ``train: {models: {resnet18: null}}`` keeps only ResNet18); ``name`` and ``description`` are
     never inherited.
@@ -60,7 +61,8 @@ def load_profile(name_or_path: str) -> dict:
                          f"got {type(profile).__name__}")
     sources = _sources(profile, path)
     if "extends" in profile:
-        base = {k: v for k, v in load_profile(profile.pop("extends")).items() if k not in ("name", "description")}
+        base = {k: v for k, v in load_profile(_extended(profile.pop("extends"), path)).items()
+                if k not in ("name", "description")}
         base_sources = base.pop("_sources")
         for key, value in profile.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -78,6 +80,17 @@ def load_profile(name_or_path: str) -> dict:
     profile.setdefault("name", path.stem)
     profile["_sources"] = sources
     return profile
+
+
+def _extended(name_or_path, child: Path) -> str:
+    """``extends``' value: a built-in name as given; a relative file path from the folder of the
+    profile that names it (as an include), so the pair works from any working directory."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"profile {child}: extends must name a profile or a YAML file, got {name_or_path!r}")
+    target = Path(name_or_path).expanduser()
+    if not target.suffix:
+        return name_or_path
+    return str(target if target.is_absolute() else child.parent / target)
 
 
 def _sources(profile: dict, path: Path) -> dict[str, str]:
@@ -281,7 +294,7 @@ class Reproduction:
         value = (self.p.get(section) or {}).get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"-?\d+", str(value).strip()):
             raise ProfileValueError(f"{self.where([key])}: expected an integer, got {value!r}")
         if least is not None and int(value) < least:
             raise ProfileValueError(f"{self.where([key])}: must be >= {least}, got {value!r}")
