@@ -20,9 +20,8 @@ from pytorch_lightning.callbacks import Callback
 from safetensors.torch import load_file
 
 from shapesynth import CLASS_NAMES, ShapeSynth, SynthConfig
-from shapesynth.generate import generate
 from shapesynth.torchdata import ShapesDataset
-from test_trainers_fit import BANDS, _tiny_cfg
+from test_trainers_fit import BANDS, _tiny_cfg, make_tiny_dataset
 from trainers import build_model, load_model
 from trainers.api import evaluate, fit, plan_fit
 from trainers.data import ShapesDataModule
@@ -36,12 +35,7 @@ SCRIPTED_VAL_ACC = [0.75, 0.75, 0.5]
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    cfg = SynthConfig(image_size=32, size_bands=tuple(map(tuple, BANDS)),
-                      split_sizes={"train": 32, "val": 12, "test": 18},
-                      bg_pool_sizes={"train": 4, "val": 2, "test": 2})
-    out = tmp_path_factory.mktemp("data") / "tiny32"
-    generate(cfg, out, progress=False)
-    return out
+    return make_tiny_dataset(tmp_path_factory, train=32, val=12, test=18)
 
 
 def _split_images(data, split):

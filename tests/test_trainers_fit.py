@@ -35,14 +35,19 @@ def _tiny_cfg(out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def make_tiny_dataset(tmp_path_factory, train: int, val: int, test: int):
+    """A 32 px dataset on disk with the tests' size bands and the given split sizes."""
     cfg = SynthConfig(image_size=32, size_bands=tuple(map(tuple, BANDS)),
-                      split_sizes={"train": 64, "val": 24, "test": 30},
+                      split_sizes={"train": train, "val": val, "test": test},
                       bg_pool_sizes={"train": 4, "val": 2, "test": 2})
     out = tmp_path_factory.mktemp("data") / "tiny32"
     generate(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory, train=64, val=24, test=30)
 
 
 @pytest.fixture(scope="module")
