@@ -29,11 +29,15 @@ SUPERPIXELS = ("slic", "grid")
 
 
 def grid_segments(batch: int, size: tuple[int, int], cells: int, device) -> torch.Tensor:
-    """(B, 1, H, W) long feature ids of a cells x cells grid."""
+    """(B, 1, H, W) long feature ids 0..n-1 of a cells x cells grid (at most one cell per pixel
+    along a side shorter than ``cells``)."""
     H, W = size
-    rows = (torch.arange(H, device=device) * cells) // H
-    cols = (torch.arange(W, device=device) * cells) // W
-    ids = rows[:, None] * cells + cols[None, :]
+    # captum takes max id + 1 as the number of features: ids skipped where cells > a side (row *
+    # cells + column) became features that no pixel holds, sampled and fitted for nothing
+    cells_h, cells_w = min(cells, H), min(cells, W)
+    rows = (torch.arange(H, device=device) * cells_h) // H
+    cols = (torch.arange(W, device=device) * cells_w) // W
+    ids = rows[:, None] * cells_w + cols[None, :]
     return ids.expand(batch, 1, H, W).clone()
 
 
