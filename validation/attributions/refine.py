@@ -36,6 +36,10 @@ def mix_maps(maps: torch.Tensor, mix: str = "product") -> torch.Tensor:
     raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
 
 
+# how the base's maps are upsampled: RefineCAM's own options, which it passes to its base
+UPSAMPLING_OPTIONS = ("interpolation", "cell_centres")
+
+
 @register("refinecam")
 class RefineCAM(Explainer):
     rectifier = None
@@ -54,8 +58,7 @@ class RefineCAM(Explainer):
         base_options = dict(base_options or {})
         # RefineCAM itself upsamples and normalises the fused map: the base's own settings for
         # that would be ignored or clash, so they are refused like any unknown option
-        unknown, accepted = unknown_options(cls, base_options,
-                                            reserved=("layer", "interpolation", "raw", "cell_centres"))
+        unknown, accepted = unknown_options(cls, base_options, reserved=("layer", "raw", *UPSAMPLING_OPTIONS))
         if unknown:
             raise TypeError(f"refinecam: unknown base_options {unknown} for {cls.name}; accepted: {accepted} "
                             f"(interpolation, cell_centres and raw are RefineCAM's own options)")

@@ -177,12 +177,10 @@ def _method_accepts(method: str, option: str) -> bool:
     return option in _accepted_options(_method_class(method))
 
 
-REFINECAM_OWN_OPTIONS = ("interpolation", "cell_centres")
-
-
 def _default_explainer(model, cfg: MapConfig, layers: Sequence[str], options: dict, seed: int):
     """The project's explainer for one configuration; stochastic methods get the chunk seed."""
     from validation.attributions import get_explainer
+    from validation.attributions.refine import UPSAMPLING_OPTIONS
 
     opts = dict(options.get(cfg.method, {}))
     if "seed" not in opts and _method_accepts(cfg.method, "seed"):
@@ -190,7 +188,7 @@ def _default_explainer(model, cfg: MapConfig, layers: Sequence[str], options: di
     if cfg.mix != IDENTITY:
         deeper = tuple(layers[layers.index(cfg.layer):])
         # RefineCAM upsamples the base's maps itself: the method's upsampling options are its own
-        own = {k: opts.pop(k) for k in REFINECAM_OWN_OPTIONS if k in opts}
+        own = {k: opts.pop(k) for k in UPSAMPLING_OPTIONS if k in opts}
         return get_explainer("refinecam", model, base=cfg.method, layers=deeper, mix=cfg.mix,
                              base_options=opts, **own)
     if cfg.layer != NO_LAYER:
