@@ -844,6 +844,12 @@ def _fewer_models(row) -> str:
     return f"mean of {n}/{n + len(left)} models, without {', '.join(left)}"
 
 
+def _marked(text: str, row) -> str:
+    """``text``, followed by ``(mean of n/N models, ...)`` where ``row``'s mean rests on fewer models."""
+    fewer = _fewer_models(row)
+    return f"{text} ({fewer})" if fewer else text
+
+
 def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The papers' expectations, each with what this run found and holds / fails / n.a.
 
@@ -864,10 +870,10 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         s = a[(a.model == "mean+-std") & (a.level == "pairs") & a.metric.isin(FIG3_METRICS)]
         # metrics without a correlation (constant, or no finite pair) cannot be ranked
         oriented = {m: r * orientation(m) for m, r in zip(s.metric, s.pearson) if np.isfinite(r)}
-        fewer = {row.metric: _fewer_models(row) for row in s.itertuples(index=False)}
+        summary = {row.metric: row for row in s.itertuples(index=False)}
         if len(oriented) >= 2:
             ranked = sorted(oriented, key=oriented.get, reverse=True)
-            found = ", ".join(f"{m} {oriented[m]:+.2f}" + (f" ({fewer[m]})" if fewer[m] else "") for m in ranked)
+            found = ", ".join(_marked(f"{m} {oriented[m]:+.2f}", summary[m]) for m in ranked)
             rival = ranked[1] if ranked[0] == "arcc" and len(ranked) > 1 else ranked[0]
             paired_table = tables.get("a_paired", pd.DataFrame())
             paired = _paired_difference(paired_table, "arcc", rival)
@@ -913,8 +919,7 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         ups = int((mean.delta > 0).sum())
 
         def listed(rows):
-            return ", ".join(f"{r.method} {r.base:.3f}->{r.refined:.3f}"
-                             + (f" ({_fewer_models(r)})" if _fewer_models(r) else "") for r in rows.itertuples())
+            return ", ".join(_marked(f"{r.method} {r.base:.3f}->{r.refined:.3f}", r) for r in rows.itertuples())
         found = listed(mean)
         if unscored:
             found += f"{'; ' if found else ''}no paired score for {', '.join(unscored)} (left out)"
@@ -935,7 +940,7 @@ def check_expectations(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             scored = scored[~scored.method.isin(REFINE_CLAIM_EXCEPTIONS)]
             unscored = sorted(set(shallow.method) - set(scored.method) - set(REFINE_CLAIM_EXCEPTIONS))
             found = f"best mix at the shallowest layer: {dict(zip(scored.method, scored.best))}"
-            partial = [f"{r.method}: {_fewer_models(r)}" for r in scored.itertuples() if _fewer_models(r)]
+            partial = [f"{r.method}: {fewer}" for r in scored.itertuples() if (fewer := _fewer_models(r))]
             if partial:
                 found += "; " + "; ".join(partial)
             if unscored:

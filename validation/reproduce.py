@@ -288,6 +288,11 @@ class Reproduction:
         except ValueError as err:
             raise ProfileValueError(f"{self.where(keys or _flag_keys(str(err)))}: {err}") from err
 
+    def eval_split(self) -> str:
+        """The split the run step evaluates and the generate step must fill: ``eval.split``, the
+        test split where it is empty or absent."""
+        return self.p["eval"].get("split") or "test"
+
     def setting(self, key: str, default, least: int | None = None):
         """The profile's integer ``section.name`` (``default`` where it is absent or null)."""
         section, name = key.split(".")
@@ -379,8 +384,7 @@ class Reproduction:
                                  f"{self.p.get('name')!r} wants {key}={want}; use another --out or remove it")
 
     def generate(self):
-        # the split the run step reads (`run_config`): an empty or null `eval.split` is the test split
-        split = self.p["eval"].get("split") or "test"
+        split = self.eval_split()
         need = self.setting("eval.n_images", 200, least=1)
         self._check_existing_dataset()
         if _dataset_ready(self.data, split, need):
@@ -525,7 +529,7 @@ class Reproduction:
             layers=self.names("eval.layers", ["stage1", "stage2", "stage3", "stage4"]),
             mixes=self.names("eval.mixes", ["identity", "product", "geomean", "invexp"]),
             refine_layers=self.names("eval.refine_layers", []), method_grid=self.mapping("eval.method_grid"),
-            image_range=(0, self.setting("eval.n_images", 200, least=1)), split=ev.get("split") or "test",
+            image_range=(0, self.setting("eval.n_images", 200, least=1)), split=self.eval_split(),
             chunk_size=self.setting("eval.chunk_size", 16, least=1), seed=self.setting("eval.seed", 0),
             method_options=self.mapping("eval.method_options"), metric_options=self.mapping("eval.metric_options"),
             save_maps=self.setting("eval.save_maps", 8, least=0), device=ev.get("device") or "cpu",
