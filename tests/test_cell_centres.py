@@ -12,13 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from test_attributions_common import build
 from test_reference_alignment import MaskOracle, _field_centre, _l_shape, _mass_centre, _receptive_field
 from trainers.models import build_model
 from validation.attributions import explain, get_explainer, resolve_layer
-from validation.attributions.layers import CellGeometry
+from validation.attributions.layers import CellGeometry, resolve_layer_full
 from validation.attributions.postprocess import _upsample_cells, minmax, upsample
 from validation.attributions.registry import METHODS, unknown_options
 from validation.metrics.ground_truth import gt_cosine
@@ -207,6 +208,56 @@ def test_undeclared_layers_are_refused_naming_the_layer():
         get_explainer("refinecam", resnet, base_options={"cell_centres": "model"})
     # the default keeps working on any layer
     get_explainer("lafam", oracle, layer="stage")
+
+
+def _stage_grids(model: nn.Module, size: int) -> dict[str, tuple]:
+    """Each stage's output grid (h, w) for a size x size image, from forward hooks."""
+    grids, handles = {}, []
+    def record(stage: str, channels_last: bool):
+        def hook(module, inputs, output) -> None:
+            grids[stage] = tuple(output.shape[1:3] if channels_last else output.shape[2:])
+        return hook
+
+    for stage in RESNET_STRIDES:
+        layer = resolve_layer_full(model, stage)
+        handles.append(layer.module.register_forward_hook(record(stage, layer.channels_last)))
+    try:
+        with torch.no_grad():
+            model(_images(1, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grids
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11", "swin_t", "convnext_tiny"])
+def test_reference_grids_pass_the_stride_check_at_odd_sizes(arch):
+    # floor(n / S) cells (valid pools, patches) or ceil(n / S) (padded strided convs, Swin's
+    # padded merges): every reference architecture lands within, at sizes S does not divide
+    model = build(arch)
+    for size in (33, 65, 72, 97):
+        grids = _stage_grids(model, size)
+        for stage, stride in RESNET_STRIDES.items():
+            cells = resolve_layer_full(model, stage).cells
+            assert cells is not None and cells.stride == stride
+            upsample(torch.rand(1, *grids[stage]), (size, size), "bilinear", cells)  # no error
+
+
+def test_a_grid_that_does_not_match_the_declared_stride_is_refused():
+    # a hand-built VGG with one pool fewer than vgg11: its "stage1" (the last four pools' first)
+    # has stride 2, not the 4 the reference geometry declares; placing cells at stride 4 would
+    # shift the map without a sign
+    features = nn.Sequential(*[m for k in range(4) for m in
+                               (nn.Conv2d(3 if k == 0 else 8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torchvision.models.VGG(features, num_classes=6, init_weights=False).eval()
+    with pytest.raises(ValueError, match=r"grid \(16, 16\) does not come from a \(32, 32\) image at stride 4 "
+                                         r"\(height: 16 cells, expected 8 or 8\).*cell_centres='stride'"):
+        explain(net, _images(1, 32), 0, method="lafam", layer="stage1", cell_centres="model")
+    explain(net, _images(1, 32), 0, method="lafam", layer="stage1")  # the default does not assume
+    with pytest.raises(ValueError, match=r"width: 3 cells, expected 4 or 4"):
+        upsample(torch.rand(1, 4, 3), (16, 16), "bilinear", CellGeometry(4, 1.5))
 
 
 def test_every_method_takes_the_option_and_pixel_methods_ignore_it():

@@ -48,11 +48,28 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], interpolation: str = "bi
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
     if tuple(maps.shape[-2:]) == tuple(size):  # already at the input's resolution: no cells to place
         return maps
-    if cells is not None and not _is_convention(cells, maps.shape[-2:], size):
-        return _upsample_cells(maps, tuple(size), interpolation, cells)
+    if cells is not None:
+        _check_grid_matches_stride(cells, maps.shape[-2:], size)
+        if not _is_convention(cells, maps.shape[-2:], size):
+            return _upsample_cells(maps, tuple(size), interpolation, cells)
     mode = INTERPOLATIONS[interpolation]
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(maps[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0]
+
+
+def _check_grid_matches_stride(cells: "CellGeometry", grid, size) -> None:
+    """A layer of stride S turns an image side of n pixels into floor(n / S) cells (valid
+    pooling, patches) or ceil(n / S) (padded strided convolutions, Swin's padded merges). Any
+    other count means the declared geometry is not this layer's (e.g. a hand-built network with
+    fewer pools than its architecture's reference): placing its cells would shift the map
+    without a sign, so refuse."""
+    for axis, n_cells, n in zip(("height", "width"), grid, size):
+        if not n // cells.stride <= n_cells <= -(-n // cells.stride):
+            raise ValueError(
+                f"cell_centres='model': the layer's grid {tuple(grid)} does not come from a "
+                f"{tuple(size)} image at stride {cells.stride} ({axis}: {n_cells} cells, expected "
+                f"{n // cells.stride} or {-(-n // cells.stride)}); the model is not built like the "
+                f"reference architecture whose cell geometry was assumed: use cell_centres='stride'")
 
 
 def _is_convention(cells: "CellGeometry", grid, size) -> bool:
