@@ -66,6 +66,14 @@ def option_number(name: str, value: Any) -> float:
     return float(value)
 
 
+def option_bool(name: str, value: Any, none: bool = False) -> bool | None:
+    """A method's on/off option: True or False (also 0/1 and numpy bools; None where ``none``);
+    ValueError naming the option otherwise (a string such as "false" would be truthy)."""
+    if (none and value is None) or (not isinstance(value, str) and value is not None and value in (True, False)):
+        return None if value is None else bool(value)
+    raise ValueError(f"{name} must be {'None, ' if none else ''}True or False, got {value!r}")
+
+
 def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | None:
     """int, sequence or tensor -> LongTensor (B,) on ``device``; None stays None (= predicted)."""
     if target is None:
@@ -331,7 +339,7 @@ class Explainer:
             raise ValueError(f"cell_centres must be one of {CELL_CENTRES}, got {cell_centres!r}")
         self.model = model
         self.interpolation = interpolation
-        self.raw = bool(raw)
+        self.raw = option_bool("raw", raw)
         self.cell_centres = cell_centres
 
     # subclasses implement: raw maps (B, h, w), resolved target (or None), extras; ``inputs`` are
@@ -397,7 +405,7 @@ class LayerExplainer(Explainer):
     def __init__(self, model: nn.Module, layer: LayerSpec = "stage1", *, channels_last: bool | None = None,
                  **options):
         super().__init__(model, **options)
-        self.channels_last = channels_last
+        self.channels_last = option_bool("channels_last", channels_last, none=True)
         self.layer = self.resolve([layer])[0]
 
     def resolve(self, layers: Sequence[LayerSpec]) -> list[Layer]:

@@ -84,7 +84,8 @@ def check_target(target, batch: int, device) -> torch.Tensor:
     target = torch.as_tensor(target, device=device)
     if target.ndim == 0:
         target = target.expand(batch)
-    if target.shape != (batch,) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    integer = not (target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool)
+    if target.shape != (batch,) or not integer:  # any integer dtype (int8 too), as the attribution methods take
         raise ValueError(f"target must be an integer tensor of shape ({batch},), got "
                          f"{tuple(target.shape)} {target.dtype}")
     return target.long()

@@ -69,8 +69,8 @@ class ROAD(Metric):
         self._curves: list[road_module.RoadResult] = []
 
     def update(self, *args, **kwargs):
-        """Accumulates scores, reasons and curves; returns what ``road`` returns with the same
-        options (scores, or a RoadResult with ``return_curves=True``)."""
+        """Accumulates scores, reasons and curves; returns the scores, or a RoadResult with
+        ``return_curves=True`` (never the reasons: ``compute()`` has them)."""
         options = {**self.options, **kwargs}
         result, reasons = road_module.road(*args, **{**options, "return_curves": True, "return_reasons": True})
         if self._curves and result.fractions != self._curves[0].fractions:
