@@ -164,8 +164,8 @@ def verdict_text(name: str, validity: pd.DataFrame, verdicts: pd.DataFrame, lowe
         if unscored:
             lines.append("Not checked on every model (no finite score: NaN or errors): " + ", ".join(unscored) + ".")
     else:
-        lines.append("No trivial-map check was possible: the run has no trivial maps, or no real "
-                     "method got a finite score for this metric.")
+        lines.append("No trivial-map check was possible: the run has no trivial maps "
+                     f"({', '.join(A.TRIVIAL_MAPS)}).")
     return "\n".join(lines)
 
 

@@ -91,7 +91,9 @@ def _add_run(sub):
     p.add_argument("--chunk-size", type=int, default=16,
                    help="images per batch and per resumable chunk (part of the run's identity)")
     p.add_argument("--seed", type=int, default=0,
-                   help="run seed; each chunk's stochastic methods and metrics get a seed derived from it")
+                   help="run seed; each chunk's stochastic methods (and a metric of your own drawing from torch's "
+                        "global generators) get a seed derived from it; the built-in metrics' draws (ROAD's "
+                        "noise and tie-breaking) take --metric-options' seed and tie_seed instead")
     p.add_argument("--method-options", help="JSON text or a JSON/YAML file: {method: {option: value}}")
     p.add_argument("--metric-options", help="JSON text or a JSON/YAML file: options passed to evaluate()")
     p.add_argument("--method-grid", help="JSON text or a JSON/YAML file: per-method {layers, mixes, max_images} overrides")

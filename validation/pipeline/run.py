@@ -364,6 +364,24 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def _canonical_method_names(config: RunConfig) -> None:
+    """The registry's names for the run's methods and the keys of its method options and grid
+    (``gradcam++`` -> ``gradcampp``, ``center`` -> ``centre``): an alias would otherwise run as a
+    layer-free method at its default layer, and be a real method in the tables (the centre
+    prior). Names the registry does not know stay as given, for the refusal that lists them."""
+    from validation.attributions.registry import canonical_name
+
+    def canon(name):
+        try:
+            return canonical_name(name)
+        except ValueError:
+            return name
+
+    config.methods = list(dict.fromkeys(canon(m) for m in config.methods))
+    config.method_options = {canon(k): v for k, v in config.method_options.items()}
+    config.method_grid = {canon(k): v for k, v in config.method_grid.items()}
+
+
 # ----------------------------------------------------------------------------- the runner
 class Runner:
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike,
@@ -378,11 +396,18 @@ class Runner:
         self.c = components or Components()
         self.progress = progress
         self.overwrite = overwrite
+        if self.c.explainer is _default_explainer:
+            _canonical_method_names(config)
         self.configs = map_configs(config.methods, config.layers, config.mixes,
                                    self.c.layer_methods, self.c.refinable, config.refine_layers,
                                    config.method_grid)
-        if not self.configs:
+        if not config.methods:
             raise ValueError("nothing to compute: no methods given")
+        if not self.configs:  # methods given, but their layers and mixes leave no map to compute
+            raise ValueError(
+                f"nothing to compute: methods {list(config.methods)} with layers {list(config.layers)} and "
+                f"mixes {list(config.mixes)} give no map ('identity' is the unrefined map; RefineCAM needs a "
+                f"deeper layer of --refine-layers {list(config.refine_layers)} to fuse)")
         if not config.metrics:
             raise ValueError("nothing to compute: no metrics given")
         if not config.models:

@@ -56,17 +56,20 @@ def correlation_bar_data(validity: pd.DataFrame) -> pd.DataFrame:
 
 def correlation_bars(validity: pd.DataFrame):
     """Mean Pearson and Spearman r with the ground-truth cosine per metric; error bars: +- std over
-    models when there are several, else the bootstrap 95 % interval. A metric whose mean rests on
-    fewer models than the run has is marked ``(n/N models)``."""
+    models when every mean rests on several, else (all bars) the bootstrap 95 % interval, as the
+    title says. A metric whose mean rests on fewer models than the run has is marked ``(n/N models)``."""
     s = correlation_bar_data(validity)
     levels = [lv for lv in ("pairs", "method_means") if lv in set(s.level)]
+    # one kind of error bar for every panel, the one the title names: the std where every mean
+    # rests on several models, else the bootstrap interval (a one-model mean has no std)
+    use_std = bool(len(s)) and bool((s["n_models"] > 1).all())
     fig = Figure(figsize=(6.5 * len(levels), 3.8))
     axes = fig.subplots(1, len(levels), squeeze=False)
     for ax, level in zip(axes[0], levels):
         t = s[s.level == level].sort_values("pearson", ascending=False)
         x = np.arange(len(t))
         for k, (col, colour) in enumerate((("pearson", "tab:blue"), ("spearman", "tab:green"))):
-            if (t["n_models"] > 1).all():
+            if use_std:
                 err = t[f"{col}_std"].to_numpy()
             else:
                 err = np.abs(np.stack([t[col] - t[f"{col}_lo"], t[f"{col}_hi"] - t[col]]).astype(float))
@@ -80,7 +83,7 @@ def correlation_bars(validity: pd.DataFrame):
         ax.set_title(f"{level.replace('_', ' ')} (mean of {n_models} model(s), fewer where marked)", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle("Metric validity (error bars: " +
-                 ("+- std over models" if len(s) and (s.n_models > 1).all() else "bootstrap 95 % CI") + ")")
+                 ("+- std over models" if use_std else "bootstrap 95 % CI") + ")")
     return fig
 
 
