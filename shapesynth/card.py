@@ -76,11 +76,14 @@ def _backgrounds(cfg: SynthConfig, pools: dict[str, BackgroundPool]) -> tuple[st
         p = pools[split]
         rows.append([split, len(p), p.digest()[:16]])
         listing[split] = [{"name": n, "sha256": h} for n, h in zip(p.names, p.hashes)]
+    # what draw_background applies per sample: only the augmentations the config turns on
+    augment = ["a random crop"] + [name for name, on in (
+        ("flips", cfg.bg_flip), ("channel permutation", cfg.bg_channel_shuffle), ("colour jitter", cfg.bg_jitter > 0)) if on]
     text = [
         f"Source: `{cfg.background}`" + (f" (`{cfg.bg_path or cfg.bg_split_paths}`)" if cfg.background != "procedural" else "")
         + ". Pools are disjoint by sha256 of the decoded pixels, up to the flips and channel "
         "permutations the config applies (checked before generation); each sample "
-        "takes one base with a random crop, flips, channel permutation and colour jitter.",
+        f"takes one base with {', '.join(augment[:-1]) + ' and ' + augment[-1] if len(augment) > 1 else augment[0]}.",
         "",
         _md_table(pd.DataFrame(rows, columns=["pool", "bases", "pool digest"])),
         "",

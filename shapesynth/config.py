@@ -170,11 +170,11 @@ class SynthConfig:
 
     # procedural clutter difficulty
     # (defaults: difficulty 0.5, "medium"; see `with_difficulty`)
-    clutter: float = 0.65  # element density multiplier (0: smooth colour field only)
-    clutter_contrast: float = 0.75  # 0..1: blend of the clutter toward its smooth low-frequency field
-    clutter_saturation: float = 0.8  # 0: grey clutter, 1: full colour
+    clutter: float = 0.65  # element density multiplier (0: smooth colour field and noise only)
+    clutter_contrast: float = 0.75  # 0..1: strength of the clutter (and noise) over its smooth field; 0: the field alone
+    clutter_saturation: float = 0.8  # 0: a grey base (smooth field included), 1: full colour
     clutter_blur: float = 0.0  # Gaussian blur sigma in pixels of the finished base
-    clutter_noise: float = 0.03  # per-pixel noise amplitude (fraction of 255)
+    clutter_noise: float = 0.03  # per-pixel noise sigma (fraction of 255), scaled by clutter_contrast
     clutter_scale: float = 1.0  # element size multiplier
 
     def __post_init__(self) -> None:

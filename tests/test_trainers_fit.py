@@ -31,6 +31,8 @@ def _tiny_cfg(out, **kw):
                 curriculum_epochs=0, log_every_n_steps=1, lr=1e-3, synth={"size_bands": BANDS})
     if kw.get("data"):  # val/test are the dataset's splits: rendered-split sizes would be refused
         del base["val_length"], base["test_length"]
+    if kw.get("train_source") == "disk":  # the stored train split: a stream length would be refused
+        del base["train_length"]
     base.update(kw)
     return TrainConfig(**base)
 

@@ -231,7 +231,8 @@ def test_training_stream_refuses_backgrounds_other_than_the_datasets_train_pool(
     assert not (elsewhere / "other").exists()
 
     # the stored images do not depend on the background files; nor does a finished run, reported
-    plan_fit(TrainConfig(out=str(elsewhere / "disk"), train_source="disk", **cfg))
+    disk = {k: v for k, v in cfg.items() if k != "train_length"}  # the stored split: no stream length
+    plan_fit(TrainConfig(out=str(elsewhere / "disk"), train_source="disk", **disk))
     monkeypatch.chdir(tmp_path / "made")
     meta = fit(TrainConfig(out=str(tmp_path / "made" / "stream"), **cfg))
     assert meta["data"]["synth"]["bg_path"] == "bgs"

@@ -144,6 +144,10 @@ class TrainConfig:
         if self.train_source == "disk" and self.curriculum_epochs not in (0, default["curriculum_epochs"]):
             raise ValueError(f"curriculum_epochs {self.curriculum_epochs} applies to the rendered stream only, "
                              f"not to train_source 'disk' (set it to 0)")
+        for name in ("train_length", "curriculum_start"):  # the disk source trains on the stored split as it is
+            if self.train_source == "disk" and getattr(self, name) != default[name]:
+                raise ValueError(f"{name} {getattr(self, name)} applies to the rendered stream only, not to "
+                                 f"train_source 'disk' (drop {name})")
         for name in ("synth", "train_synth"):
             if "split_sizes" in getattr(self, name):  # the stream renders the lengths below instead
                 raise ValueError(f"{name}.split_sizes is not used: rendered splits are sized by train_length, "

@@ -285,11 +285,23 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def check_train_backgrounds(self) -> None:
         """Before training: a stream rendered from a dataset's recipe draws on the dataset's own
-        train background pool (`check_train_backgrounds`). `plan_fit` calls it before anything is
+        train background pool (`check_train_backgrounds`); without a dataset, the background files
+        of `synth` / `train_synth` must give pools. `plan_fit` calls it before anything is
         written; ``setup("fit")`` too, for a trainer driven directly."""
-        if self.data and self.train_source == "stream" and not self._train_backgrounds_checked:
+        if self._train_backgrounds_checked:
+            return
+        if self.data and self.train_source == "stream":
             check_train_backgrounds(self.data, self.synth_config)
-            self._train_backgrounds_checked = True
+        elif not self.data:
+            # every split rendered from `synth`: background files (folder, hf) that are missing or
+            # unreadable are bad input, found here rather than once training has started (the
+            # pools are memoised, so the streams reuse them); procedural pools need no files
+            from shapesynth.backgrounds import build_pools
+
+            for cfg in (self.synth_config, self.train_target):
+                if cfg.background != "procedural":
+                    build_pools(cfg)
+        self._train_backgrounds_checked = True
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:

@@ -4,7 +4,7 @@ A base background is layered from a smooth multi-octave colour field, irregular 
 of 40+ vertices whose radius wobbles with random low harmonics, so never a circle, square or
 triangle), curved spline strokes, warped stripe textures inside blob-shaped windows, and pixel
 noise. Knobs (all in `SynthConfig`): ``clutter`` (element count), ``clutter_scale`` (element
-size), ``clutter_contrast`` (blend toward the smooth field), ``clutter_saturation``,
+size), ``clutter_contrast`` (strength of elements and noise over the smooth field), ``clutter_saturation``,
 ``clutter_blur`` and ``clutter_noise``.
 """
 
