@@ -27,6 +27,11 @@ def test_a_method_alias_runs_as_the_registered_method_at_every_layer(tmp_path):
     # the centre prior keeps its registry name, so the tables exclude it from the real methods
     assert r.config.method_grid == {"gradcampp": {"max_images": 8}}
     assert "centre" in r.config.method_options
+    # the caller's config is left as given: the runner works on a copy
+    given = RunConfig(data=str(tmp_path / "data"), models=[str(tmp_path / "m")], metrics=["gt_cosine"],
+                      methods=["gradcam++"], method_grid={"gradcam++": {"max_images": 8}})
+    assert Runner(given, tmp_path / "run").config.methods == ["gradcampp"]
+    assert given.methods == ["gradcam++"] and given.method_grid == {"gradcam++": {"max_images": 8}}
 
 
 def test_an_empty_grid_is_not_reported_as_no_methods_given(tmp_path):

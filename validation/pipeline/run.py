@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -364,11 +364,11 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
-def _canonical_method_names(config: RunConfig) -> None:
-    """The registry's names for the run's methods and the keys of its method options and grid
-    (``gradcam++`` -> ``gradcampp``, ``center`` -> ``centre``): an alias would otherwise run as a
-    layer-free method at its default layer, and be a real method in the tables (the centre
-    prior). Names the registry does not know stay as given, for the refusal that lists them."""
+def _canonical_method_names(config: RunConfig) -> RunConfig:
+    """A copy of ``config`` with the registry's names for its methods and the keys of its method
+    options and grid (``gradcam++`` -> ``gradcampp``, ``center`` -> ``centre``): an alias would
+    otherwise run as a layer-free method at its default layer, and be a real method in the tables
+    (the centre prior). Names the registry does not know stay as given, for the refusal that lists them."""
     from validation.attributions.registry import canonical_name
 
     def canon(name):
@@ -377,9 +377,9 @@ def _canonical_method_names(config: RunConfig) -> None:
         except ValueError:
             return name
 
-    config.methods = list(dict.fromkeys(canon(m) for m in config.methods))
-    config.method_options = {canon(k): v for k, v in config.method_options.items()}
-    config.method_grid = {canon(k): v for k, v in config.method_grid.items()}
+    return replace(config, methods=list(dict.fromkeys(canon(m) for m in config.methods)),
+                   method_options={canon(k): v for k, v in config.method_options.items()},
+                   method_grid={canon(k): v for k, v in config.method_grid.items()})
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -388,6 +388,8 @@ class Runner:
                  components: Components | None = None, progress: bool = True,
                  overwrite: bool = False, conflict_hint: str = "use another --out or --overwrite",
                  range_source: str | None = None):
+        if (components or Components()).explainer is _default_explainer:
+            config = _canonical_method_names(config)
         self.config = config
         self.conflict_hint = conflict_hint  # what to do when --out holds another run (audit has its own flags)
         # what set the image range, for the error when the split is smaller (default: --images a:b)
@@ -396,8 +398,6 @@ class Runner:
         self.c = components or Components()
         self.progress = progress
         self.overwrite = overwrite
-        if self.c.explainer is _default_explainer:
-            _canonical_method_names(config)
         self.configs = map_configs(config.methods, config.layers, config.mixes,
                                    self.c.layer_methods, self.c.refinable, config.refine_layers,
                                    config.method_grid)
