@@ -436,6 +436,25 @@ class FitPlan:
     clock: TrainClock
     # the recorded metadata of a finished run in cfg.out (resume auto): nothing is built or trained
     finished: dict | None = None
+    # the caller's process-wide torch settings that building the trainer changed, put back by run_plan
+    torch_flags: tuple | None = None
+
+
+def _torch_flags() -> tuple:
+    """The process-wide settings Lightning's Trainer sets from ``deterministic`` (deterministic
+    algorithms and their warn-only mode, cuDNN benchmark, ``CUBLAS_WORKSPACE_CONFIG``), as they are."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def _restore_torch_flags(flags: tuple) -> None:
+    deterministic, warn_only, benchmark, cublas = flags
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> FitPlan:
@@ -477,13 +496,20 @@ def plan_fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = No
     if cfg.max_time is not None:
         full_from = cfg.train_crop_epochs if cfg.train_crop is not None else None
         callbacks = (*callbacks, CapForecast(clock, cfg.max_epochs, max_time_seconds(cfg.max_time), full_from))
+    # Lightning's Trainer sets process-wide torch flags from ``deterministic`` (False included:
+    # it turns a caller's deterministic algorithms off); run_plan puts the caller's back
+    flags = _torch_flags()
     try:
         trainer, ckpt = _trainer(cfg, out, callbacks, **(trainer_overrides or {}))
     except (TypeError, ImportError, MisconfigurationException) as err:
+        _restore_torch_flags(flags)
         # Lightning's own checks of accelerator, devices, strategy and precision, as bad input
         raise ValueError(f"trainer options (accelerator {cfg.accelerator!r}, devices {cfg.devices!r}, "
                          f"strategy {cfg.strategy!r}, precision {cfg.precision!r}): {err}") from err
-    return FitPlan(cfg, dm, module, resumed_from, trainer, ckpt, clock)
+    except BaseException:
+        _restore_torch_flags(flags)
+        raise
+    return FitPlan(cfg, dm, module, resumed_from, trainer, ckpt, clock, torch_flags=flags)
 
 
 def fit(cfg: TrainConfig, callbacks=(), trainer_overrides: dict | None = None) -> dict:
@@ -510,8 +536,10 @@ def run_plan(plan: FitPlan) -> dict:
         torch.set_num_threads(cfg.threads)
     try:
         return _train_test_export(plan)
-    finally:  # the caller's thread count, not this run's
+    finally:  # the caller's thread count and torch flags, not this run's
         torch.set_num_threads(threads)
+        if plan.torch_flags is not None:
+            _restore_torch_flags(plan.torch_flags)
 
 
 # what a run folder holds besides its config and logs; model.json is written last and marks the end

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from validation._rng import seeded_global_rng
 from validation.pipeline.table import IDENTITY, NO_LAYER, read_json
 
 # SynthConfig fields that do not change the distribution of the images (which images are drawn,
@@ -166,8 +167,9 @@ def _dry_evaluate(metrics: Sequence[str], options: dict, shape: tuple[int, ...])
     from validation.metrics import evaluate
 
     c, h, w = shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    # seeded_global_rng, not torch.manual_seed: that would also reseed every CUDA generator
+    # (queued for a device not yet initialised), which fork_rng(devices=[]) does not put back
+    with seeded_global_rng(0):
         model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 2))
         x = torch.rand(1, c, h, w)
         ramp = torch.linspace(0, 1, h * w).view(1, h, w)
