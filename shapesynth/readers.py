@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 
 from shapesynth.config import SPLITS
 from shapesynth.schema import META_COLUMNS, decode_image, decode_mask
-from shapesynth.writers import MANIFEST, WORK_DIR, OutputError, detect_format
+from shapesynth.writers import MANIFEST, WORK_DIR, OutputError, detect_format, read_manifest
 
 
 class SplitRecords:
@@ -84,9 +85,27 @@ def _split_files(out: Path, fmt: str, split: str) -> list[Path]:
 def _arrow_table(files: list[Path]) -> pa.Table:
     tables = []
     for f in files:
-        with pa.memory_map(str(f)) as source:
+        with _damaged_file(f), pa.memory_map(str(f)) as source:
             tables.append(pa.ipc.open_stream(source).read_all())
     return pa.concat_tables(tables)
+
+
+def _parquet_table(files: list[Path], columns: list[str] | None = None) -> pa.Table:
+    tables = []
+    for f in files:
+        with _damaged_file(f):
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables)
+
+
+@contextlib.contextmanager
+def _damaged_file(path: Path):
+    """pyarrow's error about a truncated or foreign data file, as an OutputError naming the file."""
+    try:
+        yield
+    except pa.ArrowException as err:  # ArrowInvalid (a ValueError), ArrowIOError, ...
+        raise OutputError(f"{path}: damaged data file ({' '.join(str(err).split())}); restore it, or delete it and "
+                          "finish the dataset with `shapesynth generate --resume`") from None
 
 
 def expected_size(path: str | Path, split: str) -> int | None:
@@ -94,7 +113,7 @@ def expected_size(path: str | Path, split: str) -> int | None:
     manifest = Path(path) / MANIFEST
     if not manifest.exists():
         return None
-    return int(json.loads(manifest.read_text())["config"].get("split_sizes", {}).get(split, 0))
+    return int(read_manifest(path, "config")["config"].get("split_sizes", {}).get(split, 0))
 
 
 def check_complete(path: str | Path, split: str, found: int) -> None:
@@ -121,7 +140,7 @@ def open_split(path: str | Path, split: str, allow_incomplete: bool = False) -> 
         raise OutputError(f"{out} ({fmt} format) has no {split!r} split")
     where = f"{out}:{split}"
     if fmt == "hub":
-        records = SplitRecords(pa.concat_tables([pq.read_table(f) for f in files]), None, where)
+        records = SplitRecords(_parquet_table(files), None, where)
     elif fmt == "arrow":
         records = SplitRecords(_arrow_table(files), None, where)
     else:
@@ -145,7 +164,7 @@ def load_config(path: str | Path):
     manifest = Path(path) / MANIFEST
     if not manifest.exists():
         raise OutputError(f"{path} has no {MANIFEST}: the recipe of this dataset is unknown")
-    return SynthConfig.from_dict(json.loads(manifest.read_text())["config"])
+    return SynthConfig.from_dict(read_manifest(path, "config")["config"])
 
 
 def load_metadata(path: str | Path, split: str, allow_incomplete: bool = False) -> pd.DataFrame:
@@ -158,7 +177,7 @@ def load_metadata(path: str | Path, split: str, allow_incomplete: bool = False) 
     if not files:
         table = pd.DataFrame(columns=cols)
     elif fmt == "hub":
-        table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files]).to_pandas()
+        table = _parquet_table(files, cols).to_pandas()
     elif fmt == "arrow":
         table = _arrow_table(files).select(cols).to_pandas()
     else:
@@ -234,7 +253,7 @@ def _imagefolder_digests(metadata_file: Path) -> list[tuple[int, bytes]]:
 
 def _file_digests(fmt: str, data_file: Path) -> list[tuple[int, bytes]]:
     if fmt == "hub":
-        return _table_digests(pq.read_table(data_file))
+        return _table_digests(_parquet_table([data_file]))
     if fmt == "arrow":
         return _table_digests(_arrow_table([data_file]))
     return _imagefolder_digests(data_file)

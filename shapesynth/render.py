@@ -17,7 +17,7 @@ from shapesynth import CLASS_NAMES
 from shapesynth.backgrounds import BackgroundPool, build_pools, draw_background
 from shapesynth.config import SynthConfig
 from shapesynth.shapes import circumradius, class_geometry, coverage
-from shapesynth.streams import SampleDraws, as_int, balanced_labels, uniform_int
+from shapesynth.streams import SampleDraws, as_int, balanced_labels, check_count, uniform_int
 
 _MAX_CONTRAST = 255.0 * math.sqrt(3.0)
 
@@ -76,6 +76,9 @@ class ShapeSynth:
     """
 
     def __init__(self, config: SynthConfig | None = None, pools: dict[str, BackgroundPool] | None = None):
+        if config is not None and not isinstance(config, SynthConfig):  # a dict failed later, in an attribute
+            raise TypeError(f"config must be a SynthConfig (e.g. SynthConfig.from_dict(...)), "
+                            f"got {type(config).__name__}")
         self.config = config if config is not None else SynthConfig()
         if pools is not None:
             self.__dict__["pools"] = pools
@@ -88,8 +91,9 @@ class ShapeSynth:
     # ------------------------------------------------------------------ draws
     def labels(self, split: str, epoch: int = 0, n: int | None = None) -> np.ndarray:
         """The balanced, shuffled labels of a split of n samples (default: its configured size)."""
-        n = self.config.split_size(split) if n is None else int(n)
-        key = (split, int(epoch), n)
+        # checked, not int()-ed: int(2.5) made a split of 2, n = -1 failed inside numpy, NaN named nothing
+        n = self.config.split_size(split) if n is None else check_count("n", n)
+        key = (split, check_count("epoch", epoch), n)
         if key not in self._labels:
             self._labels[key] = balanced_labels(self.config.seed, split, epoch, n, len(CLASS_NAMES))
         return self._labels[key]
@@ -115,9 +119,13 @@ class ShapeSynth:
     def render(self, p: Placement, label: int | None = None, colour: tuple[int, int, int] | None = None) -> Sample:
         """Render a placement as its own class (or `label`), drawing (or reusing) the colour."""
         cfg = self.config
-        label = p.label if label is None else int(label)
+        label = p.label if label is None else as_int("label", label)  # int(1.7) would render class 1
         if not 0 <= label < len(CLASS_NAMES):
             raise ValueError(f"label {label} is not in 0..{len(CLASS_NAMES) - 1}")
+        if colour is not None:  # out-of-range channels wrapped around in the uint8 image, (v,) broadcast as grey
+            values = np.asarray(colour)
+            if values.shape != (3,) or values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
+                raise ValueError(f"colour must be three integers (R, G, B) in 0..255, got {colour!r}")
         stroke = cfg.stroke_px(p.size)
         (y0, y1, x0, x1), alpha, region = coverage(label, p.size, p.angle, p.cx, p.cy, cfg.image_size, stroke)
         bg_box = p.background[y0:y1, x0:x1]

@@ -244,11 +244,28 @@ def get_format(name: str):
         raise OutputError(f"unknown format {name!r} (known: {sorted(FORMATS)})") from None
 
 
+def read_manifest(out: str | Path, *keys: str) -> dict:
+    """The ``shapesynth.json`` of a dataset folder; an OutputError naming the file when it is not
+    a JSON object holding ``keys`` (an empty or truncated file from a full disk or a killed copy
+    escaped as a JSONDecodeError or KeyError traceback)."""
+    path = Path(out) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OutputError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or regenerate the "
+                          "dataset") from None
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        holding = f" holding {', '.join(map(repr, keys))}" if keys else ""
+        raise OutputError(f"{path} is damaged: not a JSON object{holding} as `shapesynth generate` writes it; "
+                          "restore it or regenerate the dataset")
+    return data
+
+
 def detect_format(out: str | Path) -> str:
     out = Path(out)
     manifest = out / MANIFEST
     if manifest.exists():
-        return json.loads(manifest.read_text())["format"]
+        return read_manifest(out, "format")["format"]
     if (out / "dataset_dict.json").exists():
         return "arrow"
     if list((out / "data").glob("*.parquet")):
@@ -340,7 +357,7 @@ def prepare_output(
                         f"{MANIFEST}, so no other --shard run wrote it; pick a new --out (or --overwrite to replace it)"
                     )
                 raise OutputError(f"cannot resume in {out}: it holds no {MANIFEST} from an earlier run")
-            old = json.loads(old_path.read_text())
+            old = read_manifest(out)
             diff = recipe_differences(old, manifest)
             if diff and sharded:
                 raise OutputError(

@@ -26,6 +26,17 @@ def tmp_out(tmp_path):
     return out
 
 
+@pytest.fixture
+def fresh_pool_cache():
+    """An empty background-pool cache before and after the test (the cache is per process, as a
+    new process would have it): ``pytestmark = pytest.mark.usefixtures("fresh_pool_cache")``."""
+    from shapesynth.backgrounds import clear_pool_cache
+
+    clear_pool_cache()
+    yield
+    clear_pool_cache()
+
+
 @pytest.fixture(scope="session")
 def save_untrained_model():
     """save_untrained_model(folder, seed=0, **meta): a seeded, untrained 32 px ResNet18 saved as a

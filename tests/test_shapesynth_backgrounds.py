@@ -18,11 +18,7 @@ from shapesynth.backgrounds.pools import to_rgb
 TINY = dict(image_size=32, size_bands=PAPER_SIZE_BANDS[:2], split_sizes={"train": 12, "val": 6, "test": 6})
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_pool_cache()
-    yield
-    clear_pool_cache()
+pytestmark = pytest.mark.usefixtures("fresh_pool_cache")
 
 
 def _write_images(folder: Path, n: int, size: int = 40, start: int = 0) -> list[Path]:

@@ -19,9 +19,7 @@ from shapesynth.readers import data_file_list
 TINY = ["--image-size", "32", "--size-bands", "0.31-0.39,0.16-0.19", "--train-size", "24", "--val-size", "6", "--test-size", "12", "--samples-per-shard", "10", "--no-progress", "--num-proc", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_pool_cache()
+pytestmark = pytest.mark.usefixtures("fresh_pool_cache")
 
 
 @pytest.fixture(scope="module")

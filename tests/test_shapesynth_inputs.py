@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shapesynth import ShapeSynth, SynthConfig
-from shapesynth.backgrounds import build_pools, clear_pool_cache
+from shapesynth.backgrounds import build_pools
 from shapesynth.cli import build_parser, config_from_args, main
 from shapesynth.config import HARD_CLUTTER, PAPER_SIZE_BANDS, ConfigError
 from shapesynth.generate import generate
@@ -26,11 +26,7 @@ CFG = SynthConfig(image_size=32, size_bands=PAPER_SIZE_BANDS[:2], split_sizes={"
                   bg_pool_sizes={"train": 2, "val": 1, "test": 1})
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_pool_cache()
-    yield
-    clear_pool_cache()
+pytestmark = pytest.mark.usefixtures("fresh_pool_cache")
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -41,6 +41,10 @@ def check_input(x: Any) -> torch.Tensor:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor of images in [0, 1], got dtype {x.dtype}")
+    # NaN or Inf pixels made every method's raw map non-finite: returned as silent all-zero maps
+    bad = (~torch.isfinite(x.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"x: image(s) {bad} contain NaN or Inf")
     return fast_layout(x.detach())
 
 
@@ -78,7 +82,10 @@ def as_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | N
     """int, sequence or tensor -> LongTensor (B,) on ``device``; None stays None (= predicted)."""
     if target is None:
         return None
-    t = torch.as_tensor(target, device=device)
+    try:
+        t = torch.as_tensor(target, device=device)
+    except (TypeError, RuntimeError, ValueError):  # torch's "new(): invalid data type 'str'" names nothing
+        raise TypeError(f"target must hold integer class indices, got {target!r:.80}") from None
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
     t = t.long()

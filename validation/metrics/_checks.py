@@ -1,6 +1,9 @@
 """Input checks and NaN-with-reason bookkeeping shared by every metric."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 # Reason codes carried next to NaN values (one string per sample; "" when the value is defined).
@@ -32,6 +35,10 @@ def check_maps(maps: torch.Tensor, name: str = "maps", *, shape=None, device=Non
         raise ValueError(f"{name} shape {tuple(maps.shape)} does not match the expected (B, H, W) = {tuple(shape)}")
     if device is not None and maps.device != device:  # torch's own error names neither tensor
         raise ValueError(f"{name} is on {maps.device} but the maps are on {device}: pass {name}.to(maps.device)")
+    if maps.shape[0] and not maps.shape[1] * maps.shape[2]:  # torch's aminmax error names no tensor
+        raise ValueError(f"{name} has no pixels: shape {tuple(maps.shape)}")
+    if maps.is_complex():  # .float() would drop the imaginary part with only a warning
+        raise TypeError(f"{name} must be real-valued, got {maps.dtype}")
     if maps.dtype not in (torch.float32, torch.float64):  # integer and half maps: computed in float32
         maps = maps.float()
     # a 0/255 mask read from a PNG is the usual way masks go out of range, not a missing min-max
@@ -78,10 +85,30 @@ def _finite_in_unit_range(values: torch.Tensor, name: str, hint: str):
     return lo, hi
 
 
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """An integer option (Python, numpy or 0-d torch integer; a float with no fraction) as an int,
+    at least ``minimum``; ValueError naming the option otherwise. A float with a fraction was
+    truncated or failed inside ``range`` (naming no option), NaN passed a ``< 1`` check, and a
+    fractional seed reached ``manual_seed``'s RuntimeError."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = value.item()
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and (isinstance(value, numbers.Integral) or (math.isfinite(value) and int(value) == value)))
+    if not ok:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_target(target, batch: int, device) -> torch.Tensor:
     if isinstance(target, (list, tuple)) and not target:  # torch.as_tensor([]) is float32
         target = torch.zeros(0, dtype=torch.long)
-    target = torch.as_tensor(target, device=device)
+    try:
+        target = torch.as_tensor(target, device=device)
+    except (TypeError, RuntimeError, ValueError):  # torch's "new(): invalid data type 'str'" names nothing
+        raise TypeError(f"target must be integer class indices (an int, a sequence or a tensor), "
+                        f"got {target!r:.80}") from None
     if target.ndim == 0:
         target = target.expand(batch)
     integer = not (target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool)

@@ -7,7 +7,7 @@ import torch
 
 from .._layout import fast_layout
 from .._model_input import check_logits, raise_for_failed_forward
-from ._checks import check_num_classes, eval_forward
+from ._checks import check_int, check_num_classes, eval_forward
 
 
 def class_probabilities(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, *,
@@ -29,8 +29,7 @@ def probabilities_and_predictions(model: torch.nn.Module, images: torch.Tensor, 
     ``sample_target`` (B,): the callers' per-sample targets when the rows repeat samples, so that
     a class outside the model's range names the sample, not the row.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     out, predictions = [], []
     autocast = (torch.autocast(device_type=images.device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())

@@ -76,6 +76,8 @@ def evaluate(model: torch.nn.Module | None, x: torch.Tensor, target, maps: torch
     impute_batch_size, bf16), ``pointing_game`` (pointing_ties), ``topk_intersection`` (topk)
     and the mask threshold.
     """
+    if not isinstance(metrics, str) and not hasattr(metrics, "__iter__"):  # tuple(None): "not iterable"
+        raise TypeError(f"metrics must be a metric name or a sequence of them, got {metrics!r}")
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:

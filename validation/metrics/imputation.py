@@ -1015,8 +1015,12 @@ def check_noise(noise: float) -> None:
     """The noise amplitude must be a finite number >= 0: NaN passed a ``< 0`` check and then ran
     noise-free (ROAD: ``NaN > 0`` is false) or made every pixel NaN (NaN * eps * 0 on kept ones),
     as Inf did."""
-    if not 0 <= noise < math.inf:
-        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+    try:
+        ok = bool(0 <= noise < math.inf)
+    except TypeError:  # None or a string: Python's "'<=' not supported" names no argument
+        ok = False
+    if not ok:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,

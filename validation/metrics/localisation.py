@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ._checks import CONSTANT_MAP, EMPTY_MASK, FULL_MASK, ZERO_MAP, check_maps, finish
+from ._checks import CONSTANT_MAP, EMPTY_MASK, FULL_MASK, ZERO_MAP, check_int, check_maps, finish
 
 __all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "relevance_rank_accuracy",
            "localisation_auc", "sparseness", "default_topk", "ground_truth_set"]
@@ -33,8 +33,12 @@ __all__ = ["pointing_game", "topk_intersection", "relevance_mass_accuracy", "rel
 
 def ground_truth_set(gt: torch.Tensor, maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Validated (B, H*W) float32 0/1 mask S = gt >= threshold (float: reductions on it are fast)."""
-    if not 0 < threshold <= 1:  # 0 puts every pixel in S, above 1 none: always a mistake
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    try:
+        ok = bool(0 < threshold <= 1)  # 0 puts every pixel in S, above 1 none: always a mistake
+    except TypeError:  # None or a string: Python's "'<' not supported" names no argument
+        ok = False
+    if not ok:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     gt = check_maps(gt, "gt", shape=maps.shape, device=maps.device)
     return _indicator(torch.ge, gt.flatten(1), threshold)
 
@@ -160,9 +164,8 @@ def topk_intersection(maps: torch.Tensor, gt: torch.Tensor, *, k: int | None = N
     inside = ground_truth_set(gt, maps, threshold)
     flat = _flat(maps)
     n = flat.shape[1]
-    if k is not None and (isinstance(k, bool) or int(k) != k):  # int(2.5) would silently be 2
-        raise ValueError(f"k must be an integer, got {k!r}")
-    k = default_topk(*maps.shape[-2:]) if k is None else int(k)
+    # int(2.5) would silently be 2; int(NaN) raised an error naming no argument
+    k = default_topk(*maps.shape[-2:]) if k is None else check_int("k", k)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, H*W = {n}], got {k}")
     value = (_expected_topk_hits(flat, inside, k) / k).to(maps.dtype)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._checks import check_images, check_maps, check_target, finish
+from ._checks import check_images, check_int, check_maps, check_target, finish
 from ._forward import class_probabilities
 from .imputation import (DEFAULT_TOL, SolveReport, check_noise, reported_linear_impute,
                          reported_linear_impute_complementary)
@@ -55,7 +55,7 @@ def pixel_ranks(maps: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
     """
     b, h, w = maps.shape
     n = h * w
-    generator = torch.Generator(device="cpu").manual_seed(tie_seed)
+    generator = torch.Generator(device="cpu").manual_seed(check_int("tie_seed", tie_seed))
     priority = torch.randperm(n, generator=generator).to(maps.device)
     flat = maps.reshape(b, n)[:, priority]
     order = priority[torch.argsort(flat, dim=1, descending=True, stable=True)]
@@ -130,8 +130,8 @@ def road_images(x: torch.Tensor, maps: torch.Tensor, fractions: Sequence[float] 
     maps = check_maps(maps)
     x = check_images(x, maps)
     check_noise(noise)
-    if impute_batch_size < 1:
-        raise ValueError(f"impute_batch_size must be >= 1, got {impute_batch_size}")
+    impute_batch_size = check_int("impute_batch_size", impute_batch_size, 1)
+    seed = check_int("seed", seed)
     fractions = check_fractions(fractions)
     b, c, h, w = x.shape
     masks = removal_masks(maps, fractions, tie_seed=tie_seed)  # (B, F, 2, H, W)
