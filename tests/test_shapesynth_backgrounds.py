@@ -123,6 +123,32 @@ def test_folder_is_dealt_into_disjoint_pools_by_pixel_hash(tmp_path):
     clear_pool_cache()
     renamed = build_pools(_folder_cfg(tmp_path / "bgs"))
     assert {s: sorted(p.hashes) for s, p in pools.items()} == {s: sorted(p.hashes) for s, p in renamed.items()}
+    # the deal itself, re-derived from the documented rule (counts, disjointness and renaming alone
+    # passed with the fractions given to the wrong pools)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "bgs").iterdir()]
+    for fractions, sizes in (({"train": 0.8, "val": 0.05, "test": 0.15}, [24, 1, 5]),
+                             ({"test": 0.3, "train": 0.5, "val": 0.2}, [14, 10, 6])):
+        want = _dealt_by_the_rule(images, fractions)
+        # no pool is empty by the rule, so no fix-up applies and the deal must be the rule's exactly
+        assert [len(want[s]) for s in ("train", "val", "test")] == sizes
+        clear_pool_cache()
+        dealt = build_pools(_folder_cfg(tmp_path / "bgs", bg_pool_fractions=fractions))
+        assert {s: sorted(p.hashes) for s, p in dealt.items()} == want, fractions
+
+
+def _dealt_by_the_rule(images, fractions) -> dict[str, list[str]]:
+    """docs/shapesynth.md and `hash_split`, written out: the sha256 of each decoded image (its shape,
+    then its bytes) read as a uniform number u = int(hex[:13], 16) / 16^13 goes to the split, in
+    train, val, test order, whose cumulative share of bg_pool_fractions covers u."""
+    import hashlib
+
+    edges = np.cumsum([fractions["train"], fractions["val"], fractions["test"]]) / sum(fractions.values())
+    want = {"train": [], "val": [], "test": []}
+    for rgb in images:
+        digest = hashlib.sha256(str(rgb.shape).encode() + rgb.tobytes()).hexdigest()
+        u = int(digest[:13], 16) / 16.0**13
+        want[("train", "val", "test")[int(u >= edges[0]) + int(u >= edges[1])]].append(digest)
+    return {split: sorted(digests) for split, digests in want.items()}
 
 
 def test_duplicates_in_one_folder_never_straddle_pools(tmp_path):
@@ -482,6 +508,15 @@ def test_hf_single_split_is_dealt_by_hash(tmp_path):
     _hf_dataset(tmp_path, {"train": 20}).save_to_disk(str(tmp_path / "hfds"))
     pools = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds")))
     assert sum(len(p) for p in pools.values()) == 20 and all(len(p) for p in pools.values())
+    import datasets  # the rows' decoded pixels, dealt by the documented rule
+
+    rows = datasets.load_from_disk(str(tmp_path / "hfds"))["train"]["picture"]
+    fractions = {"train": 0.5, "val": 0.2, "test": 0.3}  # the defaults leave test empty here (fix-up)
+    want = _dealt_by_the_rule([np.asarray(im.convert("RGB")) for im in rows], fractions)
+    assert [len(want[s]) for s in ("train", "val", "test")] == [13, 4, 3]  # no fix-up: exactly the rule's
+    clear_pool_cache()
+    dealt = build_pools(SynthConfig(**TINY, background="hf", bg_path=str(tmp_path / "hfds"), bg_pool_fractions=fractions))
+    assert {s: sorted(p.hashes) for s, p in dealt.items()} == want
 
 
 def test_hf_local_imagefolder(tmp_path):
