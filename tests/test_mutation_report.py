@@ -276,6 +276,8 @@ def test_a_dataset_is_ready_when_its_split_holds_enough_images(tmp_path, monkeyp
 
     monkeypatch.setattr(shapesynth.torchdata, "ShapesDataset", Split)
     assert not R._dataset_ready(tmp_path / "absent", "test", 1)
+    assert not R._dataset_ready(tmp_path, "test", 5)  # no card: its generation was cut short
+    (tmp_path / "README.md").write_text("the card, which generate writes last")
     assert R._dataset_ready(tmp_path, "test", 5) and not R._dataset_ready(tmp_path, "test", 6)
     assert not R._dataset_ready(tmp_path, "val", 1)  # unreadable: regenerate
 

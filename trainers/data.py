@@ -282,6 +282,7 @@ class ShapesDataModule(pl.LightningDataModule):
         self.epoch = 0
         self.train_set = self.val_set = self.test_set = None
         self._train_backgrounds_checked = False
+        self.skipped_backgrounds: list[tuple[str, str]] = []  # (file, reason): rendered splits' pools
 
     def check_train_backgrounds(self) -> None:
         """Before training: a stream rendered from a dataset's recipe draws on the dataset's own
@@ -296,11 +297,22 @@ class ShapesDataModule(pl.LightningDataModule):
             # every split rendered from `synth`: background files (folder, hf) that are missing or
             # unreadable are bad input, found here rather than once training has started (the
             # pools are memoised, so the streams reuse them); procedural pools need no files
+            from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
             from shapesynth.backgrounds import build_pools
 
+            skipped = {}
             for cfg in (self.synth_config, self.train_target):
                 if cfg.background != "procedural":
-                    build_pools(cfg)
+                    for pool in build_pools(cfg).values():
+                        skipped.update({name: reason for name, reason in pool.skipped if name not in skipped})
+            # skipped files (unreadable, duplicates) are counted and listed, as `shapesynth generate`
+            # lists them in its summary and backgrounds.json: here on stderr and in model.json
+            self.skipped_backgrounds = sorted(skipped.items())
+            if skipped:
+                name, reason = self.skipped_backgrounds[0]
+                rank_zero_warn(f"{len(skipped)} background file(s) skipped (e.g. {name}: {reason}); model.json "
+                               f"lists them (data.skipped_backgrounds)")
         self._train_backgrounds_checked = True
 
     # ------------------------------------------------------------------ identity
@@ -333,7 +345,9 @@ class ShapesDataModule(pl.LightningDataModule):
                 "test_length": None if self.data else self.test_length,
                 "train_synth": self.train_synth or None,
                 "train_crop": self.train_crop, "train_crop_epochs": self.train_crop_epochs,
-                "synth": self.synth_config.to_dict() if self.synth_config is not None else None}
+                "synth": self.synth_config.to_dict() if self.synth_config is not None else None,
+                **({"skipped_backgrounds": [list(s) for s in self.skipped_backgrounds]}
+                   if self.skipped_backgrounds else {})}
 
     # ------------------------------------------------------------------ epochs and curriculum
     def train_config(self, epoch: int) -> SynthConfig:

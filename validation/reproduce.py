@@ -216,7 +216,10 @@ def _worker_errors(log: Path, start: int) -> list[str]:
 
 
 def _dataset_ready(data: Path, split: str, n_needed: int) -> bool:
-    if not data.exists():
+    # the card (README.md) is the last thing `shapesynth generate` writes, once every shard of every
+    # split is in (and an arrow dataset converted): without it a generation was cut short, and the
+    # generate command (--resume) finishes it
+    if not (data / "README.md").is_file():
         return False
     try:
         from shapesynth.torchdata import ShapesDataset

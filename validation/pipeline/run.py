@@ -42,6 +42,7 @@ from validation.pipeline.checks import (
 from validation.pipeline.shards import chunk_ranges, shard_chunks
 from validation.pipeline.table import (
     IDENTITY,
+    MERGED_FILES,
     NO_LAYER,
     stable_config,
     chunk_is_done,
@@ -531,6 +532,12 @@ class Runner:
                         stem = chunk_stem(self.out, name, start, stop)
                         for f in stem.parent.glob(f"{stem.name}.*"):
                             f.unlink()
+        if self.overwrite:
+            # the merged tables hold the discarded chunks' rows: kept, they would be read (analyze,
+            # report, audit) as this run's until its next merge, with no chunk newer than them if
+            # the run is stopped before its first chunk finishes
+            for name in MERGED_FILES:
+                (self.out / name).unlink(missing_ok=True)
         write_json(path, d)
 
     def _remove_killed_runs_temp_files(self, shard: tuple[int, int], own_chunks) -> None:

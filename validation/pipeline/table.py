@@ -270,6 +270,11 @@ def marker_digests(run_dir) -> dict[str, str]:
             for m in sorted((run_dir / "chunks").glob("*/c*.done.json"))}
 
 
+# what `merge_run` writes from the chunks; results.parquet first: without it a run is not merged
+MERGED_FILES = ("results.parquet", "results.csv", "predictions.parquet", "predictions.csv",
+                "misclassified.csv", "timing.csv", "manifest.json")
+
+
 def merge_run(run_dir: str | os.PathLike, allow_partial: bool = False) -> dict:
     """Merge every finished chunk of ``run_dir`` into the run's tables and manifest.
 

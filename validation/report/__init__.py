@@ -178,6 +178,10 @@ def make_figures(run_dir: Path, tables: dict, fig_dir: Path,
                 pair = (f"{base}@{shallow}", f"{base}@{shallow}+product")
                 break
         made["qualitative"] = F.save(F.qualitative_grid(saved, columns, pair), fig_dir / "qualitative.png", dpi=90)
+    # a figure an earlier report made that this run has no data for (another configuration since,
+    # no saved maps) would stay beside this report's figures as if it were one of them
+    for name in FIGURES.keys() - made.keys():
+        (fig_dir / f"{name}.png").unlink(missing_ok=True)
     return made
 
 
