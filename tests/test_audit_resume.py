@@ -92,15 +92,21 @@ def test_reproduce_does_not_reuse_a_dataset_whose_generation_stopped_before_its_
 
 
 # ---------------------------------------------------------------- fit from a recipe: skipped backgrounds
-def test_training_from_a_recipe_counts_and_lists_the_background_files_it_skips(tmp_path, fresh_pool_cache):
-    from trainers.data import ShapesDataModule
-
-    bg = tmp_path / "bg"
+def background_folder(bg, broken: bool):
+    """A folder of 12 random 48 px backgrounds, and with ``broken`` a "broken.png" that is no image."""
     bg.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(bg / f"b{i:02d}.png")
-    (bg / "broken.png").write_bytes(b"not a png")
+    if broken:
+        (bg / "broken.png").write_bytes(b"not a png")
+    return bg
+
+
+def test_training_from_a_recipe_counts_and_lists_the_background_files_it_skips(tmp_path, fresh_pool_cache):
+    from trainers.data import ShapesDataModule
+
+    bg = background_folder(tmp_path / "bg", broken=True)
     dm = ShapesDataModule(image_size=32, synth={"background": "folder", "bg_path": str(bg),
                                                 "size_bands": [[0.3, 0.4], [0.2, 0.25]]},
                           train_length=8, val_length=8, test_length=8, batch_size=8)

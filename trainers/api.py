@@ -40,7 +40,7 @@ from shapesynth.config import read_config_text
 
 from trainers.checkpointing import remove_temp_checkpoints
 from trainers.clock import CapForecast, TrainClock, max_time_seconds, positive_max_time
-from trainers.data import ShapesDataModule, resolve_num_workers
+from trainers.data import ShapesDataModule, data_recipes, resolve_num_workers
 from trainers.export import META, WEIGHTS, load_model, save_model, write_json, write_text
 from trainers.models import _check_arch
 from trainers.module import ShapeClassifierModule, per_class_accuracy
@@ -156,6 +156,10 @@ class TrainConfig:
             if self.data and getattr(self, name) != default[name]:
                 raise ValueError(f"{name} {getattr(self, name)} sizes rendered splits; with data the "
                                  f"dataset's own split is used (drop {name})")
+        # the data options as `fit` checks them (unknown or bad SynthConfig fields of synth and
+        # train_synth, train_crop against the shapes, ...), short of reading the dataset: so
+        # --print-config refuses what fit refuses
+        data_recipes(self.image_size, self.data, self.train_source, self.synth, self.train_synth, self.train_crop)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -673,6 +677,8 @@ def _evaluate(model_path, data, split, batch_size, synth, length, num_workers, o
                           num_workers=num_workers, class_names=tuple(meta["class_names"]), saved_model=True)
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if data is None:  # rendered: its background files checked (and skipped ones reported) as fit does
+        dm.check_rendered_backgrounds("the results list them (skipped_backgrounds)")
     module = ShapeClassifierModule(arch=meta["arch"], image_size=int(meta["image_size"]),
                                    class_names=meta["class_names"], channels_last=False)
     module.model.load_state_dict(model.state_dict())
@@ -687,6 +693,8 @@ def _evaluate(model_path, data, split, batch_size, synth, length, num_workers, o
            "dataset_fingerprint": dm.fingerprint(), "test_accuracy": float(cm.diagonal().sum() / cm.sum()),
            "test_images": int(cm.sum()), "per_class_accuracy": dict(zip(meta["class_names"], per_class_accuracy(cm).tolist())),
            "confusion_matrix": cm.tolist()}
+    if dm.skipped_backgrounds:
+        res["skipped_backgrounds"] = [list(s) for s in dm.skipped_backgrounds]
     if out:
         write_json(Path(out), res)
     return res

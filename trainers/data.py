@@ -215,6 +215,57 @@ def check_train_backgrounds(path, recipe: SynthConfig) -> None:
         raise DataError(f"{err} (or train on the stored images: --train-source disk)") from err
 
 
+def data_recipes(image_size: int, data: str | None = None, train_source: str = "stream", synth: dict | None = None,
+                 train_synth: dict | None = None, train_crop: int | None = None,
+                 recipe: SynthConfig | None = None) -> tuple[SynthConfig | None, SynthConfig | None]:
+    """The recipes of the rendered splits and of the training stream, ``(synth_config, train_target)``,
+    after every check of these options that needs no dataset files: `ShapesDataModule` runs it, and
+    `TrainConfig` too, so ``--print-config`` refuses what ``fit`` refuses. Without ``data`` the recipe
+    is ``synth`` at ``image_size``; with ``data`` it is the dataset's own, ``recipe`` (None: not read,
+    or ``train_source`` 'disk'; the checks that need it are skipped and ``(None, None)`` returned)."""
+    if train_source not in ("stream", "disk"):
+        raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
+    if train_source == "disk" and not data:
+        raise DataError("train_source='disk' needs a dataset folder (--data)")
+    if train_crop is not None and train_source != "stream":
+        raise DataError("train_crop crops rendered training images; it needs train_source='stream'")
+    if data and synth:
+        raise DataError("give either a dataset folder (--data, whose recipe is used) or synth overrides, not both")
+    train_synth = dict(train_synth or {})
+    if train_synth:
+        if train_source != "stream":
+            raise DataError("train_synth changes rendered training images; it needs train_source='stream'")
+        if "image_size" in train_synth:
+            raise DataError("train_synth cannot change image_size (train and test must share it)")
+    if data:
+        synth_config = recipe
+        if synth_config is None:
+            return None, None
+    else:
+        overrides = dict(synth or {})
+        size = overrides.pop("image_size", image_size)
+        if int(size) != int(image_size):
+            raise DataError(f"synth.image_size {size} disagrees with image_size {image_size}")
+        synth_config = SynthConfig.from_dict({**overrides, "image_size": int(image_size)})
+    train_target = synth_config
+    if train_synth:
+        try:
+            train_target = SynthConfig.from_dict({**synth_config.to_dict(), **train_synth})
+        except ValueError as err:
+            raise DataError(f"train_synth {train_synth}: {err}") from err
+    if train_crop is not None:
+        crop = int(train_crop)
+        if not 16 <= crop <= int(image_size):
+            raise DataError(f"train_crop must be between 16 and image_size {image_size} px, got {crop}")
+        largest = max(train_target.band_px(b)[1] for b in range(len(train_target.size_bands)))
+        # any rotation of any class fits in the circumcircle; +2 px of anti-aliased edge
+        need = math.ceil(2 * circumradius(largest)) + 2
+        if need > crop:
+            raise DataError(f"train_crop {crop} px cannot hold the largest shapes: {largest} px "
+                            f"shapes need windows of {need} px at any rotation (image_size {image_size})")
+    return synth_config, train_target
+
+
 def config_fingerprint(cfg: SynthConfig) -> str:
     return "synth-" + hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
 
@@ -228,14 +279,6 @@ class ShapesDataModule(pl.LightningDataModule):
                  train_crop: int | None = None, train_crop_epochs: int | None = None,
                  saved_model: bool = False):
         super().__init__()
-        if train_source not in ("stream", "disk"):
-            raise DataError(f"train_source must be 'stream' or 'disk', got {train_source!r}")
-        if train_source == "disk" and not data:
-            raise DataError("train_source='disk' needs a dataset folder (--data)")
-        if train_crop is not None and train_source != "stream":
-            raise DataError("train_crop crops rendered training images; it needs train_source='stream'")
-        if data and synth:
-            raise DataError("give either a dataset folder (--data, whose recipe is used) or synth overrides, not both")
         self.image_size, self.data, self.train_source = int(image_size), data, train_source
         self.train_length, self.val_length, self.test_length = int(train_length), int(val_length), int(test_length)
         self.curriculum_epochs, self.curriculum_start = int(curriculum_epochs), float(curriculum_start)
@@ -243,42 +286,21 @@ class ShapesDataModule(pl.LightningDataModule):
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.class_names = tuple(class_names)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD  # applied inside the model; recorded here
+        recipe = None
         if data:
+            # the option checks that need no dataset files first (`data_recipes`, which TrainConfig runs too)
+            data_recipes(image_size, data, train_source, synth, train_synth, train_crop)
             self.split_sizes = {s: check_dataset(data, s, self.image_size, self.class_names, saved_model=saved_model)
                                 for s in (("train", "val", "test") if train_source == "disk" else ("val", "test"))}
             from shapesynth.readers import load_config
 
-            self.synth_config = load_config(data) if train_source == "stream" else None
-        else:
-            overrides = dict(synth or {})
-            size = overrides.pop("image_size", self.image_size)
-            if int(size) != self.image_size:
-                raise DataError(f"synth.image_size {size} disagrees with image_size {self.image_size}")
-            self.synth_config = SynthConfig.from_dict({**overrides, "image_size": self.image_size})
+            recipe = load_config(data) if train_source == "stream" else None
+        # with a dataset, train_synth and train_crop are checked against its recipe here
+        self.synth_config, self.train_target = data_recipes(image_size, data, train_source, synth, train_synth,
+                                                            train_crop, recipe)
         self.train_synth = dict(train_synth or {})
-        if self.train_synth:
-            if train_source != "stream":
-                raise DataError("train_synth changes rendered training images; it needs train_source='stream'")
-            if "image_size" in self.train_synth:
-                raise DataError("train_synth cannot change image_size (train and test must share it)")
-            try:
-                self.train_target = SynthConfig.from_dict({**self.synth_config.to_dict(), **self.train_synth})
-            except ValueError as err:
-                raise DataError(f"train_synth {self.train_synth}: {err}") from err
-        else:
-            self.train_target = self.synth_config
         self.train_crop = None if train_crop is None else int(train_crop)
         self.train_crop_epochs = None if train_crop_epochs is None else int(train_crop_epochs)
-        if self.train_crop is not None:
-            if not 16 <= self.train_crop <= self.image_size:
-                raise DataError(f"train_crop must be between 16 and image_size {self.image_size} px, "
-                                f"got {self.train_crop}")
-            largest = max(self.train_target.band_px(b)[1] for b in range(len(self.train_target.size_bands)))
-            # any rotation of any class fits in the circumcircle; +2 px of anti-aliased edge
-            need = math.ceil(2 * circumradius(largest)) + 2
-            if need > self.train_crop:
-                raise DataError(f"train_crop {self.train_crop} px cannot hold the largest shapes: {largest} px "
-                                f"shapes need windows of {need} px at any rotation (image_size {self.image_size})")
         self.epoch = 0
         self.train_set = self.val_set = self.test_set = None
         self._train_backgrounds_checked = False
@@ -287,33 +309,37 @@ class ShapesDataModule(pl.LightningDataModule):
     def check_train_backgrounds(self) -> None:
         """Before training: a stream rendered from a dataset's recipe draws on the dataset's own
         train background pool (`check_train_backgrounds`); without a dataset, the background files
-        of `synth` / `train_synth` must give pools. `plan_fit` calls it before anything is
-        written; ``setup("fit")`` too, for a trainer driven directly."""
+        of `synth` / `train_synth` must give pools (`check_rendered_backgrounds`). `plan_fit` calls
+        it before anything is written; ``setup("fit")`` too, for a trainer driven directly."""
         if self._train_backgrounds_checked:
             return
         if self.data and self.train_source == "stream":
             check_train_backgrounds(self.data, self.synth_config)
         elif not self.data:
-            # every split rendered from `synth`: background files (folder, hf) that are missing or
-            # unreadable are bad input, found here rather than once training has started (the
-            # pools are memoised, so the streams reuse them); procedural pools need no files
-            from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-
-            from shapesynth.backgrounds import build_pools
-
-            skipped = {}
-            for cfg in (self.synth_config, self.train_target):
-                if cfg.background != "procedural":
-                    for pool in build_pools(cfg).values():
-                        skipped.update({name: reason for name, reason in pool.skipped if name not in skipped})
-            # skipped files (unreadable, duplicates) are counted and listed, as `shapesynth generate`
-            # lists them in its summary and backgrounds.json: here on stderr and in model.json
-            self.skipped_backgrounds = sorted(skipped.items())
-            if skipped:
-                name, reason = self.skipped_backgrounds[0]
-                rank_zero_warn(f"{len(skipped)} background file(s) skipped (e.g. {name}: {reason}); model.json "
-                               f"lists them (data.skipped_backgrounds)")
+            self.check_rendered_backgrounds("model.json lists them (data.skipped_backgrounds)")
         self._train_backgrounds_checked = True
+
+    def check_rendered_backgrounds(self, listed: str) -> None:
+        """Without a dataset, every split is rendered from `synth` (and the training stream from
+        `train_synth`): background files (folder, hf) that are missing or unreadable are bad input,
+        found here rather than once training or testing has started (the pools are memoised, so the
+        streams reuse them); procedural pools need no files. Skipped files (unreadable, duplicates)
+        are counted and listed, as `shapesynth generate` lists them in its summary and
+        backgrounds.json: in `skipped_backgrounds` (`describe`) and in a warning on stderr that ends
+        with ``listed``, where the caller records them (`fit`: model.json; `evaluate`: its results)."""
+        from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+        from shapesynth.backgrounds import build_pools
+
+        skipped = {}
+        for cfg in (self.synth_config, self.train_target):
+            if cfg.background != "procedural":
+                for pool in build_pools(cfg).values():
+                    skipped.update({name: reason for name, reason in pool.skipped if name not in skipped})
+        self.skipped_backgrounds = sorted(skipped.items())
+        if skipped:
+            name, reason = self.skipped_backgrounds[0]
+            rank_zero_warn(f"{len(skipped)} background file(s) skipped (e.g. {name}: {reason}); {listed}")
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
