@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._layout import fast_layout
-from .._model_input import raise_for_failed_forward
+from .._model_input import nonfinite_samples, raise_for_failed_forward
 from .layers import STAGES, CellGeometry, Layer, LayerSpec, resolve_layer_full
 from .postprocess import INTERPOLATIONS, finalize
 
@@ -42,7 +42,7 @@ def check_input(x: Any) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor of images in [0, 1], got dtype {x.dtype}")
     # NaN or Inf pixels made every method's raw map non-finite: returned as silent all-zero maps
-    bad = (~torch.isfinite(x.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
+    bad = nonfinite_samples(x.detach())
     if bad:
         raise ValueError(f"x: image(s) {bad} contain NaN or Inf")
     return fast_layout(x.detach())

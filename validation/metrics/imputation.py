@@ -43,6 +43,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .._model_input import nonfinite_samples
+
 __all__ = ["linear_impute", "linear_impute_complementary", "noisy_linear_impute", "imputation_system",
            "complementary_system", "reported_linear_impute", "reported_linear_impute_complementary",
            "SolveReport", "NEIGHBOUR_WEIGHTS", "DEFAULT_TOL"]
@@ -923,10 +925,9 @@ def _checked_mask(images: torch.Tensor, removed: torch.Tensor, tol: float, max_i
     if images.dtype not in (torch.float32, torch.float64):  # half: the coarsest solve has no half eigh
         raise TypeError(f"images must be floating point, float32 or float64, got {images.dtype}"
                         + (" (pass images.float())" if images.is_floating_point() else ""))
-    # a NaN spreads through the whole solve of its group; one aminmax pass (NaN and Inf reach the
-    # extremes) is ~10x cheaper than isfinite on every value, which runs only to name the samples
-    if images.numel() and not bool(torch.isfinite(torch.stack(images.aminmax())).all()):
-        bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()
+    # a NaN spreads through the whole solve of its group
+    bad = nonfinite_samples(images)
+    if bad:
         raise ValueError(f"images: sample(s) {bad} contain NaN or Inf")
     return (removed != 0).to(images.dtype)
 
